@@ -1,0 +1,229 @@
+"""params.yaml -> typed, frozen configs; loud on typos.
+
+`load_params(path, overrides)` reads the YAML, applies `-S key=value` overrides (the
+syntax of `dvc exp run -S`: dotted key, YAML-typed value), and builds `Params`. An
+unknown key, a missing key (one whose field has no default) or a value of the wrong
+type raises `ParamsError` naming the dotted key. Stages read only their own section.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from grc_core.rqvae import RQVAEConfig
+from tasks.env import PROJECT_ROOT
+
+
+class ParamsError(ValueError):
+    """A params.yaml key or a -S override is unknown, missing or of the wrong type."""
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    format: Literal["lcrec", "recbole"]
+    path: str
+    prefix: str
+    attributes: tuple[str, ...]
+    index: str = ""
+    fetch: str = ""
+
+    def root(self) -> Path:
+        return resolve_path(self.path)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dataset: str
+    data_dir: str
+    reports_dir: str
+    max_history: int
+    min_sequence_length: int
+    drop_short_users: bool
+    min_title_share: float
+
+    def __post_init__(self) -> None:
+        if self.max_history < 1:
+            raise ParamsError(f"data.max_history must be >= 1, got {self.max_history}")
+        if self.min_sequence_length < 3:
+            raise ParamsError(
+                "data.min_sequence_length must be >= 3 (one history item, validation and test "
+                f"targets), got {self.min_sequence_length}"
+            )
+        if not 0.0 <= self.min_title_share <= 1.0:
+            raise ParamsError(f"data.min_title_share must be in [0, 1], got {self.min_title_share}")
+
+
+@dataclass(frozen=True)
+class EmbedConfig:
+    model: str
+    fields: tuple[Literal["title", "brand", "categories", "description"], ...]
+    max_description_chars: int
+    batch_size: int
+    device: str
+
+
+@dataclass(frozen=True)
+class TokenizeConfig:
+    source: Literal["train", "prebuilt"]
+    method: Literal["rqvae", "rkmeans"]
+    dedup_last_level: bool
+    rqvae: RQVAEConfig
+
+
+@dataclass(frozen=True)
+class Params:
+    data: DataConfig
+    datasets: dict[str, DatasetSpec]
+    embed: EmbedConfig
+    tokenize: TokenizeConfig
+    raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.data.dataset not in self.datasets:
+            raise ParamsError(
+                f"data.dataset: {self.data.dataset!r} is not a key of `datasets` "
+                f"(known: {sorted(self.datasets)})"
+            )
+
+    @property
+    def dataset(self) -> DatasetSpec:
+        return self.datasets[self.data.dataset]
+
+    def dataset_dir(self) -> Path:
+        return resolve_path(self.data.data_dir) / self.data.dataset
+
+    def reports_dir(self) -> Path:
+        return resolve_path(self.data.reports_dir) / self.data.dataset
+
+    def section_hash(self, *sections: str) -> str:
+        """A short stable hash of the named top-level sections (for records and manifests)."""
+        chosen = {s: self.raw[s] for s in sections} if sections else self.raw
+        blob = json.dumps(chosen, sort_keys=True, default=str).encode()
+        return hashlib.sha256(blob).hexdigest()[:12]
+
+
+def resolve_path(path: str | Path) -> Path:
+    p = Path(path)
+    return p if p.is_absolute() else (PROJECT_ROOT / p).resolve()
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise ParamsError(f"override {text!r} is not of the form key.path=value")
+    return key.strip().split("."), yaml.safe_load(value) if value.strip() else ""
+
+
+def apply_override(raw: dict[str, Any], text: str) -> None:
+    keys, value = parse_override(text)
+    node = raw
+    for i, k in enumerate(keys[:-1]):
+        if not isinstance(node, dict) or k not in node:
+            raise ParamsError(f"override {text!r}: unknown key {'.'.join(keys[: i + 1])!r}")
+        node = node[k]
+    if not isinstance(node, dict) or keys[-1] not in node:
+        # New entries are allowed only inside free-form maps (e.g. a new dataset spec).
+        if not (isinstance(node, dict) and len(keys) >= 2 and keys[0] == "datasets" and len(keys) == 2):
+            raise ParamsError(f"override {text!r}: unknown key {'.'.join(keys)!r}")
+    node[keys[-1]] = value
+
+
+def load_params(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Params:
+    path = Path(path) if path is not None else PROJECT_ROOT / "params.yaml"
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ParamsError(f"{path}: params file not found") from None
+    except yaml.YAMLError as exc:
+        raise ParamsError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{path}: top level must be a mapping")
+    for text in overrides:
+        apply_override(raw, text)
+    params = build(Params, {k: v for k, v in raw.items()}, "")
+    return dataclasses.replace(params, raw=raw)
+
+
+def build(tp: Any, value: Any, where: str) -> Any:
+    """Build `tp` from plain YAML data, or raise ParamsError naming the dotted key."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    label = where or "<root>"
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ParamsError(f"{label}: expected a mapping, got {type(value).__name__}")
+        hints = typing.get_type_hints(tp)
+        fields = {f.name: f for f in dataclasses.fields(tp) if f.init and f.name != "raw"}
+        unknown = sorted(set(value) - set(fields))
+        if unknown:
+            raise ParamsError(f"{_join(where, unknown[0])}: unknown key (known: {sorted(fields)})")
+        kwargs = {}
+        for name, f in fields.items():
+            if name in value:
+                kwargs[name] = build(hints[name], value[name], _join(where, name))
+            elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ParamsError(f"{_join(where, name)}: missing key")
+        try:
+            return tp(**kwargs)
+        except ParamsError:
+            raise
+        except (TypeError, ValueError) as exc:
+            raise ParamsError(f"{label}: {exc}") from None
+    if origin is Literal:
+        if value not in args:
+            raise ParamsError(f"{label}: {value!r} is not one of {list(args)}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for a in args:
+            try:
+                return build(a, value, where)
+            except ParamsError as exc:
+                errors.append(str(exc))
+        raise ParamsError(f"{label}: {value!r} matches none of {args}")
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ParamsError(f"{label}: expected a list, got {type(value).__name__}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(build(args[0], v, f"{label}[{i}]") for i, v in enumerate(value))
+        if len(args) != len(value):
+            raise ParamsError(f"{label}: expected {len(args)} values, got {len(value)}")
+        return tuple(build(a, v, f"{label}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ParamsError(f"{label}: expected a mapping, got {type(value).__name__}")
+        return {str(k): build(args[1], v, _join(where, str(k))) for k, v in value.items()}
+    if tp is type(None):
+        if value is not None:
+            raise ParamsError(f"{label}: expected null")
+        return None
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ParamsError(f"{label}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ParamsError(f"{label}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ParamsError(f"{label}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ParamsError(f"{label}: expected a string, got {value!r}")
+        return value
+    raise ParamsError(f"{label}: unsupported type {tp!r}")
+
+
+def _join(where: str, key: str) -> str:
+    return f"{where}.{key}" if where else key

@@ -1,0 +1,336 @@
+"""Readers for the two input formats: LC-Rec JSON and RecBole atomic files.
+
+Both return a `RawDataset` of polars frames with dense ids (`item_id` 0..N-1, `user_id`
+0..U-1, assigned in the numeric order of the source ids where they are integers,
+otherwise lexicographic), so a re-ingest of the same source gives the same ids.
+Every problem with the input raises `InputError` naming the file, the field and the
+row (the JSON key or the line), before anything is written anywhere.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+
+TEXT_FIELDS = ("title", "description", "brand", "categories")
+_INT_KEY = re.compile(r"^(0|[1-9][0-9]*)$")
+
+
+class InputError(ValueError):
+    """Malformed source data; the message names the file, the field and the row."""
+
+
+@dataclass
+class RawDataset:
+    # item_id, source_item_id, title, description, brand, categories, category[, prebuilt_code]
+    items: pl.DataFrame
+    interactions: pl.DataFrame  # user_id, source_user_id, item_id, position, timestamp
+    source_files: dict[str, str] = field(default_factory=dict)  # path -> sha256
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _load_json(path: Path) -> Any:
+    """Parse JSON strictly: empty files, truncation, duplicate keys and bad UTF-8 are errors."""
+    data = path.read_bytes()
+    if not data.strip():
+        raise InputError(f"{path}: file is empty")
+
+    def no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for k, v in pairs:
+            if k in out:
+                raise InputError(f"{path}: key {k!r}: duplicate key")
+            out[k] = v
+        return out
+
+    # surrogateescape keeps undecodable bytes as lone surrogates, so we can say which
+    # row and field hold them instead of only a byte offset.
+    text = data.decode("utf-8", errors="surrogateescape")
+    try:
+        return json.loads(text, object_pairs_hook=no_duplicates)
+    except json.JSONDecodeError as exc:
+        raise InputError(
+            f"{path}: line {exc.lineno} column {exc.colno}: invalid JSON ({exc.msg}); "
+            "the file may be truncated or malformed"
+        ) from None
+
+
+def _check_text(path: Path, row: str, name: str, value: Any, required: bool) -> str | None:
+    if value is None:
+        if required:
+            raise InputError(f"{path}: item {row!r}, field {name!r}: missing")
+        return None
+    if not isinstance(value, str):
+        raise InputError(f"{path}: item {row!r}, field {name!r}: expected a string, got {type(value).__name__}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InputError(f"{path}: item {row!r}, field {name!r}: bytes that are not valid UTF-8") from None
+    return value
+
+
+def _int_key(path: Path, key: str, what: str) -> int:
+    if not _INT_KEY.match(key):
+        raise InputError(f"{path}: {what} {key!r}: id must be a non-negative integer")
+    return int(key)
+
+
+def leaf_category(path_text: str | None) -> str | None:
+    if not path_text:
+        return None
+    parts = [p.strip() for p in path_text.split(",") if p.strip()]
+    return parts[-1] if parts else None
+
+
+def read_lcrec(root: Path, prefix: str, index: str = "") -> RawDataset:
+    """Read `<prefix>.inter.json`, optional `<prefix>.item.json` and an optional index file."""
+    inter_path = root / f"{prefix}.inter.json"
+    item_path = root / f"{prefix}.item.json"
+    if not inter_path.exists():
+        raise InputError(f"{inter_path}: interactions file not found")
+    files = {str(inter_path): sha256_file(inter_path)}
+
+    inter = _load_json(inter_path)
+    if not isinstance(inter, dict):
+        raise InputError(f"{inter_path}: top level must be an object of user_id -> [item_id, ...]")
+    if not inter:
+        raise InputError(f"{inter_path}: no users")
+
+    items_raw: dict[int, dict[str, Any]] | None = None
+    if item_path.exists():
+        files[str(item_path)] = sha256_file(item_path)
+        loaded = _load_json(item_path)
+        if not isinstance(loaded, dict) or not loaded:
+            raise InputError(f"{item_path}: top level must be a non-empty object of item_id -> fields")
+        items_raw = {}
+        for key, rec in loaded.items():
+            iid = _int_key(item_path, key, "item")
+            if not isinstance(rec, dict):
+                raise InputError(f"{item_path}: item {key!r}: expected an object of fields")
+            items_raw[iid] = {
+                name: _check_text(item_path, key, name, rec.get(name), required=(name == "title"))
+                for name in TEXT_FIELDS
+            }
+
+    codes_raw: dict[int, list[str]] | None = None
+    if index:
+        index_path = root / index
+        if not index_path.exists():
+            raise InputError(f"{index_path}: index file not found")
+        files[str(index_path)] = sha256_file(index_path)
+        loaded = _load_json(index_path)
+        if not isinstance(loaded, dict):
+            raise InputError(f"{index_path}: top level must be an object of item_id -> [code, ...]")
+        codes_raw = {}
+        for key, tokens in loaded.items():
+            iid = _int_key(index_path, key, "item")
+            if not isinstance(tokens, list) or not tokens or not all(isinstance(t, str) for t in tokens):
+                raise InputError(f"{index_path}: item {key!r}: expected a non-empty list of code strings")
+            codes_raw[iid] = tokens
+
+    users, user_items = [], []
+    for key, seq in inter.items():
+        uid = _int_key(inter_path, key, "user")
+        if not isinstance(seq, list):
+            raise InputError(f"{inter_path}: user {key!r}: expected a list of item ids")
+        if not seq:
+            raise InputError(f"{inter_path}: user {key!r}: empty sequence")
+        for pos, iid in enumerate(seq):
+            if isinstance(iid, bool) or not isinstance(iid, int):
+                raise InputError(f"{inter_path}: user {key!r}, position {pos}: item id {iid!r} is not an integer")
+            if iid < 0:
+                raise InputError(f"{inter_path}: user {key!r}, position {pos}: item id {iid} is negative")
+            if items_raw is not None and iid not in items_raw:
+                raise InputError(
+                    f"{inter_path}: user {key!r}, position {pos}: item {iid} is not in {item_path.name}"
+                )
+            if codes_raw is not None and iid not in codes_raw:
+                raise InputError(
+                    f"{inter_path}: user {key!r}, position {pos}: item {iid} has no semantic ID in {index}"
+                )
+        users.append(uid)
+        user_items.append(seq)
+
+    if items_raw is not None:
+        source_items = sorted(items_raw)
+    else:
+        known = set(codes_raw) if codes_raw is not None else set()
+        for seq in user_items:
+            known.update(seq)
+        source_items = sorted(known)
+    dense = {src: i for i, src in enumerate(source_items)}
+
+    def text_col(name: str) -> list[str | None]:
+        if items_raw is None:
+            return [None] * len(source_items)
+        return [items_raw[s][name] for s in source_items]
+
+    categories = text_col("categories")
+    items = pl.DataFrame(
+        {
+            "item_id": list(range(len(source_items))),
+            "source_item_id": [str(s) for s in source_items],
+            "title": text_col("title"),
+            "description": text_col("description"),
+            "brand": [b.strip() or None if b is not None else None for b in text_col("brand")],
+            "categories": categories,
+            "category": [leaf_category(c) for c in categories],
+        },
+        schema={
+            "item_id": pl.Int64, "source_item_id": pl.String, "title": pl.String,
+            "description": pl.String, "brand": pl.String, "categories": pl.String, "category": pl.String,
+        },
+    )
+
+    order = sorted(range(len(users)), key=lambda i: users[i])
+    rows_user, rows_src, rows_item, rows_pos = [], [], [], []
+    for dense_uid, i in enumerate(order):
+        seq = user_items[i]
+        rows_user.extend([dense_uid] * len(seq))
+        rows_src.extend([str(users[i])] * len(seq))
+        rows_item.extend(dense[s] for s in seq)
+        rows_pos.extend(range(len(seq)))
+    interactions = pl.DataFrame(
+        {"user_id": rows_user, "source_user_id": rows_src, "item_id": rows_item,
+         "position": rows_pos, "timestamp": [None] * len(rows_user)},
+        schema={"user_id": pl.Int64, "source_user_id": pl.String, "item_id": pl.Int64,
+                "position": pl.Int64, "timestamp": pl.Int64},
+    )
+    if codes_raw is not None:
+        missing = [s for s in source_items if s not in codes_raw]
+        if missing:
+            raise InputError(f"{root / index}: item {missing[0]!r}: no semantic ID ({len(missing)} items lack one)")
+        items = items.with_columns(
+            pl.Series("prebuilt_code", [codes_raw[s] for s in source_items], dtype=pl.List(pl.String))
+        )
+    return RawDataset(items=items, interactions=interactions, source_files=files)
+
+
+def _read_atomic(path: Path) -> pl.DataFrame:
+    """A RecBole atomic file: tab-separated, header `name:type`, read as strings."""
+    data = path.read_bytes()
+    if not data.strip():
+        raise InputError(f"{path}: file is empty")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise InputError(f"{path}: line {line}: bytes that are not valid UTF-8") from None
+    lines = text.splitlines()
+    header = [h.split(":", 1)[0] for h in lines[0].split("\t")]
+    rows = []
+    for n, line in enumerate(lines[1:], start=2):
+        if not line.strip():
+            continue
+        cells = line.split("\t")
+        if len(cells) != len(header):
+            raise InputError(f"{path}: line {n}: expected {len(header)} tab-separated fields, got {len(cells)}")
+        rows.append(cells)
+    if not rows:
+        raise InputError(f"{path}: no data rows")
+    frame = pl.DataFrame(rows, schema=header, orient="row").with_row_index("line", offset=2)
+    return frame
+
+
+def _dense_ids(values: list[str]) -> dict[str, int]:
+    uniq = set(values)
+    key = (lambda s: (0, int(s), s)) if all(_INT_KEY.match(v) for v in uniq) else (lambda s: (1, 0, s))
+    return {v: i for i, v in enumerate(sorted(uniq, key=key))}
+
+
+def read_recbole(root: Path, prefix: str) -> RawDataset:
+    """Read `<prefix>.inter` (user_id, item_id, timestamp) and optional `<prefix>.item`."""
+    inter_path = root / f"{prefix}.inter"
+    item_path = root / f"{prefix}.item"
+    if not inter_path.exists():
+        raise InputError(f"{inter_path}: interactions file not found")
+    files = {str(inter_path): sha256_file(inter_path)}
+    inter = _read_atomic(inter_path)
+    for col in ("user_id", "item_id"):
+        if col not in inter.columns:
+            raise InputError(f"{inter_path}: field {col!r}: missing from the header")
+        bad = inter.filter(pl.col(col).str.strip_chars() == "")
+        if bad.height:
+            raise InputError(f"{inter_path}: line {bad['line'][0]}, field {col!r}: empty id")
+    if "timestamp" in inter.columns:
+        ts = inter["timestamp"].cast(pl.Float64, strict=False)
+        bad = inter.filter(ts.is_null())
+        if bad.height:
+            raise InputError(f"{inter_path}: line {bad['line'][0]}, field 'timestamp': "
+                             f"{bad['timestamp'][0]!r} is not a number")
+        inter = inter.with_columns(ts.cast(pl.Int64).alias("timestamp"))
+    else:
+        inter = inter.with_columns(pl.lit(None, dtype=pl.Int64).alias("timestamp"))
+
+    item_fields: dict[str, dict[str, str | None]] = {}
+    if item_path.exists():
+        files[str(item_path)] = sha256_file(item_path)
+        items_frame = _read_atomic(item_path)
+        if "item_id" not in items_frame.columns:
+            raise InputError(f"{item_path}: field 'item_id': missing from the header")
+        title_col = next((c for c in ("title", "movie_title", "name") if c in items_frame.columns), None)
+        if title_col is None:
+            raise InputError(f"{item_path}: field 'title': no title, movie_title or name column")
+        genre_col = next((c for c in ("categories", "class", "genre") if c in items_frame.columns), None)
+        brand_col = "brand" if "brand" in items_frame.columns else None
+        for rec in items_frame.iter_rows(named=True):
+            iid = rec["item_id"]
+            if iid in item_fields:
+                raise InputError(f"{item_path}: line {rec['line']}, field 'item_id': duplicate item {iid!r}")
+            genres = rec[genre_col].split() if genre_col and rec[genre_col] else []
+            item_fields[iid] = {
+                "title": rec[title_col].strip() or None,
+                "description": None,
+                "brand": (rec[brand_col].strip() or None) if brand_col else None,
+                "categories": ",".join(genres) or None,
+                # MovieLens genres are unordered tags: the first listed one stands in for a leaf.
+                "category": genres[0] if genres else None,
+            }
+        unknown = inter.filter(~pl.col("item_id").is_in(list(item_fields)))
+        if unknown.height:
+            raise InputError(f"{inter_path}: line {unknown['line'][0]}, field 'item_id': "
+                             f"item {unknown['item_id'][0]!r} is not in {item_path.name}")
+
+    item_ids = _dense_ids(list(item_fields) or inter["item_id"].to_list())
+    user_ids = _dense_ids(inter["user_id"].to_list())
+    src_items = sorted(item_ids, key=item_ids.get)
+    empty = {"title": None, "description": None, "brand": None, "categories": None, "category": None}
+    items = pl.DataFrame(
+        {
+            "item_id": list(range(len(src_items))),
+            "source_item_id": src_items,
+            **{k: [item_fields.get(s, empty)[k] for s in src_items]
+               for k in ("title", "description", "brand", "categories", "category")},
+        },
+        schema={"item_id": pl.Int64, "source_item_id": pl.String, "title": pl.String, "description": pl.String,
+                "brand": pl.String, "categories": pl.String, "category": pl.String},
+    )
+    interactions = (
+        inter.with_columns(
+            pl.col("user_id").replace_strict(user_ids, return_dtype=pl.Int64).alias("uid"),
+            pl.col("item_id").replace_strict(item_ids, return_dtype=pl.Int64).alias("iid"),
+        )
+        # Chronological per user; ties keep file order (the line number).
+        .sort(["uid", "timestamp", "line"], nulls_last=True)
+        .select(
+            pl.col("uid").alias("user_id"),
+            pl.col("user_id").alias("source_user_id"),
+            pl.col("iid").alias("item_id"),
+            pl.int_range(pl.len()).over("uid").cast(pl.Int64).alias("position"),
+            pl.col("timestamp"),
+        )
+    )
+    return RawDataset(items=items, interactions=interactions, source_files=files)
