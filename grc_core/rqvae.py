@@ -334,7 +334,7 @@ def train_epoch(
         usage.scatter_add_(1, out.codes.T, torch.ones_like(out.codes.T))
         w = xb.shape[0] / x.shape[0]
         for key, val in zip(sums, terms):
-            sums[key] += w * float(val)
+            sums[key] += w * val.item()
     return sums, usage
 
 

@@ -6,6 +6,7 @@ A reader never sees a half-written file, and a crash leaves the previous file in
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from contextlib import contextmanager
@@ -40,8 +41,20 @@ def write_bytes(path: str | Path, data: bytes) -> None:
         tmp.write_bytes(data)
 
 
+def _finite(obj: Any) -> Any:
+    """NaN and infinities are not JSON: they become null."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
 def write_json(path: str | Path, obj: Any) -> None:
-    write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
+    text = json.dumps(_finite(obj), indent=2, sort_keys=True, default=str, allow_nan=False)
+    write_bytes(path, (text + "\n").encode())
 
 
 def write_text(path: str | Path, text: str) -> None:
@@ -52,3 +65,20 @@ def write_parquet(path: str | Path, frame: pl.DataFrame) -> None:
     with atomic_path(path) as tmp:
         # Statistics carry no timestamps, so the same frame gives the same bytes.
         frame.write_parquet(tmp, compression="zstd", statistics=True)
+
+
+def write_safetensors(path: str | Path, tensors: dict[str, Any], metadata: dict[str, str] | None = None) -> None:
+    """numpy arrays or torch tensors -> one safetensors file (never pickle)."""
+    import numpy as np
+    from safetensors.numpy import save
+
+    arrays = {k: np.ascontiguousarray(v.detach().cpu().numpy() if hasattr(v, "detach") else v)
+              for k, v in tensors.items()}
+    write_bytes(path, save(arrays, metadata=metadata))
+
+
+def read_safetensors(path: str | Path) -> tuple[dict[str, Any], dict[str, str]]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="numpy") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})

@@ -67,13 +67,14 @@ class EmbedConfig:
     model: str
     fields: tuple[Literal["title", "brand", "categories", "description"], ...]
     max_description_chars: int
+    max_seq_length: int
     batch_size: int
     device: str
 
 
 @dataclass(frozen=True)
 class TokenizeConfig:
-    source: Literal["train", "prebuilt"]
+    source: Literal["auto", "train", "prebuilt"]
     method: Literal["rqvae", "rkmeans"]
     dedup_last_level: bool
     rqvae: RQVAEConfig
@@ -97,6 +98,15 @@ class Params:
     @property
     def dataset(self) -> DatasetSpec:
         return self.datasets[self.data.dataset]
+
+    @property
+    def id_source(self) -> Literal["train", "prebuilt"]:
+        """Where semantic IDs come from: `auto` means prebuilt when the dataset has an index."""
+        if self.tokenize.source == "auto":
+            return "prebuilt" if self.dataset.index else "train"
+        if self.tokenize.source == "prebuilt" and not self.dataset.index:
+            raise ParamsError(f"tokenize.source: prebuilt, but datasets.{self.data.dataset}.index is empty")
+        return self.tokenize.source
 
     def dataset_dir(self) -> Path:
         return resolve_path(self.data.data_dir) / self.data.dataset

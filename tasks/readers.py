@@ -19,7 +19,8 @@ from typing import Any
 import polars as pl
 
 TEXT_FIELDS = ("title", "description", "brand", "categories")
-_INT_KEY = re.compile(r"^(0|[1-9][0-9]*)$")
+# \Z, not $: "$" also matches before a trailing newline, so "3\n" would pass as user 3.
+_INT_KEY = re.compile(r"^(0|[1-9][0-9]*)\Z")
 
 
 class InputError(ValueError):
@@ -139,6 +140,8 @@ def read_lcrec(root: Path, prefix: str, index: str = "") -> RawDataset:
             iid = _int_key(index_path, key, "item")
             if not isinstance(tokens, list) or not tokens or not all(isinstance(t, str) for t in tokens):
                 raise InputError(f"{index_path}: item {key!r}: expected a non-empty list of code strings")
+            for t in tokens:
+                _check_text(index_path, key, "code", t, required=True)
             codes_raw[iid] = tokens
 
     users, user_items = [], []
@@ -229,7 +232,8 @@ def _read_atomic(path: Path) -> pl.DataFrame:
     except UnicodeDecodeError as exc:
         line = data[: exc.start].count(b"\n") + 1
         raise InputError(f"{path}: line {line}: bytes that are not valid UTF-8") from None
-    lines = text.splitlines()
+    # Not splitlines(): it also breaks at \x1c-\x1e, \x85 and U+2028/9, which may sit inside a field.
+    lines = [line.removesuffix("\r") for line in text.split("\n")]
     header = [h.split(":", 1)[0] for h in lines[0].split("\t")]
     rows = []
     for n, line in enumerate(lines[1:], start=2):
@@ -267,7 +271,7 @@ def read_recbole(root: Path, prefix: str) -> RawDataset:
             raise InputError(f"{inter_path}: line {bad['line'][0]}, field {col!r}: empty id")
     if "timestamp" in inter.columns:
         ts = inter["timestamp"].cast(pl.Float64, strict=False)
-        bad = inter.filter(ts.is_null())
+        bad = inter.filter(ts.is_null() | ts.is_nan() | ts.is_infinite())  # "nan" and "inf" parse as floats
         if bad.height:
             raise InputError(f"{inter_path}: line {bad['line'][0]}, field 'timestamp': "
                              f"{bad['timestamp'][0]!r} is not a number")

@@ -79,7 +79,8 @@ def read_table(path: Path, table: str) -> pl.DataFrame:
         raise ValueError(f"unknown table {table!r}")
     order = {"items": "item_id", "interactions": "user_id, position", "ingests": "ingest_id"}[table]
     with connect(path, read_only=True) as con:
-        return con.execute(f"SELECT * FROM {table} ORDER BY {order}").pl()
+        # DuckDB 2.0 dropped `.pl()` on the connection (execute() results); relations keep it.
+        return con.sql(f"SELECT * FROM {table} ORDER BY {order}").pl()
 
 
 def counts(path: Path) -> dict[str, int]:
