@@ -12,8 +12,11 @@ trick (`rotation`, Fifty et al. 2024, Eq. 4: z_hat's gradient is carried to z by
 rotation-and-rescale that maps z onto z_hat, treated as a constant).
 
 Deviations and choices:
-- Squared errors are means over elements (F.mse_loss), not sums: the recon term is the
-  per-coordinate MSE of x and each level term the per-coordinate MSE in the latent.
+- Squared errors are squared L2 norms averaged over the items of a batch, as Eq. 1 is
+  written. Per-coordinate means (F.mse_loss, as in LC-Rec's RQ-VAE) shrink the recon term
+  by 1/D_in against the latent terms, and the encoder then collapses toward the codebook
+  (recon stuck at ||x||^2/D_in on unit-norm embeddings). `reconstruction_error` is still
+  the per-coordinate MSE.
 - r_{l+1} = r_l - sg[e_l], so r_l = z - sg[sum_{j<l} e_j] and the level-l commitment pulls z
   toward the partial reconstruction, as in RQ-VAE (Lee et al. 2022, Eq. 7).
 - The rotation trick is applied once, to the whole latent (z -> z_hat), not per level; per
@@ -178,10 +181,10 @@ class RQVAE(nn.Module):
 
 
 def rqvae_loss(x: torch.Tensor, out: RQVAEOutput, beta: float) -> RQVAELoss:
-    """TIGER Eq. 1: recon + sum_l (codebook + beta * commitment), squared errors as means."""
-    recon = F.mse_loss(out.x_hat, x)
-    codebook = (out.quantised - out.residuals.detach()).pow(2).mean((0, 2)).sum()
-    commitment = (out.residuals - out.quantised.detach()).pow(2).mean((0, 2)).sum()
+    """TIGER Eq. 1: recon + sum_l (codebook + beta * commitment), squared norms averaged over items."""
+    recon = (out.x_hat - x).pow(2).sum(1).mean()
+    codebook = (out.quantised - out.residuals.detach()).pow(2).sum(2).mean(0).sum()
+    commitment = (out.residuals - out.quantised.detach()).pow(2).sum(2).mean(0).sum()
     return RQVAELoss(recon + codebook + beta * commitment, recon, codebook, commitment)
 
 
@@ -241,7 +244,13 @@ class RQVAEResult:
 
 
 def _as_embeddings(embeddings: np.ndarray | torch.Tensor, what: str) -> torch.Tensor:
-    x = torch.as_tensor(np.asarray(embeddings) if not torch.is_tensor(embeddings) else embeddings)
+    if torch.is_tensor(embeddings):
+        x = embeddings.detach()
+    else:
+        arr = np.asarray(embeddings)
+        if arr.dtype.kind != "f":
+            raise ValueError(f"{what}: embeddings must be floating point, got {arr.dtype}")
+        x = torch.tensor(arr)  # a copy: np.load'ed arrays may be read-only
     if x.ndim != 2 or x.shape[0] == 0 or x.shape[1] == 0:
         raise ValueError(f"{what}: embeddings must be a non-empty (N, D_in) array, got {tuple(x.shape)}")
     if not x.is_floating_point():

@@ -97,8 +97,10 @@ def reassign_last_level(
     if colliding.size == 0:
         return out
     prefix_of = collision_groups(c[:, :-1])[0] if c.shape[1] > 1 else np.zeros(len(c), dtype=np.int64)
+    by_prefix = np.argsort(prefix_of, kind="stable")  # (N,) items grouped by prefix, by index within
+    bounds = np.searchsorted(prefix_of[by_prefix], np.arange(prefix_of.max() + 2))  # group p: bounds[p]:bounds[p+1]
     for prefix in np.unique(prefix_of[colliding]):
-        members = np.flatnonzero(prefix_of == prefix)  # (m,)
+        members = by_prefix[bounds[prefix] : bounds[prefix + 1]]  # (m,)
         used = set(c[members, -1].tolist())
         free = np.array(sorted(set(range(k)) - used), dtype=np.int64)
         movers = []

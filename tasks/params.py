@@ -19,7 +19,9 @@ from typing import Any, Literal
 
 import yaml
 
+from grc_core.model import ModelConfig
 from grc_core.rqvae import RQVAEConfig
+from grc_core.train import TrainConfig
 from tasks.env import PROJECT_ROOT
 
 
@@ -81,11 +83,21 @@ class TokenizeConfig:
 
 
 @dataclass(frozen=True)
+class BackboneConfig:
+    model: ModelConfig
+    train: TrainConfig
+    valid_beam: int
+    valid_users: int
+    eval_batch_size: int
+
+
+@dataclass(frozen=True)
 class Params:
     data: DataConfig
     datasets: dict[str, DatasetSpec]
     embed: EmbedConfig
     tokenize: TokenizeConfig
+    backbone: BackboneConfig
     raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:

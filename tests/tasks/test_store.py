@@ -10,8 +10,10 @@ from tasks import store
 
 def items_frame(titles: list[str]) -> pl.DataFrame:
     n = len(titles)
-    return pl.DataFrame({"item_id": list(range(n)), "source_item_id": [str(10 + i) for i in range(n)],
-                         "title": titles}, schema={"item_id": pl.Int64, "source_item_id": pl.String, "title": pl.String})
+    return pl.DataFrame(
+        {"item_id": list(range(n)), "source_item_id": [str(10 + i) for i in range(n)], "title": titles},
+        schema={"item_id": pl.Int64, "source_item_id": pl.String, "title": pl.String},
+    )
 
 
 def interactions_frame(seqs: list[list[int]]) -> pl.DataFrame:

@@ -1,0 +1,62 @@
+"""Instances as tensors: item-id histories -> model batches of semantic-ID codes and attributes.
+
+Histories are left-padded with -1 so the most recent item always sits at position T-1
+(position embeddings then mean "k items ago").
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Sequence
+
+import numpy as np
+import torch
+
+from grc_core.model import Batch
+
+PAD = -1
+
+
+class Instances(NamedTuple):
+    user: torch.Tensor  # (N,) int64
+    history: torch.Tensor  # (N, T) int64 item ids, left-padded with PAD
+    target: torch.Tensor  # (N,) int64 item id
+
+    def __len__(self) -> int:
+        return self.target.shape[0]
+
+    def select(self, idx: torch.Tensor) -> "Instances":
+        return Instances(self.user[idx], self.history[idx], self.target[idx])
+
+
+class ItemTable(NamedTuple):
+    codes: torch.Tensor  # (N_items, L) int64 semantic IDs
+    attrs: torch.Tensor  # (N_items, A) int64 attribute buckets (0 = unknown)
+
+    def to(self, device: torch.device | str) -> "ItemTable":
+        return ItemTable(self.codes.to(device), self.attrs.to(device))
+
+
+def pad_histories(histories: Sequence[Sequence[int]], max_len: int) -> torch.Tensor:
+    """Lists of item ids -> (N, max_len) int64, left-padded with PAD, keeping the last max_len."""
+    out = np.full((len(histories), max_len), PAD, dtype=np.int64)
+    for i, h in enumerate(histories):
+        h = list(h)[-max_len:]
+        if h:
+            out[i, max_len - len(h):] = h
+    return torch.from_numpy(out)
+
+
+def make_instances(users: Sequence[int], histories: Sequence[Sequence[int]], targets: Sequence[int],
+                   max_len: int) -> Instances:
+    return Instances(torch.as_tensor(np.asarray(users, dtype=np.int64)), pad_histories(histories, max_len),
+                     torch.as_tensor(np.asarray(targets, dtype=np.int64)))
+
+
+def to_batch(inst: Instances, table: ItemTable, with_target: bool = True) -> Batch:
+    hist = inst.history.to(table.codes.device)  # (B, T)
+    keep = hist != PAD  # (B, T)
+    safe = hist.clamp(min=0)
+    codes = table.codes[safe] * keep[..., None]  # (B, T, L)
+    attrs = table.attrs[safe] * keep[..., None]  # (B, T, A)
+    target = table.codes[inst.target.to(table.codes.device)] if with_target else None  # (B, L)
+    return Batch(codes, attrs, keep, target)

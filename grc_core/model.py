@@ -1,0 +1,288 @@
+"""TIGER-style encoder-decoder over semantic IDs (GRC paper Sec. 3.2 and 5.1).
+
+Encoder input, `layout="item"` (default): one position per history item, the sum of its
+code embeddings (one table per level), its attribute-bucket embeddings (the paper feeds
+attribute features to the encoder of every method) and a position embedding. This costs
+L times fewer encoder positions than TIGER's one position per code; `layout="code"` gives
+TIGER's layout (each code its own position, with level and item-position embeddings).
+
+Decoder: BOS then the target's codes; position t predicts level t's code from its own
+output head (each level has its own vocabulary). The decoder takes any sequence of input
+embeddings and an optional self-attention mask, so the GRC template (issue 5) reuses it.
+
+Deviations from the paper / TIGER:
+- Pre-LayerNorm blocks with learned absolute positions instead of T5's relative bias.
+- Per-level input tables and output heads instead of one shared token vocabulary.
+- No dropout by default: on the CPU it cost a quarter of a step and the data is small.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, NamedTuple, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    d_model: int  # D
+    d_ff: int
+    n_heads: int
+    encoder_layers: int
+    decoder_layers: int
+    dropout: float
+    layout: Literal["item", "code"]
+    max_history: int  # T
+
+
+class Attention(nn.Module):
+    def __init__(self, d: int, heads: int, dropout: float):
+        super().__init__()
+        if d % heads:
+            raise ValueError(f"d_model {d} is not divisible by n_heads {heads}")
+        self.h, self.dh, self.p = heads, d // heads, dropout
+        self.q = nn.Linear(d, d)
+        self.kv = nn.Linear(d, 2 * d)
+        self.o = nn.Linear(d, d)
+
+    def split(self, x: torch.Tensor) -> torch.Tensor:
+        b, s, _ = x.shape
+        return x.view(b, s, self.h, self.dh).transpose(1, 2)  # (B, H, S, dh)
+
+    def keys_values(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        k, v = self.kv(x).chunk(2, dim=-1)  # (B, S, D) each
+        return self.split(k), self.split(v)  # (B, H, S, dh)
+
+    def attend(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        q = self.split(self.q(x))  # (B, H, S, dh)
+        p = self.p if self.training else 0.0
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)  # (B, H, S, dh)
+        b, _, s, _ = y.shape
+        return self.o(y.transpose(1, 2).reshape(b, s, self.h * self.dh))  # (B, S, D)
+
+
+class FeedForward(nn.Sequential):
+    def __init__(self, d: int, d_ff: int, dropout: float):
+        super().__init__(nn.Linear(d, d_ff), nn.GELU(), nn.Dropout(dropout), nn.Linear(d_ff, d))
+
+
+class EncoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n1, self.n2 = nn.LayerNorm(cfg.d_model), nn.LayerNorm(cfg.d_model)
+        self.attn = Attention(cfg.d_model, cfg.n_heads, cfg.dropout)
+        self.ff = FeedForward(cfg.d_model, cfg.d_ff, cfg.dropout)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        h = self.n1(x)
+        k, v = self.attn.keys_values(h)
+        x = x + self.drop(self.attn.attend(h, k, v, mask))
+        return x + self.drop(self.ff(self.n2(x)))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n1, self.n2, self.n3 = (nn.LayerNorm(cfg.d_model) for _ in range(3))
+        self.self_attn = Attention(cfg.d_model, cfg.n_heads, cfg.dropout)
+        self.cross_attn = Attention(cfg.d_model, cfg.n_heads, cfg.dropout)
+        self.ff = FeedForward(cfg.d_model, cfg.d_ff, cfg.dropout)
+        self.drop = nn.Dropout(cfg.dropout)
+
+
+class Memory(NamedTuple):
+    """Encoder output with the cross-attention keys/values of every decoder layer, per user."""
+
+    keys: list[torch.Tensor]  # per layer (B, H, T, dh)
+    values: list[torch.Tensor]  # per layer (B, H, T, dh)
+    mask: torch.Tensor  # (B, 1, 1, T) additive: 0 for real items, -inf for padding
+
+
+class Batch(NamedTuple):
+    history_codes: torch.Tensor  # (B, T, L) int64, padded positions hold 0
+    history_attrs: torch.Tensor  # (B, T, A) int64 attribute buckets, 0 for padding/unknown
+    history_mask: torch.Tensor  # (B, T) bool, True for real items
+    target_codes: torch.Tensor | None = None  # (B, L) int64
+
+
+class Seq2Seq(nn.Module):
+    """Encoder over the user's history; decoder over semantic-ID levels."""
+
+    def __init__(self, cfg: ModelConfig, level_sizes: Sequence[int], attr_sizes: Sequence[int]):
+        super().__init__()
+        self.cfg, self.level_sizes, self.attr_sizes = cfg, tuple(level_sizes), tuple(attr_sizes)
+        d, n_levels = cfg.d_model, len(level_sizes)
+        self.enc_codes = nn.ModuleList(nn.Embedding(v, d) for v in level_sizes)
+        self.enc_attrs = nn.ModuleList(nn.Embedding(v, d) for v in attr_sizes)
+        self.enc_pos = nn.Embedding(cfg.max_history * (n_levels if cfg.layout == "code" else 1), d)
+        self.enc_level = nn.Embedding(n_levels, d) if cfg.layout == "code" else None
+        self.encoder = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.encoder_layers))
+        self.enc_norm = nn.LayerNorm(d)
+        self.bos = nn.Parameter(torch.zeros(d))
+        self.dec_codes = nn.ModuleList(nn.Embedding(v, d) for v in level_sizes)
+        self.dec_pos = nn.Embedding(64, d)
+        self.decoder = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.decoder_layers))
+        self.dec_norm = nn.LayerNorm(d)
+        self.heads = nn.ModuleList(nn.Linear(d, v) for v in level_sizes)
+        self.apply(_init)
+        nn.init.normal_(self.bos, std=0.02)
+
+    @property
+    def num_levels(self) -> int:
+        return len(self.level_sizes)
+
+    def embed_history(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        codes, attrs, keep = batch.history_codes, batch.history_attrs, batch.history_mask
+        b, t, n_levels = codes.shape
+        if self.cfg.layout == "item":
+            x = sum(emb(codes[..., j]) for j, emb in enumerate(self.enc_codes))  # (B, T, D)
+            x = x + sum((emb(attrs[..., j]) for j, emb in enumerate(self.enc_attrs)), torch.zeros_like(x))
+            x = x + self.enc_pos.weight[:t]
+            return x, keep
+        per_code = torch.stack([emb(codes[..., j]) for j, emb in enumerate(self.enc_codes)], 2)  # (B, T, L, D)
+        item_extra = sum((emb(attrs[..., j]) for j, emb in enumerate(self.enc_attrs)),
+                         torch.zeros_like(per_code[:, :, 0]))  # (B, T, D)
+        per_code = per_code + item_extra[:, :, None] + self.enc_level.weight  # (B, T, L, D)
+        x = per_code.reshape(b, t * n_levels, -1) + self.enc_pos.weight[: t * n_levels]  # (B, T*L, D)
+        return x, keep.repeat_interleave(n_levels, dim=1)  # (B, T*L)
+
+    def encode(self, batch: Batch) -> Memory:
+        x, keep = self.embed_history(batch)  # (B, S, D), (B, S)
+        mask = torch.zeros(keep.shape, dtype=x.dtype, device=x.device).masked_fill(~keep, float("-inf"))
+        mask = mask[:, None, None, :]  # (B, 1, 1, S)
+        for layer in self.encoder:
+            x = layer(x, mask)
+        x = self.enc_norm(x)
+        keys, values = zip(*(layer.cross_attn.keys_values(x) for layer in self.decoder))
+        return Memory(list(keys), list(values), mask)
+
+    def embed_decoder_codes(self, codes: torch.Tensor) -> torch.Tensor:
+        """BOS followed by the embeddings of codes (…, n) of levels 0..n-1: (…, n+1, D)."""
+        lead = codes.shape[:-1]
+        parts = [self.bos.expand(*lead, 1, -1)]
+        parts += [self.dec_codes[j](codes[..., j : j + 1]) for j in range(codes.shape[-1])]
+        return torch.cat(parts, dim=-2)
+
+    def decode(self, x: torch.Tensor, memory: Memory, self_mask: torch.Tensor | None = None,
+               start: int = 0) -> torch.Tensor:
+        """Full-sequence decoder: inputs (B, S, D) -> hidden states (B, S, D).
+
+        `self_mask` is an additive (S, S) mask; None means causal. `start` offsets positions.
+        """
+        s = x.shape[1]
+        x = x + self.dec_pos.weight[start : start + s]
+        if self_mask is None:
+            self_mask = causal_mask(s, x.device, x.dtype)
+        for i, layer in enumerate(self.decoder):
+            h = layer.n1(x)
+            k, v = layer.self_attn.keys_values(h)
+            x = x + layer.drop(layer.self_attn.attend(h, k, v, self_mask))
+            x = x + layer.drop(layer.cross_attn.attend(layer.n2(x), memory.keys[i], memory.values[i], memory.mask))
+            x = x + layer.drop(layer.ff(layer.n3(x)))
+        return self.dec_norm(x)
+
+    def level_logits(self, hidden: torch.Tensor) -> list[torch.Tensor]:
+        """Hidden states (B, >=L, D) at BOS..code L-1 -> logits per level, each (B, V_l)."""
+        return [head(hidden[:, j]) for j, head in enumerate(self.heads)]
+
+    def forward(self, batch: Batch) -> list[torch.Tensor]:
+        memory = self.encode(batch)
+        x = self.embed_decoder_codes(batch.target_codes[:, :-1])  # (B, L, D)
+        return self.level_logits(self.decode(x, memory))
+
+
+def causal_mask(s: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    return torch.full((s, s), float("-inf"), device=device, dtype=dtype).triu(1)  # (S, S)
+
+
+def _init(module: nn.Module) -> None:
+    if isinstance(module, nn.Linear):
+        nn.init.normal_(module.weight, std=0.02)
+        nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.Embedding):
+        nn.init.normal_(module.weight, std=0.02)
+
+
+def sequence_loss(logits: list[torch.Tensor], target_codes: torch.Tensor) -> torch.Tensor:
+    """Eq. 1: sum over levels of the cross-entropy of each level's code, averaged over the batch."""
+    return sum(F.cross_entropy(lg, target_codes[:, j]) for j, lg in enumerate(logits))
+
+
+class DecodeState(NamedTuple):
+    memory: Memory
+    keys: list[torch.Tensor]  # per layer (B, W, H, S, dh): self-attention cache of each beam
+    values: list[torch.Tensor]
+    hidden_len: int  # S, decoder positions consumed
+
+
+class BackboneStepper:
+    """Drives `Seq2Seq` through the beam search's step interface with a KV cache.
+
+    Cross-attention keys/values are computed once per user and shared by all its beams:
+    the W beams of a user are W queries against the same (B, H, T, dh) memory.
+    """
+
+    def __init__(self, model: Seq2Seq):
+        self.model = model
+
+    def _step(self, memory: Memory, keys, values, x: torch.Tensor, pos: int):
+        """One decoder position for (B, W) beams: x (B, W, D) -> hidden (B, W, D)."""
+        m = self.model
+        b, w, d = x.shape
+        x = x + m.dec_pos.weight[pos]
+        new_k, new_v = [], []
+        for i, layer in enumerate(m.decoder):
+            att = layer.self_attn
+            h = layer.n1(x)  # (B, W, D)
+            k, v = att.kv(h).chunk(2, dim=-1)  # (B, W, D)
+            k = k.view(b, w, att.h, 1, att.dh)
+            v = v.view(b, w, att.h, 1, att.dh)
+            k = torch.cat([keys[i], k], dim=3) if keys else k  # (B, W, H, S, dh)
+            v = torch.cat([values[i], v], dim=3) if values else v
+            q = att.q(h).view(b, w, att.h, 1, att.dh)  # (B, W, H, 1, dh)
+            y = F.scaled_dot_product_attention(q, k, v)  # (B, W, H, 1, dh)
+            x = x + att.o(y.reshape(b, w, d))
+            ca = layer.cross_attn
+            q = ca.q(layer.n2(x)).view(b, w, ca.h, ca.dh).transpose(1, 2)  # (B, H, W, dh)
+            y = F.scaled_dot_product_attention(q, memory.keys[i], memory.values[i], attn_mask=memory.mask)
+            x = x + ca.o(y.transpose(1, 2).reshape(b, w, d))  # (B, W, D)
+            x = x + layer.ff(layer.n3(x))
+            new_k.append(k)
+            new_v.append(v)
+        return m.dec_norm(x), new_k, new_v
+
+    @torch.inference_mode()
+    def begin(self, batch: Batch) -> tuple[torch.Tensor, DecodeState]:
+        m = self.model
+        memory = m.encode(batch)
+        b = batch.history_codes.shape[0]
+        x = m.bos.expand(b, 1, -1)  # (B, 1, D)
+        hidden, k, v = self._step(memory, [], [], x, 0)
+        logp = F.log_softmax(m.heads[0](hidden), dim=-1)  # (B, 1, V_0)
+        return logp, DecodeState(memory, k, v, 1)
+
+    @torch.inference_mode()
+    def advance(self, state: DecodeState, parents: torch.Tensor, tokens: torch.Tensor,
+                level: int) -> tuple[torch.Tensor, DecodeState]:
+        m = self.model
+        idx = parents[:, :, None, None, None]  # (B, W, 1, 1, 1)
+        keys = [k.gather(1, idx.expand(-1, -1, *k.shape[2:])) for k in state.keys]  # (B, W, H, S, dh)
+        values = [v.gather(1, idx.expand(-1, -1, *v.shape[2:])) for v in state.values]
+        x = m.dec_codes[level](tokens)  # (B, W, D)
+        hidden, k, v = self._step(state.memory, keys, values, x, state.hidden_len)
+        logp = F.log_softmax(m.heads[level + 1](hidden), dim=-1)  # (B, W, V_{level+1})
+        return logp, DecodeState(state.memory, k, v, state.hidden_len + 1)
+
+
+def count_flops_per_sample(cfg: ModelConfig, level_sizes: Sequence[int], history: int) -> int:
+    """Multiply-adds x 2 of one teacher-forced forward pass (matmuls only), for throughput reports."""
+    d, f, n_levels = cfg.d_model, cfg.d_ff, len(level_sizes)
+    s_enc = history * (n_levels if cfg.layout == "code" else 1)
+    enc = cfg.encoder_layers * s_enc * (4 * d * d + 2 * d * f + 2 * s_enc * d)
+    s_dec = n_levels
+    dec = cfg.decoder_layers * (s_dec * (6 * d * d + 2 * d * f + 2 * s_dec * d + 2 * s_enc * d) + s_enc * 2 * d * d)
+    return 2 * (enc + dec + d * sum(level_sizes))

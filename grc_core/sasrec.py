@@ -1,0 +1,389 @@
+"""SASRec, the sequential baseline (Kang & McAuley 2018, "Self-Attentive Sequential Recommendation").
+
+Items are embedded (shared input/output table E, Sec. 3.1 and 3.5), a learned positional
+embedding is added, and `layers` causal self-attention blocks (Sec. 3.2-3.3) turn the history
+into one state per position; the state F_t scores every item i by r_{i,t} = F_t . E_i (Eq. 6).
+
+Training data: each user's training sequence s_1..s_m is rebuilt from the split's training rows
+(`training_sequences`: the first row's history followed by every row's target, in target_pos
+order) and cut from its end into windows of max_len + 1 items that overlap by one, so every
+training target is predicted exactly once per epoch, from at most max_len items of context.
+
+Deviations and choices:
+- Loss: full-softmax cross-entropy over all N items at every non-padded position, not the
+  paper's binary cross-entropy with one sampled negative (Eq. 7). CE is much stronger on these
+  datasets (Klenitskiy & Vasilkov 2023, "SASRec+"/"gSASRec" line of work).
+- Item ids are shifted by one inside the model; 0 is the padding id, its embedding row is 0
+  and is never scored. Histories are left-padded, and positions count from the right, so the
+  most recent item always sits at position max_len - 1 and extra left padding changes nothing.
+- Attention masks padded keys; every query may attend to itself, so an all-padding prefix
+  gives a finite (unused) state instead of a NaN. Blocks are pre-LayerNorm on queries, keys and
+  values alike (the paper normalises queries only); a final LayerNorm precedes scoring.
+- Embeddings are not multiplied by sqrt(D) and start at N(0, 0.02^2); the output uses the
+  same table (weight tying, as in the paper's Sec. 3.5 "shared item embedding").
+- Model selection: validation Recall@10 (full ranking, history items not removed) after every
+  epoch, ties broken by NDCG@10; the best epoch's weights are returned, training stops after
+  `patience` epochs without improvement. AdamW decays matrices and embeddings only (no biases or LayerNorms).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from grc_core.metrics import per_user_metrics, summarize, target_ranks
+from grc_core.rqvae import resolve_device
+
+PAD = 0
+_IGNORE = -100  # F.cross_entropy's ignore_index
+_EVAL_CHUNK = 1024  # users per scoring block: bounds memory at _EVAL_CHUNK * N floats
+
+
+@dataclass(frozen=True)
+class SASRecConfig:
+    hidden: int = 64  # D
+    layers: int = 2
+    heads: int = 1
+    dropout: float = 0.5
+    max_len: int = 20  # T, most recent items the model sees
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    epochs: int = 200
+    batch_size: int = 128  # training windows per step
+    seed: int = 0
+    device: str = "cpu"  # "cpu", "cuda", "cuda:1", or "auto" (CUDA where present)
+    patience: int = 10  # epochs without a better validation Recall@10 before stopping
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.hidden >= 1 and self.heads >= 1, "hidden and heads must be >= 1"),
+            (self.hidden % self.heads == 0, "hidden must be divisible by heads"),
+            (self.layers >= 1, "layers must be >= 1"),
+            (0.0 <= self.dropout < 1.0, "dropout must be in [0, 1)"),
+            (self.max_len >= 1, "max_len must be >= 1"),
+            (self.lr > 0, "lr must be > 0"),
+            (self.weight_decay >= 0, "weight_decay must be >= 0"),
+            (self.epochs >= 1 and self.batch_size >= 1, "epochs and batch_size must be >= 1"),
+            (self.patience >= 1, "patience must be >= 1"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise ValueError(f"SASRecConfig: {msg} ({self})")
+
+
+class SeqRows(NamedTuple):
+    """Rows of a leave-one-out split (splits/*.parquet), one per (user, target)."""
+
+    histories: Sequence[Sequence[int]]  # B lists of item ids, oldest first
+    targets: np.ndarray  # (B,) item ids
+    users: np.ndarray | None = None  # (B,) user_id; needed for training rows only
+    positions: np.ndarray | None = None  # (B,) target_pos; needed for training rows only
+
+
+class Windows(NamedTuple):
+    inputs: torch.Tensor  # (S, T) shifted ids (item + 1), left-padded with 0
+    labels: torch.Tensor  # (S, T) next item ids 0..N-1, -100 at padding
+
+
+def _check_ids(ids: np.ndarray, n_items: int, what: str) -> None:
+    if ids.size and (ids.min() < 0 or ids.max() >= n_items):
+        raise ValueError(f"{what}: item ids must lie in [0, {n_items}), got range [{ids.min()}, {ids.max()}]")
+
+
+def training_sequences(rows: SeqRows) -> list[list[int]]:
+    """Each user's training sequence: the first row's history, then the targets by position.
+
+    Rows of one user must have consecutive positions and the first row's history must be
+    complete (len(history) == its target_pos), as in the splits built by the ingest stage.
+    """
+    if rows.users is None or rows.positions is None:
+        raise ValueError("training_sequences: training rows need users and positions (user_id, target_pos)")
+    users, pos = np.asarray(rows.users), np.asarray(rows.positions)
+    targets = np.asarray(rows.targets)
+    if not (len(rows.histories) == len(targets) == len(users) == len(pos)):
+        raise ValueError("training_sequences: histories, targets, users and positions differ in length")
+    order = np.lexsort((pos, users))  # by user, then position
+    seqs: list[list[int]] = []
+    start = 0
+    while start < len(order):
+        stop = start
+        while stop < len(order) and users[order[stop]] == users[order[start]]:
+            stop += 1
+        idx = order[start:stop]
+        first = idx[0]
+        if len(rows.histories[first]) != pos[first] or np.any(np.diff(pos[idx]) != 1):
+            raise ValueError(
+                f"training_sequences: user {users[first]} has an incomplete first history or a gap in target_pos"
+            )
+        seqs.append([int(i) for i in rows.histories[first]] + [int(t) for t in targets[idx]])
+        start = stop
+    return seqs
+
+
+def sequence_windows(sequences: Sequence[Sequence[int]], max_len: int) -> Windows:
+    """Cut every sequence from its end into (input, next-item) windows of up to max_len steps.
+
+    Consecutive windows overlap by one item, so each item after the first is a label once.
+    """
+    inputs, labels = [], []
+    for seq in sequences:
+        end = len(seq)
+        while end > 1:
+            start = max(0, end - max_len - 1)
+            chunk = np.asarray(seq[start:end], dtype=np.int64)
+            pad = max_len + 1 - len(chunk)
+            inputs.append(np.concatenate([np.zeros(pad, np.int64), chunk[:-1] + 1]))
+            labels.append(np.concatenate([np.full(pad, _IGNORE, np.int64), chunk[1:]]))
+            end = start + 1
+    if not inputs:
+        raise ValueError("sequence_windows: no sequence has two or more items")
+    return Windows(torch.as_tensor(np.stack(inputs)), torch.as_tensor(np.stack(labels)))  # (S, T) x2
+
+
+def encode_histories(histories: Sequence[Sequence[int]], max_len: int, n_items: int) -> torch.Tensor:
+    """Left-padded shifted ids of the last max_len items of each history: (B, T), T <= max_len."""
+    width = max(1, min(max_len, max((len(h) for h in histories), default=1)))
+    out = np.zeros((len(histories), width), dtype=np.int64)
+    for row, h in enumerate(histories):
+        tail = np.asarray(h, dtype=np.int64)[-max_len:] if len(h) else np.zeros(0, np.int64)
+        _check_ids(tail, n_items, "encode_histories")
+        if len(tail):
+            out[row, width - len(tail):] = tail + 1
+    return torch.as_tensor(out)  # (B, T)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, hidden: int, heads: int, dropout: float) -> None:
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(hidden, 3 * hidden)
+        self.proj = nn.Linear(hidden, hidden)
+        self.dropout = dropout
+
+    def forward(self, x: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        q, k, v = self.qkv(x).view(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)  # 3 x (B, H, T, D/H)
+        p = self.dropout if self.training else 0.0
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed[:, None], dropout_p=p)  # (B, H, T, D/H)
+        return self.proj(y.transpose(1, 2).reshape(b, t, d))  # (B, T, D)
+
+
+class Block(nn.Module):
+    """Self-attention then a point-wise feed-forward net, each residual (Sec. 3.2-3.4)."""
+
+    def __init__(self, hidden: int, heads: int, dropout: float) -> None:
+        super().__init__()
+        self.ln1 = nn.LayerNorm(hidden)
+        self.attn = CausalSelfAttention(hidden, heads, dropout)
+        self.ln2 = nn.LayerNorm(hidden)
+        self.ffn = nn.Sequential(nn.Linear(hidden, hidden), nn.ReLU(), nn.Dropout(dropout), nn.Linear(hidden, hidden))
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+        x = x + self.drop(self.attn(self.ln1(x), allowed))
+        return x + self.drop(self.ffn(self.ln2(x)))
+
+
+class SASRec(nn.Module):
+    def __init__(self, n_items: int, cfg: SASRecConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.n_items = n_items
+        self.item_emb = nn.Embedding(n_items + 1, cfg.hidden, padding_idx=PAD)  # row 0 = padding
+        self.pos_emb = nn.Embedding(cfg.max_len, cfg.hidden)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg.hidden, cfg.heads, cfg.dropout) for _ in range(cfg.layers))
+        self.ln_f = nn.LayerNorm(cfg.hidden)
+        self.apply(_init_weights)
+
+    def forward(self, seqs: torch.Tensor) -> torch.Tensor:
+        """Hidden state F_t at every position of left-padded shifted ids (B, T): (B, T, D)."""
+        b, t = seqs.shape
+        real = seqs != PAD  # (B, T)
+        pos = torch.arange(self.cfg.max_len - t, self.cfg.max_len, device=seqs.device)  # (T,) right-aligned
+        x = (self.item_emb(seqs) + self.pos_emb(pos)) * real[..., None]  # (B, T, D)
+        x = self.drop(x)
+        causal = torch.ones(t, t, dtype=torch.bool, device=seqs.device).tril()  # (T, T)
+        eye = torch.eye(t, dtype=torch.bool, device=seqs.device)  # (T, T)
+        allowed = (causal & real[:, None, :]) | eye  # (B, T, T) query x key
+        for block in self.blocks:
+            x = block(x, allowed)
+        return self.ln_f(x)  # (B, T, D)
+
+    def item_scores(self, states: torch.Tensor) -> torch.Tensor:
+        """r_i = F . E_i for every real item (Eq. 6, shared embedding): (..., N)."""
+        return states @ self.item_emb.weight[1:].T  # (..., N)
+
+
+def _init_weights(module: nn.Module) -> None:
+    if isinstance(module, (nn.Linear, nn.Embedding)):
+        nn.init.normal_(module.weight, std=0.02)
+    if isinstance(module, nn.Linear) and module.bias is not None:
+        nn.init.zeros_(module.bias)
+    if isinstance(module, nn.Embedding) and module.padding_idx is not None:
+        with torch.no_grad():
+            module.weight[module.padding_idx].zero_()
+
+
+def _device(model: SASRec) -> torch.device:
+    return model.item_emb.weight.device
+
+
+def sasrec_loss(model: SASRec, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean full-softmax cross-entropy over the non-padded positions of a batch of windows."""
+    states = model(inputs)  # (B, T, D)
+    keep = labels != _IGNORE  # (B, T)
+    return F.cross_entropy(model.item_scores(states[keep]), labels[keep])  # states[keep]: (P, D)
+
+
+def length_batches(lengths: torch.Tensor, batch_size: int, gen: torch.Generator,
+                   pool: int = 32) -> list[torch.Tensor]:
+    """Random mini-batches of windows of similar length, in random order.
+
+    A random permutation is cut into pools of `pool` batches; each pool is sorted by length
+    before it is split, so a batch rarely mixes a 2-item window with a 20-item one.
+    """
+    perm = torch.randperm(lengths.shape[0], generator=gen)  # (S,)
+    batches = []
+    for chunk in perm.split(batch_size * pool):
+        order = torch.sort(lengths[chunk], stable=True).indices  # (C,)
+        batches.extend(chunk[order].split(batch_size))
+    return [batches[i] for i in torch.randperm(len(batches), generator=gen).tolist()]
+
+
+def train_epoch(model: SASRec, windows: Windows, opt: torch.optim.Optimizer, batch_size: int,
+                gen: torch.Generator) -> float:
+    """One pass over the windows in length-bucketed mini-batches; the label-weighted mean loss.
+
+    Each batch is cut to its longest window: positions count from the right, so dropping
+    all-padding columns on the left changes no output.
+    """
+    model.train()
+    dev = _device(model)
+    lengths = (windows.labels != _IGNORE).sum(1)  # (S,)
+    total, count = 0.0, 0
+    for idx in length_batches(lengths, batch_size, gen):
+        width = int(lengths[idx].max())
+        inputs = windows.inputs[idx, -width:].to(dev)  # (B, t)
+        labels = windows.labels[idx, -width:].to(dev)  # (B, t)
+        loss = sasrec_loss(model, inputs, labels)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        n = int((labels != _IGNORE).sum())
+        total += float(loss.detach()) * n
+        count += n
+    return total / max(count, 1)
+
+
+@torch.no_grad()
+def score_all(model: SASRec, histories: Sequence[Sequence[int]]) -> np.ndarray:
+    """Scores of all N items after each history (the last position's state): (B, N) float32."""
+    was_training = model.training
+    model.eval()
+    parts = []
+    for start in range(0, len(histories), _EVAL_CHUNK):
+        seqs = encode_histories(histories[start:start + _EVAL_CHUNK], model.cfg.max_len, model.n_items)  # (b, T)
+        states = model(seqs.to(_device(model)))[:, -1]  # (b, D)
+        parts.append(model.item_scores(states).float().cpu().numpy())  # (b, N)
+    model.train(was_training)
+    return np.concatenate(parts) if parts else np.zeros((0, model.n_items), np.float32)  # (B, N)
+
+
+def topk_items(model: SASRec, histories: Sequence[Sequence[int]], k: int,
+               exclude: Sequence[Sequence[int]] | None = None) -> np.ndarray:
+    """The k best item ids per history, best first: (B, k) int64.
+
+    `exclude[b]` lists items never to recommend for row b (e.g. its history); left out, every
+    item is ranked, as the leave-one-out evaluation here requires (targets may repeat).
+    """
+    if not 1 <= k <= model.n_items:
+        raise ValueError(f"topk_items: k must be in [1, {model.n_items}], got {k}")
+    if exclude is not None and len(exclude) != len(histories):
+        raise ValueError(f"topk_items: {len(exclude)} exclude lists for {len(histories)} histories")
+    out = []
+    for start in range(0, len(histories), _EVAL_CHUNK):
+        chunk = histories[start:start + _EVAL_CHUNK]
+        scores = torch.as_tensor(score_all(model, chunk))  # (b, N)
+        if exclude is not None:
+            for row, items in enumerate(exclude[start:start + _EVAL_CHUNK]):
+                banned = np.asarray(items, dtype=np.int64)
+                _check_ids(banned, model.n_items, "topk_items exclude")
+                scores[row, banned] = -math.inf
+        out.append(scores.topk(k, dim=1).indices.numpy())  # (b, k); ties to the lower id on CPU
+    return np.concatenate(out) if out else np.zeros((0, k), np.int64)  # (B, k)
+
+
+def evaluate(model: SASRec, rows: SeqRows, ks: Sequence[int] = (5, 10)) -> dict[str, float]:
+    """Recall@k and NDCG@k of the held-out targets under full ranking (grc_core.metrics)."""
+    targets = np.asarray(rows.targets)
+    _check_ids(targets, model.n_items, "evaluate")
+    ranked = topk_items(model, rows.histories, max(ks))  # (B, K)
+    per_user = per_user_metrics(target_ranks(ranked, targets), ks=ks, ndcg_ks=ks)
+    return summarize(per_user)
+
+
+def _optimizer(model: SASRec, cfg: SASRecConfig) -> torch.optim.Optimizer:
+    decay = [p for p in model.parameters() if p.ndim == 2]
+    rest = [p for p in model.parameters() if p.ndim != 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.98))
+
+
+def train_sasrec(
+    train_rows: SeqRows,
+    valid_rows: SeqRows,
+    n_items: int,
+    cfg: SASRecConfig,
+    progress: Callable[[int, dict[str, Any]], None] | None = None,
+) -> tuple[SASRec, list[dict[str, Any]]]:
+    """Train on the training rows, keep the epoch with the best validation Recall@10 (then NDCG@10).
+
+    Returns (model in eval mode with the best weights, one history record per epoch).
+    `progress(epoch, record)` is called after each epoch. Deterministic on CPU for a given
+    cfg.seed; the global RNG state is left untouched.
+    """
+    if n_items < 1:
+        raise ValueError(f"train_sasrec: n_items must be >= 1, got {n_items}")
+    sequences = training_sequences(train_rows)
+    for seq in sequences:
+        _check_ids(np.asarray(seq), n_items, "train_sasrec")
+    windows = sequence_windows(sequences, cfg.max_len)
+    if len(valid_rows.histories) == 0 or len(valid_rows.histories) != len(valid_rows.targets):
+        raise ValueError("train_sasrec: valid_rows must be non-empty with one target per history")
+    device = resolve_device(cfg.device)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(cfg.seed)
+        model = SASRec(n_items, cfg).to(device)
+        opt = _optimizer(model, cfg)
+        best, best_state, since_best = (-1.0, -1.0), None, 0
+        history: list[dict[str, Any]] = []
+        for epoch in range(cfg.epochs):
+            t0 = time.perf_counter()
+            loss = train_epoch(model, windows, opt, cfg.batch_size, gen)
+            valid = evaluate(model, valid_rows)
+            record = {"epoch": epoch, "loss": loss, **{f"valid_{k}": v for k, v in valid.items()},
+                      "seconds": time.perf_counter() - t0}
+            history.append(record)
+            if progress is not None:
+                progress(epoch, record)
+            key = (valid["recall@10"], valid["ndcg@10"])
+            if key > best:
+                best, since_best = key, 0
+                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            else:
+                since_best += 1
+                if since_best >= cfg.patience:
+                    break
+    model.load_state_dict(best_state)
+    model.eval()
+    return model, history

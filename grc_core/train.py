@@ -1,0 +1,206 @@
+"""A small, resumable training loop shared by the backbone, SFT and (later) DDP runs.
+
+- AdamW with linear warm-up and cosine decay to `min_lr_ratio * lr`.
+- Each epoch's shuffle is drawn from `seed + epoch`, so a run resumed from a checkpoint
+  sees exactly the batches an uninterrupted run would: the same params and seed give the
+  same weights. Under torch.distributed each rank takes every `world`-th index of that
+  permutation (the DistributedSampler scheme), so the loop runs unchanged under DDP.
+- Checkpoints are safetensors (weights, optimizer moments) plus a JSON trainer state;
+  nothing is pickled. `last/` is written every epoch (atomically, by directory rename),
+  `best/` whenever the selection metric improves.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int
+    batch_size: int
+    lr: float
+    weight_decay: float
+    warmup_steps: int
+    min_lr_ratio: float
+    grad_clip: float
+    eval_every: int  # epochs between validations
+    patience: int  # validations without improvement before stopping (0: never stop early)
+    seed: int
+    device: str
+    threads: int  # torch intra-op threads on CPU (0: leave torch's default)
+
+
+@dataclass
+class TrainerState:
+    epoch: int = 0  # epochs completed
+    step: int = 0
+    best_metric: float = -math.inf
+    best_epoch: int = -1
+    bad_evals: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def lr_at(step: int, total_steps: int, cfg: TrainConfig) -> float:
+    """Linear warm-up over `warmup_steps`, then cosine decay to min_lr_ratio * lr."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps))
+    floor = cfg.min_lr_ratio * cfg.lr
+    return floor + (cfg.lr - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, rank: int = 0, world: int = 1) -> list[torch.Tensor]:
+    """Index batches of one epoch: a permutation from (seed, epoch), this rank's share of it."""
+    gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    perm = torch.randperm(n, generator=gen)[rank::world]  # (n / world,)
+    return list(perm.split(batch_size))
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+
+
+def optimizer_tensors(opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    out = {}
+    for i, st in opt.state_dict()["state"].items():
+        for k, v in st.items():
+            out[f"{i}.{k}"] = v if torch.is_tensor(v) else torch.tensor(v)
+    return out
+
+
+def load_optimizer_tensors(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor]) -> None:
+    sd = opt.state_dict()
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, v in tensors.items():
+        i, k = key.split(".", 1)
+        state.setdefault(int(i), {})[k] = v
+    sd["state"] = state
+    opt.load_state_dict(sd)
+
+
+def save_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer | None,
+                    state: TrainerState, extra: dict[str, Any] | None = None) -> None:
+    """Write `path/` atomically: weights, optimizer moments, trainer state (JSON)."""
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    weights = {k: v.detach().cpu().contiguous() for k, v in unwrap(model).state_dict().items()}
+    save_file(weights, str(tmp / "model.safetensors"))
+    if opt is not None:
+        save_file({k: v.cpu().contiguous() for k, v in optimizer_tensors(opt).items()},
+                  str(tmp / "optimizer.safetensors"))
+    (tmp / "trainer.json").write_text(json.dumps({"state": asdict(state), **(extra or {})}, indent=2, default=str))
+    old = path.with_name(path.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if path.exists():
+        os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def load_weights(path: Path, model: nn.Module) -> None:
+    unwrap(model).load_state_dict(load_file(str(path / "model.safetensors")))
+
+
+def load_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer | None) -> TrainerState:
+    load_weights(path, model)
+    if opt is not None and (path / "optimizer.safetensors").exists():
+        load_optimizer_tensors(opt, load_file(str(path / "optimizer.safetensors")))
+    raw = json.loads((path / "trainer.json").read_text())["state"]
+    return TrainerState(**raw)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    return model.module if hasattr(model, "module") else model
+
+
+def fit(
+    model: nn.Module,
+    n_train: int,
+    loss_fn: Callable[[nn.Module, torch.Tensor], torch.Tensor],
+    evaluate: Callable[[nn.Module], dict[str, float]],
+    cfg: TrainConfig,
+    ckpt_dir: Path,
+    select: str = "recall@10",
+    log: Callable[[dict[str, Any]], None] | None = None,
+    rank: int = 0,
+    world: int = 1,
+    fingerprint: str = "",
+) -> TrainerState:
+    """Train for cfg.epochs (resuming from `ckpt_dir/last` if present); keep the best on `select`.
+
+    `loss_fn(model, index_batch)` returns the mean loss of the training instances `index_batch`.
+    A checkpoint resumes only if it was written under the same `fingerprint` (a hash of the
+    config and data); otherwise training starts afresh and the old checkpoints are replaced.
+    """
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    opt = make_optimizer(model, cfg)
+    state = TrainerState()
+    last, best = ckpt_dir / "last", ckpt_dir / "best"
+    if (last / "trainer.json").exists():
+        saved = json.loads((last / "trainer.json").read_text()).get("fingerprint", "")
+        if saved == fingerprint:
+            state = load_checkpoint(last, model, opt)
+        else:
+            shutil.rmtree(last)
+            shutil.rmtree(best, ignore_errors=True)
+    steps_per_epoch = math.ceil(math.ceil(n_train / world) / cfg.batch_size)
+    total = steps_per_epoch * cfg.epochs
+    while state.epoch < cfg.epochs and not (cfg.patience and state.bad_evals >= cfg.patience):
+        epoch = state.epoch
+        model.train()
+        t0, loss_sum, seen = time.perf_counter(), 0.0, 0
+        for idx in epoch_batches(n_train, cfg.batch_size, cfg.seed, epoch, rank, world):
+            for g in opt.param_groups:
+                g["lr"] = lr_at(state.step, total, cfg)
+            loss = loss_fn(model, idx)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip > 0:
+                nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            opt.step()
+            state.step += 1
+            loss_sum += loss.detach().item() * len(idx)
+            seen += len(idx)
+        record: dict[str, Any] = {"epoch": epoch + 1, "step": state.step, "train_loss": loss_sum / max(1, seen),
+                                  "train_s": time.perf_counter() - t0, "samples_per_s": seen / (time.perf_counter() - t0),
+                                  "lr": opt.param_groups[0]["lr"]}
+        state.epoch = epoch + 1
+        if state.epoch % cfg.eval_every == 0 or state.epoch == cfg.epochs:
+            model.eval()
+            metrics = evaluate(model)
+            record.update({f"valid_{k}": v for k, v in metrics.items()})
+            if metrics[select] > state.best_metric:
+                state.best_metric, state.best_epoch, state.bad_evals = metrics[select], state.epoch, 0
+                if rank == 0:
+                    save_checkpoint(best, model, None, state, {"fingerprint": fingerprint})
+            else:
+                state.bad_evals += 1
+        state.history.append(record)
+        if rank == 0:
+            save_checkpoint(last, model, opt, state, {"fingerprint": fingerprint})
+        if log is not None:
+            log(record)
+    return state

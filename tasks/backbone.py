@@ -1,0 +1,128 @@
+"""Backbone tasks: splits + semantic IDs -> tensors; train the TIGER-style model; save it.
+
+Outputs under `data/<dataset>/backbone/`: `model.safetensors` (the best epoch on validation
+Recall@10), `config.json` (model config, level and attribute sizes), and `ckpt/` (the
+resumable `last/` and `best/` checkpoints). The training log goes to
+`reports/<dataset>/backbone_log.csv` for `dvc plots`.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import torch
+from prefect import task
+
+from grc_core.data import Instances, ItemTable, make_instances, to_batch
+from grc_core.evaluation import rank_with_backbone, ranking_metrics
+from grc_core.model import ModelConfig, Seq2Seq, count_flops_per_sample, sequence_loss
+from grc_core.train import fit, load_weights, resolve_device
+from grc_core.trie import PrefixTrie
+from tasks import io
+from tasks.params import Params
+from tasks.readers import sha256_file
+from tasks.tokenize import load_semantic_ids
+
+
+def load_split(out_dir: Path, name: str, max_len: int) -> Instances:
+    frame = pl.read_parquet(out_dir / "splits" / f"{name}.parquet")
+    return make_instances(frame["user_id"].to_list(), frame["history"].to_list(), frame["target"].to_list(), max_len)
+
+
+def load_item_table(out_dir: Path, attributes: tuple[str, ...]) -> tuple[ItemTable, list[int], list[int]]:
+    ids, level_sizes = load_semantic_ids(out_dir / "tokenizer")
+    items = pl.read_parquet(out_dir / "items.parquet").sort("item_id")
+    cols = [items[f"{a}_bucket"].to_numpy().astype(np.int64) for a in attributes]
+    attrs = np.stack(cols, 1) if cols else np.zeros((items.height, 0), np.int64)  # (N, A)
+    attr_sizes = [int(c.max()) + 1 for c in cols]
+    return ItemTable(torch.from_numpy(ids), torch.from_numpy(attrs)), level_sizes, attr_sizes
+
+
+def subset(inst: Instances, n: int, seed: int) -> Instances:
+    if n <= 0 or n >= len(inst):
+        return inst
+    gen = torch.Generator().manual_seed(seed)
+    idx = torch.randperm(len(inst), generator=gen)[:n].sort().values
+    return inst.select(idx)
+
+
+def build_model(cfg: ModelConfig, level_sizes: list[int], attr_sizes: list[int], seed: int) -> Seq2Seq:
+    torch.manual_seed(seed)
+    return Seq2Seq(cfg, level_sizes, attr_sizes)
+
+
+@task
+def train_backbone(params: Params) -> dict:
+    bb, out_dir = params.backbone, params.dataset_dir()
+    device = resolve_device(bb.train.device)
+    if bb.model.max_history < params.data.max_history:
+        raise ValueError("backbone.model.max_history must be >= data.max_history")
+    table, level_sizes, attr_sizes = load_item_table(out_dir, params.dataset.attributes)
+    table = table.to(device)
+    trie = PrefixTrie.from_ids(table.codes.cpu().numpy(), level_sizes).to(device)
+    train = load_split(out_dir, "train", params.data.max_history)
+    valid = subset(load_split(out_dir, "valid", params.data.max_history), bb.valid_users, bb.train.seed)
+    model = build_model(bb.model, level_sizes, attr_sizes, bb.train.seed).to(device)
+
+    def loss_fn(m: torch.nn.Module, idx: torch.Tensor) -> torch.Tensor:
+        batch = to_batch(train.select(idx), table)
+        return sequence_loss(m(batch), batch.target_codes)
+
+    def evaluate(m: torch.nn.Module) -> dict[str, float]:
+        ranked, _ = rank_with_backbone(m, valid, table, trie, bb.valid_beam, bb.eval_batch_size)
+        summary, _ = ranking_metrics(ranked, valid.target.numpy(), ks=(5, 10, 20))
+        return summary
+
+    work = out_dir / "backbone"
+    log_path = params.reports_dir() / "backbone_log.csv"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+
+    def log(record: dict) -> None:
+        print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()), flush=True)
+
+    t0 = time.perf_counter()
+    fingerprint = "|".join([params.section_hash("backbone"), str(params.data.max_history),
+                            sha256_file(out_dir / "splits" / "train.parquet"),
+                            sha256_file(out_dir / "tokenizer" / "semantic_ids.parquet")])
+    state = fit(model, len(train), loss_fn, evaluate, bb.train, work / "ckpt", select="recall@10", log=log,
+                fingerprint=fingerprint)
+    wall = time.perf_counter() - t0
+    write_log(log_path, state.history)
+    load_weights(work / "ckpt" / "best", model)
+    shutil.copyfile(work / "ckpt" / "best" / "model.safetensors", work / "model.safetensors.tmp")
+    (work / "model.safetensors.tmp").replace(work / "model.safetensors")
+    io.write_json(work / "config.json", {"model": asdict(bb.model), "level_sizes": level_sizes,
+                                         "attr_sizes": attr_sizes, "attributes": list(params.dataset.attributes)})
+    flops = count_flops_per_sample(bb.model, level_sizes, params.data.max_history) * 3  # forward + backward
+    rates = [r["samples_per_s"] for r in state.history]
+    sps = float(np.median(rates)) if rates else 0.0
+    return {"best_epoch": state.best_epoch, "best_valid_recall@10": state.best_metric, "epochs_run": state.epoch,
+            "train_instances": len(train), "samples_per_s": sps, "gflops_per_s": sps * flops / 1e9,
+            "flops_per_sample": flops, "wall_s_this_run": wall, "parameters": sum(p.numel() for p in model.parameters()),
+            "device": str(device), "threads": torch.get_num_threads()}
+
+
+def write_log(path: Path, history: list[dict]) -> None:
+    if not history:
+        return
+    keys = sorted({k for r in history for k in r})
+    with io.atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        w.writerows(history)
+
+
+def load_backbone(out_dir: Path, device: torch.device | str = "cpu") -> Seq2Seq:
+    cfg = json.loads((out_dir / "backbone" / "config.json").read_text())
+    model = Seq2Seq(ModelConfig(**cfg["model"]), cfg["level_sizes"], cfg["attr_sizes"])
+    from safetensors.torch import load_file
+
+    model.load_state_dict(load_file(str(out_dir / "backbone" / "model.safetensors")))
+    return model.to(device).eval()

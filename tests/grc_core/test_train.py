@@ -1,0 +1,95 @@
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from grc_core.train import TrainConfig, epoch_batches, fit, lr_at
+
+CFG = TrainConfig(epochs=3, batch_size=4, lr=0.1, weight_decay=0.0, warmup_steps=2, min_lr_ratio=0.1,
+                  grad_clip=1.0, eval_every=1, patience=0, seed=7, device="cpu", threads=0)
+
+X = torch.linspace(-1, 1, 10)[:, None]
+Y = 3 * X + 1
+
+
+def loss_fn(model, idx):
+    return ((model(X[idx]) - Y[idx]) ** 2).mean()
+
+
+def evaluate(model):
+    with torch.no_grad():
+        return {"recall@10": -float(((model(X) - Y) ** 2).mean())}
+
+
+def fresh():
+    torch.manual_seed(0)
+    return nn.Linear(1, 1)
+
+
+def test_lr_schedule_by_hand():
+    # warm-up: step 0 -> 0.1 * 1/2, step 1 -> 0.1; then cosine from 0.1 down to 0.01 over 8 steps
+    assert lr_at(0, 10, CFG) == pytest.approx(0.05)
+    assert lr_at(1, 10, CFG) == pytest.approx(0.1)
+    assert lr_at(2, 10, CFG) == pytest.approx(0.1)
+    # halfway (step 6 = 2 + 4 of 8): 0.01 + 0.09 * 0.5 * (1 + cos(pi/2)) = 0.055
+    assert lr_at(6, 10, CFG) == pytest.approx(0.055)
+    assert lr_at(10, 10, CFG) == pytest.approx(0.01)
+
+
+def test_epoch_batches_cover_every_index_once_and_split_across_ranks():
+    full = torch.cat(epoch_batches(10, 3, seed=1, epoch=0))
+    assert sorted(full.tolist()) == list(range(10))
+    r0 = torch.cat(epoch_batches(10, 3, seed=1, epoch=0, rank=0, world=2))
+    r1 = torch.cat(epoch_batches(10, 3, seed=1, epoch=0, rank=1, world=2))
+    assert sorted(r0.tolist() + r1.tolist()) == list(range(10))
+    assert not torch.equal(full, torch.cat(epoch_batches(10, 3, seed=1, epoch=1)))
+
+
+def test_fit_is_deterministic_and_learns(tmp_path):
+    a, b = fresh(), fresh()
+    sa = fit(a, 10, loss_fn, evaluate, CFG, tmp_path / "a")
+    fit(b, 10, loss_fn, evaluate, CFG, tmp_path / "b")
+    assert torch.equal(a.weight, b.weight) and torch.equal(a.bias, b.bias)
+    assert sa.history[-1]["train_loss"] < sa.history[0]["train_loss"]
+    assert (tmp_path / "a" / "best" / "model.safetensors").exists()
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_interrupted_run_resumes_to_identical_weights(tmp_path):
+    ref = fresh()
+    fit(ref, 10, loss_fn, evaluate, CFG, tmp_path / "ref")
+    calls = {"n": 0}
+
+    def flaky(model, idx):
+        calls["n"] += 1
+        if calls["n"] == 5:  # in the middle of epoch 2 (3 steps per epoch)
+            raise Interrupt
+        return loss_fn(model, idx)
+
+    model = fresh()
+    with pytest.raises(Interrupt):
+        fit(model, 10, flaky, evaluate, CFG, tmp_path / "run")
+    state = json.loads((tmp_path / "run" / "last" / "trainer.json").read_text())["state"]
+    assert state["epoch"] == 1
+    resumed = nn.Linear(1, 1)  # different init: the weights must come from the checkpoint
+    out = fit(resumed, 10, loss_fn, evaluate, CFG, tmp_path / "run")
+    assert out.epoch == 3 and len(out.history) == 3
+    assert torch.equal(resumed.weight, ref.weight) and torch.equal(resumed.bias, ref.bias)
+
+
+def test_checkpoint_of_another_config_is_not_resumed(tmp_path):
+    fit(fresh(), 10, loss_fn, evaluate, CFG, tmp_path / "c", fingerprint="one")
+    out = fit(fresh(), 10, loss_fn, evaluate, CFG, tmp_path / "c", fingerprint="two")
+    assert len(out.history) == 3 and out.history[0]["epoch"] == 1
+
+
+def test_patience_stops_early(tmp_path):
+    cfg = TrainConfig(**{**CFG.__dict__, "epochs": 10, "patience": 2})
+    out = fit(fresh(), 10, loss_fn, lambda m: {"recall@10": 0.0}, cfg, tmp_path / "p")
+    # first eval sets best (0 > -inf), the next two do not improve -> stop after 3 epochs
+    assert out.epoch == 3 and math.isclose(out.best_metric, 0.0)
