@@ -223,7 +223,7 @@ class T5StepModel:
             h = _linear(_linear(_rms(h, layer["ln_ff"], self.eps), layer["wi"], relu=True), layer["wo"], add=h)
         logits = _linear(_rms(h, self.ln_final_scaled, self.eps), self.lm_head)  # (N, V)
         lo = self.offsets[level]
-        logp = logits[:, lo: lo + self.sizes[level]] - logits.logsumexp(-1, keepdim=True)  # (N, V_l), full-vocab norm
+        logp = torch.log_softmax(logits, dim=-1)[:, lo: lo + self.sizes[level]]  # (N, V_l), normalised over all V
         return logp.view(b, w, -1), new_cache
 
 

@@ -24,7 +24,9 @@ Deviations and choices:
 - The encoder output is L2-normalised when `normalize_latent` (an added field), so the
   latent cannot drift in scale and the codebook distances stay comparable across training.
 - Codebooks are initialised by k-means (`kmeans_iters` Lloyd steps, k-means++ seeds) on the
-  level residuals of the whole catalog (not of the first batch), level by level.
+  level residuals of the whole catalog (not of the first batch), level by level. These are
+  the untrained encoder's latents, which move a lot in the first epoch: on Scientific only
+  ~15% of the level-1 codes are still used after it, and the restarts below do the rest.
 - Dead-code restart: after every epoch except the last, each code that no item chose during
   that epoch is set to the current level-l residual of a randomly drawn item (TIGER does not
   describe one; SoundStream-style restarts). Skipped after the last epoch so the reported
@@ -236,7 +238,9 @@ class RQVAEResult:
     model: RQVAE
     codes: np.ndarray  # (N, L) int64, from encode_codes after training
     last_level_distances: np.ndarray  # (N, K) float32, input to semantic_ids.reassign_last_level
-    history: list[dict[str, Any]] = field(default_factory=list)  # one record per epoch
+    # One record per epoch: loss terms (batch-weighted means of rqvae_loss, so "recon" is the
+    # per-item squared error), utilisation during the epoch (L,), codes restarted after it (L,).
+    history: list[dict[str, Any]] = field(default_factory=list)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Contiguous CPU tensors, ready for safetensors.torch.save_file."""
@@ -327,13 +331,13 @@ def _batches(n: int, batch_size: int, gen: torch.Generator) -> list[torch.Tensor
 
 
 def train_epoch(
-    model: RQVAE, x: torch.Tensor, opt: torch.optim.Optimizer, batch_size: int, gen: torch.Generator
+    model: RQVAE, x: torch.Tensor, opt: torch.optim.Optimizer, gen: torch.Generator
 ) -> tuple[dict[str, float], torch.Tensor]:
     """One pass over the items in random mini-batches: (mean loss terms, code usage (L, K))."""
     cfg = model.cfg
     usage = torch.zeros(cfg.num_levels, cfg.codebook_size, dtype=torch.long, device=x.device)
-    sums = {"loss": 0.0, "recon": 0.0, "codebook": 0.0, "commitment": 0.0}
-    for idx in _batches(x.shape[0], batch_size, gen):
+    sums = torch.zeros(4, device=x.device)  # loss, recon, codebook, commitment
+    for idx in _batches(x.shape[0], cfg.batch_size, gen):
         xb = x[idx.to(x.device)]  # (B, D_in)
         out = model(xb)
         terms = rqvae_loss(xb, out, cfg.commitment_beta)
@@ -341,10 +345,8 @@ def train_epoch(
         terms.total.backward()
         opt.step()
         usage.scatter_add_(1, out.codes.T, torch.ones_like(out.codes.T))
-        w = xb.shape[0] / x.shape[0]
-        for key, val in zip(sums, terms):
-            sums[key] += w * val.item()
-    return sums, usage
+        sums += xb.shape[0] / x.shape[0] * torch.stack([t.detach() for t in terms])
+    return dict(zip(("loss", "recon", "codebook", "commitment"), sums.tolist())), usage
 
 
 def _optimizer(model: RQVAE, cfg: RQVAEConfig) -> torch.optim.Optimizer:
@@ -354,6 +356,22 @@ def _optimizer(model: RQVAE, cfg: RQVAEConfig) -> torch.optim.Optimizer:
         {"params": [model.codebooks], "weight_decay": 0.0},
     ]
     return torch.optim.AdamW(groups, lr=cfg.lr)
+
+
+_ARCHITECTURE = ("num_levels", "codebook_size", "latent_dim", "hidden_dims", "normalize_latent")
+
+
+def _adopt(model: RQVAE, cfg: RQVAEConfig, input_dim: int) -> RQVAE:
+    """Train a given model under cfg; its shape-defining fields must agree."""
+    if model.encoder[0].in_features != input_dim:
+        raise ValueError(f"train_rqvae: model expects D_in={model.encoder[0].in_features}, got {input_dim}")
+    for name in _ARCHITECTURE:
+        if getattr(model.cfg, name) != getattr(cfg, name):
+            raise ValueError(
+                f"train_rqvae: model was built with {name}={getattr(model.cfg, name)!r}, cfg has {getattr(cfg, name)!r}"
+            )
+    model.cfg = cfg
+    return model
 
 
 def train_rqvae(
@@ -385,13 +403,13 @@ def train_rqvae(
             model = RQVAE(x.shape[1], cfg).to(device)
             if cfg.kmeans_init:
                 init_codebooks_kmeans(model, x, cfg.kmeans_iters, make_generator(cfg.seed, device))
-        elif model.encoder[0].in_features != x.shape[1]:
-            raise ValueError(f"train_rqvae: model expects D_in={model.encoder[0].in_features}, got {x.shape[1]}")
+        else:
+            model = _adopt(model, cfg, x.shape[1]).to(device)
         model.train()
         opt = _optimizer(model, cfg)
         history: list[dict[str, Any]] = []
         for epoch in range(cfg.epochs):
-            terms, usage = train_epoch(model, x, opt, cfg.batch_size, gen)
+            terms, usage = train_epoch(model, x, opt, gen)
             restarted = [0] * cfg.num_levels
             if cfg.dead_code_restart and epoch < cfg.epochs - 1:
                 restarted = restart_dead_codes(model, x, usage, gen)

@@ -92,12 +92,22 @@ class BackboneConfig:
 
 
 @dataclass(frozen=True)
+class EvaluateConfig:
+    methods: tuple[Literal["tiger", "sasrec"], ...]
+    beam: int
+    batch_size: int
+    bootstrap: int
+    device: str
+
+
+@dataclass(frozen=True)
 class Params:
     data: DataConfig
     datasets: dict[str, DatasetSpec]
     embed: EmbedConfig
     tokenize: TokenizeConfig
     backbone: BackboneConfig
+    evaluate: EvaluateConfig
     raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:

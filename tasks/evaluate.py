@@ -1,0 +1,87 @@
+"""Evaluate tasks: rank the full catalog for every test user, score it, record it.
+
+Per method: `data/<dataset>/eval/<method>.parquet` keeps each user's target rank (0 = not
+in the top `evaluate.beam`) for paired tests between methods; `reports/<dataset>/metrics.json`
+holds every method's metrics with bootstrap intervals; each evaluated method appends one
+record to `benchmarks/results/quality.jsonl`.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import shlex
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import torch
+from prefect import task
+
+from grc_core import metrics as M
+from grc_core.evaluation import rank_with_backbone
+from grc_core.train import resolve_device
+from grc_core.trie import PrefixTrie
+from tasks import io
+from tasks.backbone import load_backbone, load_item_table, load_split
+from tasks.env import PROJECT_ROOT
+from tasks.params import Params
+
+QUALITY_LOG = PROJECT_ROOT / "benchmarks" / "results" / "quality.jsonl"
+
+
+@task
+def rank_test_users(params: Params, method: str) -> tuple[np.ndarray, np.ndarray, float]:
+    """(user ids (U,), 1-based target ranks (U,), wall seconds) for one method."""
+    out_dir, ev = params.dataset_dir(), params.evaluate
+    device = resolve_device(ev.device)
+    test = load_split(out_dir, "test", params.data.max_history)
+    t0 = time.perf_counter()
+    if method == "tiger":
+        table, level_sizes, _ = load_item_table(out_dir, params.dataset.attributes)
+        table = table.to(device)
+        trie = PrefixTrie.from_ids(table.codes.cpu().numpy(), level_sizes).to(device)
+        model = load_backbone(out_dir, device)
+        ranked, _ = rank_with_backbone(model, test, table, trie, ev.beam, ev.batch_size)
+    else:
+        raise ValueError(f"evaluate.methods: {method!r} is not evaluated by this stage yet")
+    ranks = M.target_ranks(ranked, test.target.numpy())
+    return test.user.numpy(), ranks, time.perf_counter() - t0
+
+
+def summarize_method(ranks: np.ndarray, beam: int, n_boot: int, seed: int) -> dict:
+    """Metrics at the cut-offs the beam can answer (a beam of 20 says nothing about Recall@100)."""
+    ks = tuple(k for k in M.DEFAULT_KS if k <= beam)
+    per_user = M.per_user_metrics(ranks, ks, tuple(k for k in M.NDCG_KS if k <= beam))
+    summary = M.summarize(per_user)
+    intervals = {k: M.bootstrap_interval(v, n_boot, seed) for k, v in per_user.items()}
+    return {"metrics": summary, "ci95": intervals, "users": int(len(ranks))}
+
+
+def save_ranks(out_dir: Path, method: str, users: np.ndarray, ranks: np.ndarray) -> None:
+    io.write_parquet(out_dir / "eval" / f"{method}.parquet",
+                     pl.DataFrame({"user_id": users.astype(np.int64), "rank": ranks.astype(np.int64)}))
+
+
+def paired_against(out_dir: Path, base: str, method: str, n_boot: int, seed: int) -> dict:
+    a = pl.read_parquet(out_dir / "eval" / f"{base}.parquet").sort("user_id")["rank"].to_numpy()
+    b = pl.read_parquet(out_dir / "eval" / f"{method}.parquet").sort("user_id")["rank"].to_numpy()
+    pa, pb = M.per_user_metrics(a, M.NDCG_KS), M.per_user_metrics(b, M.NDCG_KS)
+    return {k: M.paired_bootstrap(pa[k], pb[k], n_boot, seed) for k in pa}
+
+
+def append_quality_record(params: Params, method: str, summary: dict, wall_s: float, seed: int) -> dict:
+    record = {
+        "dataset": params.data.dataset, "method": method, "seed": seed,
+        "metrics": {k: round(v, 6) for k, v in summary["metrics"].items()},
+        "params_hash": params.section_hash(), "command": " ".join(shlex.quote(a) for a in sys.argv),
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "wall_s": round(wall_s, 1),
+        "machine": f"{platform.machine()} {platform.processor() or ''} {torch.get_num_threads()} threads".strip(),
+    }
+    QUALITY_LOG.parent.mkdir(parents=True, exist_ok=True)
+    with open(QUALITY_LOG, "a", encoding="utf-8") as f:  # append-only log: one line per evaluated run
+        f.write(json.dumps(record, sort_keys=True) + "\n")
+    return record

@@ -1,0 +1,88 @@
+"""Fixtures for flow tests: a real Prefect server on 127.0.0.1 and a tiny synthetic dataset."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+VENV_BIN = Path(sys.executable).parent
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def prefect_server(tmp_path_factory):
+    """`prefect server start` on a free loopback port; yields its API URL."""
+    home = tmp_path_factory.mktemp("prefect-home")
+    port = _free_port()
+    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+           "DO_NOT_TRACK": "1"}
+    log = open(home / "server.log", "w")
+    proc = subprocess.Popen([str(VENV_BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}/api"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=2) as r:
+                if r.status == 200:
+                    break
+        except OSError:
+            time.sleep(1)
+    else:
+        proc.kill()
+        pytest.fail(f"prefect server did not start; log: {(home / 'server.log').read_text()[-2000:]}")
+    yield {"url": url, "home": home}
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    log.close()
+
+
+def write_synthetic_lcrec(root: Path, prefix: str = "Tiny", n_users: int = 40, n_cats: int = 5,
+                          per_cat: int = 8, seed: int = 0) -> dict:
+    """Items in categories with distinct text; each user mostly buys within one category."""
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    words = ["pipette", "beaker", "magnet", "sensor", "glove", "lens", "valve", "clamp"]
+    items, cat_of = {}, []
+    for c in range(n_cats):
+        for j in range(per_cat):
+            iid = len(items)
+            items[str(iid)] = {"title": f"{words[c]} model {j} for lab work", "description": f"a {words[c]}",
+                               "brand": f"Brand{j % 3}", "categories": f"Lab,{words[c].title()}s"}
+            cat_of.append(c)
+    inter = {}
+    for u in range(n_users):
+        c = u % n_cats
+        length = int(rng.integers(5, 9))
+        pool = [i for i, k in enumerate(cat_of) if k == c]
+        inter[str(u)] = [int(rng.choice(pool)) if rng.random() < 0.85 else int(rng.integers(0, len(items)))
+                         for _ in range(length)]
+    (root / f"{prefix}.item.json").write_text(json.dumps(items))
+    (root / f"{prefix}.inter.json").write_text(json.dumps(inter))
+    return {"users": n_users, "items": len(items), "interactions": sum(len(v) for v in inter.values())}
+
+
+TINY_OVERRIDES = [
+    "tokenize.rqvae.num_levels=2", "tokenize.rqvae.codebook_size=8", "tokenize.rqvae.epochs=20",
+    "tokenize.rqvae.batch_size=64", "tokenize.rqvae.hidden_dims=[64, 32]", "tokenize.rqvae.latent_dim=16",
+    "backbone.train.epochs=2", "backbone.train.batch_size=32", "backbone.train.warmup_steps=5",
+    "backbone.valid_beam=10", "backbone.valid_users=0", "evaluate.beam=20",
+]

@@ -1,0 +1,80 @@
+"""One tiny end-to-end `dvc repro` in a copy of the project, against a real Prefect server."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+
+import pytest
+import yaml
+
+from tasks.params import apply_override
+from tests.flows.conftest import PROJECT_ROOT, TINY_OVERRIDES, VENV_BIN, write_synthetic_lcrec
+
+pytestmark = pytest.mark.slow
+
+COPIED = ["flows", "tasks", "grc_core", "dvc.yaml", "params.yaml"]
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory, prefect_server):
+    root = tmp_path_factory.mktemp("project")
+    for name in COPIED:
+        src = PROJECT_ROOT / name
+        if src.is_dir():
+            shutil.copytree(src, root / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy(src, root / name)
+    counts = write_synthetic_lcrec(root / "source")
+    raw = yaml.safe_load((root / "params.yaml").read_text())
+    raw["datasets"]["tiny"] = {"format": "lcrec", "path": str(root / "source"), "prefix": "Tiny",
+                               "attributes": ["category", "brand"]}
+    for text in ["data.dataset=tiny", *TINY_OVERRIDES]:
+        apply_override(raw, text)
+    (root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    env = {**os.environ, "PATH": f"{VENV_BIN}:{os.environ['PATH']}", "PREFECT_API_URL": prefect_server["url"],
+           "PREFECT_HOME": str(prefect_server["home"]), "DVC_NO_ANALYTICS": "1"}
+    for cmd in (["git", "init", "-q"], [str(VENV_BIN / "dvc"), "init", "-q"]):
+        subprocess.run(cmd, cwd=root, check=True, env=env)
+
+    def dvc(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([str(VENV_BIN / "dvc"), *args], cwd=root, env=env, capture_output=True, text=True)
+
+    first = dvc("repro")
+    assert first.returncode == 0, first.stdout[-4000:] + first.stderr[-4000:]
+    return {"root": root, "counts": counts, "dvc": dvc, "first": first}
+
+
+def test_repro_ingests_and_reports_counts_from_the_store(project):
+    rep = json.loads((project["root"] / "reports" / "tiny" / "ingest.json").read_text())
+    assert {k: rep[k] for k in ("users", "items", "interactions")} == project["counts"]
+
+
+def test_repro_gives_unique_ids_and_test_metrics(project):
+    tok = json.loads((project["root"] / "reports" / "tiny" / "tokenize.json").read_text())
+    assert tok["n_distinct_ids"] == tok["n_items"] == project["counts"]["items"]
+    metrics = json.loads((project["root"] / "reports" / "tiny" / "metrics.json").read_text())
+    tiger = metrics["methods"]["tiger"]
+    assert tiger["users"] == project["counts"]["users"]
+    m = tiger["metrics"]
+    assert set(m) == {"recall@5", "recall@10", "ndcg@5", "ndcg@10"}  # beam 20: no Recall@100/200
+    assert 0.0 <= m["ndcg@5"] <= m["recall@5"] <= m["recall@10"] <= 1.0
+
+
+def test_second_repro_skips_every_stage(project):
+    again = project["dvc"]("repro")
+    assert again.returncode == 0, again.stderr
+    assert "Data and pipelines are up to date" in again.stdout
+
+
+def test_changing_an_evaluate_param_reruns_only_evaluate(project):
+    root = project["root"]
+    raw = yaml.safe_load((root / "params.yaml").read_text())
+    raw["evaluate"]["bootstrap"] = 200
+    (root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    status = project["dvc"]("status")
+    assert "evaluate" in status.stdout
+    for stage in ("ingest", "embed", "tokenize", "backbone"):
+        assert f"{stage}:" not in status.stdout
