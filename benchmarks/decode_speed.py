@@ -144,37 +144,61 @@ class T5StepModel:
         self.offsets = token_offsets(level_sizes)
         self.sizes = list(level_sizes)
         self.embed = model.shared.weight.detach()  # (V, D)
-        self.layers = []
-        for block in model.decoder.block:
-            sa, ca, ff = block.layer[0].SelfAttention, block.layer[1].EncDecAttention, block.layer[2].DenseReluDense
-            self.layers.append({k: v.detach().contiguous() for k, v in dict(
-                ln_self=block.layer[0].layer_norm.weight,
-                qkv=torch.cat([sa.q.weight, sa.k.weight, sa.v.weight]),  # (3 H dk, D)
-                o_self=sa.o.weight,  # (D, H dk)
-                ln_cross=block.layer[1].layer_norm.weight,
-                q_cross=ca.q.weight,  # (H dk, D)
-                kv_cross=torch.cat([ca.k.weight, ca.v.weight]),  # (2 H dk, D)
-                o_cross=ca.o.weight,
-                ln_ff=block.layer[2].layer_norm.weight,
-                wi=ff.wi.weight,  # (d_ff, D)
-                wo=ff.wo.weight,  # (D, d_ff)
-            ).items()})
-        self.ln_final = model.decoder.final_layer_norm.weight.detach()
+        self.encoder_layers = [self._weights(block, cross=False) for block in model.encoder.block]
+        self.ln_encoder = model.encoder.final_layer_norm.weight.detach()
+        self.layers = [self._weights(block, cross=True) for block in model.decoder.block]
         scale = cfg.d_model**-0.5 if getattr(cfg, "scale_decoder_outputs", cfg.tie_word_embeddings) else 1.0
-        self.ln_final_scaled = self.ln_final * scale  # rms_norm(h) * w * scale in one kernel
+        self.ln_final_scaled = model.decoder.final_layer_norm.weight.detach() * scale  # norm, weight and scale in one kernel
         self.lm_head = model.lm_head.weight.detach().contiguous()  # (V, D)
         positions = len(level_sizes) + 1
         with torch.no_grad():
             bias = model.decoder.block[0].layer[0].SelfAttention.compute_bias(positions, positions)  # (1, H, P, P)
         # Query at decoder position p over keys 0..p, laid out (p+1, 1, H, 1) to broadcast over (t+1, N, H, dk).
         self.pos_bias = [bias[0, :, p, : p + 1].T.reshape(p + 1, 1, self.heads, 1).contiguous() for p in range(positions)]
+        self.encoder_bias: dict[int, torch.Tensor] = {}  # history length T -> (1, H, T, T)
+
+    @staticmethod
+    def _weights(block, cross: bool) -> dict[str, torch.Tensor]:
+        sa, ff = block.layer[0].SelfAttention, block.layer[-1].DenseReluDense
+        w = dict(
+            ln_self=block.layer[0].layer_norm.weight,
+            qkv=torch.cat([sa.q.weight, sa.k.weight, sa.v.weight]),  # (3 H dk, D)
+            o_self=sa.o.weight,  # (D, H dk)
+            ln_ff=block.layer[-1].layer_norm.weight,
+            wi=ff.wi.weight,  # (d_ff, D)
+            wo=ff.wo.weight,  # (D, d_ff)
+        )
+        if cross:
+            ca = block.layer[1].EncDecAttention
+            w.update(
+                ln_cross=block.layer[1].layer_norm.weight,
+                q_cross=ca.q.weight,  # (H dk, D)
+                kv_cross=torch.cat([ca.k.weight, ca.v.weight]),  # (2 H dk, D)
+                o_cross=ca.o.weight,
+            )
+        return {k: v.detach().contiguous() for k, v in w.items()}
+
+    def _encode(self, batch: torch.Tensor) -> torch.Tensor:
+        """HF's T5 encoder (no padding) on fused kernels: (B, T) -> (B*T, D)."""
+        b, t = batch.shape
+        if t not in self.encoder_bias:
+            with torch.no_grad():
+                self.encoder_bias[t] = self.model.encoder.block[0].layer[0].SelfAttention.compute_bias(t, t).contiguous()
+        h = self.embed[batch.reshape(-1)]  # (B T, D)
+        for layer in self.encoder_layers:
+            qkv = _linear(_rms(h, layer["ln_self"], self.eps), layer["qkv"])  # (B T, 3 H dk)
+            q, k, v = qkv.view(b, t, 3, self.heads, self.dk).permute(2, 0, 3, 1, 4)  # (B, H, T, dk) each
+            out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=self.encoder_bias[t], scale=1.0)
+            h = _linear(out.transpose(1, 2).reshape(b * t, -1), layer["o_self"], add=h)
+            h = _linear(_linear(_rms(h, layer["ln_ff"], self.eps), layer["wi"], relu=True), layer["wo"], add=h)
+        return _rms(h, self.ln_encoder, self.eps)
 
     def begin(self, batch: torch.Tensor) -> tuple[torch.Tensor, T5State]:
         b, hk = batch.shape[0], self.heads * self.dk
-        enc = self.model.encoder(input_ids=batch).last_hidden_state  # (B, T, D)
+        enc = self._encode(batch)  # (B T, D)
         cross = []
         for layer in self.layers:
-            kv = _linear(enc.reshape(-1, enc.shape[-1]), layer["kv_cross"]).view(b, -1, 2, self.heads, self.dk)  # (B, T, 2, H, dk)
+            kv = _linear(enc, layer["kv_cross"]).view(b, -1, 2, self.heads, self.dk)  # (B, T, 2, H, dk)
             cross.append((kv[:, :, 0].transpose(1, 2).contiguous(), kv[:, :, 1].transpose(1, 2).contiguous()))  # (B, H, T, dk) x2
         x = self.embed[PAD].expand(b, 1, -1)  # (B, 1, D)
         empty = [enc.new_empty(0, b, 2 * hk)] * len(self.layers)  # (t=0, B*1, 2 H dk)

@@ -35,6 +35,10 @@ class RawDataset:
     source_files: dict[str, str] = field(default_factory=dict)  # path -> sha256
 
 
+class _Object(dict):
+    duplicate: str | None = None
+
+
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -50,10 +54,14 @@ def _load_json(path: Path) -> Any:
         raise InputError(f"{path}: file is empty")
 
     def no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-        out: dict[str, Any] = {}
+        # Inner objects are built first and know nothing of their key: they remember a
+        # duplicate, and the enclosing object reports it with its own key (the row).
+        out = _Object()
         for k, v in pairs:
+            if isinstance(v, _Object) and v.duplicate is not None:
+                raise InputError(f"{path}: key {k!r}, field {v.duplicate!r}: duplicate key")
             if k in out:
-                raise InputError(f"{path}: key {k!r}: duplicate key")
+                out.duplicate = out.duplicate or k
             out[k] = v
         return out
 
@@ -61,7 +69,10 @@ def _load_json(path: Path) -> Any:
     # row and field hold them instead of only a byte offset.
     text = data.decode("utf-8", errors="surrogateescape")
     try:
-        return json.loads(text, object_pairs_hook=no_duplicates)
+        loaded = json.loads(text, object_pairs_hook=no_duplicates)
+        if isinstance(loaded, _Object) and loaded.duplicate is not None:
+            raise InputError(f"{path}: key {loaded.duplicate!r}: duplicate key")
+        return loaded
     except json.JSONDecodeError as exc:
         raise InputError(
             f"{path}: line {exc.lineno} column {exc.colno}: invalid JSON ({exc.msg}); "
@@ -75,7 +86,7 @@ def _check_text(path: Path, row: str, name: str, value: Any, required: bool) -> 
             raise InputError(f"{path}: item {row!r}, field {name!r}: missing")
         return None
     if not isinstance(value, str):
-        raise InputError(f"{path}: item {row!r}, field {name!r}: expected a string, got {type(value).__name__}")
+        raise InputError(f"{path}: item {row!r}, field {name!r}: expected a string, got {'dict' if isinstance(value, dict) else type(value).__name__}")
     try:
         value.encode("utf-8")
     except UnicodeEncodeError:

@@ -215,3 +215,11 @@ def test_section_hash_changes_only_with_its_section():
     assert base.section_hash("data") == changed.section_hash("data")
     assert base.section_hash("tokenize") != changed.section_hash("tokenize")
     assert len(base.section_hash("tokenize")) == 12
+
+
+def test_a_key_given_twice_in_params_yaml_is_an_error(tmp_path):
+    text = (PROJECT_ROOT / "params.yaml").read_text().replace("  max_history: 20", "  max_history: 20\n  max_history: 30", 1)
+    path = tmp_path / "params.yaml"
+    path.write_text(text)
+    with pytest.raises(ParamsError, match="key 'max_history' given twice"):
+        load_params(path)

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from tasks.readers import InputError, leaf_category, read_lcrec, read_recbole
+from tasks.readers import InputError, _load_json, leaf_category, read_lcrec, read_recbole
 
 
 def raises_input_error(call, *fragments: str) -> str:
@@ -318,3 +318,10 @@ def test_recbole_empty_and_missing_files(write_recbole, tmp_path):
     root = write_recbole(b"")
     raises_input_error(lambda: read_recbole(root, "tiny"), str(root / "tiny.inter"), "empty")
     raises_input_error(lambda: read_recbole(tmp_path, "nope"), str(tmp_path / "nope.inter"), "not found")
+
+
+def test_duplicate_field_inside_an_item_names_the_item(tmp_path):
+    path = tmp_path / "Dup.item.json"
+    path.write_text('{"7": {"title": "a", "title": "b"}}')
+    with pytest.raises(InputError, match=r"Dup.item.json: key '7', field 'title': duplicate key"):
+        _load_json(path)
