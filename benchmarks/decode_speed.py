@@ -156,6 +156,12 @@ class T5StepModel:
         # Query at decoder position p over keys 0..p, laid out (p+1, 1, H, 1) to broadcast over (t+1, N, H, dk).
         self.pos_bias = [bias[0, :, p, : p + 1].T.reshape(p + 1, 1, self.heads, 1).contiguous() for p in range(positions)]
         self.encoder_bias: dict[int, torch.Tensor] = {}  # history length T -> (1, H, T, T)
+        # A first layer's QKV depends on the token alone: one row per vocabulary token, then a gather.
+        self.encoder_token_qkv = self._token_qkv(self.encoder_layers[0])  # (V, 3 H dk)
+        self.decoder_token_qkv = self._token_qkv(self.layers[0])
+
+    def _token_qkv(self, layer: dict[str, torch.Tensor]) -> torch.Tensor:
+        return _linear(_rms(self.embed, layer["ln_self"], self.eps), layer["qkv"])
 
     @staticmethod
     def _weights(block, cross: bool) -> dict[str, torch.Tensor]:
@@ -185,8 +191,11 @@ class T5StepModel:
             with torch.no_grad():
                 self.encoder_bias[t] = self.model.encoder.block[0].layer[0].SelfAttention.compute_bias(t, t).contiguous()
         h = self.embed[batch.reshape(-1)]  # (B T, D)
-        for layer in self.encoder_layers:
-            qkv = _linear(_rms(h, layer["ln_self"], self.eps), layer["qkv"])  # (B T, 3 H dk)
+        for i, layer in enumerate(self.encoder_layers):
+            if i == 0:
+                qkv = self.encoder_token_qkv[batch.reshape(-1)]  # (B T, 3 H dk)
+            else:
+                qkv = _linear(_rms(h, layer["ln_self"], self.eps), layer["qkv"])
             q, k, v = qkv.view(b, t, 3, self.heads, self.dk).permute(2, 0, 3, 1, 4)  # (B, H, T, dk) each
             out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=self.encoder_bias[t], scale=1.0)
             h = _linear(out.transpose(1, 2).reshape(b * t, -1), layer["o_self"], add=h)
@@ -200,32 +209,34 @@ class T5StepModel:
         for layer in self.layers:
             kv = _linear(enc, layer["kv_cross"]).view(b, -1, 2, self.heads, self.dk)  # (B, T, 2, H, dk)
             cross.append((kv[:, :, 0].transpose(1, 2).contiguous(), kv[:, :, 1].transpose(1, 2).contiguous()))  # (B, H, T, dk) x2
-        x = self.embed[PAD].expand(b, 1, -1)  # (B, 1, D)
+        start = torch.full((b, 1), PAD, dtype=torch.long)  # (B, 1)
         empty = [enc.new_empty(0, b, 2 * hk)] * len(self.layers)  # (t=0, B*1, 2 H dk)
-        logp, self_kv = self._step(x, cross, empty, None, 0)
+        logp, self_kv = self._step(start, cross, empty, None, 0)
         return logp, T5State(cross, self_kv, 1)
 
     def advance(self, state: T5State, parents: torch.Tensor, tokens: torch.Tensor, level: int):
         b, w = parents.shape
         rows = (parents + torch.arange(b)[:, None] * state.beams).view(-1)  # (B*W,) into the previous B*W'
-        x = self.embed[tokens + self.offsets[level]]  # (B, W, D)
-        logp, self_kv = self._step(x, state.cross, state.self_kv, rows, level + 1)
+        logp, self_kv = self._step(tokens + self.offsets[level], state.cross, state.self_kv, rows, level + 1)
         return logp, T5State(state.cross, self_kv, w)
 
-    def _step(self, x: torch.Tensor, cross, cache, rows: torch.Tensor | None, level: int):
-        """One decoder token per beam: level log-probs (B, W, V_l) and the new cache.
+    def _step(self, tokens: torch.Tensor, cross, cache, rows: torch.Tensor | None, level: int):
+        """One decoder token per beam (vocabulary ids (B, W)): level log-probs (B, W, V_l) and the new cache.
 
         The token sits at decoder position `level` (the start token at 0). cache: per layer
         (t, N', 2 H dk), keys and values of positions 0..t-1 of the previous beams, position-major so
         that the gather by `rows` (N,) writes straight into the first t slots of the new cache.
         """
         pos = level
-        b, w, d = x.shape
+        b, w = tokens.shape
         n, hk = b * w, self.heads * self.dk
-        h = x.reshape(n, d)  # (N, D)
+        h = self.embed[tokens.reshape(-1)]  # (N, D)
         new_cache = []
-        for layer, (k_x, v_x), kv in zip(self.layers, cross, cache):
-            qkv = _linear(_rms(h, layer["ln_self"], self.eps), layer["qkv"])  # (N, 3 H dk)
+        for i, (layer, (k_x, v_x), kv) in enumerate(zip(self.layers, cross, cache)):
+            if i == 0:
+                qkv = self.decoder_token_qkv[tokens.reshape(-1)]  # (N, 3 H dk)
+            else:
+                qkv = _linear(_rms(h, layer["ln_self"], self.eps), layer["qkv"])
             new = qkv.new_empty(pos + 1, n, 2 * hk)  # (t+1, N, 2 H dk)
             if pos:
                 torch.index_select(kv, 1, rows, out=new[:pos])
@@ -311,15 +322,16 @@ def run_worker(job: dict[str, Any]) -> dict[str, Any]:
     with torch.inference_mode():
         decode(enc_all[:batch])  # warm-up, untimed
         items, scores = [], []
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         for i in range(0, len(enc_all), batch):
             got = decode(enc_all[i: i + batch])
             items.append(got[0])
             scores.append(got[1])
-        seconds = time.perf_counter() - start
+        seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu
     np.savez(job["save"], items=torch.cat(items).numpy(), scores=torch.cat(scores).float().numpy())
-    return dict(path=job["path"], beam=beams, batch=batch, users=len(enc_all), first_user=job["first_user"],
-                seconds=round(seconds, 3), users_per_s=round(len(enc_all) / seconds, 2),
+    return dict(path=job["path"], beam=beams, batch=batch, threads=job["threads"], users=len(enc_all),
+                first_user=job["first_user"], seconds=round(seconds, 3), users_per_s=round(len(enc_all) / seconds, 2),
+                users_per_cpu_s=round(len(enc_all) / cpu_seconds, 2),
                 peak_rss_mib=round(maxrss_mib(), 1), setup_rss_mib=round(rss_setup, 1))
 
 
@@ -339,61 +351,65 @@ def parity(hf: dict[str, np.ndarray], ours: dict[str, np.ndarray]) -> dict[str, 
     a, b = hf["items"], ours["items"][:n]
     same_set = np.array([set(x) == set(y) for x, y in zip(a, b)])
     same_order = (a == b).all(axis=1)
-    score_gap = np.abs(hf["scores"] - ours["scores"][:n])  # (n, W) where the lists agree
     diffs = []
     for u in np.flatnonzero(~same_order):
         pos = int(np.flatnonzero(a[u] != b[u])[0])
-        ours_s = ours["scores"][u]
+        s = ours["scores"][u]
         diffs.append(dict(user=int(u), first_position=pos, hf_item=int(a[u, pos]), our_item=int(b[u, pos]),
-                          our_score_gap_at_position=float(abs(ours_s[pos] - ours_s[min(pos + 1, len(ours_s) - 1)])),
-                          hf_minus_our_score=float(hf["scores"][u, pos] - ours_s[pos])))
+                          our_gap_to_next=float(s[pos] - s[min(pos + 1, len(s) - 1)]),
+                          hf_minus_our_score=float(hf["scores"][u, pos] - s[pos])))
     return dict(users=n, identical_set_share=float(same_set.mean()), identical_order_share=float(same_order.mean()),
-                max_abs_score_diff_where_equal=float(score_gap[same_order].max()) if same_order.any() else None,
-                any_invalid_hf=bool((a < 0).any()), any_invalid_ours=bool((b < 0).any()), differences=diffs[:10])
+                max_abs_score_diff_where_same_order=float(np.abs(hf["scores"] - ours["scores"][:n])[same_order].max())
+                if same_order.any() else None,
+                invalid_items_hf=int((a < 0).sum()), invalid_items_ours=int((b < 0).sum()), differences=diffs[:10])
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--beams", type=int, nargs="+", default=[20, 200])
-    p.add_argument("--users", type=int, default=512, help="users our path decodes per batch size")
-    p.add_argument("--hf-users", type=int, default=32, help="distinct users HF decodes per batch size")
+    p.add_argument("--users", type=int, default=512, help="users our path decodes per configuration")
+    p.add_argument("--hf-users", type=int, default=16,
+                   help="distinct users HF decodes per batch size (at least one batch); all are parity users")
     p.add_argument("--hf-batches", type=int, nargs="+", default=[8, 16, 32])
     p.add_argument("--our-batches", type=int, nargs="+", default=None,
-                   help="batch sizes for our path (default: 5120 and 10240 beams per batch)")
-    p.add_argument("--threads", type=int, default=2)
+                   help="batch sizes for our path (default: 128 at beam <= 64, else 16)")
+    p.add_argument("--threads", type=int, default=2, help="torch threads, both paths")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--codebook", type=int, default=256)
     p.add_argument("--catalog", default=CATALOG)
-    p.add_argument("--out", default=str(RESULTS))
+    p.add_argument("--out", default=str(RESULTS), help="JSON file; runs with other --threads in it are kept")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
         print(json.dumps(run_worker(json.loads(args.worker))))
         return
     base = dict(catalog=args.catalog, codebook=args.codebook, seed=args.seed, threads=args.threads)
+    ids, sizes = load_catalog(args.catalog, args.codebook)
     report: dict[str, Any] = dict(
         command="python -m benchmarks.decode_speed " + " ".join(sys.argv[1:] if argv is None else argv),
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        machine=dict(platform=platform.platform(), processor=platform.processor(), cpu_count=os.cpu_count(),
-                     load_average_at_start=os.getloadavg()),
-        torch=torch.__version__, transformers=__import__("transformers").__version__,
-        settings=dict(vars(args), history=HISTORY, model="T5 d_model 128, d_kv 32, heads 4, d_ff 640, layers 1+2"),
+        machine=dict(platform=platform.platform(), processor=platform.processor() or None, cpu_count=os.cpu_count(),
+                     load_average_at_start=[round(x, 2) for x in os.getloadavg()]),
+        torch=torch.__version__, transformers=__import__("transformers").__version__, onednn_linear=_ONEDNN,
+        settings=dict({k: v for k, v in vars(args).items() if k != "worker"}, history_items=HISTORY,
+                      model="T5 d_model 128, d_kv 32, 4 heads, d_ff 640, 1 encoder + 2 decoder layers, ReLU, tied"),
+        catalog=dict(items=len(ids), level_sizes=sizes,
+                     trie_mib=round(PrefixTrie.from_ids(ids, sizes).nbytes / 2**20, 1)),
         beams={},
     )
-    ids, sizes = load_catalog(args.catalog, args.codebook)
-    report["catalog"] = dict(items=len(ids), level_sizes=sizes, trie_mib=PrefixTrie.from_ids(ids, sizes).nbytes / 2**20)
     with tempfile.TemporaryDirectory() as tmp:
         for beam in args.beams:
-            runs, hf_parts = [], []
-            for i, batch in enumerate(args.hf_batches):
-                job = dict(base, path="hf", beam=beam, batch=batch, users=args.hf_users,
-                           first_user=i * args.hf_users, save=f"{tmp}/hf_{beam}_{batch}.npz")
+            runs, hf_parts, first = [], [], 0
+            for batch in args.hf_batches:
+                users = max(args.hf_users, batch)
+                job = dict(base, path="hf", beam=beam, batch=batch, users=users, first_user=first,
+                           save=f"{tmp}/hf_{beam}_{batch}.npz")
                 runs.append(spawn(job))
                 hf_parts.append(np.load(job["save"]))
-            our_batches = args.our_batches or sorted({max(1, 5120 // beam), max(1, 10240 // beam)})
+                first += users
             our_saves = {}
-            for batch in our_batches:
-                job = dict(base, path="ours", beam=beam, batch=batch, users=args.users, first_user=0,
+            for batch in args.our_batches or [128 if beam <= 64 else 16]:
+                job = dict(base, path="ours", beam=beam, batch=batch, users=max(args.users, first), first_user=0,
                            save=f"{tmp}/ours_{beam}_{batch}.npz")
                 runs.append(spawn(job))
                 our_saves[batch] = job["save"]
@@ -402,15 +418,21 @@ def main(argv: list[str] | None = None) -> None:
             hf_all = {k: np.concatenate([part[k] for part in hf_parts]) for k in ("items", "scores")}
             ours = np.load(our_saves[best_ours["batch"]])
             report["beams"][str(beam)] = dict(
-                runs=runs, hf_best=best_hf, ours_best=best_ours,
-                speedup=round(best_ours["users_per_s"] / best_hf["users_per_s"], 2),
-                parity=parity(hf_all, {k: ours[k] for k in ("items", "scores")}),
+                hf_best=best_hf, ours_best=best_ours,
+                speedup=round(best_ours["users_per_s"] / best_hf["users_per_s"], 1),
+                speedup_cpu_time=round(best_ours["users_per_cpu_s"] / best_hf["users_per_cpu_s"], 1),
+                parity=parity(hf_all, {k: ours[k] for k in ("items", "scores")}), runs=runs,
             )
-            print(json.dumps({k: v for k, v in report["beams"][str(beam)].items() if k != "runs"}, indent=1), flush=True)
-    report["machine"]["load_average_at_end"] = os.getloadavg()
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
-    print(f"wrote {args.out}")
+            summary = {k: v for k, v in report["beams"][str(beam)].items() if k not in ("runs", "parity")}
+            print(json.dumps(dict(beam=beam, **summary)), flush=True)
+            print(json.dumps(report["beams"][str(beam)]["parity"]), flush=True)
+    report["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    out = Path(args.out)
+    merged = json.loads(out.read_text(encoding="utf-8")) if out.exists() else {}
+    merged[f"threads_{args.threads}"] = report
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(merged, indent=1) + "\n", encoding="utf-8")
+    print(f"wrote {out} [threads_{args.threads}]")
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import numpy as np
 import torch
 
 # Rows per distance block: bounds memory at _CHUNK * k floats however large N is.
@@ -90,7 +91,8 @@ def kmeans_plus_plus(x: torch.Tensor, k: int, generator: torch.Generator) -> tor
     return torch.stack(centroids)  # (K, D)
 
 
-def _check_points(x: torch.Tensor, k: int, what: str) -> None:
+def _as_points(x: torch.Tensor | np.ndarray, k: int, what: str) -> torch.Tensor:
+    x = x if torch.is_tensor(x) else torch.tensor(np.asarray(x))
     if x.ndim != 2 or x.shape[0] == 0 or x.shape[1] == 0:
         raise ValueError(f"{what}: x must be a non-empty (N, D) tensor, got shape {tuple(x.shape)}")
     if not x.is_floating_point():
@@ -101,6 +103,7 @@ def _check_points(x: torch.Tensor, k: int, what: str) -> None:
         raise ValueError(f"{what}: needs at least k={k} points, got N={x.shape[0]}")
     if not torch.isfinite(x).all():
         raise ValueError(f"{what}: x contains NaN or inf")
+    return x.float()
 
 
 def reseed_empty(
@@ -116,17 +119,18 @@ def reseed_empty(
     return centroids
 
 
-def kmeans(x: torch.Tensor, k: int, iters: int = 20, seed: int | torch.Generator = 0) -> KMeansResult:
+def kmeans(
+    x: torch.Tensor | np.ndarray, k: int, iters: int = 20, seed: int | torch.Generator = 0
+) -> KMeansResult:
     """Lloyd's k-means with k-means++ seeding; empty clusters re-seeded from the farthest points.
 
     `seed` is an int or a torch.Generator on x's device (drawn from, so successive calls on one
     generator differ but the sequence is reproducible). `iters` = 0 returns the k-means++ seeds.
     """
-    _check_points(x, k, "kmeans")
+    x = _as_points(x, k, "kmeans")
     if iters < 0:
         raise ValueError(f"kmeans: iters must be >= 0, got {iters}")
     gen = make_generator(seed, x.device)
-    x = x.float()
     centroids = kmeans_plus_plus(x, k, gen)  # (K, D)
     assign, dist = nearest_centroid(x, centroids)  # (N,), (N,)
     for _ in range(iters):
@@ -159,18 +163,17 @@ def residual_quantise(x: torch.Tensor, codebooks: list[torch.Tensor] | torch.Ten
 
 
 def residual_kmeans(
-    x: torch.Tensor, num_levels: int, k: int, iters: int = 20, seed: int | torch.Generator = 0
+    x: torch.Tensor | np.ndarray, num_levels: int, k: int, iters: int = 20, seed: int | torch.Generator = 0
 ) -> ResidualKMeansResult:
     """Residual k-means tokenizer: level l runs k-means on x - sum_{j<l} C_j[c_j].
 
     One generator is drawn from level after level, so the whole tokenisation is a function of
     (x, num_levels, k, iters, seed).
     """
-    _check_points(x, k, "residual_kmeans")
+    r = _as_points(x, k, "residual_kmeans")
     if num_levels < 1:
         raise ValueError(f"residual_kmeans: num_levels must be >= 1, got {num_levels}")
-    gen = make_generator(seed, x.device)
-    r = x.float()
+    gen = make_generator(seed, r.device)
     codes, books = [], []
     for _ in range(num_levels):
         centroids, assign = kmeans(r, k, iters, gen)  # (K, D), (N,)

@@ -28,13 +28,13 @@ import torch
 _TOKEN = re.compile(r"^<([a-z])_(\d+)>$")
 
 
-def _as_codes(codes: np.ndarray | torch.Tensor, what: str, allow_empty: bool = False) -> np.ndarray:
+def _as_codes(codes: np.ndarray | torch.Tensor, what: str) -> np.ndarray:
     c = codes.cpu().numpy() if torch.is_tensor(codes) else np.asarray(codes)
-    if c.ndim != 2 or c.shape[1] == 0 or (c.shape[0] == 0 and not allow_empty):
+    if c.ndim != 2 or c.shape[0] == 0 or c.shape[1] == 0:
         raise ValueError(f"{what}: codes must be a non-empty (N, L) integer array, got shape {c.shape}")
-    if c.size and not np.issubdtype(c.dtype, np.integer):
+    if not np.issubdtype(c.dtype, np.integer):
         raise ValueError(f"{what}: codes must be integers, got {c.dtype}")
-    if c.size and c.min() < 0:
+    if c.min() < 0:
         raise ValueError(f"{what}: codes must be >= 0, got {c.min()}")
     return c.astype(np.int64)
 
@@ -72,6 +72,42 @@ def disambiguate(codes: np.ndarray | torch.Tensor) -> tuple[np.ndarray, int]:
     return np.concatenate([c, rank[:, None]], axis=1), int(size.max())  # (N, L+1)
 
 
+def colliding_movers(members: np.ndarray, codes: np.ndarray, dist: np.ndarray) -> np.ndarray:
+    """Items of one prefix group that must leave their last code, sorted by index.
+
+    On each last code shared by several members the member nearest to it (ties: lowest
+    index) stays; the others move.
+    """
+    movers: list[int] = []
+    last = codes[members, -1]  # (m,)
+    for code in np.unique(last):
+        items = members[last == code]
+        if items.size > 1:
+            stay = items[np.lexsort((items, dist[items, code]))[0]]
+            movers.extend(int(i) for i in items if i != stay)
+    return np.array(sorted(movers), dtype=np.int64)
+
+
+def greedy_matching(movers: np.ndarray, free: np.ndarray, dist: np.ndarray) -> list[tuple[int, int]]:
+    """(item, code) pairs, smallest distance first (ties: item index, then code), one each."""
+    pair_d = dist[np.ix_(movers, free)].ravel()  # (M * F,)
+    pair_item = np.repeat(movers, free.size)  # (M * F,)
+    pair_code = np.tile(free, movers.size)  # (M * F,)
+    taken_items: set[int] = set()
+    taken_codes: set[int] = set()
+    matches = []
+    for j in np.lexsort((pair_code, pair_item, pair_d)):
+        item, code = int(pair_item[j]), int(pair_code[j])
+        if item in taken_items or code in taken_codes:
+            continue
+        matches.append((item, code))
+        taken_items.add(item)
+        taken_codes.add(code)
+        if len(matches) == min(movers.size, free.size):
+            break
+    return matches
+
+
 def reassign_last_level(
     codes: np.ndarray | torch.Tensor, last_level_distances: np.ndarray | torch.Tensor
 ) -> np.ndarray:
@@ -85,14 +121,12 @@ def reassign_last_level(
     c = _as_codes(codes, "reassign_last_level")
     d = last_level_distances.cpu().numpy() if torch.is_tensor(last_level_distances) else np.asarray(last_level_distances)
     if d.ndim != 2 or d.shape[0] != c.shape[0]:
-        raise ValueError(
-            f"reassign_last_level: distances must be (N={c.shape[0]}, K), got shape {d.shape}"
-        )
+        raise ValueError(f"reassign_last_level: distances must be (N={c.shape[0]}, K), got shape {d.shape}")
     k = d.shape[1]
     if c[:, -1].max() >= k:
         raise ValueError(f"reassign_last_level: last-level code {c[:, -1].max()} >= K={k}")
     out = c.copy()
-    group, size = collision_groups(c)
+    _, size = collision_groups(c)
     colliding = np.flatnonzero(size > 1)
     if colliding.size == 0:
         return out
@@ -101,30 +135,10 @@ def reassign_last_level(
     bounds = np.searchsorted(prefix_of[by_prefix], np.arange(prefix_of.max() + 2))  # group p: bounds[p]:bounds[p+1]
     for prefix in np.unique(prefix_of[colliding]):
         members = by_prefix[bounds[prefix] : bounds[prefix + 1]]  # (m,)
-        used = set(c[members, -1].tolist())
-        free = np.array(sorted(set(range(k)) - used), dtype=np.int64)
-        movers = []
-        for g in np.unique(group[members][size[members] > 1]):
-            items = members[group[members] == g]
-            stay = items[np.lexsort((items, d[items, c[items[0], -1]]))[0]]
-            movers.extend(int(i) for i in items if i != stay)
-        if free.size == 0:
-            continue
-        movers_arr = np.array(sorted(movers), dtype=np.int64)
-        pair_d = d[np.ix_(movers_arr, free)].ravel()  # (M * F,)
-        pair_item = np.repeat(movers_arr, free.size)
-        pair_code = np.tile(free, movers_arr.size)
-        taken_items: set[int] = set()
-        taken_codes: set[int] = set()
-        for j in np.lexsort((pair_code, pair_item, pair_d)):
-            item, code = int(pair_item[j]), int(pair_code[j])
-            if item in taken_items or code in taken_codes:
-                continue
+        free = np.setdiff1d(np.arange(k), c[members, -1])  # (F,) sorted
+        movers = colliding_movers(members, c, d)  # (M,)
+        for item, code in greedy_matching(movers, free, d) if free.size else []:
             out[item, -1] = code
-            taken_items.add(item)
-            taken_codes.add(code)
-            if len(taken_items) == movers_arr.size or len(taken_codes) == free.size:
-                break
     return out
 
 

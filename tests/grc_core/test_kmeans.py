@@ -85,6 +85,7 @@ def test_residual_kmeans_by_hand():
     recon = books[0][codes[:, 0]] + books[1][codes[:, 1]]
     torch.testing.assert_close(recon, x)
     assert codes.dtype == torch.int64 and codes.shape == (4, 2)
+    assert torch.equal(residual_kmeans(x.numpy(), 2, 2, 10, 0).codes, codes)  # numpy in, same codes
 
 
 def test_residual_kmeans_splits_clusters_at_level_one():

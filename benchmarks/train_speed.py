@@ -1,0 +1,77 @@
+"""Backbone training throughput on this machine against its matmul ceiling.
+
+    python -m benchmarks.train_speed [--steps 30] [--batch 256]
+
+Times forward + backward + AdamW steps of the default-size model on synthetic batches
+shaped like Instruments (history 20, 5 ID levels of sizes 256/256/256/256/3), with
+dropout 0 and 0.1, and the fp32 matmul rate of the same 2 threads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from benchmarks.common import save, stamp
+from grc_core.model import Batch, ModelConfig, Seq2Seq, count_flops_per_sample, sequence_loss
+from grc_core.train import TrainConfig, make_optimizer
+
+LEVELS = [256, 256, 256, 256, 3]
+
+
+def matmul_gflops(n: int, reps: int = 20) -> float:
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    return 2 * n**3 * reps / (time.perf_counter() - t0) / 1e9
+
+
+def step_rate(dropout: float, batch: int, steps: int, layout: str) -> dict:
+    cfg = ModelConfig(d_model=128, d_ff=640, n_heads=4, encoder_layers=1, decoder_layers=2, dropout=dropout,
+                      layout=layout, max_history=20)
+    torch.manual_seed(0)
+    model = Seq2Seq(cfg, LEVELS, attr_sizes=[]).train()
+    opt = make_optimizer(model, TrainConfig(1, batch, 1e-3, 0.01, 1, 0.1, 1.0, 1, 0, 0, "cpu", 2))
+    gen = torch.Generator().manual_seed(0)
+    codes = torch.stack([torch.randint(0, v, (batch, 20), generator=gen) for v in LEVELS], -1)
+    b = Batch(codes, torch.zeros(batch, 20, 0, dtype=torch.long), torch.ones(batch, 20, dtype=torch.bool),
+              torch.stack([torch.randint(0, v, (batch,), generator=gen) for v in LEVELS], -1))
+
+    def one():
+        loss = sequence_loss(model(b), b.target_codes)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    for _ in range(3):
+        one()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        one()
+    dt = time.perf_counter() - t0
+    sps = batch * steps / dt
+    flops = 3 * count_flops_per_sample(cfg, LEVELS, 20)
+    return {"dropout": dropout, "layout": layout, "samples_per_s": round(sps, 1),
+            "gflops_per_s": round(sps * flops / 1e9, 2), "flops_per_sample": flops}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--batch", type=int, default=256)
+    args = ap.parse_args()
+    torch.set_num_threads(2)
+    ceiling = {"matmul_256": round(matmul_gflops(256, 200), 1), "matmul_1024": round(matmul_gflops(1024), 1)}
+    runs = [step_rate(d, args.batch, args.steps, layout) for layout in ("item", "code") for d in (0.0, 0.1)]
+    for r in runs:
+        r["share_of_100_gflops"] = round(r["gflops_per_s"] / 100, 3)
+        r["share_of_measured_1024_ceiling"] = round(r["gflops_per_s"] / ceiling["matmul_1024"], 3)
+    save("train_speed", {**stamp(vars(args)), "ceiling_gflops": ceiling, "runs": runs})
+
+
+if __name__ == "__main__":
+    main()
