@@ -153,8 +153,8 @@ class T5StepModel:
         positions = len(level_sizes) + 1
         with torch.no_grad():
             bias = model.decoder.block[0].layer[0].SelfAttention.compute_bias(positions, positions)  # (1, H, P, P)
-        # Query at decoder position p over keys 0..p, laid out (p+1, 1, H, 1) to broadcast over (t+1, N, H, dk).
-        self.pos_bias = [bias[0, :, p, : p + 1].T.reshape(p + 1, 1, self.heads, 1).contiguous() for p in range(positions)]
+        # Query at decoder position p over keys 0..p, laid out (p+1, 1, H) to broadcast over (t+1, N, H).
+        self.pos_bias = [bias[0, :, p, : p + 1].T.reshape(p + 1, 1, self.heads).contiguous() for p in range(positions)]
         self.encoder_bias: dict[int, torch.Tensor] = {}  # history length T -> (1, H, T, T)
         # A first layer's QKV depends on the token alone: one row per vocabulary token, then a gather.
         self.encoder_token_qkv = self._token_qkv(self.encoder_layers[0])  # (V, 3 H dk)
@@ -243,11 +243,14 @@ class T5StepModel:
             new[pos] = qkv[:, hk:]
             kv = new
             new_cache.append(kv)
-            keys = kv[..., :hk].view(pos + 1, n, self.heads, self.dk)  # (t+1, N, H, dk)
-            values = kv[..., hk:].view(pos + 1, n, self.heads, self.dk)
-            q = qkv[:, :hk].view(1, n, self.heads, self.dk)
-            att = torch.softmax((keys * q).sum(-1, keepdim=True) + self.pos_bias[pos], dim=0)  # (t+1, N, H, 1)
-            out = (att * values).sum(0).view(n, hk)  # (N, H dk)
+            # At most L+1 keys per beam: a loop over positions keeps the temporaries at (N, H, dk).
+            q = qkv[:, :hk].view(n, self.heads, self.dk)
+            att = torch.stack([(kv[j, :, :hk].view(n, self.heads, self.dk) * q).sum(-1) for j in range(pos + 1)])
+            att = torch.softmax(att + self.pos_bias[pos], dim=0)[..., None]  # (t+1, N, H, 1)
+            out = att[0] * kv[0, :, hk:].view(n, self.heads, self.dk)  # (N, H, dk)
+            for j in range(1, pos + 1):
+                out.addcmul_(att[j], kv[j, :, hk:].view(n, self.heads, self.dk))
+            out = out.view(n, hk)
             h = _linear(out, layer["o_self"], add=h)
 
             q = _linear(_rms(h, layer["ln_cross"], self.eps), layer["q_cross"]).view(b, w, self.heads, self.dk)

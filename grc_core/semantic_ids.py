@@ -184,7 +184,7 @@ def item_for_ids(table: LookupTable, ids: np.ndarray | torch.Tensor) -> np.ndarr
     return np.where(found, table.items[pos], -1)  # (B,)
 
 
-class PrefixTrie(NamedTuple):
+class PrefixEdges(NamedTuple):
     """Edges of the trie of valid ID prefixes, one row per non-root node, in node-id order.
 
     The root is node 0 at level 0; a node at level l is a prefix of length l. Node ids are
@@ -198,13 +198,13 @@ class PrefixTrie(NamedTuple):
     item: np.ndarray  # (E,) item index for a leaf (level L'), else -1
 
 
-def prefix_edges(ids: np.ndarray | torch.Tensor) -> PrefixTrie:
+def prefix_edges(ids: np.ndarray | torch.Tensor) -> PrefixEdges:
     """The prefix trie of unique IDs (N, L'), breadth-first."""
     c = _as_codes(ids, "prefix_edges")
     n, depth = c.shape
     node_of = np.zeros(n, dtype=np.int64)  # (N,) each item's node at the current level
     next_id = 1
-    cols: dict[str, list[np.ndarray]] = {f: [] for f in PrefixTrie._fields}
+    cols: dict[str, list[np.ndarray]] = {f: [] for f in PrefixEdges._fields}
     for level in range(1, depth + 1):
         pairs = np.stack([node_of, c[:, level - 1]], axis=1)  # (N, 2)
         uniq, first, inverse = np.unique(pairs, axis=0, return_index=True, return_inverse=True)  # sorted by (parent, code)
@@ -219,7 +219,7 @@ def prefix_edges(ids: np.ndarray | torch.Tensor) -> PrefixTrie:
         cols["item"].append(first.astype(np.int64) if leaf else np.full(len(uniq), -1, dtype=np.int64))
         node_of = nodes[inverse.reshape(-1)]
         next_id += len(uniq)
-    return PrefixTrie(*(np.concatenate(cols[f]).astype(np.int64) for f in PrefixTrie._fields))
+    return PrefixEdges(*(np.concatenate(cols[f]).astype(np.int64) for f in PrefixEdges._fields))
 
 
 def parse_prebuilt_codes(tokens: list[list[str]]) -> np.ndarray:

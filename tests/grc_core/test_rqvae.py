@@ -38,6 +38,16 @@ TINY = RQVAEConfig(
 )
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models gain nothing from intra-op threads; on a busy 2-core box a second thread's
+    spin-waits turn a 0.2 s training run into seconds."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def four_clusters(per: int = 30, dim: int = 8, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Unit vectors around +-e_0, +-e_1 (noise 0.05 per coordinate)."""
     rng = np.random.default_rng(seed)
