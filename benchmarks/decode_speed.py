@@ -1,30 +1,41 @@
 """Decoding speed: Hugging Face `generate` against `grc_core.beam_search` on the same T5 weights.
 
-    python -m benchmarks.decode_speed --beams 20 200 --users 512
+    python -m benchmarks.decode_speed --beams 20 200 --users 512 [--threads 2]
 
 Model: a paper-size T5ForConditionalGeneration (d_model 128, d_kv 32, 4 heads, d_ff 640, 1 encoder
-and 2 decoder layers, ReLU, tied embeddings, about 0.95M parameters), random weights from `--seed`.
+and 2 decoder layers, ReLU, tied embeddings, 0.95M parameters), random weights from `--seed`.
 Catalog: the prebuilt Instruments IDs (4 levels x 256 codes) plus TIGER's disambiguation level
-(`semantic_ids.disambiguate`: 48 items share 23 IDs, so a 5th level of 3 codes), so L = 5 and
-every item keeps a unique ID. Users: random histories of 20 distinct items, encoded as their 5
-tokens each plus EOS (101 encoder tokens, no padding).
+(`semantic_ids.disambiguate`: 48 items share 23 IDs, so a 5th level of 3 codes); L = 5 and every
+item keeps a unique ID. Users: random histories of 20 distinct items, as their 5 tokens each plus
+EOS (101 encoder tokens, no padding).
 
-Both paths decode the same constrained search: HF with `prefix_allowed_tokens_fn`, summed
-log-probs (`length_penalty=0.0`, `early_stopping="never"`, no EOS allowed, `max_new_tokens=L`);
-ours with `T5StepModel`, an adapter that runs HF's encoder once per user and its own cached
-decoder step on HF's weights:
+Both paths run the same constrained search: HF with `prefix_allowed_tokens_fn` (a dict lookup),
+summed log-probs (`length_penalty=0.0`, `early_stopping="never"`, EOS never allowed,
+`max_new_tokens=L`); ours with `T5StepModel`, which reads HF's weights and runs its own encoder
+and cached decoder step:
 - cross-attention K/V are computed once per user and shared by all its beams: the beams are the
-  query axis of one (W x T) matmul per user and head, so nothing is expanded or copied;
-- decoder self-attention keeps a KV cache (B*W, t, H*dk) per layer, gathered by `parents`;
-- the trie mask is a gather inside `beam_search`; QKV projections are fused into one matmul;
-- torch.inference_mode and `--threads` (2) threads.
-Log-probs are normalised over the whole T5 vocabulary in both paths, as `generate` does.
+  query axis of one attention call per user and head, nothing is expanded or copied;
+- decoder self-attention keeps a KV cache per layer, (t, B*W, 2*H*dk) position-major, so the
+  gather by `parents` writes straight into the new cache;
+- a first layer's QKV depends on the token alone, so it is a table lookup (encoder and decoder);
+- linears run on oneDNN's fused kernel (ReLU and residual add fused), QKV fused into one GEMM;
+- the trie mask is a gather inside `beam_search`; torch.inference_mode; `--threads` threads.
+Log-probs are normalised over the whole T5 vocabulary in both paths, as `generate` does; the
+adapter's teacher-forced log-probs are checked against HF's forward (`adapter_check`).
 
 Each configuration (path, beam, batch size) runs in its own subprocess so that its peak RSS
-(`resource.getrusage` ru_maxrss) is its own. HF decodes `--hf-users` distinct users per batch
-size (8, 16, 32) and those users' top-B lists are compared with ours (parity). Our path decodes
-`--users` users at each of `--our-batches`. users/s counts decoding only (model and trie built,
-one warm-up batch run) and includes the encoder.
+(`resource.getrusage` ru_maxrss, including about 430 MiB of Python, torch and the model) is its
+own. HF decodes `--hf-users` distinct users per batch size (8, 16, 32; at least one batch); all of them are parity
+users, compared with our top-B lists for the same users. Our path decodes `--users` users per
+configuration. users/s counts decoding only (after setup and one warm-up batch) and includes the
+encoder; users_per_cpu_s divides by the process's CPU time, which other jobs on the machine
+disturb less than wall time (with 1 thread; with 2 it counts spin-waiting too).
+
+Where the time goes: both paths do the same FLOPs per beam and level (about 0.7M multiply-adds;
+ours skips the W-1 dead start beams and the first-layer QKV). At beam 200 that is about 1.1 GFLOP
+per user; ours runs at roughly half the machine's fp32 GEMM peak, so the ratio to HF is bounded by
+how slow HF's per-step overhead is. At beam 20 the encoder is a third of the work and HF's
+overhead a smaller share, so the ratio is lower.
 """
 
 from __future__ import annotations
@@ -130,7 +141,7 @@ def _linear(x: torch.Tensor, weight: torch.Tensor, relu: bool = False, add: torc
 
 
 class T5StepModel:
-    """`StepModel` over a HF T5ForConditionalGeneration: HF's encoder, our cached decoder step.
+    """`StepModel` over a HF T5ForConditionalGeneration's weights: our encoder and cached decoder step.
 
     batch: encoder token ids (B, T) without padding. Level l's log-probs are the slice of
     log_softmax over the whole vocabulary that holds level l's tokens.
@@ -265,6 +276,27 @@ class T5StepModel:
         return logp.view(b, w, -1), new_cache
 
 
+def adapter_check(model, steps: T5StepModel, ids: np.ndarray, enc: torch.Tensor, items: list[int]) -> float:
+    """Largest |log-prob| difference between the adapter, teacher-forced on `items`, and HF's forward."""
+    length, offsets = ids.shape[1], np.asarray(steps.offsets)
+    chosen = torch.from_numpy(ids[items])  # (K, L)
+    decoder_in = torch.cat([torch.full((len(items), 1), PAD), chosen + torch.from_numpy(offsets)], dim=1)  # (K, L+1)
+    worst = 0.0
+    with torch.inference_mode():
+        for user in range(len(enc)):
+            ref = torch.log_softmax(model(input_ids=enc[user:user + 1].expand(len(items), -1),
+                                          decoder_input_ids=decoder_in).logits, dim=-1)  # (K, L+1, V)
+            logp, state = steps.begin(enc[user:user + 1])  # (1, 1, V_0)
+            parents = torch.zeros(1, len(items), dtype=torch.long)
+            for level in range(length):
+                if level:
+                    logp, state = steps.advance(state, parents, chosen[None, :, level - 1], level - 1)
+                    parents = torch.arange(len(items))[None]
+                want = ref[:, level, offsets[level]: offsets[level] + steps.sizes[level]]  # (K, V_l)
+                worst = max(worst, float((logp[0] - want).abs().max()))
+    return worst
+
+
 def allowed_tokens(ids: np.ndarray, level_sizes: list[int]) -> dict[tuple[int, ...], list[int]]:
     """HF constraint: generated token prefix -> allowed next tokens."""
     tokens = ids + np.asarray(token_offsets(level_sizes))  # (N, L)
@@ -375,7 +407,7 @@ def main(argv: list[str] | None = None) -> None:
                    help="distinct users HF decodes per batch size (at least one batch); all are parity users")
     p.add_argument("--hf-batches", type=int, nargs="+", default=[8, 16, 32])
     p.add_argument("--our-batches", type=int, nargs="+", default=None,
-                   help="batch sizes for our path (default: 128 at beam <= 64, else 16)")
+                   help="batch sizes for our path (default: 128 and 256 at beam <= 64, else 16 and 32)")
     p.add_argument("--threads", type=int, default=2, help="torch threads, both paths")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--codebook", type=int, default=256)
@@ -388,6 +420,9 @@ def main(argv: list[str] | None = None) -> None:
         return
     base = dict(catalog=args.catalog, codebook=args.codebook, seed=args.seed, threads=args.threads)
     ids, sizes = load_catalog(args.catalog, args.codebook)
+    model = build_model(sizes, args.seed)
+    check = adapter_check(model, T5StepModel(model, sizes), ids, encoder_inputs(ids, sizes, 4, args.seed),
+                          [0, 77, 5000, len(ids) - 1])
     report: dict[str, Any] = dict(
         command="python -m benchmarks.decode_speed " + " ".join(sys.argv[1:] if argv is None else argv),
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -398,6 +433,7 @@ def main(argv: list[str] | None = None) -> None:
                       model="T5 d_model 128, d_kv 32, 4 heads, d_ff 640, 1 encoder + 2 decoder layers, ReLU, tied"),
         catalog=dict(items=len(ids), level_sizes=sizes,
                      trie_mib=round(PrefixTrie.from_ids(ids, sizes).nbytes / 2**20, 1)),
+        adapter_check=dict(max_abs_logp_diff_vs_hf_forward=check, users=4, items=4),
         beams={},
     )
     with tempfile.TemporaryDirectory() as tmp:
@@ -411,7 +447,7 @@ def main(argv: list[str] | None = None) -> None:
                 hf_parts.append(np.load(job["save"]))
                 first += users
             our_saves = {}
-            for batch in args.our_batches or [128 if beam <= 64 else 16]:
+            for batch in args.our_batches or ([128, 256] if beam <= 64 else [16, 32]):
                 job = dict(base, path="ours", beam=beam, batch=batch, users=max(args.users, first), first_user=0,
                            save=f"{tmp}/ours_{beam}_{batch}.npz")
                 runs.append(spawn(job))

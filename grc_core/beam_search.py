@@ -34,7 +34,8 @@ from grc_core.trie import PrefixTrie
 
 class StepModel(Protocol):
     def begin(self, batch: Any) -> tuple[torch.Tensor, Any]:
-        """Encode the batch (B users); return log-probs of level 0, (B, 1, V_0), and a decoding state for 1 beam per user."""
+        """Encode the batch (B users); return log-probs of level 0, (B, 1, V_0), and a decoding state
+        for 1 beam per user."""
         ...
 
     def advance(self, state: Any, parents: torch.Tensor, tokens: torch.Tensor, level: int) -> tuple[torch.Tensor, Any]:
@@ -135,7 +136,8 @@ def beam_search(model: StepModel, batch: Any, trie: PrefixTrie, width: int) -> B
         scores, flat = _select(cand.view(b, -1), counts[level])  # (B, W)
         parents, tokens = flat // size, flat % size  # (B, W)
         nodes = child.view(b, -1).gather(1, flat)  # (B, W) node at level+1, item index at the last
-        codes = torch.cat([codes.gather(1, parents[..., None].expand(-1, -1, level)), tokens[..., None]], dim=2)  # (B, W, level+1)
+        kept = codes.gather(1, parents[..., None].expand(-1, -1, level))  # (B, W, level)
+        codes = torch.cat([kept, tokens[..., None]], dim=2)  # (B, W, level+1)
         nodes = nodes.clamp_min(0)  # dead beams (score -inf) park at node 0; they stay -inf
     return _padded(nodes, scores, codes, width)
 
