@@ -147,12 +147,14 @@ def fit(
     rank: int = 0,
     world: int = 1,
     fingerprint: str = "",
+    on_step: Callable[[int, int, float], None] | None = None,
 ) -> TrainerState:
     """Train for cfg.epochs (resuming from `ckpt_dir/last` if present); keep the best on `select`.
 
     `loss_fn(model, index_batch)` returns the mean loss of the training instances `index_batch`.
     A checkpoint resumes only if it was written under the same `fingerprint` (a hash of the
     config and data); otherwise training starts afresh and the old checkpoints are replaced.
+    `on_step(epoch, steps_per_epoch, loss)` is called after every step (progress bars).
     """
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
@@ -184,6 +186,8 @@ def fit(
             state.step += 1
             loss_sum += loss.detach().item() * len(idx)
             seen += len(idx)
+            if on_step is not None:
+                on_step(epoch, steps_per_epoch, loss_sum / seen)
         record: dict[str, Any] = {"epoch": epoch + 1, "step": state.step, "train_loss": loss_sum / max(1, seen),
                                   "train_s": time.perf_counter() - t0, "samples_per_s": seen / (time.perf_counter() - t0),
                                   "lr": opt.param_groups[0]["lr"]}

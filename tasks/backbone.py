@@ -19,6 +19,7 @@ import numpy as np
 import polars as pl
 import torch
 from prefect import task
+from tqdm.auto import tqdm
 
 from grc_core.data import Instances, ItemTable, make_instances, to_batch
 from grc_core.evaluation import rank_with_backbone, ranking_metrics
@@ -87,12 +88,22 @@ def train_backbone(params: Params) -> dict:
     def log(record: dict) -> None:
         print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()), flush=True)
 
+    bar = tqdm(total=0, unit="step", mininterval=5, dynamic_ncols=True)
+
+    def on_step(epoch: int, steps: int, loss: float) -> None:
+        if bar.total != steps or bar.desc != f"epoch {epoch + 1}":
+            bar.reset(total=steps)
+            bar.set_description(f"epoch {epoch + 1}")
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
+
     t0 = time.perf_counter()
     fingerprint = "|".join([params.section_hash("backbone"), str(params.data.max_history),
                             sha256_file(out_dir / "splits" / "train.parquet"),
                             sha256_file(out_dir / "tokenizer" / "semantic_ids.parquet")])
     state = fit(model, len(train), loss_fn, evaluate, bb.train, work / "ckpt", select="recall@10", log=log,
-                fingerprint=fingerprint)
+                fingerprint=fingerprint, on_step=on_step)
+    bar.close()
     wall = time.perf_counter() - t0
     write_log(log_path, state.history)
     load_weights(work / "ckpt" / "best", model)
