@@ -207,6 +207,9 @@ class SASRec(nn.Module):
         self.head = nn.Linear(cfg.hidden, cfg.hidden)
         self.item_bias = nn.Parameter(torch.zeros(n_items))
         self.apply(_init_weights)
+        if "eye" in self.variant:
+            with torch.no_grad():
+                self.head.weight.copy_(torch.eye(cfg.hidden))
 
     def forward(self, seqs: torch.Tensor) -> torch.Tensor:
         """Hidden state F_t at every position of left-padded shifted ids (B, T): (B, T, D)."""

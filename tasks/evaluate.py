@@ -29,6 +29,7 @@ from tasks import io
 from tasks.backbone import load_backbone, load_item_table, load_split
 from tasks.env import PROJECT_ROOT
 from tasks.params import Params
+from tasks.sasrec import rank_with_sasrec
 
 QUALITY_LOG = PROJECT_ROOT / "benchmarks" / "results" / "quality.jsonl"
 
@@ -46,6 +47,9 @@ def rank_test_users(params: Params, method: str) -> tuple[np.ndarray, np.ndarray
         trie = PrefixTrie.from_ids(table.codes.cpu().numpy(), level_sizes).to(device)
         model = load_backbone(out_dir, device)
         ranked, _ = rank_with_backbone(model, test, table, trie, ev.beam, ev.batch_size)
+    elif method == "sasrec":
+        histories = [h[h >= 0].tolist() for h in test.history.numpy()]
+        ranked = rank_with_sasrec(out_dir, histories, ev.beam, device)
     else:
         raise ValueError(f"evaluate.methods: {method!r} is not evaluated by this stage yet")
     ranks = M.target_ranks(ranked, test.target.numpy())

@@ -21,6 +21,7 @@ import yaml
 
 from grc_core.model import ModelConfig
 from grc_core.rqvae import RQVAEConfig
+from grc_core.sasrec import SASRecConfig
 from grc_core.train import TrainConfig
 from tasks.env import PROJECT_ROOT
 
@@ -107,6 +108,7 @@ class Params:
     embed: EmbedConfig
     tokenize: TokenizeConfig
     backbone: BackboneConfig
+    sasrec: SASRecConfig
     evaluate: EvaluateConfig
     raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 

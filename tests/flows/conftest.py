@@ -85,4 +85,5 @@ TINY_OVERRIDES = [
     "tokenize.rqvae.batch_size=64", "tokenize.rqvae.hidden_dims=[64, 32]", "tokenize.rqvae.latent_dim=16",
     "backbone.train.epochs=2", "backbone.train.batch_size=32", "backbone.train.warmup_steps=5",
     "backbone.valid_beam=10", "backbone.valid_users=0", "evaluate.beam=20",
+    "sasrec.epochs=2", "sasrec.hidden=16", "sasrec.batch_size=16",
 ]

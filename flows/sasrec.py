@@ -1,0 +1,32 @@
+"""Stage `sasrec`: the SASRec baseline (full-softmax cross-entropy) on the same splits.
+
+    python -m flows.sasrec [-S data.dataset=scientific]
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Sequence
+
+from prefect import flow, get_run_logger
+
+from tasks import io
+from tasks.cli import parse_cli
+from tasks.params import Params
+from tasks.sasrec import train_baseline
+
+
+@flow(name="sasrec")
+def sasrec_flow(params: Params) -> dict:
+    result = {"dataset": params.data.dataset, **train_baseline(params)}
+    io.write_json(params.reports_dir() / "sasrec.json", result)
+    get_run_logger().info("SASRec: %d epochs, best validation %s", result["epochs_run"], result["best"])
+    return result
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    return sasrec_flow(parse_cli(argv, __doc__))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
