@@ -407,7 +407,7 @@ def main(argv: list[str] | None = None) -> None:
                    help="distinct users HF decodes per batch size (at least one batch); all are parity users")
     p.add_argument("--hf-batches", type=int, nargs="+", default=[8, 16, 32])
     p.add_argument("--our-batches", type=int, nargs="+", default=None,
-                   help="batch sizes for our path (default: 128 and 256 at beam <= 64, else 16 and 32)")
+                   help="batch sizes for our path (default: 128 x threads users at beam <= 64, else 32)")
     p.add_argument("--threads", type=int, default=2, help="torch threads, both paths")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--codebook", type=int, default=256)
@@ -447,7 +447,7 @@ def main(argv: list[str] | None = None) -> None:
                 hf_parts.append(np.load(job["save"]))
                 first += users
             our_saves = {}
-            for batch in args.our_batches or ([128, 256] if beam <= 64 else [16, 32]):
+            for batch in args.our_batches or [128 * args.threads if beam <= 64 else 32]:
                 job = dict(base, path="ours", beam=beam, batch=batch, users=max(args.users, first), first_user=0,
                            save=f"{tmp}/ours_{beam}_{batch}.npz")
                 runs.append(spawn(job))

@@ -202,14 +202,7 @@ class SASRec(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg.hidden, cfg.heads, cfg.dropout) for _ in range(cfg.layers))
         self.ln_f = nn.LayerNorm(cfg.hidden)
-        import os
-        self.variant = os.environ.get("SAS_HEAD", "")
-        self.head = nn.Linear(cfg.hidden, cfg.hidden)
-        self.item_bias = nn.Parameter(torch.zeros(n_items))
         self.apply(_init_weights)
-        if "eye" in self.variant:
-            with torch.no_grad():
-                self.head.weight.copy_(torch.eye(cfg.hidden))
 
     def forward(self, seqs: torch.Tensor) -> torch.Tensor:
         """Hidden state F_t at every position of left-padded shifted ids (B, T): (B, T, D)."""
@@ -227,12 +220,7 @@ class SASRec(nn.Module):
 
     def item_scores(self, states: torch.Tensor) -> torch.Tensor:
         """r_i = F . E_i for every real item (Eq. 6, shared embedding): (..., N)."""
-        if "head" in self.variant:
-            states = self.head(states)
-        out = states @ self.item_emb.weight[1:].T  # (..., N)
-        if "bias" in self.variant:
-            out = out + self.item_bias
-        return out
+        return states @ self.item_emb.weight[1:].T  # (..., N)
 
 
 def _init_weights(module: nn.Module) -> None:
