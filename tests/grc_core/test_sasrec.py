@@ -13,6 +13,7 @@ from grc_core.sasrec import (
     topk_items,
     train_sasrec,
     training_sequences,
+    visible_prefixes,
 )
 
 TINY = SASRecConfig(hidden=16, layers=2, heads=2, dropout=0.0, max_len=6, epochs=1, batch_size=8)
@@ -122,6 +123,35 @@ def test_more_left_padding_changes_nothing():
     alone = score_all(model, [[2, 6, 1]])
     beside = score_all(model, [[2, 6, 1], [0, 1, 2, 3, 4]])[:1]
     np.testing.assert_allclose(alone, beside, rtol=0, atol=1e-5)
+
+
+def test_repeat_bias_shifts_history_items_only():
+    torch.manual_seed(0)
+    model = SASRec(n_items=11, cfg=TINY).eval()
+    plain = SASRec(n_items=11, cfg=SASRecConfig(**{**TINY.__dict__, "repeat_bias": False})).eval()
+    plain.load_state_dict({k: v for k, v in model.state_dict().items() if k != "repeat_bias"})
+    with torch.no_grad():
+        model.repeat_bias.fill_(-0.3)
+    # History [4, 7, 4]: items 4 and 7 move by 10 * -0.3 = -3 (4 once, though it occurs twice).
+    assert model.repeat_offset() == pytest.approx(-3.0) and plain.repeat_offset() is None
+    diff = score_all(model, [[4, 7, 4]]) - score_all(plain, [[4, 7, 4]])
+    expected = np.zeros((1, 11), np.float32)
+    expected[0, [4, 7]] = -3.0
+    np.testing.assert_allclose(diff, expected, rtol=0, atol=1e-5)
+
+
+def test_training_scores_match_inference_scores_at_every_position():
+    # The loss scores position t from the prefix s_1..s_t; score_all of that prefix must agree.
+    torch.manual_seed(0)
+    model = SASRec(n_items=11, cfg=TINY).eval()
+    with torch.no_grad():
+        model.repeat_bias.fill_(0.2)
+    history = [3, 9, 3, 5]
+    seqs = encode_histories([history], TINY.max_len, 11)  # (1, 4)
+    with torch.no_grad():
+        train_path = model.item_scores(model(seqs)[0], visible_prefixes(seqs)[0]).numpy()  # (4, N)
+    infer_path = score_all(model, [history[:t + 1] for t in range(len(history))])  # (4, N)
+    np.testing.assert_allclose(train_path, infer_path, rtol=0, atol=1e-5)
 
 
 def test_learns_the_successor_rule():
