@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import platform
 import shlex
 import sys
@@ -35,6 +36,16 @@ REFERENCE = {
     "instruments": {"source": "GRC paper, SASRec",
                     "recall@5": 0.0690, "recall@10": 0.0918, "ndcg@5": 0.0583, "ndcg@10": 0.0657},
 }
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def read_rows(path: Path) -> SeqRows:
@@ -91,7 +102,7 @@ def main(argv: list[str] | None = None) -> dict:
         "dataset": args.dataset,
         "command": ".venv/bin/python -m benchmarks.sasrec_baseline " + shlex.join(argv),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+        "machine": {"platform": platform.platform(), "cpu": _cpu_model(), "cpu_count": os.cpu_count(),
                     "torch_threads": torch.get_num_threads()},
         "torch": torch.__version__,
         "config": dataclasses.asdict(cfg),
