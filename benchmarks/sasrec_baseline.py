@@ -1,7 +1,7 @@
 """SASRec baseline on a leave-one-out split: test Recall@5/10/100/200 and NDCG@5/10.
 
     .venv/bin/python -m benchmarks.sasrec_baseline --dataset scientific
-    .venv/bin/python -m benchmarks.sasrec_baseline --dataset instruments --hidden 128
+    .venv/bin/python -m benchmarks.sasrec_baseline --dataset instruments --repeat-bias false
 
 Every item is ranked (history items are not removed: a target may repeat an earlier item).
 Any SASRecConfig field can be overridden (--dropout 0.3 ...). Writes
