@@ -20,6 +20,7 @@ import numpy as np
 import polars as pl
 import torch
 from prefect import task
+from tqdm.auto import tqdm
 
 from grc_core import metrics as M
 from grc_core.evaluation import rank_with_backbone
@@ -46,7 +47,8 @@ def rank_test_users(params: Params, method: str) -> tuple[np.ndarray, np.ndarray
         table = table.to(device)
         trie = PrefixTrie.from_ids(table.codes.cpu().numpy(), level_sizes).to(device)
         model = load_backbone(out_dir, device)
-        ranked, _ = rank_with_backbone(model, test, table, trie, ev.beam, ev.batch_size)
+        with tqdm(total=len(test), unit="user", desc=f"{method} beam {ev.beam}", mininterval=5) as bar:
+            ranked, _ = rank_with_backbone(model, test, table, trie, ev.beam, ev.batch_size, bar.update)
     elif method == "sasrec":
         histories = [h[h >= 0].tolist() for h in test.history.numpy()]
         ranked = rank_with_sasrec(out_dir, histories, ev.beam, device)
@@ -77,11 +79,21 @@ def paired_against(out_dir: Path, base: str, method: str, n_boot: int, seed: int
     return {k: M.paired_bootstrap(pa[k], pb[k], n_boot, seed) for k in pa}
 
 
+def command_line() -> str:
+    """The command as typed: `python -m flows.evaluate -S ...` rather than the module's file path."""
+    argv = list(sys.argv)
+    script = Path(argv[0])
+    if script.suffix == ".py" and PROJECT_ROOT in script.resolve().parents:
+        module = ".".join(script.resolve().relative_to(PROJECT_ROOT).with_suffix("").parts)
+        argv = ["python", "-m", module, *argv[1:]]
+    return " ".join(shlex.quote(a) for a in argv)
+
+
 def append_quality_record(params: Params, method: str, summary: dict, wall_s: float, seed: int) -> dict:
     record = {
         "dataset": params.data.dataset, "method": method, "seed": seed,
         "metrics": {k: round(v, 6) for k, v in summary["metrics"].items()},
-        "params_hash": params.section_hash(), "command": " ".join(shlex.quote(a) for a in sys.argv),
+        "params_hash": params.section_hash(), "command": command_line(),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "wall_s": round(wall_s, 1),
         "machine": f"{platform.machine()} {platform.processor() or ''} {torch.get_num_threads()} threads".strip(),
     }
