@@ -89,9 +89,11 @@ def train_backbone(params: Params) -> dict:
         print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()), flush=True)
 
     bar = tqdm(total=0, unit="step", mininterval=5, dynamic_ncols=True)
+    bar_epoch = [-1]
 
     def on_step(epoch: int, steps: int, loss: float) -> None:
-        if bar.total != steps or bar.desc != f"epoch {epoch + 1}":
+        if epoch != bar_epoch[0]:
+            bar_epoch[0] = epoch
             bar.reset(total=steps)
             bar.set_description(f"epoch {epoch + 1}")
         bar.update(1)
