@@ -21,8 +21,17 @@ def main(argv: list[str]) -> None:
     tok = reports / "tokenize.json"
     if tok.exists():
         t = json.loads(tok.read_text())
-        print(f"  semantic IDs: {t.get('num_levels_total')} levels, collisions before disambiguation "
-              f"{t.get('collision_rate_before'):.4f}, table {params.dataset_dir() / 'tokenizer'}")
+        print(f"  semantic IDs: {t.get('num_levels_total')} levels, {t.get('n_distinct_ids')} distinct for "
+              f"{t.get('n_items')} items (plain tokenizer collisions {t.get('collision_rate_before'):.4f}, "
+              f"after re-assignment {t.get('collision_rate_after_reassign'):.4f}), {params.dataset_dir() / 'tokenizer'}")
+    metrics = reports / "metrics.json"
+    if metrics.exists():
+        methods = json.loads(metrics.read_text())["methods"]
+        keys = sorted({k for m in methods.values() for k in m["metrics"]})
+        print("\n  " + f"{'method':<10}" + "".join(f"{k:>12}" for k in keys))
+        for name, m in methods.items():
+            print("  " + f"{name:<10}" + "".join(f"{m['metrics'].get(k, float('nan')):>12.4f}" for k in keys))
+        print(f"  per-user ranks: {params.dataset_dir() / 'eval'}")
 
 
 if __name__ == "__main__":
