@@ -47,6 +47,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from grc_core.device import resolve_device
+
 from grc_core.kmeans import kmeans, make_generator, residual_quantise, squared_distances
 
 _ENCODE_CHUNK = 16384
@@ -88,15 +90,6 @@ class RQVAEConfig:
         for ok, msg in checks:
             if not ok:
                 raise ValueError(f"RQVAEConfig: {msg} ({self})")
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"RQVAEConfig.device={device!r} but CUDA is not available")
-    return dev
 
 
 def mlp(dims: list[int]) -> nn.Sequential:

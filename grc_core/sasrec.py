@@ -50,7 +50,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from grc_core.metrics import per_user_metrics, summarize, target_ranks
-from grc_core.rqvae import resolve_device
+from grc_core.device import resolve_device
 
 PAD = 0
 _IGNORE = -100  # F.cross_entropy's ignore_index

@@ -52,12 +52,6 @@ class TrainerState:
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
 def lr_at(step: int, total_steps: int, cfg: TrainConfig) -> float:
     """Linear warm-up over `warmup_steps`, then cosine decay to min_lr_ratio * lr."""
     if step < cfg.warmup_steps:

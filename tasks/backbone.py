@@ -24,7 +24,8 @@ from tqdm.auto import tqdm
 from grc_core.data import Instances, ItemTable, make_instances, to_batch
 from grc_core.evaluation import rank_with_backbone, ranking_metrics
 from grc_core.model import ModelConfig, Seq2Seq, count_flops_per_sample, sequence_loss
-from grc_core.train import fit, load_weights, resolve_device
+from grc_core.device import resolve_device
+from grc_core.train import fit, load_weights
 from grc_core.trie import PrefixTrie
 from tasks import io
 from tasks.params import Params

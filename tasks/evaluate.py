@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from grc_core import metrics as M
 from grc_core.evaluation import rank_with_backbone
-from grc_core.train import resolve_device
+from grc_core.device import resolve_device
 from grc_core.trie import PrefixTrie
 from tasks import io
 from tasks.backbone import load_backbone, load_item_table, load_split

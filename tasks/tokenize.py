@@ -20,7 +20,8 @@ from prefect import task
 
 from grc_core import semantic_ids as sid
 from grc_core.kmeans import residual_kmeans, residual_quantise
-from grc_core.rqvae import code_perplexity, reconstruction_error, resolve_device, train_rqvae
+from grc_core.device import resolve_device
+from grc_core.rqvae import code_perplexity, reconstruction_error, train_rqvae
 from tasks import io
 from tasks.params import TokenizeConfig
 from tasks.quality import gx_expectations, run_gate
