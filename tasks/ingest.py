@@ -24,7 +24,7 @@ from prefect import task
 from tasks import io, store
 from tasks.params import DatasetSpec, Params
 from tasks.quality import gx_expectations, run_gate
-from tasks.readers import InputError, RawDataset, read_lcrec, read_recbole
+from tasks.readers import InputError, RawDataset, read_lcrec, read_recbole, sha256_file
 
 SPLITS = ("train", "valid", "test")
 
@@ -74,8 +74,6 @@ def source_hash(spec: DatasetSpec, params: Params) -> str:
     names = [f"{spec.prefix}.inter.json", f"{spec.prefix}.item.json", f"{spec.prefix}.inter", f"{spec.prefix}.item"]
     if spec.index:
         names.append(spec.index)
-    from tasks.readers import sha256_file
-
     files = {n: sha256_file(root / n) for n in sorted(names) if (root / n).exists()}
     settings = {"format": spec.format, "min_sequence_length": params.data.min_sequence_length,
                 "drop_short_users": params.data.drop_short_users, "files": files}
