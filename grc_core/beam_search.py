@@ -99,11 +99,12 @@ def _padded(items: torch.Tensor, scores: torch.Tensor, codes: torch.Tensor, widt
     return BeamResult(items, scores, codes)
 
 
-def _beam_counts(trie: PrefixTrie, width: int) -> list[int]:
-    """Beams kept after choosing the code at each level: never more than the valid prefixes."""
-    counts, prev = [], 1
+def _beam_counts(trie: PrefixTrie, width: int, starts: int = 1) -> list[int]:
+    """Beams kept after choosing the code at each level: never more than the valid prefixes
+    (times the number of start beams, whose continuations are distinct beams)."""
+    counts, prev = [], starts
     for level, size in enumerate(trie.level_sizes):
-        prev = min(width, prev * size, trie.num_nodes(level + 1))
+        prev = min(width, prev * size, starts * trie.num_nodes(level + 1))
         counts.append(prev)
     return counts
 
@@ -113,20 +114,43 @@ def _check_width(width: int, where: str) -> None:
         raise ValueError(f"{where}: width must be a positive int, got {width!r}")
 
 
+class BeamTrace(NamedTuple):
+    """The decoder state after the search, for continuing the returned beams (GRC's reflection).
+
+    `state` holds the beams alive before the last level's choice; `parents` (B, W_last) gives,
+    for each returned (unpadded) beam, its row in that state: the caller gathers with it.
+    """
+
+    state: Any
+    parents: torch.Tensor  # (B, W_last) int64
+    origin: torch.Tensor  # (B, W_last) int64 the start beam each returned beam descends from
+
+
 @torch.inference_mode()
-def beam_search(model: StepModel, batch: Any, trie: PrefixTrie, width: int) -> BeamResult:
+def beam_search(model: StepModel, batch: Any, trie: PrefixTrie, width: int,
+                initial_scores: torch.Tensor | None = None, return_trace: bool = False
+                ) -> BeamResult | tuple[BeamResult, BeamTrace]:
     """Batched trie-constrained beam search: a top-k over (beams x codes) per user and level.
 
     Python loops run over levels only. See the module docstring for scores, padding and ties.
+    `initial_scores` (B, W0): start from W0 beams per user (e.g. GRC's correction pass, one
+    start beam per draft; -inf for a start beam that must not continue); `model.begin` then
+    returns log-probs (B, W0, V_0). Continuations of different start beams are different beams
+    even where their codes agree, so one item can come back more than once.
     """
     _check_width(width, "beam_search")
-    logp, state = model.begin(batch)  # (B, 1, V_0)
-    _check_logp(logp, None, 1, trie.level_sizes[0], "beam_search: begin")
+    logp, state = model.begin(batch)  # (B, W0, V_0)
+    starts = 1 if initial_scores is None else initial_scores.shape[1]
+    _check_logp(logp, None, starts, trie.level_sizes[0], "beam_search: begin")
     b, device = logp.shape[0], logp.device
-    nodes = torch.zeros(b, 1, dtype=torch.long, device=device)  # (B, 1) trie node of each beam
-    scores = torch.zeros(b, 1, dtype=logp.dtype, device=device)  # (B, 1)
-    codes = torch.zeros(b, 1, 0, dtype=torch.long, device=device)  # (B, 1, 0)
-    counts = _beam_counts(trie, width)
+    nodes = torch.zeros(b, starts, dtype=torch.long, device=device)  # (B, W0) trie node of each beam
+    if initial_scores is None:
+        scores = torch.zeros(b, 1, dtype=logp.dtype, device=device)  # (B, 1)
+    else:
+        scores = initial_scores.to(device=device, dtype=logp.dtype)  # (B, W0)
+    codes = torch.zeros(b, starts, 0, dtype=torch.long, device=device)  # (B, W0, 0)
+    origin = torch.arange(starts, device=device).expand(b, starts)  # (B, W0)
+    counts = _beam_counts(trie, width, starts)
     for level, size in enumerate(trie.level_sizes):
         if level > 0:
             logp, state = model.advance(state, parents, tokens, level - 1)  # (B, W', V_l)
@@ -138,8 +162,10 @@ def beam_search(model: StepModel, batch: Any, trie: PrefixTrie, width: int) -> B
         nodes = child.view(b, -1).gather(1, flat)  # (B, W) node at level+1, item index at the last
         kept = codes.gather(1, parents[..., None].expand(-1, -1, level))  # (B, W, level)
         codes = torch.cat([kept, tokens[..., None]], dim=2)  # (B, W, level+1)
+        origin = origin.gather(1, parents)  # (B, W)
         nodes = nodes.clamp_min(0)  # dead beams (score -inf) park at node 0; they stay -inf
-    return _padded(nodes, scores, codes, width)
+    result = _padded(nodes, scores, codes, width)
+    return (result, BeamTrace(state, parents, origin)) if return_trace else result
 
 
 @torch.inference_mode()

@@ -1,0 +1,391 @@
+"""Generation-Reflection-Correction (GRC paper Sec. 4.1 and 4.3) on top of the TIGER-style backbone.
+
+Template (Eq. 7). With L semantic-ID levels and K attributes, the decoder reads one sequence
+of 2L+K+4 input positions (the paper's length; the target sequence o is the input shifted by one):
+
+    pos 0            BOS1                    -> predicts draft code d_1   (level head 0)
+    pos 1..L         d_1 .. d_L              -> d_t predicts d_{t+1}; d_L predicts EOF1 (not trained)
+    pos L+1          EOF1                    -> nothing
+    pos L+2+j        reflection slot j       -> r_j, j = 0..K (r_0 = r_loc, r_k = r_sem,a_k)
+    pos L+K+3        EOF2 (+ the labels)     -> corrected code g_1        (level head 0)
+    pos L+K+4..      g_1 .. g_L              -> g_t predicts g_{t+1}; g_L predicts EOF3 (not trained)
+
+L counts every level of the ID, the disambiguation level included (Instruments: 4 + 1 = 5).
+
+Parallel reflection (Eq. 8): the K+1 slot positions carry a learned query per slot, not the
+labels, and the self-attention mask lets each slot see BOS1..EOF1 and itself only, so slot j's
+prediction depends on the history and the draft and on no other reflection slot. The reflection
+labels enter the correction segment through the EOF2 position, whose input is the EOF2
+embedding plus one embedding per label value (r_loc and each r_sem,a_k); every correction
+position sees the whole prefix. This keeps the paper's length and makes "predict all slots in
+one forward pass" exact. GC-SFT (`reflect=False`) drops the slots and the label embeddings:
+[BOS1, d, EOF1, EOF2, g], length 2L+3.
+
+Shared weights: the draft and the correction use the backbone's code embeddings and per-level
+heads (one token vocabulary per level); new are EOF1, EOF2, the slot queries, the label-value
+embeddings and the reflection heads (r_loc: L+1 classes; each r_sem: 2 classes).
+
+Loss (Eq. 10): L_SFT = L_MLE + lambda_rc * L_rc, with L_rc the reflection cross-entropies
+summed over slots plus the correction cross-entropies summed over levels, averaged over rows.
+What L_MLE supervises on the draft segment is a choice (`draft_loss`): "target" = the
+backbone's pre-training loss (Eq. 1) on the ground truth, teacher-forced from BOS1 (keeps the
+first pass a recommender); "draft" = the draft tokens themselves in the template (the literal
+reading of Eq. 10: imitate the backbone's own beam); "none". docs/DESIGN.md has the measurement.
+
+Two-pass inference (`grc_decode`):
+1. Drafts: the backbone's beam search, B per user, keeping the decoder KV cache.
+2. Reflection: one batched forward of [d_L, EOF1, slot_0..slot_K] for all B drafts on top of the
+   cached keys/values; argmax labels and the mean slot entropy H_b (Eq. 24).
+3. Correction: EOF2 + label embeddings, then one constrained beam search whose start beams are
+   the drafts, each starting from score_b + alpha_e * H_b (Eq. 25; alpha_e = 0 is plain GRC),
+   keeping the best `B_cor` continuations over all drafts (the fixed beam budget of Sec. 4.3).
+   Drafts whose reflection says "correct" (r_loc = L+1) start at -inf: they are kept as they are.
+4. Merge ("joint" rule): kept drafts with their draft score and corrected items with their
+   search score (draft score + alpha_e * H + correction log-prob), de-duplicated by item with
+   the best score, sorted; then the remaining drafts in draft order fill the list up to B.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from grc_core.beam_search import BeamResult, beam_search
+from grc_core.model import BackboneStepper, Batch, DecodeState, Memory, Seq2Seq, sequence_loss
+from grc_core.trie import PrefixTrie
+
+NEG_INF = float("-inf")
+
+
+@dataclass(frozen=True)
+class Template:
+    """Positions of the template for L levels and K attributes (see the module docstring)."""
+
+    num_levels: int  # L
+    num_attrs: int  # K
+    reflect: bool = True
+
+    @property
+    def num_slots(self) -> int:
+        return self.num_attrs + 1 if self.reflect else 0
+
+    @property
+    def eof1(self) -> int:
+        return self.num_levels + 1
+
+    @property
+    def first_slot(self) -> int:
+        return self.num_levels + 2
+
+    @property
+    def eof2(self) -> int:
+        return self.first_slot + self.num_slots
+
+    @property
+    def length(self) -> int:
+        """Input positions: BOS1, L draft codes, EOF1, slots, EOF2, L corrected codes."""
+        return self.eof2 + 1 + self.num_levels
+
+
+def template_mask(t: Template, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Additive (S, S) self-attention mask: causal, and reflection slots blind to each other."""
+    s = t.length
+    allowed = torch.ones(s, s, dtype=torch.bool, device=device).tril()  # (S, S) causal
+    slots = torch.arange(t.first_slot, t.eof2, device=device)
+    allowed[slots[:, None], slots[None, :]] = torch.eye(len(slots), dtype=torch.bool, device=device)
+    return torch.zeros(s, s, dtype=dtype, device=device).masked_fill(~allowed, NEG_INF)
+
+
+def chunk_mask(t: Template, start: int, size: int, device: torch.device | str = "cpu",
+               dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Rows start..start+size-1 of `template_mask` over columns 0..start+size-1: (size, start+size)."""
+    return template_mask(t, device, dtype)[start : start + size, : start + size]
+
+
+class TemplateOutput(NamedTuple):
+    draft: list[torch.Tensor]  # per level (N, V_l): logits for d_1..d_L
+    reflect: list[torch.Tensor]  # per slot (N, C_j): logits for r_loc (C = L+1) and each r_sem (C = 2)
+    correct: list[torch.Tensor]  # per level (N, V_l): logits for g_1..g_L
+
+
+class GRCModel(nn.Module):
+    """The backbone plus the template's special embeddings and reflection heads."""
+
+    def __init__(self, seq: Seq2Seq, num_attrs: int, reflect: bool = True):
+        super().__init__()
+        self.seq = seq
+        d, n_levels = seq.cfg.d_model, seq.num_levels
+        self.template = Template(n_levels, num_attrs, reflect)
+        self.eof1 = nn.Parameter(torch.randn(d) * 0.02)
+        self.eof2 = nn.Parameter(torch.randn(d) * 0.02)
+        n_slots = self.template.num_slots
+        self.slots = nn.Embedding(max(n_slots, 1), d)
+        self.loc_values = nn.Embedding(n_levels + 1, d)  # r_loc - 1 in 0..L
+        self.sem_values = nn.ModuleList(nn.Embedding(2, d) for _ in range(num_attrs if reflect else 0))
+        self.loc_head = nn.Linear(d, n_levels + 1)
+        self.sem_heads = nn.ModuleList(nn.Linear(d, 2) for _ in range(num_attrs if reflect else 0))
+        for m in [self.slots, self.loc_values, *self.sem_values]:
+            nn.init.normal_(m.weight, std=0.02)
+        for m in [self.loc_head, *self.sem_heads]:
+            nn.init.normal_(m.weight, std=0.02)
+            nn.init.zeros_(m.bias)
+
+    @property
+    def num_levels(self) -> int:
+        return self.seq.num_levels
+
+    def slot_inputs(self, lead: tuple[int, ...]) -> torch.Tensor:
+        """The K+1 slot queries, (…, K+1, D)."""
+        t = self.template
+        return self.slots.weight[: t.num_slots].expand(*lead, t.num_slots, -1)
+
+    def eof2_input(self, r_loc: torch.Tensor | None, r_sem: torch.Tensor | None) -> torch.Tensor:
+        """EOF2 plus the label embeddings: r_loc (…,) in 1..L+1, r_sem (…, K) in {0, 1} -> (…, D)."""
+        if not self.template.reflect:
+            lead = () if r_loc is None else r_loc.shape
+            return self.eof2.expand(*lead, -1)
+        x = self.eof2 + self.loc_values(r_loc - 1)  # (…, D)
+        for k, emb in enumerate(self.sem_values):
+            x = x + emb(r_sem[..., k])
+        return x
+
+    def template_inputs(self, draft: torch.Tensor, r_loc: torch.Tensor, r_sem: torch.Tensor,
+                        target: torch.Tensor) -> torch.Tensor:
+        """Teacher-forced inputs (N, S, D) from draft (N, L), labels and target (N, L)."""
+        seq, n = self.seq, draft.shape[0]
+        d_part = seq.embed_decoder_codes(draft)  # (N, L+1, D): BOS1, d_1..d_L
+        eof1 = self.eof1.expand(n, 1, -1)  # (N, 1, D)
+        slots = self.slot_inputs((n,))  # (N, K+1, D) or (N, 0, D)
+        eof2 = self.eof2_input(r_loc, r_sem)[:, None]  # (N, 1, D)
+        g_part = torch.stack([seq.dec_codes[j](target[:, j]) for j in range(self.num_levels)], 1)  # (N, L, D)
+        return torch.cat([d_part, eof1, slots, eof2, g_part], dim=1)  # (N, 2L+K+4, D)
+
+    def forward(self, memory: Memory, draft: torch.Tensor, r_loc: torch.Tensor, r_sem: torch.Tensor,
+                target: torch.Tensor) -> TemplateOutput:
+        """One teacher-forced pass over the whole template. `memory` rows align with draft rows."""
+        t, seq = self.template, self.seq
+        x = self.template_inputs(draft, r_loc, r_sem, target)[:, :-1]  # (N, S-1, D): g_L predicts only EOF3
+        mask = template_mask(t, x.device, x.dtype)[:-1, :-1]
+        h = seq.decode(x, memory, mask)  # (N, S-1, D)
+        n_levels = self.num_levels
+        draft_logits = [seq.heads[j](h[:, j]) for j in range(n_levels)]
+        refl = [self.loc_head(h[:, t.first_slot])] if t.reflect else []
+        refl += [head(h[:, t.first_slot + 1 + k]) for k, head in enumerate(self.sem_heads)]
+        correct_logits = [seq.heads[j](h[:, t.eof2 + j]) for j in range(n_levels)]
+        return TemplateOutput(draft_logits, refl, correct_logits)
+
+    def reflection_logits(self, hidden_slots: torch.Tensor) -> list[torch.Tensor]:
+        """Slot hidden states (…, K+1, D) -> logits per slot."""
+        if not self.template.reflect:
+            return []
+        out = [self.loc_head(hidden_slots[..., 0, :])]
+        return out + [head(hidden_slots[..., 1 + k, :]) for k, head in enumerate(self.sem_heads)]
+
+
+def expand_memory(memory: Memory, repeats: int) -> Memory:
+    """Each user's encoder memory repeated for `repeats` consecutive rows."""
+    if repeats == 1:
+        return memory
+    rep = lambda x: x.repeat_interleave(repeats, dim=0)  # noqa: E731
+    return Memory([rep(k) for k in memory.keys], [rep(v) for v in memory.values], rep(memory.mask))
+
+
+@dataclass(frozen=True)
+class SFTLossConfig:
+    lambda_rc: float = 1.2
+    draft_loss: str = "target"  # target | draft | none
+
+
+def sft_loss(model: GRCModel, batch: Batch, draft: torch.Tensor, r_loc: torch.Tensor, r_sem: torch.Tensor,
+             cfg: SFTLossConfig) -> tuple[torch.Tensor, dict[str, float]]:
+    """Eq. 10 for B instances with M candidates each.
+
+    batch: B instances (histories, target codes (B, L)); draft (B, M, L); r_loc (B, M); r_sem (B, M, K).
+    Every term is a mean over rows; L_rc sums its slots and levels like Eq. 10.
+    """
+    if cfg.draft_loss not in ("target", "draft", "none"):
+        raise ValueError(f"sft draft_loss must be target | draft | none, got {cfg.draft_loss!r}")
+    b, m, n_levels = draft.shape
+    memory = model.seq.encode(batch)
+    target = batch.target_codes  # (B, L)
+    rows = expand_memory(memory, m)
+    tgt = target.repeat_interleave(m, dim=0)  # (B*M, L)
+    out = model(rows, draft.reshape(b * m, n_levels), r_loc.reshape(-1), r_sem.reshape(b * m, -1), tgt)
+    refl = sum((F.cross_entropy(lg, lab) for lg, lab in
+                zip(out.reflect, [r_loc.reshape(-1) - 1, *r_sem.reshape(b * m, -1).unbind(1)])),
+               torch.zeros((), device=draft.device))
+    corr = sequence_loss(out.correct, tgt)
+    if cfg.draft_loss == "target":
+        x = model.seq.embed_decoder_codes(target[:, :-1])  # (B, L, D)
+        mle = sequence_loss(model.seq.level_logits(model.seq.decode(x, memory)), target)
+    elif cfg.draft_loss == "draft":
+        mle = sequence_loss(out.draft, draft.reshape(b * m, n_levels))
+    else:
+        mle = torch.zeros((), device=draft.device)
+    loss = mle + cfg.lambda_rc * (refl + corr)
+    return loss, {"mle": float(mle.detach()), "reflect": float(refl.detach()), "correct": float(corr.detach())}
+
+
+# ---------------------------------------------------------------- inference
+
+
+class _StartStepper(BackboneStepper):
+    """BackboneStepper whose `begin` returns a precomputed start (the correction pass)."""
+
+    def __init__(self, model: Seq2Seq, logp: torch.Tensor, state: DecodeState):
+        super().__init__(model)
+        self._start = (logp, state)
+
+    def begin(self, batch) -> tuple[torch.Tensor, DecodeState]:
+        return self._start
+
+
+def _chunk(seq: Seq2Seq, memory: Memory, keys: list[torch.Tensor], values: list[torch.Tensor],
+           x: torch.Tensor, pos: int, mask: torch.Tensor) -> tuple[torch.Tensor, list, list]:
+    """C new decoder positions for (B, W) beams on top of a KV cache.
+
+    keys/values: per layer (B, W, H, S, dh); x (B, W, C, D) at positions pos..pos+C-1;
+    mask (C, S+C) additive. Returns hidden (B, W, C, D) and the extended caches.
+    """
+    b, w, c, d = x.shape
+    x = x + seq.dec_pos.weight[pos : pos + c]
+    new_k, new_v = [], []
+    for i, layer in enumerate(seq.decoder):
+        att = layer.self_attn
+        h = layer.n1(x)  # (B, W, C, D)
+        k, v = att.kv(h).chunk(2, dim=-1)  # (B, W, C, D)
+        k = k.view(b, w, c, att.h, att.dh).transpose(2, 3)  # (B, W, H, C, dh)
+        v = v.view(b, w, c, att.h, att.dh).transpose(2, 3)
+        k = torch.cat([keys[i], k], dim=3)  # (B, W, H, S+C, dh)
+        v = torch.cat([values[i], v], dim=3)
+        q = att.q(h).view(b, w, c, att.h, att.dh).transpose(2, 3)  # (B, W, H, C, dh)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, W, H, C, dh)
+        x = x + att.o(y.transpose(2, 3).reshape(b, w, c, d))
+        ca = layer.cross_attn
+        q = ca.q(layer.n2(x)).view(b, w * c, ca.h, ca.dh).transpose(1, 2)  # (B, H, W*C, dh)
+        y = F.scaled_dot_product_attention(q, memory.keys[i], memory.values[i], attn_mask=memory.mask)
+        x = x + ca.o(y.transpose(1, 2).reshape(b, w, c, d))  # (B, W, C, D)
+        x = x + layer.ff(layer.n3(x))
+        new_k.append(k)
+        new_v.append(v)
+    return seq.dec_norm(x), new_k, new_v
+
+
+class GRCResult(NamedTuple):
+    items: torch.Tensor  # (B, W) final ranking, -1 padding
+    scores: torch.Tensor  # (B, W) merge scores, -inf padding
+    drafts: BeamResult  # first pass, (B, W) items/scores, (B, W, L) codes
+    reflection: torch.Tensor  # (B, W, K+1) argmax labels per draft: r_loc in 1..L+1, then r_sem in {0, 1}
+    entropy: torch.Tensor  # (B, W) mean reflection-slot entropy (Eq. 24), 0 for GC
+    corrected: BeamResult  # correction pass, (B, W_cor)
+    source: torch.Tensor  # (B, W_cor) index of the draft each corrected item came from, -1 padding
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    width: int  # B, drafts per user and the final list length
+    correct_width: int = 0  # B_cor, beams of the correction pass (0: = width)
+    alpha_e: float = 0.0  # EGRS entropy coefficient (Eq. 25); 0: plain GRC inference
+
+
+def _merge(cand_items: torch.Tensor, cand_scores: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row, the best score of each distinct item (>= 0), best first, padded/truncated to width."""
+    b, m = cand_items.shape
+    order = cand_scores.sort(dim=1, descending=True, stable=True).indices  # (B, M)
+    items = cand_items.gather(1, order)  # (B, M) in score order
+    scores = cand_scores.gather(1, order)
+    rank = torch.arange(m, device=items.device).expand(b, m)  # (B, M)
+    key = items.clamp_min(0) * m + rank  # (B, M) sort by item, then by score order
+    by_item = key.sort(dim=1).indices  # (B, M)
+    sorted_items = items.gather(1, by_item)  # (B, M)
+    first = torch.ones_like(sorted_items, dtype=torch.bool)
+    first[:, 1:] = sorted_items[:, 1:] != sorted_items[:, :-1]
+    keep = torch.zeros_like(first).scatter(1, by_item, first)  # (B, M) back in score order
+    keep &= (items >= 0) & (scores > NEG_INF)
+    pos = torch.where(keep, rank, m + rank).sort(dim=1).indices[:, :width]  # kept first, in score order
+    out_items = items.gather(1, pos).masked_fill(~keep.gather(1, pos), -1)
+    out_scores = scores.gather(1, pos).masked_fill(~keep.gather(1, pos), NEG_INF)
+    if out_items.shape[1] < width:
+        pad = width - out_items.shape[1]
+        out_items = torch.cat([out_items, out_items.new_full((b, pad), -1)], 1)
+        out_scores = torch.cat([out_scores, out_scores.new_full((b, pad), NEG_INF)], 1)
+    return out_items, out_scores
+
+
+@torch.inference_mode()
+def grc_decode(model: GRCModel, batch: Batch, trie: PrefixTrie, cfg: DecodeConfig) -> GRCResult:
+    """Two-pass GRC inference for B users (module docstring, steps 1-4)."""
+    seq, t = model.seq, model.template
+    n_levels = t.num_levels
+    drafts, trace = beam_search(BackboneStepper(seq), batch, trie, cfg.width, return_trace=True)
+    state: DecodeState = trace.state
+    b, w_last = trace.parents.shape
+    idx = trace.parents[:, :, None, None, None]  # (B, W, 1, 1, 1)
+    keys = [k.gather(1, idx.expand(-1, -1, *k.shape[2:])) for k in state.keys]  # (B, W, H, L, dh)
+    values = [v.gather(1, idx.expand(-1, -1, *v.shape[2:])) for v in state.values]
+    codes = drafts.codes[:, :w_last].clamp_min(0)  # (B, W, L) padding drafts read code 0; they stay -inf
+    x = torch.cat([seq.dec_codes[n_levels - 1](codes[..., -1:]),  # (B, W, 1, D) d_L
+                   model.eof1.expand(b, w_last, 1, -1),  # EOF1
+                   model.slot_inputs((b, w_last))], dim=2)  # (B, W, 2+K+1, D)
+    c = x.shape[2]
+    mask = chunk_mask(t, n_levels, c, x.device, x.dtype)  # (C, L+C)
+    hidden, keys, values = _chunk(seq, state.memory, keys, values, x, n_levels, mask)
+    if t.reflect:
+        logits = model.reflection_logits(hidden[:, :, 2:])  # per slot (B, W, C_j)
+        labels = torch.stack([lg.argmax(-1) for lg in logits], -1)  # (B, W, K+1)
+        labels[..., 0] += 1  # r_loc is 1-based
+        ent = torch.stack([-(F.log_softmax(lg, -1).exp() * F.log_softmax(lg, -1)).sum(-1) for lg in logits], -1)
+        entropy = ent.mean(-1)  # (B, W) Eq. 24
+        r_loc, r_sem = labels[..., 0], labels[..., 1:]
+    else:
+        labels = torch.zeros(b, w_last, 0, dtype=torch.long, device=codes.device)
+        entropy = torch.zeros(b, w_last, dtype=hidden.dtype, device=codes.device)
+        r_loc, r_sem = None, None
+    x = model.eof2_input(r_loc, r_sem)  # (B, W, D)
+    x = x.expand(b, w_last, -1)[:, :, None]  # (B, W, 1, D)
+    pos = t.eof2
+    hidden, keys, values = _chunk(seq, state.memory, keys, values, x, pos,
+                                  torch.zeros(1, pos + 1, dtype=x.dtype, device=x.device))
+    first_logp = F.log_softmax(seq.heads[0](hidden[:, :, 0]), -1)  # (B, W, V_0)
+    start = drafts.scores[:, :w_last] + cfg.alpha_e * entropy  # (B, W) Eq. 25
+    kept = (r_loc == n_levels + 1) if t.reflect else torch.zeros_like(start, dtype=torch.bool)
+    start = start.masked_fill(kept, NEG_INF)
+    width_cor = cfg.correct_width or cfg.width
+    stepper = _StartStepper(seq, first_logp, DecodeState(state.memory, keys, values, pos + 1))
+    corrected, ctrace = beam_search(stepper, None, trie, width_cor, initial_scores=start, return_trace=True)
+    source = torch.full_like(corrected.items, -1)  # (B, W_cor)
+    source[:, : ctrace.origin.shape[1]] = ctrace.origin
+    source = source.masked_fill(corrected.items < 0, -1)
+    kept_items = drafts.items[:, :w_last].masked_fill(~kept, -1)
+    kept_scores = drafts.scores[:, :w_last].masked_fill(~kept, NEG_INF)
+    ranked = torch.cat([kept_items, corrected.items], 1)  # (B, W + W_cor)
+    ranked_scores = torch.cat([kept_scores, corrected.scores], 1)
+    items, scores = _merge(ranked, ranked_scores, cfg.width)
+    items, scores = _backfill(items, scores, drafts, cfg.width)
+    if w_last < cfg.width:
+        pad = cfg.width - w_last
+        labels = torch.cat([labels, labels.new_zeros(b, pad, labels.shape[2])], 1)
+        entropy = torch.cat([entropy, entropy.new_zeros(b, pad)], 1)
+    return GRCResult(items, scores, drafts, labels, entropy, corrected, source)
+
+
+def _backfill(items: torch.Tensor, scores: torch.Tensor, drafts: BeamResult, width: int
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fill the padding of the merged list with drafts not in it, in draft order (scores -inf)."""
+    missing = int((items < 0).sum(1).max()) if items.numel() else 0
+    if missing == 0:
+        return items, scores
+    b = items.shape[0]
+    present = (drafts.items[:, :, None] == items[:, None, :]).any(-1) | (drafts.items < 0)  # (B, W)
+    fill_order = torch.where(present, width + torch.arange(width, device=items.device),
+                             torch.arange(width, device=items.device)).sort(1).indices  # new drafts first
+    fill = drafts.items.gather(1, fill_order).masked_fill(present.gather(1, fill_order), -1)  # (B, W)
+    n_have = (items >= 0).sum(1, keepdim=True)  # (B, 1)
+    slot = torch.arange(width, device=items.device).expand(b, width)
+    take = (slot - n_have).clamp_min(0)  # (B, W) index into fill for padding slots
+    out = torch.where(slot < n_have, items, fill.gather(1, take))
+    return out, scores

@@ -1,0 +1,203 @@
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from grc_core.beam_search import beam_search
+from grc_core.grc import (DecodeConfig, GRCModel, SFTLossConfig, Template, _merge, grc_decode,
+                          sft_loss, template_mask)
+from grc_core.model import BackboneStepper, ModelConfig, Seq2Seq
+from grc_core.trie import PrefixTrie
+from tests.grc_core.test_model import LEVELS, batch_for, catalog
+
+L = len(LEVELS)
+
+
+def tiny_grc(num_attrs=1, reflect=True, seed=0):
+    torch.manual_seed(seed)
+    cfg = ModelConfig(d_model=16, d_ff=32, n_heads=2, encoder_layers=1, decoder_layers=2, dropout=0.0,
+                      layout="item", max_history=6)
+    seq = Seq2Seq(cfg, LEVELS, attr_sizes=[3])
+    model = GRCModel(seq, num_attrs, reflect)
+    with torch.no_grad():  # larger weights than the init, so that every position matters
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    return model.eval()
+
+
+def reference_mask(t: Template) -> torch.Tensor:
+    """Built position by position from the template's rules."""
+    s = t.length
+    slots = set(range(t.first_slot, t.first_slot + t.num_slots))
+    out = torch.zeros(s, s)
+    for i in range(s):
+        for j in range(s):
+            visible = j <= i and not (i in slots and j in slots and i != j)
+            out[i, j] = 0.0 if visible else float("-inf")
+    return out
+
+
+@pytest.mark.parametrize("k,reflect,length", [(0, True, 2 * L + 4), (2, True, 2 * L + 6), (2, False, 2 * L + 3)])
+def test_template_length(k, reflect, length):
+    assert Template(L, k, reflect).length == length
+
+
+@pytest.mark.parametrize("k,reflect", [(0, True), (1, True), (3, True), (2, False)])
+def test_mask_matches_reference(k, reflect):
+    t = Template(L, k, reflect)
+    assert torch.equal(template_mask(t), reference_mask(t))
+
+
+def test_changing_a_later_slot_changes_no_other_slot():
+    model = tiny_grc(num_attrs=2)
+    table = catalog()
+    batch = batch_for(table, [[0, 1, 2], [3, 4]], [5, 6])
+    memory = model.seq.encode(batch)
+    draft = table.codes[[7, 8]]
+    r_loc, r_sem, target = torch.tensor([2, 4]), torch.tensor([[0, 1], [1, 1]]), batch.target_codes
+    t = model.template
+    x = model.template_inputs(draft, r_loc, r_sem, target)[:, :-1]
+    mask = template_mask(t)[:-1, :-1]
+    h0 = model.seq.decode(x, memory, mask)
+    last = t.first_slot + t.num_slots - 1
+    x2 = x.clone()
+    x2[:, last] += torch.randn_like(x2[:, last])
+    h1 = model.seq.decode(x2, memory, mask)
+    assert not torch.allclose(h0[:, last], h1[:, last])  # the slot itself does change
+    torch.testing.assert_close(h0[:, :last], h1[:, :last], atol=0, rtol=0)  # draft and earlier slots do not
+    # and the first slot changes nothing in the later ones either
+    x3 = x.clone()
+    x3[:, t.first_slot] += 1.0
+    h3 = model.seq.decode(x3, memory, mask)
+    torch.testing.assert_close(h0[:, t.first_slot + 1 : t.eof2], h3[:, t.first_slot + 1 : t.eof2], atol=0, rtol=0)
+
+
+def test_labels_reach_the_correction_only_through_eof2():
+    model = tiny_grc(num_attrs=1)
+    table = catalog()
+    batch = batch_for(table, [[0, 1]], [5])
+    memory = model.seq.encode(batch)
+    draft, target = table.codes[[7]], batch.target_codes
+    a = model(memory, draft, torch.tensor([1]), torch.tensor([[0]]), target)
+    b = model(memory, draft, torch.tensor([3]), torch.tensor([[1]]), target)
+    for x, y in zip(a.draft + a.reflect, b.draft + b.reflect):
+        torch.testing.assert_close(x, y, atol=0, rtol=0)  # draft and reflection do not see the labels
+    assert not torch.allclose(a.correct[0], b.correct[0])
+
+
+def test_sft_loss_modes_and_gradients():
+    model = tiny_grc(num_attrs=1).train()
+    table = catalog()
+    batch = batch_for(table, [[0, 1, 2], [3, 4]], [5, 6])
+    draft = table.codes[torch.tensor([[7, 8, 9], [10, 11, 5]])]  # (B=2, M=3, L)
+    r_loc = torch.tensor([[1, 2, 4], [3, 1, 4]])
+    r_sem = torch.tensor([[[0], [1], [1]], [[0], [0], [1]]])
+    losses = {}
+    for mode in ["target", "draft", "none"]:
+        loss, parts = sft_loss(model, batch, draft, r_loc, r_sem, SFTLossConfig(1.2, mode))
+        losses[mode] = loss.item()
+        assert torch.isfinite(loss)
+        assert loss.item() == pytest.approx(parts["mle"] + 1.2 * (parts["reflect"] + parts["correct"]), rel=1e-5)
+    assert losses["none"] < min(losses["target"], losses["draft"])
+    assert losses["target"] != losses["draft"]
+    loss, _ = sft_loss(model, batch, draft, r_loc, r_sem, SFTLossConfig())
+    loss.backward()
+    assert model.loc_head.weight.grad.abs().sum() > 0 and model.slots.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="draft_loss"):
+        sft_loss(model, batch, draft, r_loc, r_sem, SFTLossConfig(1.2, "bogus"))
+
+
+def test_merge_dedups_by_best_score_and_pads():
+    items = torch.tensor([[3, 5, 3, -1, 7], [2, 2, 2, 2, 2]])
+    scores = torch.tensor([[-1.0, -0.5, -0.2, float("-inf"), -3.0], [-1.0, -2.0, -0.5, -4.0, -3.0]])
+    out_items, out_scores = _merge(items, scores, 4)
+    assert out_items.tolist() == [[3, 5, 7, -1], [2, -1, -1, -1]]
+    torch.testing.assert_close(out_scores[0, :3], torch.tensor([-0.2, -0.5, -3.0]))
+    assert out_scores[1, 0].item() == pytest.approx(-0.5)
+
+
+def _setup(num_attrs=1, reflect=True, seed=0):
+    model, table = tiny_grc(num_attrs, reflect, seed), catalog()
+    trie = PrefixTrie.from_ids(table.codes.numpy(), LEVELS)
+    batch = batch_for(table, [[0, 1, 2], [3], [4, 5, 6, 7]], [8, 9, 10])._replace(target_codes=None)
+    return model, table, trie, batch
+
+
+@pytest.mark.parametrize("reflect", [True, False])
+@torch.inference_mode()
+def test_two_pass_matches_the_teacher_forced_template(reflect):
+    # KV reuse parity: the reflection of every draft, and the score of every corrected item,
+    # equal what one teacher-forced pass over the full template computes.
+    model, table, trie, batch = _setup(num_attrs=1, reflect=reflect)
+    width = 6
+    res = grc_decode(model, batch, trie, DecodeConfig(width=width, alpha_e=0.3))
+    drafts = res.drafts
+    assert torch.equal(drafts.items, beam_search(BackboneStepper(model.seq), batch, trie, width).items)
+    memory = model.seq.encode(batch)
+    b = batch.history_codes.shape[0]
+    for u in range(b):
+        mem_u = type(memory)([k[u : u + 1] for k in memory.keys], [v[u : u + 1] for v in memory.values],
+                             memory.mask[u : u + 1])
+        for w in range(width):
+            d = drafts.codes[u, w]
+            if drafts.items[u, w] < 0:
+                continue
+            r = res.reflection[u, w]
+            r_loc = r[0:1] if reflect else torch.tensor([1])
+            r_sem = r[None, 1:] if reflect else torch.zeros(1, 1, dtype=torch.long)
+            out = model(mem_u, d[None], r_loc, r_sem, d[None])
+            if reflect:
+                refl = [lg[0] for lg in out.reflect]
+                assert int(refl[0].argmax()) + 1 == int(r[0])
+                assert int(refl[1].argmax()) == int(r[1])
+                ent = torch.stack([-(F.softmax(x, -1) * F.log_softmax(x, -1)).sum() for x in refl]).mean()
+                assert float(ent) == pytest.approx(float(res.entropy[u, w]), abs=1e-5)
+        for j in range(width):
+            item, src = int(res.corrected.items[u, j]), int(res.source[u, j])
+            if item < 0:
+                continue
+            d = drafts.codes[u, src]
+            r = res.reflection[u, src]
+            r_loc = r[0:1] if reflect else torch.tensor([1])
+            r_sem = r[None, 1:] if reflect else torch.zeros(1, 1, dtype=torch.long)
+            g = table.codes[item]
+            out = model(mem_u, d[None], r_loc, r_sem, g[None])
+            corr = sum(float(F.log_softmax(out.correct[lv][0], -1)[g[lv]]) for lv in range(L))
+            expect = float(drafts.scores[u, src]) + 0.3 * float(res.entropy[u, src]) + corr
+            assert float(res.corrected.scores[u, j]) == pytest.approx(expect, abs=1e-4)
+
+
+def test_drafts_judged_correct_are_kept_as_they_are():
+    model, table, trie, batch = _setup(num_attrs=1)
+    with torch.no_grad():
+        model.loc_head.bias[L] = 1e4  # every draft's reflection says r_loc = L+1
+    res = grc_decode(model, batch, trie, DecodeConfig(width=5))
+    assert (res.reflection[..., 0][res.drafts.items >= 0] == L + 1).all()
+    assert (res.corrected.items == -1).all()
+    assert torch.equal(res.items, res.drafts.items)
+    assert torch.equal(res.scores, res.drafts.scores)
+
+
+def test_final_list_is_distinct_valid_and_full():
+    model, table, trie, batch = _setup(num_attrs=1, seed=3)
+    width = 10
+    res = grc_decode(model, batch, trie, DecodeConfig(width=width, correct_width=4))
+    n_items = table.codes.shape[0]
+    for row in res.items.tolist():
+        real = [i for i in row if i >= 0]
+        assert len(real) == len(set(real)) == width  # 25 items in the catalog: the list is full
+        assert all(0 <= i < n_items for i in real)
+    assert res.corrected.items.shape == (3, 4)
+    # corrected items keep their search scores, sorted, at the head of the list
+    finite = res.scores[res.scores > float("-inf")]
+    assert finite.numel() > 0
+
+
+def test_egrs_alpha_changes_only_the_correction_start():
+    model, table, trie, batch = _setup(num_attrs=1, seed=4)
+    a = grc_decode(model, batch, trie, DecodeConfig(width=6, alpha_e=0.0))
+    b = grc_decode(model, batch, trie, DecodeConfig(width=6, alpha_e=0.0))
+    c = grc_decode(model, batch, trie, DecodeConfig(width=6, alpha_e=5.0))
+    assert torch.equal(a.items, b.items) and torch.equal(a.scores, b.scores)
+    assert torch.equal(a.drafts.items, c.drafts.items) and torch.equal(a.reflection, c.reflection)
+    assert not torch.equal(a.corrected.scores, c.corrected.scores)
