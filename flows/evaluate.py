@@ -26,9 +26,9 @@ def evaluate_flow(params: Params) -> dict:
     seed = params.backbone.train.seed
     results = {}
     for method in ev.methods:
-        users, ranks, wall = rank_test_users(params, method)
+        users, ranks, wall, extra = rank_test_users(params, method)
         save_ranks(out_dir, method, users, ranks)
-        results[method] = {**summarize_method(ranks, ev.beam, ev.bootstrap, seed), "wall_s": round(wall, 1)}
+        results[method] = {**summarize_method(ranks, ev.beam, ev.bootstrap, seed), "wall_s": round(wall, 1), **extra}
         append_quality_record(params, method, results[method], wall, seed)
         m = results[method]["metrics"]
         log.info("%s: %s", method, " ".join(f"{k}={v:.4f}" for k, v in m.items()))

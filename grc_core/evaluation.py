@@ -1,4 +1,5 @@
-"""Full-catalog ranking through constrained beam search, and the leave-one-out metrics of it."""
+"""Full-catalog ranking through constrained beam search (backbone or two-pass GRC), its metrics,
+and the reflection-quality statistics of GRC (the paper's Table 2)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ import torch
 from grc_core import metrics as M
 from grc_core.beam_search import beam_search
 from grc_core.data import Instances, ItemTable, to_batch
+from grc_core.grc import DecodeConfig, GRCModel, GRCResult, grc_decode
 from grc_core.model import BackboneStepper, Seq2Seq
+from grc_core.rewards import first_divergence
 from grc_core.trie import PrefixTrie
 
 
@@ -36,3 +39,76 @@ def ranking_metrics(ranked: np.ndarray, targets: np.ndarray, ks=M.DEFAULT_KS) ->
     ks = tuple(k for k in ks if k <= ranked.shape[1])
     per_user = M.per_user_metrics(M.target_ranks(ranked, targets), ks, tuple(k for k in M.NDCG_KS if k in ks))
     return M.summarize(per_user), per_user
+
+
+class ReflectionStats:
+    """Running sums for the paper's Table 2 and the correction behaviour, over many batches.
+
+    Acc_loc@k / Acc_cat@k: share of the top-k first-pass drafts whose predicted r_loc / first
+    attribute's r_sem equals the true label. Copy rate: share of corrected beams equal to the
+    draft they came from. Fix / break rate, per draft among the top 10 that went to correction,
+    with its best corrected beam: wrong draft turned right / right draft turned wrong.
+    """
+
+    def __init__(self, ks: tuple[int, ...] = (5, 10)):
+        self.ks = ks
+        self.sums: dict[str, float] = {}
+        self.counts: dict[str, float] = {}
+
+    def _add(self, key: str, hits: torch.Tensor, valid: torch.Tensor) -> None:
+        self.sums[key] = self.sums.get(key, 0.0) + float((hits & valid).sum())
+        self.counts[key] = self.counts.get(key, 0.0) + float(valid.sum())
+
+    def update(self, res: GRCResult, target: torch.Tensor, table: ItemTable) -> None:
+        drafts = res.drafts
+        tgt_codes = table.codes[target]  # (B, L)
+        real = drafts.items >= 0  # (B, W)
+        true_loc = first_divergence(drafts.codes.clamp_min(0).flatten(0, 1),
+                                    tgt_codes.repeat_interleave(drafts.codes.shape[1], 0)).view_as(real)
+        has_reflection = res.reflection.shape[-1] > 0
+        for k in self.ks:
+            top = real.clone()
+            top[:, k:] = False
+            if has_reflection:
+                self._add(f"acc_loc@{k}", res.reflection[..., 0] == true_loc, top)
+                if res.reflection.shape[-1] > 1:
+                    same = table.attrs[drafts.items.clamp_min(0), 0] == table.attrs[target, 0][:, None]  # (B, W)
+                    self._add(f"acc_cat@{k}", res.reflection[..., 1] == same.long(), top)
+        cor, src = res.corrected.items, res.source  # (B, Wc)
+        live = cor >= 0
+        draft_of = drafts.items.gather(1, src.clamp_min(0))  # (B, Wc)
+        self._add("copy_rate", cor == draft_of, live)
+        hit_draft = drafts.items == target[:, None]  # (B, W)
+        hit_cor = cor == target[:, None]  # (B, Wc)
+        w = min(10, drafts.items.shape[1])
+        for b_idx in range(w):
+            mine = live & (src == b_idx)  # (B, Wc)
+            has = mine.any(1)  # (B,)
+            first = mine.float().argmax(1)  # (B,) best corrected beam from this draft
+            right_after = hit_cor.gather(1, first[:, None])[:, 0]
+            right_before = hit_draft[:, b_idx]
+            self._add("fix_rate", right_after, has & ~right_before)
+            self._add("break_rate", ~right_after, has & right_before)
+        self._add("corrected_share@10", (res.reflection[:, :w, 0] <= tgt_codes.shape[1]) if has_reflection
+                  else torch.ones_like(real[:, :w]), real[:, :w])
+
+    def summary(self) -> dict[str, float]:
+        return {k: self.sums[k] / self.counts[k] if self.counts[k] else float("nan") for k in self.sums}
+
+
+@torch.inference_mode()
+def rank_with_grc(model: GRCModel, inst: Instances, table: ItemTable, trie: PrefixTrie, cfg: DecodeConfig,
+                  batch_size: int = 64, progress: Callable[[int], None] | None = None,
+                  stats: ReflectionStats | None = None) -> np.ndarray:
+    """Top-`cfg.width` items (N, W) of two-pass GRC decoding for every instance."""
+    model.eval()
+    items = []
+    for start in range(0, len(inst), batch_size):
+        part = inst.select(torch.arange(start, min(start + batch_size, len(inst))))
+        res = grc_decode(model, to_batch(part, table, with_target=False), trie, cfg)
+        if stats is not None:
+            stats.update(res, part.target.to(res.items.device), table)
+        items.append(res.items.cpu().numpy())
+        if progress is not None:
+            progress(len(part))
+    return np.concatenate(items)

@@ -23,7 +23,8 @@ from prefect import task
 from tqdm.auto import tqdm
 
 from grc_core import metrics as M
-from grc_core.evaluation import rank_with_backbone
+from grc_core.evaluation import ReflectionStats, rank_with_backbone, rank_with_grc
+from grc_core.grc import DecodeConfig
 from grc_core.device import resolve_device
 from grc_core.trie import PrefixTrie
 from tasks import io
@@ -31,18 +32,31 @@ from tasks.backbone import load_backbone, load_item_table, load_split
 from tasks.env import PROJECT_ROOT
 from tasks.params import Params
 from tasks.sasrec import rank_with_sasrec
+from tasks.sft import load_grc
 
 QUALITY_LOG = PROJECT_ROOT / "benchmarks" / "results" / "quality.jsonl"
 
 
 @task
-def rank_test_users(params: Params, method: str) -> tuple[np.ndarray, np.ndarray, float]:
-    """(user ids (U,), 1-based target ranks (U,), wall seconds) for one method."""
+def rank_test_users(params: Params, method: str) -> tuple[np.ndarray, np.ndarray, float, dict]:
+    """(user ids (U,), 1-based target ranks (U,), wall seconds, extra stats) for one method."""
     out_dir, ev = params.dataset_dir(), params.evaluate
     device = resolve_device(ev.device)
     test = load_split(out_dir, "test", params.data.max_history)
     t0 = time.perf_counter()
-    if method == "tiger":
+    extra: dict = {}
+    if method in ("gc_sft", "grc_sft"):
+        table, level_sizes, _ = load_item_table(out_dir, params.dataset.attributes)
+        table = table.to(device)
+        trie = PrefixTrie.from_ids(table.codes.cpu().numpy(), level_sizes).to(device)
+        model = load_grc(out_dir, method.split("_")[0], device)
+        cfg = DecodeConfig(width=ev.beam, correct_width=ev.correct_width, alpha_e=ev.alpha_e)
+        stats = ReflectionStats()
+        with tqdm(total=len(test), unit="user", desc=f"{method} beam {ev.beam}", mininterval=5) as bar:
+            ranked = rank_with_grc(model, test, table, trie, cfg, ev.batch_size, bar.update, stats)
+        extra = {"reflection": stats.summary(), "alpha_e": ev.alpha_e,
+                 "correct_width": ev.correct_width or ev.beam}
+    elif method == "tiger":
         table, level_sizes, _ = load_item_table(out_dir, params.dataset.attributes)
         table = table.to(device)
         trie = PrefixTrie.from_ids(table.codes.cpu().numpy(), level_sizes).to(device)
@@ -55,7 +69,7 @@ def rank_test_users(params: Params, method: str) -> tuple[np.ndarray, np.ndarray
     else:
         raise ValueError(f"evaluate.methods: {method!r} is not evaluated by this stage yet")
     ranks = M.target_ranks(ranked, test.target.numpy())
-    return test.user.numpy(), ranks, time.perf_counter() - t0
+    return test.user.numpy(), ranks, time.perf_counter() - t0, extra
 
 
 def summarize_method(ranks: np.ndarray, beam: int, n_boot: int, seed: int) -> dict:

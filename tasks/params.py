@@ -93,12 +93,42 @@ class BackboneConfig:
 
 
 @dataclass(frozen=True)
+class MineConfig:
+    beam: int
+    top: int
+    sampled: int
+    max_instances: int
+    valid_instances: int
+    batch_size: int
+    seed: int
+    device: str
+
+    def __post_init__(self) -> None:
+        if self.top < 0 or self.sampled < 0 or not 0 < self.top + self.sampled <= self.beam:
+            raise ParamsError(f"mine: need 0 < top + sampled <= beam, got top={self.top} "
+                              f"sampled={self.sampled} beam={self.beam}")
+
+
+@dataclass(frozen=True)
+class SFTConfig:
+    variants: tuple[Literal["grc", "gc"], ...]
+    lambda_rc: float
+    draft_loss: Literal["target", "draft", "none"]
+    train: TrainConfig
+    valid_beam: int
+    valid_users: int
+    eval_batch_size: int
+
+
+@dataclass(frozen=True)
 class EvaluateConfig:
-    methods: tuple[Literal["tiger", "sasrec"], ...]
+    methods: tuple[Literal["tiger", "sasrec", "gc_sft", "grc_sft"], ...]
     beam: int
     batch_size: int
     bootstrap: int
     device: str
+    alpha_e: float
+    correct_width: int
 
 
 @dataclass(frozen=True)
@@ -109,6 +139,8 @@ class Params:
     tokenize: TokenizeConfig
     backbone: BackboneConfig
     sasrec: SASRecConfig
+    mine: MineConfig
+    sft: SFTConfig
     evaluate: EvaluateConfig
     raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 

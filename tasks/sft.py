@@ -1,0 +1,131 @@
+"""SFT tasks (GRC paper Sec. 4.1.2): the generate/reflect/correct template on mined drafts.
+
+Each variant (`sft.variants`: grc = full template, gc = the GC-SFT ablation without reflection
+labels) starts from the backbone's weights and trains on every mined training instance with
+its M drafts (`mine.top + mine.sampled`) per step, loss Eq. 10 (`grc_core.grc.sft_loss`).
+Model selection: Recall@10 of two-pass decoding at `sft.valid_beam` on a fixed validation
+subset. Outputs under `data/<dataset>/sft/<variant>/`: `model.safetensors`, `config.json`,
+resumable `ckpt/`; the log goes to `reports/<dataset>/sft_<variant>_log.csv`.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import torch
+from prefect import task
+from safetensors.torch import load_file
+from tqdm.auto import tqdm
+
+from grc_core.data import ItemTable, to_batch
+from grc_core.device import resolve_device
+from grc_core.evaluation import rank_with_grc, ranking_metrics
+from grc_core.grc import DecodeConfig, GRCModel, SFTLossConfig, sft_loss
+from grc_core.model import ModelConfig, Seq2Seq
+from grc_core.train import fit, load_weights
+from grc_core.trie import PrefixTrie
+from tasks import io
+from tasks.backbone import load_backbone, load_item_table, load_split, subset, write_log
+from tasks.params import Params
+from tasks.readers import sha256_file
+
+
+class MinedDrafts:
+    """Mined rows regrouped per instance: drafts (n, M, L), r_loc (n, M), r_sem (n, M, K)."""
+
+    def __init__(self, frame: pl.DataFrame, attributes: tuple[str, ...]):
+        frame = frame.sort(["instance", "cand"])
+        m = int(frame["cand"].max()) + 1
+        n = frame.height // m
+        if n * m != frame.height:
+            raise ValueError(f"mined drafts: {frame.height} rows is not a multiple of M={m} candidates")
+        self.instance = torch.from_numpy(frame["instance"].to_numpy()[::m].copy())  # (n,)
+        self.drafts = torch.from_numpy(np.stack(frame["codes"].to_numpy()).astype(np.int64)).view(n, m, -1)
+        self.r_loc = torch.from_numpy(frame["r_loc"].to_numpy().astype(np.int64)).view(n, m)
+        sem = [frame[f"r_sem_{a}"].to_numpy().astype(np.int64) for a in attributes]
+        self.r_sem = (torch.from_numpy(np.stack(sem, 1)) if sem else torch.zeros(n * m, 0, dtype=torch.long)).view(n, m, -1)
+
+    def __len__(self) -> int:
+        return self.instance.shape[0]
+
+
+def build_grc(seq: Seq2Seq, num_attrs: int, variant: str, seed: int) -> GRCModel:
+    torch.manual_seed(seed)
+    return GRCModel(seq, num_attrs, reflect=(variant == "grc"))
+
+
+@task
+def train_sft(params: Params, variant: str) -> dict:
+    sf, out_dir = params.sft, params.dataset_dir()
+    device = resolve_device(sf.train.device)
+    attributes = params.dataset.attributes
+    table, level_sizes, _ = load_item_table(out_dir, attributes)
+    table = table.to(device)
+    trie = PrefixTrie.from_ids(table.codes.cpu().numpy(), level_sizes).to(device)
+    mined = MinedDrafts(pl.read_parquet(out_dir / "mine" / "train.parquet"), attributes)
+    train = load_split(out_dir, "train", params.data.max_history).select(mined.instance)
+    valid = subset(load_split(out_dir, "valid", params.data.max_history), sf.valid_users, sf.train.seed)
+    model = build_grc(load_backbone(out_dir, device), len(attributes), variant, sf.train.seed).to(device)
+    loss_cfg = SFTLossConfig(sf.lambda_rc, sf.draft_loss)
+    drafts, r_loc, r_sem = mined.drafts.to(device), mined.r_loc.to(device), mined.r_sem.to(device)
+
+    def loss_fn(m: torch.nn.Module, idx: torch.Tensor) -> torch.Tensor:
+        batch = to_batch(train.select(idx), table)
+        loss, _ = sft_loss(m, batch, drafts[idx.to(device)], r_loc[idx.to(device)], r_sem[idx.to(device)], loss_cfg)
+        return loss
+
+    def evaluate(m: torch.nn.Module) -> dict[str, float]:
+        ranked = rank_with_grc(m, valid, table, trie, DecodeConfig(width=sf.valid_beam), sf.eval_batch_size)
+        summary, _ = ranking_metrics(ranked, valid.target.numpy(), ks=(5, 10, 20))
+        return summary
+
+    work = out_dir / "sft" / variant
+    bar = tqdm(total=0, unit="step", mininterval=5, dynamic_ncols=True)
+    bar_epoch = [-1]
+
+    def on_step(epoch: int, steps: int, loss: float) -> None:
+        if epoch != bar_epoch[0]:
+            bar_epoch[0] = epoch
+            bar.reset(total=steps)
+            bar.set_description(f"sft {variant} epoch {epoch + 1}")
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
+
+    def log(record: dict) -> None:
+        print(f"sft {variant} " + " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                          for k, v in record.items()), flush=True)
+
+    # Validation of the starting point: the backbone inside the template (the correction head is untrained).
+    t0 = time.perf_counter()
+    fingerprint = "|".join([variant, params.section_hash("sft"), str(params.data.max_history),
+                            sha256_file(out_dir / "mine" / "train.parquet"),
+                            sha256_file(out_dir / "backbone" / "model.safetensors")])
+    state = fit(model, len(mined), loss_fn, evaluate, sf.train, work / "ckpt", select="recall@10", log=log,
+                fingerprint=fingerprint, on_step=on_step)
+    bar.close()
+    wall = time.perf_counter() - t0
+    write_log(params.reports_dir() / f"sft_{variant}_log.csv", state.history)
+    load_weights(work / "ckpt" / "best", model)
+    shutil.copyfile(work / "ckpt" / "best" / "model.safetensors", work / "model.safetensors.tmp")
+    (work / "model.safetensors.tmp").replace(work / "model.safetensors")
+    io.write_json(work / "config.json", {"model": asdict(model.seq.cfg), "level_sizes": list(level_sizes),
+                                         "attr_sizes": list(model.seq.attr_sizes), "num_attrs": len(attributes),
+                                         "variant": variant})
+    rates = [r["samples_per_s"] for r in state.history]
+    return {"variant": variant, "best_epoch": state.best_epoch, "best_valid_recall@10": state.best_metric,
+            "epochs_run": state.epoch, "instances": len(mined), "drafts_per_instance": int(mined.drafts.shape[1]),
+            "instances_per_s": float(np.median(rates)) if rates else 0.0, "wall_s_this_run": wall}
+
+
+def load_grc(out_dir: Path, variant: str, device: torch.device | str = "cpu") -> GRCModel:
+    cfg = json.loads((out_dir / "sft" / variant / "config.json").read_text())
+    seq = Seq2Seq(ModelConfig(**cfg["model"]), cfg["level_sizes"], cfg["attr_sizes"])
+    model = GRCModel(seq, cfg["num_attrs"], reflect=cfg["variant"] == "grc")
+    model.load_state_dict(load_file(str(out_dir / "sft" / variant / "model.safetensors")))
+    return model.to(device).eval()
