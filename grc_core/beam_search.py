@@ -128,8 +128,8 @@ class BeamTrace(NamedTuple):
 
 @torch.inference_mode()
 def beam_search(model: StepModel, batch: Any, trie: PrefixTrie, width: int,
-                initial_scores: torch.Tensor | None = None, return_trace: bool = False
-                ) -> BeamResult | tuple[BeamResult, BeamTrace]:
+                initial_scores: torch.Tensor | None = None, return_trace: bool = False,
+                exclude: torch.Tensor | None = None) -> BeamResult | tuple[BeamResult, BeamTrace]:
     """Batched trie-constrained beam search: a top-k over (beams x codes) per user and level.
 
     Python loops run over levels only. See the module docstring for scores, padding and ties.
@@ -137,6 +137,8 @@ def beam_search(model: StepModel, batch: Any, trie: PrefixTrie, width: int,
     start beam per draft; -inf for a start beam that must not continue); `model.begin` then
     returns log-probs (B, W0, V_0). Continuations of different start beams are different beams
     even where their codes agree, so one item can come back more than once.
+    `exclude` (B, N) bool: items a user must not get (e.g. their history); they are masked at
+    the last level like invalid codes, so the beam fills up with the next-best allowed items.
     """
     _check_width(width, "beam_search")
     logp, state = model.begin(batch)  # (B, W0, V_0)
@@ -156,7 +158,11 @@ def beam_search(model: StepModel, batch: Any, trie: PrefixTrie, width: int,
             logp, state = model.advance(state, parents, tokens, level - 1)  # (B, W', V_l)
             _check_logp(logp, b, nodes.shape[1], size, f"beam_search: advance at level {level - 1}")
         child = trie.child[level][nodes]  # (B, W', V_l) the trie mask as a gather
-        cand = torch.where(child >= 0, scores[..., None] + logp, float("-inf"))  # (B, W', V_l)
+        allowed = child >= 0  # (B, W', V_l)
+        if exclude is not None and level == trie.num_levels - 1:
+            banned = exclude.gather(1, child.clamp_min(0).view(b, -1)).view_as(child)  # (B, W', V_l)
+            allowed &= ~banned
+        cand = torch.where(allowed, scores[..., None] + logp, float("-inf"))  # (B, W', V_l)
         scores, flat = _select(cand.view(b, -1), counts[level])  # (B, W)
         parents, tokens = flat // size, flat % size  # (B, W)
         nodes = child.view(b, -1).gather(1, flat)  # (B, W) node at level+1, item index at the last

@@ -17,17 +17,29 @@ from grc_core.rewards import first_divergence
 from grc_core.trie import PrefixTrie
 
 
+def history_mask(history: torch.Tensor, n_items: int) -> torch.Tensor:
+    """(B, T) item ids, PAD < 0 -> (B, N) bool, True for the items in each user's history."""
+    out = torch.zeros(history.shape[0], n_items + 1, dtype=torch.bool, device=history.device)
+    out.scatter_(1, torch.where(history >= 0, history, n_items), True)  # padding lands in column N
+    return out[:, :n_items]
+
+
 @torch.inference_mode()
 def rank_with_backbone(model: Seq2Seq, inst: Instances, table: ItemTable, trie: PrefixTrie, width: int,
-                       batch_size: int = 256, progress: Callable[[int], None] | None = None
-                       ) -> tuple[np.ndarray, np.ndarray]:
-    """Top-`width` items (N, W) and their scores for every instance, by beam search."""
+                       batch_size: int = 256, progress: Callable[[int], None] | None = None,
+                       exclude_history: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Top-`width` items (N, W) and their scores for every instance, by beam search.
+
+    `exclude_history`: a user's history items are never returned (masked inside the search).
+    """
     model.eval()
     stepper = BackboneStepper(model)
     items, scores = [], []
+    n_items = table.codes.shape[0]
     for start in range(0, len(inst), batch_size):
         part = inst.select(torch.arange(start, min(start + batch_size, len(inst))))
-        res = beam_search(stepper, to_batch(part, table, with_target=False), trie, width)
+        exclude = history_mask(part.history.to(table.codes.device), n_items) if exclude_history else None
+        res = beam_search(stepper, to_batch(part, table, with_target=False), trie, width, exclude=exclude)
         items.append(res.items.cpu().numpy())
         scores.append(res.scores.float().cpu().numpy())
         if progress is not None:
@@ -99,13 +111,15 @@ class ReflectionStats:
 @torch.inference_mode()
 def rank_with_grc(model: GRCModel, inst: Instances, table: ItemTable, trie: PrefixTrie, cfg: DecodeConfig,
                   batch_size: int = 64, progress: Callable[[int], None] | None = None,
-                  stats: ReflectionStats | None = None) -> np.ndarray:
+                  stats: ReflectionStats | None = None, exclude_history: bool = False) -> np.ndarray:
     """Top-`cfg.width` items (N, W) of two-pass GRC decoding for every instance."""
     model.eval()
     items = []
+    n_items = table.codes.shape[0]
     for start in range(0, len(inst), batch_size):
         part = inst.select(torch.arange(start, min(start + batch_size, len(inst))))
-        res = grc_decode(model, to_batch(part, table, with_target=False), trie, cfg)
+        exclude = history_mask(part.history.to(table.codes.device), n_items) if exclude_history else None
+        res = grc_decode(model, to_batch(part, table, with_target=False), trie, cfg, exclude)
         if stats is not None:
             stats.update(res, part.target.to(res.items.device), table)
         items.append(res.items.cpu().numpy())

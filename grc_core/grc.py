@@ -317,11 +317,15 @@ def _merge(cand_items: torch.Tensor, cand_scores: torch.Tensor, width: int) -> t
 
 
 @torch.inference_mode()
-def grc_decode(model: GRCModel, batch: Batch, trie: PrefixTrie, cfg: DecodeConfig) -> GRCResult:
-    """Two-pass GRC inference for B users (module docstring, steps 1-4)."""
+def grc_decode(model: GRCModel, batch: Batch, trie: PrefixTrie, cfg: DecodeConfig,
+               exclude: torch.Tensor | None = None) -> GRCResult:
+    """Two-pass GRC inference for B users (module docstring, steps 1-4).
+
+    `exclude` (B, N) bool: items neither pass may return (e.g. the user's history).
+    """
     seq, t = model.seq, model.template
     n_levels = t.num_levels
-    drafts, trace = beam_search(BackboneStepper(seq), batch, trie, cfg.width, return_trace=True)
+    drafts, trace = beam_search(BackboneStepper(seq), batch, trie, cfg.width, return_trace=True, exclude=exclude)
     state: DecodeState = trace.state
     b, w_last = trace.parents.shape
     idx = trace.parents[:, :, None, None, None]  # (B, W, 1, 1, 1)
@@ -356,7 +360,8 @@ def grc_decode(model: GRCModel, batch: Batch, trie: PrefixTrie, cfg: DecodeConfi
     start = start.masked_fill(kept, NEG_INF)
     width_cor = cfg.correct_width or cfg.width
     stepper = _StartStepper(seq, first_logp, DecodeState(state.memory, keys, values, pos + 1))
-    corrected, ctrace = beam_search(stepper, None, trie, width_cor, initial_scores=start, return_trace=True)
+    corrected, ctrace = beam_search(stepper, None, trie, width_cor, initial_scores=start, return_trace=True,
+                                    exclude=exclude)
     source = torch.full_like(corrected.items, -1)  # (B, W_cor)
     source[:, : ctrace.origin.shape[1]] = ctrace.origin
     source = source.masked_fill(corrected.items < 0, -1)

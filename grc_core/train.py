@@ -71,8 +71,11 @@ def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, rank: int = 0,
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
     decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim < 2]
+    # fused: one kernel over all tensors; on CPU the default (foreach) step took 12x longer
+    # (196 ms vs 16 ms for the 1.2M-parameter backbone), about half of a training step.
+    fused = all(p.device.type in ("cpu", "cuda") for p in decay + no_decay)
     return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, fused=fused)
 
 
 def optimizer_tensors(opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:

@@ -78,7 +78,8 @@ def train_backbone(params: Params) -> dict:
         return sequence_loss(m(batch), batch.target_codes)
 
     def evaluate(m: torch.nn.Module) -> dict[str, float]:
-        ranked, _ = rank_with_backbone(m, valid, table, trie, bb.valid_beam, bb.eval_batch_size)
+        ranked, _ = rank_with_backbone(m, valid, table, trie, bb.valid_beam, bb.eval_batch_size,
+                                       exclude_history=params.data.exclude_history)
         summary, _ = ranking_metrics(ranked, valid.target.numpy(), ks=(5, 10, 20))
         return summary
 

@@ -53,7 +53,8 @@ def rank_test_users(params: Params, method: str) -> tuple[np.ndarray, np.ndarray
         cfg = DecodeConfig(width=ev.beam, correct_width=ev.correct_width, alpha_e=ev.alpha_e)
         stats = ReflectionStats()
         with tqdm(total=len(test), unit="user", desc=f"{method} beam {ev.beam}", mininterval=5) as bar:
-            ranked = rank_with_grc(model, test, table, trie, cfg, ev.batch_size, bar.update, stats)
+            ranked = rank_with_grc(model, test, table, trie, cfg, ev.batch_size, bar.update, stats,
+                                   params.data.exclude_history)
         extra = {"reflection": stats.summary(), "alpha_e": ev.alpha_e,
                  "correct_width": ev.correct_width or ev.beam}
     elif method == "tiger":
@@ -62,10 +63,11 @@ def rank_test_users(params: Params, method: str) -> tuple[np.ndarray, np.ndarray
         trie = PrefixTrie.from_ids(table.codes.cpu().numpy(), level_sizes).to(device)
         model = load_backbone(out_dir, device)
         with tqdm(total=len(test), unit="user", desc=f"{method} beam {ev.beam}", mininterval=5) as bar:
-            ranked, _ = rank_with_backbone(model, test, table, trie, ev.beam, ev.batch_size, bar.update)
+            ranked, _ = rank_with_backbone(model, test, table, trie, ev.beam, ev.batch_size, bar.update,
+                                           params.data.exclude_history)
     elif method == "sasrec":
         histories = [h[h >= 0].tolist() for h in test.history.numpy()]
-        ranked = rank_with_sasrec(out_dir, histories, ev.beam, device)
+        ranked = rank_with_sasrec(out_dir, histories, ev.beam, device, params.data.exclude_history)
     else:
         raise ValueError(f"evaluate.methods: {method!r} is not evaluated by this stage yet")
     ranks = M.target_ranks(ranked, test.target.numpy())

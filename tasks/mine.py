@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from grc_core.beam_search import beam_search
 from grc_core.data import Instances, to_batch
 from grc_core.device import resolve_device
+from grc_core.evaluation import history_mask
 from grc_core.model import BackboneStepper
 from grc_core.rewards import attribute_consistency, first_divergence
 from grc_core.trie import PrefixTrie
@@ -51,17 +52,19 @@ def choose_candidates(n: int, beam: int, top: int, sampled: int, seed: int) -> n
 
 @torch.inference_mode()
 def mine_split(model, inst: Instances, table, trie: PrefixTrie, beam: int, top: int, sampled: int, seed: int,
-               batch_size: int, attributes: tuple[str, ...], desc: str) -> pl.DataFrame:
+               batch_size: int, attributes: tuple[str, ...], desc: str, exclude_history: bool = False) -> pl.DataFrame:
     """Drafts and their labels for every instance of `inst`, M = top + sampled rows each."""
     stepper = BackboneStepper(model)
     picks = choose_candidates(len(inst), beam, top, sampled, seed)  # (N, M)
     m = picks.shape[1]
+    n_items = table.codes.shape[0]
     parts = []
     with tqdm(total=len(inst), unit="inst", desc=desc, mininterval=5) as bar:
         for start in range(0, len(inst), batch_size):
             idx = torch.arange(start, min(start + batch_size, len(inst)))
             part = inst.select(idx)
-            res = beam_search(stepper, to_batch(part, table, with_target=False), trie, beam)
+            exclude = history_mask(part.history.to(table.codes.device), n_items) if exclude_history else None
+            res = beam_search(stepper, to_batch(part, table, with_target=False), trie, beam, exclude=exclude)
             pos = torch.from_numpy(picks[start : start + len(idx)]).to(res.items.device)  # (b, M)
             items = res.items.gather(1, pos)  # (b, M)
             if bool((items < 0).any()):
@@ -129,7 +132,7 @@ def mine_labels(params: Params) -> dict:
         chosen = subset(inst, limit, mn.seed)
         t0 = time.perf_counter()
         frame = mine_split(model, chosen, table, trie, mn.beam, mn.top, mn.sampled, mn.seed + (split == "valid"),
-                           mn.batch_size, attributes, f"mine {split}")
+                           mn.batch_size, attributes, f"mine {split}", params.data.exclude_history)
         if limit and 0 < limit < len(inst):  # map back to rows of the full split
             rows = _subset_rows(len(inst), limit, mn.seed)
             frame = frame.with_columns(pl.Series("instance", rows[frame["instance"].to_numpy()]))

@@ -52,6 +52,7 @@ class DataConfig:
     min_sequence_length: int
     drop_short_users: bool
     min_title_share: float
+    exclude_history: bool
 
     def __post_init__(self) -> None:
         if self.max_history < 1:

@@ -52,5 +52,6 @@ def load_baseline(out_dir: Path, device: torch.device | str = "cpu") -> SASRec:
     return model.to(device).eval()
 
 
-def rank_with_sasrec(out_dir: Path, histories: list[list[int]], k: int, device: torch.device | str) -> np.ndarray:
-    return topk_items(load_baseline(out_dir, device), histories, k)
+def rank_with_sasrec(out_dir: Path, histories: list[list[int]], k: int, device: torch.device | str,
+                     exclude_history: bool = False) -> np.ndarray:
+    return topk_items(load_baseline(out_dir, device), histories, k, histories if exclude_history else None)

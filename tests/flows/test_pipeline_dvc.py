@@ -56,13 +56,18 @@ def test_repro_gives_unique_ids_and_test_metrics(project):
     tok = json.loads((project["root"] / "reports" / "tiny" / "tokenize.json").read_text())
     assert tok["n_distinct_ids"] == tok["n_items"] == project["counts"]["items"]
     metrics = json.loads((project["root"] / "reports" / "tiny" / "metrics.json").read_text())
-    assert set(metrics["methods"]) == {"tiger", "sasrec"}
+    assert set(metrics["methods"]) == {"tiger", "sasrec", "gc_sft", "grc_sft"}
     for method in metrics["methods"].values():
         assert method["users"] == project["counts"]["users"]
         m = method["metrics"]
         assert set(m) == {"recall@5", "recall@10", "ndcg@5", "ndcg@10"}  # beam 20: no Recall@100/200
         assert 0.0 <= m["ndcg@5"] <= m["recall@5"] <= m["recall@10"] <= 1.0
     assert set(metrics["methods"]["sasrec"]["vs_tiger"]) == {"recall@5", "recall@10", "ndcg@5", "ndcg@10"}
+    refl = metrics["methods"]["grc_sft"]["reflection"]
+    assert 0.0 <= refl["acc_loc@5"] <= 1.0 and 0.0 <= refl["acc_cat@10"] <= 1.0
+    assert "acc_loc@5" not in metrics["methods"]["gc_sft"]["reflection"]
+    mine = json.loads((project["root"] / "reports" / "tiny" / "mine.json").read_text())
+    assert mine["train"]["rows"] % 4 == 0 and abs(sum(mine["valid"]["r_loc_share"].values()) - 1) < 1e-9
 
 
 def test_second_repro_skips_every_stage(project):
@@ -78,5 +83,5 @@ def test_changing_an_evaluate_param_reruns_only_evaluate(project):
     (root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     status = project["dvc"]("status")
     assert "evaluate" in status.stdout
-    for stage in ("ingest", "embed", "tokenize", "backbone", "sasrec"):
+    for stage in ("ingest", "embed", "tokenize", "backbone", "sasrec", "mine", "sft"):
         assert f"{stage}:" not in status.stdout

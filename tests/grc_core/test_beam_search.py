@@ -253,3 +253,27 @@ def test_property_fast_equals_reference_and_full_width_is_exact(case):
     if width >= len(ids) and scale > 0:
         exact = exhaustive_topk(stub, users, trie, width)
         assert_same(out, exact)
+
+
+def test_excluded_items_never_come_back_and_the_beam_refills():
+    from grc_core.evaluation import history_mask
+    from grc_core.model import BackboneStepper
+    from tests.grc_core.test_model import LEVELS, batch_for, catalog, tiny
+
+    model, table = tiny(), catalog()
+    trie = PrefixTrie.from_ids(table.codes.numpy(), LEVELS)
+    batch = batch_for(table, [[0, 1, 2], [3]], [4, 5])._replace(target_codes=None)
+    stepper = BackboneStepper(model)
+    plain = beam_search(stepper, batch, trie, 10)
+    banned_items = plain.items[:, :3]  # (2, 3) each user's three best items
+    exclude = torch.zeros(2, table.codes.shape[0], dtype=torch.bool)
+    exclude.scatter_(1, banned_items, True)
+    res = beam_search(stepper, batch, trie, 10, exclude=exclude)
+    for u in range(2):
+        got = res.items[u].tolist()
+        assert not set(got) & set(banned_items[u].tolist())
+        assert len(set(got)) == 10 and min(got) >= 0
+        assert got[:7] == plain.items[u, 3:].tolist()  # the rest keeps its order, then new items fill in
+    hist = torch.tensor([[-1, 2, 7], [3, -1, -1]])
+    mask = history_mask(hist, 9)
+    assert mask.tolist() == [[i in (2, 7) for i in range(9)], [i == 3 for i in range(9)]]
