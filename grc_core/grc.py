@@ -40,9 +40,12 @@ Two-pass inference (`grc_decode`):
    the drafts, each starting from score_b + alpha_e * H_b (Eq. 25; alpha_e = 0 is plain GRC),
    keeping the best `B_cor` continuations over all drafts (the fixed beam budget of Sec. 4.3).
    Drafts whose reflection says "correct" (r_loc = L+1) start at -inf: they are kept as they are.
-4. Merge ("joint" rule): kept drafts with their draft score and corrected items with their
-   search score (draft score + alpha_e * H + correction log-prob), de-duplicated by item with
-   the best score, sorted; then the remaining drafts in draft order fill the list up to B.
+4. Merge. "joint" (the paper's reading: a draft judged wrong is replaced by its correction):
+   kept drafts with their draft score and corrected items with their search score (draft score
+   + alpha_e * H + correction log-prob), de-duplicated by item with the best score, sorted; then
+   the remaining drafts in draft order fill the list up to B. "union": every draft stays with
+   its draft score and the corrections join it, so a draft always outranks its own corrections
+   and corrections of strong drafts displace the weakest drafts.
 """
 
 from __future__ import annotations
@@ -290,6 +293,7 @@ class DecodeConfig:
     width: int  # B, drafts per user and the final list length
     correct_width: int = 0  # B_cor, beams of the correction pass (0: = width)
     alpha_e: float = 0.0  # EGRS entropy coefficient (Eq. 25); 0: plain GRC inference
+    rank_rule: str = "joint"  # joint: drafts judged wrong give way to their corrections | union: every draft stays
 
 
 def _merge(cand_items: torch.Tensor, cand_scores: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -365,8 +369,11 @@ def grc_decode(model: GRCModel, batch: Batch, trie: PrefixTrie, cfg: DecodeConfi
     source = torch.full_like(corrected.items, -1)  # (B, W_cor)
     source[:, : ctrace.origin.shape[1]] = ctrace.origin
     source = source.masked_fill(corrected.items < 0, -1)
-    kept_items = drafts.items[:, :w_last].masked_fill(~kept, -1)
-    kept_scores = drafts.scores[:, :w_last].masked_fill(~kept, NEG_INF)
+    if cfg.rank_rule not in ("joint", "union"):
+        raise ValueError(f"rank_rule must be joint | union, got {cfg.rank_rule!r}")
+    listed = kept if cfg.rank_rule == "joint" else torch.ones_like(kept)
+    kept_items = drafts.items[:, :w_last].masked_fill(~listed, -1)
+    kept_scores = drafts.scores[:, :w_last].masked_fill(~listed, NEG_INF)
     ranked = torch.cat([kept_items, corrected.items], 1)  # (B, W + W_cor)
     ranked_scores = torch.cat([kept_scores, corrected.scores], 1)
     items, scores = _merge(ranked, ranked_scores, cfg.width)

@@ -130,6 +130,7 @@ class EvaluateConfig:
     device: str
     alpha_e: float
     correct_width: int
+    rank_rule: Literal["joint", "union"]
 
 
 @dataclass(frozen=True)

@@ -1,3 +1,4 @@
+import math
 import numpy as np
 import pytest
 import torch
@@ -201,3 +202,48 @@ def test_egrs_alpha_changes_only_the_correction_start():
     assert torch.equal(a.items, b.items) and torch.equal(a.scores, b.scores)
     assert torch.equal(a.drafts.items, c.drafts.items) and torch.equal(a.reflection, c.reflection)
     assert not torch.equal(a.corrected.scores, c.corrected.scores)
+
+
+def test_reflection_stats_by_hand():
+    from grc_core.beam_search import BeamResult
+    from grc_core.data import ItemTable
+    from grc_core.evaluation import ReflectionStats
+    from grc_core.grc import GRCResult
+
+    # 4 items with 2-level IDs; item 0 is the target.
+    table = ItemTable(torch.tensor([[0, 0], [0, 1], [1, 0], [1, 1]]), torch.tensor([[5], [5], [6], [5]]))
+    drafts = BeamResult(torch.tensor([[1, 2, 0]]), torch.tensor([[-1.0, -2.0, -3.0]]),
+                        table.codes[torch.tensor([[1, 2, 0]])])
+    # true r_loc: item 1 -> 2, item 2 -> 1, item 0 -> 3 (correct); true r_cat: 1, 0, 1
+    reflection = torch.tensor([[[2, 1], [2, 0], [3, 0]]])  # loc right, wrong, right; cat right, right, wrong
+    corrected = BeamResult(torch.tensor([[0, 1, 3]]), torch.tensor([[-1.5, -2.5, -4.0]]),
+                           table.codes[torch.tensor([[0, 1, 3]])])
+    source = torch.tensor([[0, 1, 1]])  # draft 0 (item 1) -> item 0: a fix; draft 1 (item 2) -> item 1 then 3
+    res = GRCResult(torch.tensor([[0, 1, 3]]), torch.zeros(1, 3), drafts, reflection, torch.zeros(1, 3),
+                    corrected, source)
+    stats = ReflectionStats(ks=(2, 3))
+    stats.update(res, torch.tensor([0]), table)
+    s = stats.summary()
+    assert s["acc_loc@2"] == pytest.approx(1 / 2) and s["acc_loc@3"] == pytest.approx(2 / 3)
+    assert s["acc_cat@2"] == pytest.approx(1.0) and s["acc_cat@3"] == pytest.approx(2 / 3)
+    assert s["copy_rate"] == 0.0  # no corrected item equals its draft
+    assert s["fix_rate"] == pytest.approx(1 / 2)  # two wrong drafts corrected, one fixed
+    assert math.isnan(s["break_rate"])  # the right draft (item 0) was not corrected
+    assert s["corrected_share@10"] == pytest.approx(2 / 3)
+
+
+def test_union_rule_keeps_every_draft_that_outscores_the_list_tail():
+    model, table, trie, batch = _setup(num_attrs=1, seed=5)
+    res = grc_decode(model, batch, trie, DecodeConfig(width=8, rank_rule="union"))
+    for u in range(3):
+        scores = res.scores[u][res.scores[u] > float("-inf")]
+        assert torch.equal(scores, scores.sort(descending=True).values)
+        floor = float(scores.min())
+        strong = {int(i) for i, sc in zip(res.drafts.items[u], res.drafts.scores[u]) if float(sc) > floor}
+        assert strong <= set(res.items[u].tolist())
+        # and each listed draft carries at least its draft score
+        for i, sc in zip(res.drafts.items[u].tolist(), res.drafts.scores[u].tolist()):
+            if i in res.items[u].tolist():
+                assert float(res.scores[u, res.items[u].tolist().index(i)]) >= sc - 1e-6
+    with pytest.raises(ValueError, match="rank_rule"):
+        grc_decode(model, batch, trie, DecodeConfig(width=4, rank_rule="bogus"))
