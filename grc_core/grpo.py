@@ -65,7 +65,9 @@ def _allowed(trie: PrefixTrie, level: int, nodes: torch.Tensor, exclude: torch.T
     ok = child >= 0
     if exclude is not None and level == trie.num_levels - 1:
         b = exclude.shape[0]
-        ok &= ~exclude.gather(1, child.clamp_min(0).reshape(b, -1)).view_as(child)
+        allowed = ok & ~exclude.gather(1, child.clamp_min(0).reshape(b, -1)).view_as(child)
+        # A prefix whose every item is excluded: sampling cannot back up, so that row keeps them.
+        ok = torch.where(allowed.any(-1, keepdim=True), allowed, ok)
     return ok, child
 
 

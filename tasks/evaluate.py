@@ -45,11 +45,12 @@ def rank_test_users(params: Params, method: str) -> tuple[np.ndarray, np.ndarray
     test = load_split(out_dir, "test", params.data.max_history)
     t0 = time.perf_counter()
     extra: dict = {}
-    if method in ("gc_sft", "grc_sft"):
+    if method in ("gc_sft", "grc_sft", "grc_rl"):
         table, level_sizes, _ = load_item_table(out_dir, params.dataset.attributes)
         table = table.to(device)
         trie = PrefixTrie.from_ids(table.codes.cpu().numpy(), level_sizes).to(device)
-        model = load_grc(out_dir, method.split("_")[0], device)
+        model = (load_grc(out_dir, "grc", device, stage="grpo") if method == "grc_rl"
+                 else load_grc(out_dir, method.split("_")[0], device))
         cfg = DecodeConfig(width=ev.beam, correct_width=ev.correct_width, alpha_e=ev.alpha_e, rank_rule=ev.rank_rule)
         stats = ReflectionStats()
         with tqdm(total=len(test), unit="user", desc=f"{method} beam {ev.beam}", mininterval=5) as bar:

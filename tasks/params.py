@@ -122,8 +122,39 @@ class SFTConfig:
 
 
 @dataclass(frozen=True)
+class GRPOParams:
+    iterations: int
+    users_per_step: int
+    group_size: int
+    clip_eps: float
+    kl_beta: float
+    ppo_epochs: int
+    temperature: float
+    advantage: Literal["zscore", "rank"]
+    beta_cor: float
+    beta_last: float
+    beta_loc: float
+    beta_sem: float
+    use_task: bool
+    use_cor: bool
+    use_loc: bool
+    use_sem: bool
+    use_delta: bool
+    lr: float
+    weight_decay: float
+    grad_clip: float
+    eval_every: int
+    valid_beam: int
+    valid_users: int
+    eval_batch_size: int
+    seed: int
+    device: str
+    threads: int
+
+
+@dataclass(frozen=True)
 class EvaluateConfig:
-    methods: tuple[Literal["tiger", "sasrec", "gc_sft", "grc_sft"], ...]
+    methods: tuple[Literal["tiger", "sasrec", "gc_sft", "grc_sft", "grc_rl"], ...]
     beam: int
     batch_size: int
     bootstrap: int
@@ -143,6 +174,7 @@ class Params:
     sasrec: SASRecConfig
     mine: MineConfig
     sft: SFTConfig
+    grpo: GRPOParams
     evaluate: EvaluateConfig
     raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 

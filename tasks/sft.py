@@ -124,9 +124,11 @@ def train_sft(params: Params, variant: str) -> dict:
             "instances_per_s": float(np.median(rates)) if rates else 0.0, "wall_s_this_run": wall}
 
 
-def load_grc(out_dir: Path, variant: str, device: torch.device | str = "cpu") -> GRCModel:
-    cfg = json.loads((out_dir / "sft" / variant / "config.json").read_text())
+def load_grc(out_dir: Path, variant: str, device: torch.device | str = "cpu", stage: str = "sft") -> GRCModel:
+    """A trained template model: `data/<ds>/sft/<variant>/` or, with stage="grpo", `data/<ds>/grpo/`."""
+    where = out_dir / "sft" / variant if stage == "sft" else out_dir / stage
+    cfg = json.loads((where / "config.json").read_text())
     seq = Seq2Seq(ModelConfig(**cfg["model"]), cfg["level_sizes"], cfg["attr_sizes"])
     model = GRCModel(seq, cfg["num_attrs"], reflect=cfg["variant"] == "grc")
-    model.load_state_dict(load_file(str(out_dir / "sft" / variant / "model.safetensors")))
+    model.load_state_dict(load_file(str(where / "model.safetensors")))
     return model.to(device).eval()

@@ -56,7 +56,7 @@ def test_repro_gives_unique_ids_and_test_metrics(project):
     tok = json.loads((project["root"] / "reports" / "tiny" / "tokenize.json").read_text())
     assert tok["n_distinct_ids"] == tok["n_items"] == project["counts"]["items"]
     metrics = json.loads((project["root"] / "reports" / "tiny" / "metrics.json").read_text())
-    assert set(metrics["methods"]) == {"tiger", "sasrec", "gc_sft", "grc_sft"}
+    assert set(metrics["methods"]) == {"tiger", "sasrec", "gc_sft", "grc_sft", "grc_rl"}
     for method in metrics["methods"].values():
         assert method["users"] == project["counts"]["users"]
         m = method["metrics"]
@@ -83,5 +83,5 @@ def test_changing_an_evaluate_param_reruns_only_evaluate(project):
     (root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     status = project["dvc"]("status")
     assert "evaluate" in status.stdout
-    for stage in ("ingest", "embed", "tokenize", "backbone", "sasrec", "mine", "sft"):
+    for stage in ("ingest", "embed", "tokenize", "backbone", "sasrec", "mine", "sft", "grpo"):
         assert f"{stage}:" not in status.stdout
