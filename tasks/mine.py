@@ -38,15 +38,27 @@ from tasks.params import Params
 from tasks.quality import gx_expectations, run_gate
 
 
-def choose_candidates(n: int, beam: int, top: int, sampled: int, seed: int) -> np.ndarray:
-    """Beam positions (n, top+sampled): the `top` best, then `sampled` uniform draws from the rest."""
+def choose_candidates(valid: np.ndarray, top: int, sampled: int, keys: np.ndarray) -> np.ndarray:
+    """Beam positions (n, top+sampled): the `top` best, then `sampled` distinct positions drawn
+    uniformly from the remaining valid ones (smallest random key first).
+
+    valid: (n, beam) bool, True where the beam returned an item (an excluded history item can
+    leave a beam short); keys: (n, beam) uniform random keys fixed per instance, so the choice
+    does not depend on the batch size.
+    """
+    n, beam = valid.shape
     if top + sampled > beam or top < 0 or sampled < 0 or top + sampled == 0:
         raise ValueError(f"mine: need 0 < top + sampled <= beam, got top={top} sampled={sampled} beam={beam}")
+    short = valid.sum(1) < top + sampled
+    if short.any():
+        row = int(np.argmax(short))
+        raise ValueError(f"mine: instance {row} has only {int(valid[row].sum())} items in its beam of {beam}, "
+                         f"fewer than top + sampled = {top + sampled}; raise mine.beam")
     head = np.broadcast_to(np.arange(top), (n, top))
     if sampled == 0:
         return np.ascontiguousarray(head)
-    rng = np.random.default_rng(seed)
-    rest = top + np.argsort(rng.random((n, beam - top)), axis=1)[:, :sampled]  # (n, sampled)
+    k = np.where(valid[:, top:], keys[:, top:], np.inf)  # (n, beam-top)
+    rest = top + np.argsort(k, axis=1, kind="stable")[:, :sampled]  # (n, sampled)
     return np.concatenate([head, np.sort(rest, axis=1)], axis=1)
 
 
@@ -55,8 +67,8 @@ def mine_split(model, inst: Instances, table, trie: PrefixTrie, beam: int, top: 
                batch_size: int, attributes: tuple[str, ...], desc: str, exclude_history: bool = False) -> pl.DataFrame:
     """Drafts and their labels for every instance of `inst`, M = top + sampled rows each."""
     stepper = BackboneStepper(model)
-    picks = choose_candidates(len(inst), beam, top, sampled, seed)  # (N, M)
-    m = picks.shape[1]
+    keys = np.random.default_rng(seed).random((len(inst), beam))  # (N, beam) fixed per instance
+    m = top + sampled
     n_items = table.codes.shape[0]
     parts = []
     with tqdm(total=len(inst), unit="inst", desc=desc, mininterval=5) as bar:
@@ -65,11 +77,10 @@ def mine_split(model, inst: Instances, table, trie: PrefixTrie, beam: int, top: 
             part = inst.select(idx)
             exclude = history_mask(part.history.to(table.codes.device), n_items) if exclude_history else None
             res = beam_search(stepper, to_batch(part, table, with_target=False), trie, beam, exclude=exclude)
-            pos = torch.from_numpy(picks[start : start + len(idx)]).to(res.items.device)  # (b, M)
+            valid = (res.items >= 0).cpu().numpy()  # (b, beam)
+            picks = choose_candidates(valid, top, sampled, keys[start : start + len(idx)])
+            pos = torch.from_numpy(picks).to(res.items.device)  # (b, M)
             items = res.items.gather(1, pos)  # (b, M)
-            if bool((items < 0).any()):
-                raise ValueError(f"mine: the beam of width {beam} has fewer valid items than needed "
-                                 f"(catalog smaller than the beam?)")
             scores = res.scores.gather(1, pos)
             codes = table.codes[items]  # (b, M, L)
             tgt = part.target.to(items.device)

@@ -8,6 +8,7 @@ import shutil
 import subprocess
 
 import pytest
+import torch
 import yaml
 
 from tasks.params import apply_override
@@ -85,3 +86,40 @@ def test_changing_an_evaluate_param_reruns_only_evaluate(project):
     assert "evaluate" in status.stdout
     for stage in ("ingest", "embed", "tokenize", "backbone", "sasrec", "mine", "sft", "grpo"):
         assert f"{stage}:" not in status.stdout
+
+
+def test_grpo_killed_mid_run_resumes_to_the_same_weights(project, prefect_server):
+    """A real SIGKILL after the first checkpoint; the rerun must end where an uninterrupted run ends."""
+    import signal
+    import time
+
+    from safetensors.torch import load_file
+
+    root = project["root"]
+    env = {**os.environ, "PATH": f"{VENV_BIN}:{os.environ['PATH']}", "PREFECT_API_URL": prefect_server["url"],
+           "PREFECT_HOME": str(prefect_server["home"])}
+    work = root / "data" / "tiny" / "grpo"
+    args = [str(VENV_BIN / "python"), "-m", "flows.grpo", "-S", "grpo.iterations=6", "-S", "grpo.eval_every=2"]
+
+    def run_clean() -> dict:
+        shutil.rmtree(work, ignore_errors=True)
+        subprocess.run(args, cwd=root, env=env, check=True, capture_output=True)
+        return load_file(str(work / "ckpt" / "last" / "model.safetensors"))
+
+    straight = run_clean()
+    shutil.rmtree(work, ignore_errors=True)
+    proc = subprocess.Popen(args, cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    trainer = work / "ckpt" / "last" / "trainer.json"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if trainer.exists() and json.loads(trainer.read_text())["state"]["step"] >= 2:
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert json.loads(trainer.read_text())["state"]["step"] < 6, "the run finished before it could be killed"
+    subprocess.run(args, cwd=root, env=env, check=True, capture_output=True)
+    resumed = load_file(str(work / "ckpt" / "last" / "model.safetensors"))
+    assert straight.keys() == resumed.keys()
+    for k in straight:
+        assert torch.equal(straight[k], resumed[k]), k

@@ -10,18 +10,26 @@ from tasks.sft import MinedDrafts
 from tests.grc_core.test_model import LEVELS, catalog, tiny
 
 
-def test_choose_candidates_keeps_the_top_and_samples_distinct_deeper_beams():
-    picks = choose_candidates(500, beam=20, top=3, sampled=4, seed=1)
+def test_choose_candidates_keeps_the_top_and_samples_distinct_valid_deeper_beams():
+    keys = np.random.default_rng(1).random((500, 20))
+    valid = np.ones((500, 20), dtype=bool)
+    valid[:250, 15:] = False  # half the beams are short
+    picks = choose_candidates(valid, top=3, sampled=4, keys=keys)
     assert picks.shape == (500, 7)
     assert (picks[:, :3] == [0, 1, 2]).all()
     deep = picks[:, 3:]
     assert deep.min() >= 3 and deep.max() <= 19
+    assert deep[:250].max() <= 14  # never a padding slot
     assert all(len(set(row)) == 4 for row in deep.tolist())
-    assert len(np.unique(deep)) == 17  # every deeper rank gets drawn somewhere
-    assert np.array_equal(picks, choose_candidates(500, 20, 3, 4, seed=1))
-    assert not np.array_equal(picks, choose_candidates(500, 20, 3, 4, seed=2))
+    assert len(np.unique(deep[250:])) == 17  # every deeper rank gets drawn somewhere
+    # a row's choice depends on its own keys only (not on the batch it is in)
+    assert np.array_equal(picks[260:270], choose_candidates(valid[260:270], 3, 4, keys[260:270]))
+    other = choose_candidates(valid, 3, 4, np.random.default_rng(2).random((500, 20)))
+    assert not np.array_equal(picks, other)
     with pytest.raises(ValueError, match="top \\+ sampled"):
-        choose_candidates(5, beam=4, top=3, sampled=2, seed=0)
+        choose_candidates(valid[:5, :4], top=3, sampled=2, keys=keys[:5, :4])
+    with pytest.raises(ValueError, match="raise mine.beam"):
+        choose_candidates(valid[:5, :16] & (np.arange(16) < 5), top=3, sampled=4, keys=keys[:5, :16])
 
 
 def test_mine_split_labels_match_their_definitions():
