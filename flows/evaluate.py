@@ -32,7 +32,8 @@ def evaluate_flow(params: Params) -> dict:
         append_quality_record(params, method, results[method], wall, seed)
         m = results[method]["metrics"]
         log.info("%s: %s", method, " ".join(f"{k}={v:.4f}" for k, v in m.items()))
-    base = "tiger" if "tiger" in results else None
+    # Paired tests against TIGER: this run's ranks, or those of the last TIGER evaluation on disk.
+    base = "tiger" if "tiger" in results or (out_dir / "eval" / "tiger.parquet").exists() else None
     for method in results:
         if base and method != base:
             results[method]["vs_" + base] = paired_against(out_dir, base, method, ev.bootstrap, seed)

@@ -111,10 +111,11 @@ class ReflectionStats:
 @torch.inference_mode()
 def rank_with_grc(model: GRCModel, inst: Instances, table: ItemTable, trie: PrefixTrie, cfg: DecodeConfig,
                   batch_size: int = 64, progress: Callable[[int], None] | None = None,
-                  stats: ReflectionStats | None = None, exclude_history: bool = False) -> np.ndarray:
-    """Top-`cfg.width` items (N, W) of two-pass GRC decoding for every instance."""
+                  stats: ReflectionStats | None = None, exclude_history: bool = False
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """Top-`cfg.width` items (N, W) of two-pass GRC decoding for every instance, and their merge scores."""
     model.eval()
-    items = []
+    items, scores = [], []
     n_items = table.codes.shape[0]
     for start in range(0, len(inst), batch_size):
         part = inst.select(torch.arange(start, min(start + batch_size, len(inst))))
@@ -123,6 +124,7 @@ def rank_with_grc(model: GRCModel, inst: Instances, table: ItemTable, trie: Pref
         if stats is not None:
             stats.update(res, part.target.to(res.items.device), table)
         items.append(res.items.cpu().numpy())
+        scores.append(res.scores.float().cpu().numpy())
         if progress is not None:
             progress(len(part))
-    return np.concatenate(items)
+    return np.concatenate(items), np.concatenate(scores)

@@ -54,7 +54,7 @@ def rank_test_users(params: Params, method: str) -> tuple[np.ndarray, np.ndarray
         cfg = DecodeConfig(width=ev.beam, correct_width=ev.correct_width, alpha_e=ev.alpha_e, rank_rule=ev.rank_rule)
         stats = ReflectionStats()
         with tqdm(total=len(test), unit="user", desc=f"{method} beam {ev.beam}", mininterval=5) as bar:
-            ranked = rank_with_grc(model, test, table, trie, cfg, ev.batch_size, bar.update, stats,
+            ranked, _ = rank_with_grc(model, test, table, trie, cfg, ev.batch_size, bar.update, stats,
                                    params.data.exclude_history)
         extra = {"reflection": stats.summary(), "alpha_e": ev.alpha_e, "rank_rule": ev.rank_rule,
                  "correct_width": ev.correct_width or ev.beam}
