@@ -28,7 +28,7 @@ from grc_core.grc import DecodeConfig
 from grc_core.device import resolve_device
 from grc_core.trie import PrefixTrie
 from tasks import io
-from tasks.backbone import load_backbone, load_item_table, load_split
+from tasks.backbone import load_backbone, load_item_table, load_split, subset
 from tasks.env import PROJECT_ROOT
 from tasks.params import Params
 from tasks.sasrec import rank_with_sasrec
@@ -42,7 +42,7 @@ def rank_test_users(params: Params, method: str) -> tuple[np.ndarray, np.ndarray
     """(user ids (U,), 1-based target ranks (U,), wall seconds, extra stats) for one method."""
     out_dir, ev = params.dataset_dir(), params.evaluate
     device = resolve_device(ev.device)
-    test = load_split(out_dir, "test", params.data.max_history)
+    test = subset(load_split(out_dir, "test", params.data.max_history), ev.users, params.backbone.train.seed)
     t0 = time.perf_counter()
     extra: dict = {}
     if method in ("gc_sft", "grc_sft", "grc_rl"):
@@ -90,10 +90,23 @@ def save_ranks(out_dir: Path, method: str, users: np.ndarray, ranks: np.ndarray)
 
 
 def paired_against(out_dir: Path, base: str, method: str, n_boot: int, seed: int) -> dict:
-    a = pl.read_parquet(out_dir / "eval" / f"{base}.parquet").sort("user_id")["rank"].to_numpy()
-    b = pl.read_parquet(out_dir / "eval" / f"{method}.parquet").sort("user_id")["rank"].to_numpy()
-    pa, pb = M.per_user_metrics(a, M.NDCG_KS), M.per_user_metrics(b, M.NDCG_KS)
-    return {k: M.paired_bootstrap(pa[k], pb[k], n_boot, seed) for k in pa}
+    """Paired bootstrap of `method` against `base` over the users both were evaluated on.
+
+    Also gives `base`'s metrics on exactly those users (`base_metrics`), for tables where a
+    method was evaluated on a subset (`evaluate.users`).
+    """
+    a = pl.read_parquet(out_dir / "eval" / f"{base}.parquet")
+    b = pl.read_parquet(out_dir / "eval" / f"{method}.parquet")
+    both = b.join(a, on="user_id", how="inner", suffix="_base").sort("user_id")
+    if both.height == 0:
+        raise ValueError(f"no user in common between the {base} and {method} rank files under {out_dir / 'eval'}")
+    ra, rb = both["rank_base"].to_numpy(), both["rank"].to_numpy()
+    pa, pb = M.per_user_metrics(ra, M.NDCG_KS), M.per_user_metrics(rb, M.NDCG_KS)
+    out = {k: M.paired_bootstrap(pa[k], pb[k], n_boot, seed) for k in pa}
+    full_a = M.per_user_metrics(ra, M.DEFAULT_KS, M.NDCG_KS)
+    out["base_metrics"] = M.summarize(full_a)
+    out["users"] = int(both.height)
+    return out
 
 
 def command_line() -> str:

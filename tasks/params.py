@@ -162,6 +162,25 @@ class EvaluateConfig:
     alpha_e: float
     correct_width: int
     rank_rule: Literal["joint", "union"]
+    users: int
+
+
+@dataclass(frozen=True)
+class CandidatesConfig:
+    method: Literal["tiger", "sasrec", "gc_sft", "grc_sft", "grc_rl"]
+    top_n: int
+    beam: int
+    users_per_shard: int
+    users_file: str
+    batch_size: int
+    device: str
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.top_n <= self.beam:
+            raise ParamsError(f"candidates: need 1 <= top_n <= beam, got top_n={self.top_n} beam={self.beam}")
+        if self.users_per_shard < 1 or self.batch_size < 1:
+            raise ParamsError(f"candidates: users_per_shard and batch_size must be >= 1, got "
+                              f"{self.users_per_shard} and {self.batch_size}")
 
 
 @dataclass(frozen=True)
@@ -176,6 +195,7 @@ class Params:
     sft: SFTConfig
     grpo: GRPOParams
     evaluate: EvaluateConfig
+    candidates: CandidatesConfig
     raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:

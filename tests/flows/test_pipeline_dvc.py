@@ -63,7 +63,10 @@ def test_repro_gives_unique_ids_and_test_metrics(project):
         m = method["metrics"]
         assert set(m) == {"recall@5", "recall@10", "ndcg@5", "ndcg@10"}  # beam 20: no Recall@100/200
         assert 0.0 <= m["ndcg@5"] <= m["recall@5"] <= m["recall@10"] <= 1.0
-    assert set(metrics["methods"]["sasrec"]["vs_tiger"]) == {"recall@5", "recall@10", "ndcg@5", "ndcg@10"}
+    vs = metrics["methods"]["sasrec"]["vs_tiger"]
+    assert set(vs) == {"recall@5", "recall@10", "ndcg@5", "ndcg@10", "base_metrics", "users"}
+    assert vs["users"] == project["counts"]["users"]
+    assert vs["base_metrics"]["recall@10"] == pytest.approx(metrics["methods"]["tiger"]["metrics"]["recall@10"])
     refl = metrics["methods"]["grc_sft"]["reflection"]
     assert 0.0 <= refl["acc_loc@5"] <= 1.0 and 0.0 <= refl["acc_cat@10"] <= 1.0
     assert "acc_loc@5" not in metrics["methods"]["gc_sft"]["reflection"]
