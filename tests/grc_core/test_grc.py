@@ -247,3 +247,15 @@ def test_union_rule_keeps_every_draft_that_outscores_the_list_tail():
                 assert float(res.scores[u, res.items[u].tolist().index(i)]) >= sc - 1e-6
     with pytest.raises(ValueError, match="rank_rule"):
         grc_decode(model, batch, trie, DecodeConfig(width=4, rank_rule="bogus"))
+
+
+def test_egrs_gives_the_correction_budget_to_the_most_uncertain_drafts():
+    model, table, trie, batch = _setup(num_attrs=1, seed=6)
+    plain = grc_decode(model, batch, trie, DecodeConfig(width=8, correct_width=3, alpha_e=0.0))
+    egrs = grc_decode(model, batch, trie, DecodeConfig(width=8, correct_width=3, alpha_e=1e4))
+    for u in range(3):
+        open_ = (plain.reflection[u, :, 0] <= L) & (plain.drafts.items[u] >= 0)  # drafts that go to correction
+        ent = plain.entropy[u].masked_fill(~open_, float("-inf"))
+        top = set(ent.topk(min(3, int(open_.sum()))).indices.tolist())
+        got = {int(s) for s in egrs.source[u].tolist() if s >= 0}
+        assert got <= top  # with a huge alpha_e only the highest-entropy drafts survive the first pruning
