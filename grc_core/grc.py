@@ -45,7 +45,10 @@ Two-pass inference (`grc_decode`):
    + alpha_e * H + correction log-prob), de-duplicated by item with the best score, sorted; then
    the remaining drafts in draft order fill the list up to B. "union": every draft stays with
    its draft score and the corrections join it, so a draft always outranks its own corrections
-   and corrections of strong drafts displace the weakest drafts.
+   and corrections of strong drafts displace the weakest drafts. "marginal": the two-pass model
+   as a mixture, p(i) = sum_b p(b) [q_b 1(i = b) + (1 - q_b) p_cor(i | b, r_b)] with
+   q_b = p(r_loc = L+1 | b), summed over the beams' candidates (log-sum-exp per item); every
+   draft goes to correction, starting at score_b + log(1 - q_b) (+ alpha_e * H).
 """
 
 from __future__ import annotations
@@ -320,6 +323,18 @@ def _merge(cand_items: torch.Tensor, cand_scores: torch.Tensor, width: int) -> t
     return out_items, out_scores
 
 
+def _sum_per_item(items: torch.Tensor, scores: torch.Tensor, n_items: int) -> torch.Tensor:
+    """Each candidate's score replaced by the log-sum-exp of all candidate scores of its item (row-wise)."""
+    b = items.shape[0]
+    idx = torch.where(items >= 0, items, n_items)  # (B, M) padding -> spare column
+    mx = torch.full((b, n_items + 1), NEG_INF, dtype=scores.dtype, device=scores.device)
+    mx = mx.scatter_reduce(1, idx, scores, reduce="amax")  # (B, N+1)
+    top = mx.gather(1, idx)  # (B, M)
+    safe = torch.where(top > NEG_INF, top, torch.zeros_like(top))
+    tot = torch.zeros_like(mx).scatter_add(1, idx, (scores - safe).exp())  # (B, N+1)
+    return torch.where(top > NEG_INF, safe + tot.gather(1, idx).log(), top)
+
+
 @torch.inference_mode()
 def grc_decode(model: GRCModel, batch: Batch, trie: PrefixTrie, cfg: DecodeConfig,
                exclude: torch.Tensor | None = None) -> GRCResult:
@@ -349,10 +364,14 @@ def grc_decode(model: GRCModel, batch: Batch, trie: PrefixTrie, cfg: DecodeConfi
         ent = torch.stack([-(F.log_softmax(lg, -1).exp() * F.log_softmax(lg, -1)).sum(-1) for lg in logits], -1)
         entropy = ent.mean(-1)  # (B, W) Eq. 24
         r_loc, r_sem = labels[..., 0], labels[..., 1:]
+        log_right = F.log_softmax(logits[0], -1)[..., n_levels]  # (B, W) log p(r_loc = L+1)
     else:
         labels = torch.zeros(b, w_last, 0, dtype=torch.long, device=codes.device)
         entropy = torch.zeros(b, w_last, dtype=hidden.dtype, device=codes.device)
         r_loc, r_sem = None, None
+        log_right = torch.full((b, w_last), NEG_INF, dtype=hidden.dtype, device=codes.device)
+    if cfg.rank_rule not in ("joint", "union", "marginal"):
+        raise ValueError(f"rank_rule must be joint | union | marginal, got {cfg.rank_rule!r}")
     x = model.eof2_input(r_loc, r_sem)  # (B, W, D)
     x = x.expand(b, w_last, -1)[:, :, None]  # (B, W, 1, D)
     pos = t.eof2
@@ -361,7 +380,10 @@ def grc_decode(model: GRCModel, batch: Batch, trie: PrefixTrie, cfg: DecodeConfi
     first_logp = F.log_softmax(seq.heads[0](hidden[:, :, 0]), -1)  # (B, W, V_0)
     start = drafts.scores[:, :w_last] + cfg.alpha_e * entropy  # (B, W) Eq. 25
     kept = (r_loc == n_levels + 1) if t.reflect else torch.zeros_like(start, dtype=torch.bool)
-    start = start.masked_fill(kept, NEG_INF)
+    if cfg.rank_rule == "marginal":  # every draft is corrected, weighted by p(wrong)
+        start = start + torch.log1p(-log_right.exp().clamp(max=1 - 1e-6))
+    else:
+        start = start.masked_fill(kept, NEG_INF)
     width_cor = cfg.correct_width or cfg.width
     stepper = _StartStepper(seq, first_logp, DecodeState(state.memory, keys, values, pos + 1))
     corrected, ctrace = beam_search(stepper, None, trie, width_cor, initial_scores=start, return_trace=True,
@@ -369,13 +391,15 @@ def grc_decode(model: GRCModel, batch: Batch, trie: PrefixTrie, cfg: DecodeConfi
     source = torch.full_like(corrected.items, -1)  # (B, W_cor)
     source[:, : ctrace.origin.shape[1]] = ctrace.origin
     source = source.masked_fill(corrected.items < 0, -1)
-    if cfg.rank_rule not in ("joint", "union"):
-        raise ValueError(f"rank_rule must be joint | union, got {cfg.rank_rule!r}")
     listed = kept if cfg.rank_rule == "joint" else torch.ones_like(kept)
     kept_items = drafts.items[:, :w_last].masked_fill(~listed, -1)
     kept_scores = drafts.scores[:, :w_last].masked_fill(~listed, NEG_INF)
+    if cfg.rank_rule == "marginal":
+        kept_scores = kept_scores + log_right  # draft b kept with probability p(r_loc = L+1 | b)
     ranked = torch.cat([kept_items, corrected.items], 1)  # (B, W + W_cor)
     ranked_scores = torch.cat([kept_scores, corrected.scores], 1)
+    if cfg.rank_rule == "marginal":
+        ranked_scores = _sum_per_item(ranked, ranked_scores, trie.ids.shape[0])
     items, scores = _merge(ranked, ranked_scores, cfg.width)
     items, scores = _backfill(items, scores, drafts, cfg.width)
     if w_last < cfg.width:

@@ -161,7 +161,7 @@ class EvaluateConfig:
     device: str
     alpha_e: float
     correct_width: int
-    rank_rule: Literal["joint", "union"]
+    rank_rule: Literal["joint", "union", "marginal"]
     users: int
 
 

@@ -259,3 +259,36 @@ def test_egrs_gives_the_correction_budget_to_the_most_uncertain_drafts():
         top = set(ent.topk(min(3, int(open_.sum()))).indices.tolist())
         got = {int(s) for s in egrs.source[u].tolist() if s >= 0}
         assert got <= top  # with a huge alpha_e only the highest-entropy drafts survive the first pruning
+
+
+def test_marginal_rule_sums_the_mixture_over_the_beams():
+    from grc_core.grc import _sum_per_item
+
+    items = torch.tensor([[4, 2, 4, -1, 2, 4]])
+    scores = torch.log(torch.tensor([[0.1, 0.2, 0.05, 0.3, 0.01, 0.02]]))
+    out = _sum_per_item(items, scores, n_items=6)
+    expect = torch.log(torch.tensor([[0.17, 0.21, 0.17, 0.3, 0.21, 0.17]]))
+    torch.testing.assert_close(out[0, [0, 1, 2, 4, 5]], expect[0, [0, 1, 2, 4, 5]])
+    assert out[0, 3] == scores[0, 3]  # padding untouched
+
+    model, table, trie, batch = _setup(num_attrs=1, seed=7)
+    res = grc_decode(model, batch, trie, DecodeConfig(width=6, rank_rule="marginal"))
+    # brute force from the returned pieces: p(i) = sum_b p(b) q_b 1(i=b) + sum over corrected beams
+    with torch.inference_mode():
+        for u in range(3):
+            total = {}
+            mem = model.seq.encode(batch)
+            mem_u = type(mem)([k[u : u + 1] for k in mem.keys], [v[u : u + 1] for v in mem.values], mem.mask[u : u + 1])
+            for w in range(6):
+                d, r = res.drafts.codes[u, w], res.reflection[u, w]
+                out_ = model(mem_u, d[None], r[0:1], r[None, 1:], d[None])
+                q = torch.softmax(out_.reflect[0][0], -1)[L]
+                item = int(res.drafts.items[u, w])
+                total[item] = total.get(item, 0.0) + float(res.drafts.scores[u, w].exp() * q)
+            for j in range(6):
+                item = int(res.corrected.items[u, j])
+                if item >= 0:
+                    total[item] = total.get(item, 0.0) + float(res.corrected.scores[u, j].exp())
+            for item, sc in zip(res.items[u].tolist(), res.scores[u].tolist()):
+                if sc > float("-inf"):
+                    assert sc == pytest.approx(float(torch.log(torch.tensor(total[item]))), abs=1e-4)
