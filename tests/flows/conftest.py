@@ -90,5 +90,35 @@ TINY_OVERRIDES = [
     "sft.train.epochs=1", "sft.train.batch_size=8", "sft.train.warmup_steps=5", "sft.valid_beam=10",
     "sft.valid_users=0", "evaluate.correct_width=10",
     "grpo.iterations=3", "grpo.users_per_step=8", "grpo.group_size=4", "grpo.eval_every=2", "grpo.valid_beam=10",
-    "grpo.valid_users=0",
+    "grpo.valid_users=0", "candidates.top_n=10", "candidates.beam=20", "candidates.users_per_shard=16",
 ]
+COPIED = ["flows", "tasks", "grc_core", "dvc.yaml", "params.yaml"]
+
+
+@pytest.fixture(scope="module")
+def tiny_project(tmp_path_factory, prefect_server):
+    """A copy of the project code whose params.yaml points at the tiny synthetic dataset with
+    TINY_OVERRIDES; `env` runs its commands against the session's Prefect server."""
+    import shutil
+
+    import yaml
+
+    from tasks.params import apply_override
+
+    root = tmp_path_factory.mktemp("project")
+    for name in COPIED:
+        src = PROJECT_ROOT / name
+        if src.is_dir():
+            shutil.copytree(src, root / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy(src, root / name)
+    counts = write_synthetic_lcrec(root / "source")
+    raw = yaml.safe_load((root / "params.yaml").read_text())
+    raw["datasets"]["tiny"] = {"format": "lcrec", "path": str(root / "source"), "prefix": "Tiny",
+                               "attributes": ["category", "brand"]}
+    for text in ["data.dataset=tiny", *TINY_OVERRIDES]:
+        apply_override(raw, text)
+    (root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    env = {**os.environ, "PATH": f"{VENV_BIN}:{os.environ['PATH']}", "PREFECT_API_URL": prefect_server["url"],
+           "PREFECT_HOME": str(prefect_server["home"]), "DVC_NO_ANALYTICS": "1"}
+    return {"root": root, "counts": counts, "env": env}

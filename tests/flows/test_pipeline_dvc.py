@@ -11,32 +11,14 @@ import pytest
 import torch
 import yaml
 
-from tasks.params import apply_override
-from tests.flows.conftest import PROJECT_ROOT, TINY_OVERRIDES, VENV_BIN, write_synthetic_lcrec
+from tests.flows.conftest import VENV_BIN
 
 pytestmark = pytest.mark.slow
 
-COPIED = ["flows", "tasks", "grc_core", "dvc.yaml", "params.yaml"]
-
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory, prefect_server):
-    root = tmp_path_factory.mktemp("project")
-    for name in COPIED:
-        src = PROJECT_ROOT / name
-        if src.is_dir():
-            shutil.copytree(src, root / name, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy(src, root / name)
-    counts = write_synthetic_lcrec(root / "source")
-    raw = yaml.safe_load((root / "params.yaml").read_text())
-    raw["datasets"]["tiny"] = {"format": "lcrec", "path": str(root / "source"), "prefix": "Tiny",
-                               "attributes": ["category", "brand"]}
-    for text in ["data.dataset=tiny", *TINY_OVERRIDES]:
-        apply_override(raw, text)
-    (root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
-    env = {**os.environ, "PATH": f"{VENV_BIN}:{os.environ['PATH']}", "PREFECT_API_URL": prefect_server["url"],
-           "PREFECT_HOME": str(prefect_server["home"]), "DVC_NO_ANALYTICS": "1"}
+def project(tiny_project):
+    root, env = tiny_project["root"], tiny_project["env"]
     for cmd in (["git", "init", "-q"], [str(VENV_BIN / "dvc"), "init", "-q"]):
         subprocess.run(cmd, cwd=root, check=True, env=env)
 
@@ -45,7 +27,7 @@ def project(tmp_path_factory, prefect_server):
 
     first = dvc("repro")
     assert first.returncode == 0, first.stdout[-4000:] + first.stderr[-4000:]
-    return {"root": root, "counts": counts, "dvc": dvc, "first": first}
+    return {"root": root, "counts": tiny_project["counts"], "dvc": dvc, "first": first}
 
 
 def test_repro_ingests_and_reports_counts_from_the_store(project):
@@ -72,6 +54,25 @@ def test_repro_gives_unique_ids_and_test_metrics(project):
     assert "acc_loc@5" not in metrics["methods"]["gc_sft"]["reflection"]
     mine = json.loads((project["root"] / "reports" / "tiny" / "mine.json").read_text())
     assert mine["train"]["rows"] % 4 == 0 and abs(sum(mine["valid"]["r_loc_share"].values()) - 1) < 1e-9
+
+
+def test_repro_dumps_candidates_that_duckdb_and_polars_read(project):
+    import duckdb
+    import polars as pl
+
+    out = project["root"] / "data" / "tiny" / "candidates"
+    manifest = json.loads((out / "manifest.json").read_text())
+    users, top_n = project["counts"]["users"], 10  # candidates.top_n in TINY_OVERRIDES
+    assert manifest["method"] == "grc_rl" and manifest["top_n"] == top_n
+    assert [s["users"] for s in manifest["shards"]] == [16, 16, users - 32]  # users_per_shard=16
+    [(rows, n_users, ranks_ok)] = duckdb.sql(
+        f"SELECT count(*), count(DISTINCT user_id), bool_and(rank BETWEEN 1 AND {top_n}) "
+        f"FROM '{out}/*.parquet'").fetchall()
+    assert (rows, n_users, ranks_ok) == (users * top_n, users, True)
+    frame = pl.read_parquet(out / "*.parquet")
+    assert frame.schema == {"user_id": pl.Int64, "rank": pl.Int32, "item_id": pl.Int64, "score": pl.Float32}
+    assert frame.height == manifest["rows"] == users * top_n
+    assert frame.group_by("user_id").agg(pl.col("item_id").n_unique())["item_id"].min() == top_n
 
 
 def test_second_repro_skips_every_stage(project):

@@ -1,0 +1,63 @@
+"""Stage `candidates`: top-N items with scores of one method for every test user, as Parquet shards.
+
+    python -m flows.candidates [-S candidates.method=tiger] [-S candidates.top_n=100] [-S candidates.users_file=ids.txt]
+
+Writes `data/<dataset>/candidates/part-*.parquet` (user_id, rank, item_id, score), a sidecar per
+shard, and `manifest.json` last; `reports/<dataset>/candidates.json` (DVC metrics). A killed run
+resumes: shards whose sidecar matches this run are kept (tasks/candidates.py).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Sequence
+
+from prefect import flow, get_run_logger
+
+from tasks import io
+from tasks.candidates import (current_shard, gate_shard, load_ranker, plan_dump, rank_shard, remove_stale_shards,
+                              start_dump, write_manifest, write_shard)
+from tasks.cli import parse_cli
+from tasks.params import Params
+
+
+@flow(name="candidates")
+def candidates_flow(params: Params) -> dict:
+    log = get_run_logger()
+    t0 = time.perf_counter()
+    plan = plan_dump(params)
+    start_dump(plan.out_dir)
+    ranker, records, reused = None, [], 0
+    for shard in plan.shards:
+        record = current_shard(plan.out_dir, shard, plan.fingerprint)
+        if record is not None:
+            reused += 1
+            log.info("%s: %d users, kept from an earlier run", shard.name, len(shard.users))
+        else:
+            ranker = ranker or load_ranker(params)
+            frame = rank_shard(ranker, shard, plan.top_n)
+            # The gate runs before the shard is written: a bad shard never reaches the folder.
+            gate_shard(frame, len(shard.users), plan.top_n, plan.n_items, params.reports_dir(),
+                       suite=f"candidates_{shard.name}")
+            record = write_shard(plan.out_dir, shard, frame, plan.fingerprint)
+            log.info("%s: %d users written", shard.name, len(shard.users))
+        records.append(record)
+    stale = remove_stale_shards(plan.out_dir, {s.name for s in plan.shards})
+    manifest = write_manifest(plan, records)
+    wall = time.perf_counter() - t0
+    report = {"dataset": plan.dataset, "method": plan.method, "top_n": plan.top_n, "users": manifest["users"],
+              "rows": manifest["rows"], "shards": len(records), "shards_reused": reused,
+              "stale_removed": len(stale), "wall_s": round(wall, 1)}
+    io.write_json(params.reports_dir() / "candidates.json", report)
+    log.info("%s: %d users x top %d from %s in %d shards (%d kept from an earlier run), %.1f s",
+             plan.dataset, report["users"], plan.top_n, plan.method, len(records), reused, wall)
+    return report
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    return candidates_flow(parse_cli(argv, __doc__))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,356 @@
+"""Batch candidate dumps: the top-N items and scores of one method for the test users.
+
+`data/<dataset>/candidates/` holds
+- `part-00000.parquet`, ...: columns user_id (int64), rank (int32, 1-based), item_id (int64),
+  score (float32); exactly `candidates.top_n` rows per user, sorted by user then rank, and
+  `candidates.users_per_shard` users per shard in ascending user order. Ids are the dense ids
+  of the splits: `items.parquet` maps item_id to source_item_id, the store's `interactions`
+  table maps user_id to source_user_id.
+- `part-00000.json`, ...: each shard's sidecar, written after its shard: sha256, rows, users
+  and the dump's fingerprint (method, model files, test split, tokenizer, decoding params,
+  the decoding code, torch and polars versions).
+- `manifest.json`, written last: method, dataset, model file sha256, params hash, rows and
+  sha256 of every shard, creation time, top_n. No manifest means the dump is incomplete.
+
+Histories are those of `splits/test.parquet` (the history before each user's test item).
+Scores: summed log-probabilities of the beam (tiger), the merge score of two-pass decoding
+(gc_sft, grc_sft, grc_rl), the logit (sasrec). Where the GRC merge leaves its list short, the
+decoder fills it with the remaining drafts in draft order, scored -inf: they rank below every
+scored item and are written with score -inf. With `data.exclude_history` a user's own history
+items are never listed.
+
+Resuming: a restarted run keeps a shard only when its bytes match its sidecar's sha256 and the
+sidecar's fingerprint and user list match this run's; any other shard is decoded again. Each
+shard is decoded on its own, in the same batches whether or not the run was interrupted, and
+polars writes the same frame to the same bytes, so a resumed dump equals an uninterrupted one
+byte for byte (the manifest differs only in its creation time).
+
+A user for whom the decode returns fewer than top_n items (padding, id -1: history exclusion
+with a beam barely above top_n) stops the stage with an error naming the user, rather than a short list:
+readers may rely on exactly top_n rows per user. Raise `candidates.beam`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable, NamedTuple
+
+import numpy as np
+import polars as pl
+import torch
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from grc_core.device import resolve_device
+from grc_core.evaluation import rank_with_backbone, rank_with_grc
+from grc_core.grc import DecodeConfig
+from grc_core.sasrec import SASRec, score_all
+from grc_core.trie import PrefixTrie
+from tasks import io
+from tasks.backbone import load_backbone, load_item_table, load_split
+from tasks.env import PROJECT_ROOT
+from tasks.params import Params, resolve_path
+from tasks.quality import gx_expectations, run_gate
+from tasks.readers import sha256_file
+from tasks.sasrec import load_baseline
+from tasks.sft import load_grc
+
+MANIFEST = "manifest.json"
+SCHEMA = {"user_id": pl.Int64, "rank": pl.Int32, "item_id": pl.Int64, "score": pl.Float32}
+# Where each method's weights live under data/<dataset>/.
+MODEL_DIRS = {"tiger": "backbone", "sasrec": "sasrec", "gc_sft": "sft/gc", "grc_sft": "sft/grc", "grc_rl": "grpo"}
+GRC_METHODS = ("gc_sft", "grc_sft", "grc_rl")
+# The code a shard's bytes depend on (the stage's code deps in dvc.yaml, less I/O and params).
+DECODING_CODE = tuple(f"grc_core/{m}.py" for m in ("device", "model", "grc", "rewards", "data", "trie", "beam_search",
+                                                  "evaluation", "metrics", "sasrec")) + tuple(
+    f"tasks/{m}.py" for m in ("candidates", "backbone", "sasrec", "sft", "tokenize"))
+
+Ranker = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]  # test-split rows (U,) -> items, scores (U, W)
+
+
+class Shard(NamedTuple):
+    index: int
+    name: str  # file stem: part-00000
+    users: np.ndarray  # (U,) int64 user ids, ascending
+    rows: np.ndarray  # (U,) int64 rows of splits/test.parquet
+
+
+@dataclass(frozen=True)
+class DumpPlan:
+    method: str
+    dataset: str
+    top_n: int
+    beam: int
+    out_dir: Path
+    n_items: int
+    model_sha256: dict[str, str]  # path under data/<dataset>/ -> sha256
+    input_sha256: dict[str, str]  # the test split, items and tokenizer files the decode reads
+    params_hash: str
+    fingerprint: str
+    shards: tuple[Shard, ...]
+
+
+def read_users_file(path: Path, known: np.ndarray) -> np.ndarray:
+    """Ascending unique user ids listed in `path`: a Parquet file with a `user_id` column, or text
+    with one id per line (blank lines, `#` comments and a `user_id` header line are skipped).
+
+    Every id must be a user of the test split (`known`); a repeated id is an error too.
+    """
+    if not path.is_file():
+        raise FileNotFoundError(f"candidates.users_file: {path} does not exist")
+    if path.suffix == ".parquet":
+        frame = pl.read_parquet(path)
+        if "user_id" not in frame.columns:
+            raise ValueError(f"{path}: no column user_id (columns: {frame.columns})")
+        col = frame["user_id"]
+        if not col.dtype.is_integer():
+            raise ValueError(f"{path}: field user_id: expected integers, got {col.dtype}")
+        if col.null_count():
+            raise ValueError(f"{path}: field user_id, row {int(col.is_null().arg_max())}: null")
+        entries = [(f"row {i}", int(u)) for i, u in enumerate(col.to_list())]
+    else:
+        entries = []
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+            text = line.split("#", 1)[0].strip()
+            if not text or (not entries and text == "user_id"):
+                continue
+            try:
+                entries.append((f"line {n}", int(text)))
+            except ValueError:
+                raise ValueError(f"{path}: line {n}: user_id {text!r} is not an integer") from None
+    if not entries:
+        raise ValueError(f"{path}: lists no user ids")
+    known_set = set(known.tolist())
+    seen: dict[int, str] = {}
+    for where, user in entries:
+        if user not in known_set:
+            raise ValueError(f"{path}: {where}: user_id {user} is not a user of the test split")
+        if user in seen:
+            raise ValueError(f"{path}: {where}: user_id {user} repeats {seen[user]}")
+        seen[user] = where
+    return np.array(sorted(seen), dtype=np.int64)
+
+
+def make_shards(users: np.ndarray, rows: np.ndarray, per_shard: int) -> tuple[Shard, ...]:
+    """Users (ascending) in consecutive groups of `per_shard`; `rows[i]` is user i's test-split row."""
+    return tuple(Shard(k, f"part-{k:05d}", users[s:s + per_shard], rows[s:s + per_shard])
+                 for k, s in enumerate(range(0, len(users), per_shard)))
+
+
+def users_digest(users: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(users, dtype=np.int64).tobytes()).hexdigest()
+
+
+def code_digest() -> str:
+    """The decoding code: DVC re-runs the stage when it changes, and persisted shards must not survive."""
+    h = hashlib.sha256()
+    for name in DECODING_CODE:
+        h.update(name.encode() + b"\0" + (PROJECT_ROOT / name).read_bytes())
+    return h.hexdigest()
+
+
+def dump_fingerprint(params: Params, files: dict[str, str]) -> str:
+    """What the bytes of a shard depend on, besides its users: a different value recomputes it."""
+    cd, ev = params.candidates, params.evaluate
+    spec = {"method": cd.method, "top_n": cd.top_n, "beam": cd.beam, "batch_size": cd.batch_size,
+            "device": cd.device, "max_history": params.data.max_history,
+            "exclude_history": params.data.exclude_history, "files": files, "code": code_digest(),
+            "versions": {"torch": torch.__version__, "polars": pl.__version__},
+            "decode": ({"alpha_e": ev.alpha_e, "correct_width": ev.correct_width, "rank_rule": ev.rank_rule}
+                       if cd.method in GRC_METHODS else {})}
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
+
+
+@task
+def plan_dump(params: Params) -> DumpPlan:
+    """Users, shards and the fingerprint of this dump; fails early on a missing model or a bad users file."""
+    cd, out_dir = params.candidates, params.dataset_dir()
+    model_dir = MODEL_DIRS[cd.method]
+    model_paths = [f"{model_dir}/model.safetensors", f"{model_dir}/config.json"]
+    input_paths = ["splits/test.parquet"]
+    if cd.method != "sasrec":
+        input_paths += ["items.parquet", "tokenizer/semantic_ids.parquet", "tokenizer/tokenizer.json"]
+    for rel in model_paths + input_paths:
+        if not (out_dir / rel).is_file():
+            raise FileNotFoundError(f"candidates.method={cd.method}: {out_dir / rel} does not exist; "
+                                    "run the stage that makes it first")
+    model_sha = {rel: sha256_file(out_dir / rel) for rel in model_paths}
+    input_sha = {rel: sha256_file(out_dir / rel) for rel in input_paths}
+    test_users = pl.read_parquet(out_dir / "splits" / "test.parquet", columns=["user_id"])["user_id"].to_numpy()
+    users = (read_users_file(resolve_path(cd.users_file), test_users) if cd.users_file
+             else np.unique(test_users))
+    row_of = {int(u): i for i, u in enumerate(test_users)}
+    rows = np.array([row_of[int(u)] for u in users], dtype=np.int64)
+    if cd.method == "sasrec":
+        n_items = int(json.loads((out_dir / model_paths[1]).read_text())["n_items"])
+    else:
+        n_items = pl.scan_parquet(out_dir / "tokenizer" / "semantic_ids.parquet").select(pl.len()).collect().item()
+    return DumpPlan(method=cd.method, dataset=params.data.dataset, top_n=cd.top_n, beam=cd.beam,
+                    out_dir=out_dir / "candidates", n_items=n_items, model_sha256=model_sha,
+                    input_sha256=input_sha, params_hash=params.section_hash("data", "evaluate", "candidates"),
+                    fingerprint=dump_fingerprint(params, {**model_sha, **input_sha}),
+                    shards=make_shards(users.astype(np.int64), rows, cd.users_per_shard))
+
+
+def start_dump(out_dir: Path) -> None:
+    """A dump in progress has no manifest; temp files of a killed write are dropped."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / MANIFEST).unlink(missing_ok=True)
+    for tmp in out_dir.glob(".*.tmp"):
+        tmp.unlink(missing_ok=True)
+
+
+def current_shard(out_dir: Path, shard: Shard, fingerprint: str) -> dict | None:
+    """The sidecar record of a shard this run may keep as it is, or None if it must be decoded."""
+    path, side = out_dir / f"{shard.name}.parquet", out_dir / f"{shard.name}.json"
+    if not (path.is_file() and side.is_file()):
+        return None
+    try:
+        record = json.loads(side.read_text())
+    except ValueError:
+        return None
+    if record.get("fingerprint") != fingerprint or record.get("users_sha256") != users_digest(shard.users):
+        return None
+    return record if sha256_file(path) == record.get("sha256") else None
+
+
+def sasrec_top(model: SASRec, histories: list[list[int]], k: int, batch_size: int,
+               exclude_history: bool) -> tuple[np.ndarray, np.ndarray]:
+    """The k best items (B, k) and their logits, best first; ties go to the smaller item id.
+    Excluded history items come back as padding (-1, -inf), like the beam's."""
+    items, scores = [], []
+    for start in range(0, len(histories), batch_size):
+        chunk = histories[start:start + batch_size]
+        logits = score_all(model, chunk)  # (b, N)
+        if exclude_history:
+            for row, h in enumerate(chunk):
+                logits[row, h] = -np.inf
+        order = np.argsort(-logits, axis=1, kind="stable")[:, :k]  # (b, k)
+        top = np.take_along_axis(logits, order, 1)
+        items.append(np.where(np.isneginf(top), -1, order).astype(np.int64))
+        scores.append(top)
+    return np.concatenate(items), np.concatenate(scores)  # (B, k), (B, k)
+
+
+def load_ranker(params: Params) -> Ranker:
+    """The chosen method's decoder over test-split rows: (U,) rows -> items, scores (U, W), best first."""
+    cd, ev, out_dir = params.candidates, params.evaluate, params.dataset_dir()
+    device, exclude = resolve_device(cd.device), params.data.exclude_history
+    test = load_split(out_dir, "test", params.data.max_history)
+
+    def part(rows: np.ndarray):
+        return test.select(torch.as_tensor(rows, dtype=torch.long))
+
+    if cd.method == "sasrec":
+        model = load_baseline(out_dir, device)
+        return lambda rows: sasrec_top(model, [h[h >= 0].tolist() for h in part(rows).history.numpy()],
+                                       cd.top_n, cd.batch_size, exclude)
+    table, level_sizes, _ = load_item_table(out_dir, params.dataset.attributes)
+    table = table.to(device)
+    trie = PrefixTrie.from_ids(table.codes.cpu().numpy(), level_sizes).to(device)
+    if cd.method == "tiger":
+        model = load_backbone(out_dir, device)
+        return lambda rows: rank_with_backbone(model, part(rows), table, trie, cd.beam, cd.batch_size, None, exclude)
+    model = (load_grc(out_dir, "grc", device, stage="grpo") if cd.method == "grc_rl"
+             else load_grc(out_dir, cd.method.split("_")[0], device, stage="sft"))
+    cfg = DecodeConfig(width=cd.beam, correct_width=ev.correct_width, alpha_e=ev.alpha_e, rank_rule=ev.rank_rule)
+    return lambda rows: rank_with_grc(model, part(rows), table, trie, cfg, cd.batch_size, None, None, exclude)
+
+
+def top_lists(users: np.ndarray, items: np.ndarray, scores: np.ndarray, top_n: int) -> pl.DataFrame:
+    """(U,) users and their ranked (U, W) items and scores -> U * top_n rows of the dump schema.
+
+    Padding (item -1) within the first top_n is an error naming the user.
+    """
+    width = items.shape[1]
+    items, scores = items[:, :top_n], scores[:, :top_n]  # (U, top_n)
+    real = items >= 0
+    short = real.sum(1) < top_n
+    if short.any():
+        u = int(np.argmax(short))
+        raise ValueError(f"candidates: user_id {int(users[u])} gets only {int(real[u].sum())} items from a "
+                         f"ranking of width {width}, fewer than candidates.top_n={top_n} (its history items "
+                         "are excluded); raise candidates.beam or lower candidates.top_n")
+    return pl.DataFrame({
+        "user_id": np.repeat(users, top_n), "rank": np.tile(np.arange(1, top_n + 1), len(users)),
+        "item_id": items.reshape(-1), "score": scores.reshape(-1),
+    }, schema=SCHEMA)
+
+
+@task(cache_policy=NO_CACHE)  # the ranker holds a model: nothing worth hashing, nothing cached
+def rank_shard(ranker: Ranker, shard: Shard, top_n: int) -> pl.DataFrame:
+    items, scores = ranker(shard.rows)
+    return top_lists(shard.users, items, scores, top_n)
+
+
+def gate_columns(frame: pl.DataFrame) -> pl.DataFrame:
+    """Helper columns for the gate: score_step (score minus the previous rank's score; 0 at rank 1
+    and between equal scores, -inf after -inf included) and user_rows (rows of that user)."""
+    prev = pl.col("score").shift(1).over("user_id")
+    return frame.sort("user_id", "rank").with_columns(
+        pl.when(prev.is_null() | (pl.col("score") == prev)).then(0.0)
+        .otherwise(pl.col("score") - prev).alias("score_step"),
+        pl.len().over("user_id").alias("user_rows"),
+    )
+
+
+@task
+def gate_shard(frame: pl.DataFrame, n_users: int, top_n: int, n_items: int, report_dir: Path | None,
+               suite: str = "candidates") -> dict:
+    """Exactly top_n rows per user with ranks 1..top_n, ids in the catalog, no item twice for a user,
+    scores (no NaN or +inf; -inf for backfilled drafts) that never increase with rank."""
+    gxe = gx_expectations()
+    big = float(np.finfo(np.float32).max)
+    checks = [
+        *[gxe.ExpectColumnValuesToNotBeNull(column=c) for c in SCHEMA],
+        gxe.ExpectColumnValuesToBeBetween(column="user_rows", min_value=top_n, max_value=top_n),
+        gxe.ExpectColumnValuesToBeBetween(column="rank", min_value=1, max_value=top_n),
+        gxe.ExpectColumnValuesToBeBetween(column="item_id", min_value=0, max_value=n_items - 1),
+        gxe.ExpectCompoundColumnsToBeUnique(column_list=["user_id", "item_id"]),
+        gxe.ExpectCompoundColumnsToBeUnique(column_list=["user_id", "rank"]),
+        gxe.ExpectColumnValuesToBeBetween(column="score", max_value=big),
+        gxe.ExpectColumnValuesToBeBetween(column="score_step", max_value=0.0),
+        gxe.ExpectTableRowCountToEqual(value=n_users * top_n),
+    ]
+    return run_gate(suite, gate_columns(frame), checks, report_dir)
+
+
+@task(retries=2, retry_delay_seconds=2)
+def write_shard(out_dir: Path, shard: Shard, frame: pl.DataFrame, fingerprint: str) -> dict:
+    """The shard (atomically), then its sidecar: a sidecar always describes a complete shard."""
+    path = out_dir / f"{shard.name}.parquet"
+    io.write_parquet(path, frame)
+    record = {"file": path.name, "users": len(shard.users), "rows": frame.height, "sha256": sha256_file(path),
+              "first_user": int(shard.users[0]), "last_user": int(shard.users[-1]),
+              "users_sha256": users_digest(shard.users), "fingerprint": fingerprint}
+    io.write_json(out_dir / f"{shard.name}.json", record)
+    return record
+
+
+def remove_stale_shards(out_dir: Path, names: set[str]) -> list[str]:
+    """Shards of an earlier, larger dump (more users, smaller shards) that this one does not have."""
+    stale = sorted(p.name for p in out_dir.glob("part-*") if p.name.split(".")[0] not in names)
+    for name in stale:
+        (out_dir / name).unlink()
+    return stale
+
+
+@task(retries=2, retry_delay_seconds=2)
+def write_manifest(plan: DumpPlan, records: list[dict]) -> dict:
+    manifest = {
+        "method": plan.method, "dataset": plan.dataset, "top_n": plan.top_n, "beam": plan.beam,
+        "users": sum(r["users"] for r in records), "rows": sum(r["rows"] for r in records),
+        "columns": {k: str(v) for k, v in SCHEMA.items()},
+        "model_sha256": plan.model_sha256, "input_sha256": plan.input_sha256,
+        "params_hash": plan.params_hash, "params_sections": ["data", "evaluate", "candidates"],
+        "fingerprint": plan.fingerprint,
+        "shards": [{k: r[k] for k in ("file", "users", "rows", "sha256", "first_user", "last_user")}
+                   for r in records],
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    io.write_json(plan.out_dir / MANIFEST, manifest)
+    return manifest
