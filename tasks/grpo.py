@@ -76,7 +76,7 @@ def train_grpo(params: Params) -> dict:
         gen.set_state(gen_state)
 
     def validate() -> dict[str, float]:
-        ranked, _ = rank_with_grc(policy, valid, table, trie, DecodeConfig(width=gp.valid_beam), gp.eval_batch_size,
+        ranked, _ = rank_with_grc(policy, valid, table, trie, DecodeConfig(width=gp.valid_beam, rank_rule=params.evaluate.rank_rule), gp.eval_batch_size,
                                exclude_history=params.data.exclude_history)
         summary, _ = ranking_metrics(ranked, valid.target.numpy(), ks=(5, 10, 20))
         return summary

@@ -81,7 +81,7 @@ def train_sft(params: Params, variant: str) -> dict:
         return loss
 
     def evaluate(m: torch.nn.Module) -> dict[str, float]:
-        ranked, _ = rank_with_grc(m, valid, table, trie, DecodeConfig(width=sf.valid_beam), sf.eval_batch_size,
+        ranked, _ = rank_with_grc(m, valid, table, trie, DecodeConfig(width=sf.valid_beam, rank_rule=params.evaluate.rank_rule), sf.eval_batch_size,
                                exclude_history=params.data.exclude_history)
         summary, _ = ranking_metrics(ranked, valid.target.numpy(), ks=(5, 10, 20))
         return summary
