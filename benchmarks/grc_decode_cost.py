@@ -34,6 +34,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--variant", default="grc")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--correct-fracs", type=float, nargs="+", default=[1.0],
+                    help="correction budget as a share of the beam (evaluate.correct_width = frac x beam)")
+    ap.add_argument("--rule", default="union")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     params = load_params(None, [f"data.dataset={args.dataset}"])
@@ -46,21 +49,25 @@ def main(argv: list[str] | None = None) -> dict:
     excl = params.data.exclude_history
     rows = []
     for beam in args.beams:
-        best = {"backbone": float("inf"), "grc": float("inf")}
+        names = ["backbone"] + [f"grc@{f}" for f in args.correct_fracs]
+        best = {n: float("inf") for n in names}
         for r in range(args.repeats):
-            order = ["backbone", "grc"] if r % 2 == 0 else ["grc", "backbone"]
-            for name in order:
+            for name in (names if r % 2 == 0 else names[::-1]):
                 t0 = time.perf_counter()
                 if name == "backbone":
                     rank_with_backbone(backbone, users, table, trie, beam, args.batch, exclude_history=excl)
                 else:
-                    rank_with_grc(grc, users, table, trie, DecodeConfig(width=beam), args.batch, exclude_history=excl)
+                    frac = float(name.split("@")[1])
+                    cfg = DecodeConfig(width=beam, correct_width=max(1, int(round(frac * beam))), rank_rule=args.rule)
+                    rank_with_grc(grc, users, table, trie, cfg, args.batch, exclude_history=excl)
                 best[name] = min(best[name], time.perf_counter() - t0)
-        rows.append({"beam": beam, "users": len(users), "backbone_s": round(best["backbone"], 2),
-                     "grc_s": round(best["grc"], 2), "backbone_users_per_s": round(len(users) / best["backbone"], 1),
-                     "grc_users_per_s": round(len(users) / best["grc"], 1),
-                     "grc_over_backbone": round(best["grc"] / best["backbone"], 2)})
-        print(rows[-1], flush=True)
+        for name in names[1:]:
+            rows.append({"beam": beam, "correct_width": max(1, int(round(float(name.split("@")[1]) * beam))),
+                         "users": len(users), "backbone_s": round(best["backbone"], 2), "grc_s": round(best[name], 2),
+                         "backbone_users_per_s": round(len(users) / best["backbone"], 1),
+                         "grc_users_per_s": round(len(users) / best[name], 1),
+                         "grc_over_backbone": round(best[name] / best["backbone"], 2)})
+            print(rows[-1], flush=True)
     payload = {**stamp(vars(args)), "dataset": args.dataset, "variant": args.variant, "rows": rows}
     save(f"grc_decode_cost_{args.dataset}", payload)
     return payload

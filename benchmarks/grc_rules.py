@@ -31,7 +31,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--variants", nargs="+", default=["grc", "gc"])
     ap.add_argument("--rules", nargs="+", default=["joint", "union", "marginal"])
     ap.add_argument("--stage", default="sft", help="sft | grpo (grpo: the GRC-RL policy)")
+    ap.add_argument("--tag", default="", help="suffix of the JSON file name")
     ap.add_argument("--alphas", type=float, nargs="+", default=[0.0])
+    ap.add_argument("--correct-fracs", type=float, nargs="+", default=[1.0],
+                    help="correction budget as a share of the beam")
     args = ap.parse_args(argv)
     params = load_params(None, [f"data.dataset={args.dataset}"])
     out_dir = params.dataset_dir()
@@ -48,13 +51,15 @@ def main(argv: list[str] | None = None) -> dict:
         model = load_grc(out_dir, variant, stage=args.stage)
         for rule in args.rules:
             for alpha in args.alphas:
-                cfg = DecodeConfig(width=args.beam, alpha_e=alpha, rank_rule=rule)
-                ranked, _ = rank_with_grc(model, valid, table, trie, cfg, 128, exclude_history=excl)
-                rows.append({"method": f"{variant}_{args.stage}", "rule": rule, "alpha_e": alpha,
-                             **ranking_metrics(ranked, valid.target.numpy(), ks=ks)[0]})
-                print(rows[-1], flush=True)
+                for frac in args.correct_fracs:
+                    cw = max(1, int(round(frac * args.beam)))
+                    cfg = DecodeConfig(width=args.beam, correct_width=cw, alpha_e=alpha, rank_rule=rule)
+                    ranked, _ = rank_with_grc(model, valid, table, trie, cfg, 128, exclude_history=excl)
+                    rows.append({"method": f"{variant}_{args.stage}", "rule": rule, "alpha_e": alpha,
+                                 "correct_width": cw, **ranking_metrics(ranked, valid.target.numpy(), ks=ks)[0]})
+                    print(rows[-1], flush=True)
     payload = {**stamp(vars(args)), "dataset": args.dataset, "split": "valid", "rows": rows}
-    save(f"grc_rules_{args.dataset}_{args.stage}", payload)
+    save(f"grc_rules_{args.dataset}_{args.stage}{args.tag}", payload)
     return payload
 
 
