@@ -17,6 +17,7 @@ from tasks import io
 from tasks.cli import parse_cli
 from tasks.evaluate import append_quality_record, paired_against, rank_test_users, save_ranks, summarize_method
 from tasks.params import Params
+from tasks.report import write_report
 
 
 @flow(name="evaluate")
@@ -39,6 +40,7 @@ def evaluate_flow(params: Params) -> dict:
             results[method]["vs_" + base] = paired_against(out_dir, base, method, ev.bootstrap, seed)
     report = {"dataset": params.data.dataset, "beam": ev.beam, "methods": results}
     io.write_json(params.reports_dir() / "metrics.json", report)
+    log.info("run report: %s", write_report(params))
     return report
 
 

@@ -62,10 +62,13 @@ class ReflectionStats:
     with its best corrected beam: wrong draft turned right / right draft turned wrong.
     """
 
+    ENTROPY_EDGES = np.linspace(0.0, 2.0, 41)  # mean slot entropy is at most log(L+1) <= 2 for L <= 6
+
     def __init__(self, ks: tuple[int, ...] = (5, 10)):
         self.ks = ks
         self.sums: dict[str, float] = {}
         self.counts: dict[str, float] = {}
+        self.entropy_counts = np.zeros(len(self.ENTROPY_EDGES) - 1, dtype=np.int64)
 
     def _add(self, key: str, hits: torch.Tensor, valid: torch.Tensor) -> None:
         self.sums[key] = self.sums.get(key, 0.0) + float((hits & valid).sum())
@@ -78,6 +81,9 @@ class ReflectionStats:
         true_loc = first_divergence(drafts.codes.clamp_min(0).flatten(0, 1),
                                     tgt_codes.repeat_interleave(drafts.codes.shape[1], 0)).view_as(real)
         has_reflection = res.reflection.shape[-1] > 0
+        if has_reflection:
+            ent = res.entropy[real].float().cpu().numpy()
+            self.entropy_counts += np.histogram(np.clip(ent, 0.0, 2.0), self.ENTROPY_EDGES)[0]
         for k in self.ks:
             top = real.clone()
             top[:, k:] = False
@@ -104,8 +110,11 @@ class ReflectionStats:
         self._add("corrected_share@10", (res.reflection[:, :w, 0] <= tgt_codes.shape[1]) if has_reflection
                   else torch.ones_like(real[:, :w]), real[:, :w])
 
-    def summary(self) -> dict[str, float]:
-        return {k: self.sums[k] / self.counts[k] if self.counts[k] else float("nan") for k in self.sums}
+    def summary(self) -> dict:
+        out: dict = {k: self.sums[k] / self.counts[k] if self.counts[k] else float("nan") for k in self.sums}
+        if self.entropy_counts.sum():
+            out["entropy_hist"] = {"edges": self.ENTROPY_EDGES.tolist(), "counts": self.entropy_counts.tolist()}
+        return out
 
 
 @torch.inference_mode()

@@ -1,0 +1,42 @@
+import json
+
+import numpy as np
+import polars as pl
+
+from tasks.params import load_params
+from tasks.report import recall_curves, write_report
+
+
+def test_recall_curves_count_hits_at_every_k(tmp_path):
+    (tmp_path / "eval").mkdir()
+    pl.DataFrame({"user_id": [0, 1, 2, 3], "rank": [1, 3, 0, 200]}).write_parquet(tmp_path / "eval" / "tiger.parquet")
+    c = recall_curves(tmp_path / "eval")["tiger"]
+    assert c[0] == 0.25 and c[1] == 0.25 and c[2] == 0.5 and c[198] == 0.5 and c[199] == 0.75
+
+
+def test_report_has_the_table_the_plots_and_says_what_is_missing(tmp_path):
+    params = load_params(None, [f"data.data_dir={tmp_path / 'data'}", f"data.reports_dir={tmp_path / 'reports'}"])
+    ds, rep = params.dataset_dir(), params.reports_dir()
+    (ds / "eval").mkdir(parents=True)
+    rep.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for m in ("tiger", "grc_sft"):
+        pl.DataFrame({"user_id": np.arange(50), "rank": rng.integers(0, 201, 50)}).write_parquet(ds / "eval" / f"{m}.parquet")
+    metrics = {"dataset": "ml-100k", "beam": 200, "methods": {
+        "tiger": {"metrics": {"recall@10": 0.1, "ndcg@10": 0.05}, "users": 50},
+        "grc_sft": {"metrics": {"recall@10": 0.12, "ndcg@10": 0.06}, "users": 50,
+                    "reflection": {"acc_loc@5": 0.9, "entropy_hist": {"edges": [0.0, 0.5, 1.0], "counts": [3, 4]}},
+                    "vs_tiger": {"recall@10": {"diff": 0.02, "p_value": 0.3}, "ndcg@10": {"diff": 0.01, "p_value": 0.4},
+                                 "users": 50}}}}
+    (rep / "metrics.json").write_text(json.dumps(metrics))
+    (rep / "backbone_log.csv").write_text("epoch,valid_recall@10\n1,0.05\n2,0.08\n")
+    path = write_report(params)
+    text = path.read_text()
+    assert "| grc_sft | 50 | 0.0600 | 0.1200 |" in text
+    assert "grc_sft − TIGER on the same 50 users: recall@10 +0.0200 (p=0.300)" in text
+    assert "acc_loc@5 0.900" in text
+    for fig in ("recall_at_k.png", "reflection_entropy.png", "training.png"):
+        data = (rep / "figures" / fig).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000
+        assert f"figures/{fig}" in text
+    assert "r_loc distribution (no mine.json)" in text  # said, not silently dropped
