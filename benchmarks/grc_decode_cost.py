@@ -34,9 +34,11 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--variant", default="grc")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--tag", default="", help="suffix of the JSON file name")
     ap.add_argument("--correct-fracs", type=float, nargs="+", default=[1.0],
                     help="correction budget as a share of the beam (evaluate.correct_width = frac x beam)")
     ap.add_argument("--rule", default="union")
+    ap.add_argument("--reflect-frac", type=float, default=1.0, help="reflection budget as a share of the beam")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     params = load_params(None, [f"data.dataset={args.dataset}"])
@@ -58,7 +60,8 @@ def main(argv: list[str] | None = None) -> dict:
                     rank_with_backbone(backbone, users, table, trie, beam, args.batch, exclude_history=excl)
                 else:
                     frac = float(name.split("@")[1])
-                    cfg = DecodeConfig(width=beam, correct_width=max(1, int(round(frac * beam))), rank_rule=args.rule)
+                    cfg = DecodeConfig(width=beam, correct_width=max(1, int(round(frac * beam))), rank_rule=args.rule,
+                                       reflect_width=max(1, int(round(args.reflect_frac * beam))))
                     rank_with_grc(grc, users, table, trie, cfg, args.batch, exclude_history=excl)
                 best[name] = min(best[name], time.perf_counter() - t0)
         for name in names[1:]:
@@ -69,7 +72,7 @@ def main(argv: list[str] | None = None) -> dict:
                          "grc_over_backbone": round(best[name] / best["backbone"], 2)})
             print(rows[-1], flush=True)
     payload = {**stamp(vars(args)), "dataset": args.dataset, "variant": args.variant, "rows": rows}
-    save(f"grc_decode_cost_{args.dataset}", payload)
+    save(f"grc_decode_cost_{args.dataset}{args.tag}", payload)
     return payload
 
 

@@ -32,6 +32,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--rules", nargs="+", default=["joint", "union", "marginal"])
     ap.add_argument("--stage", default="sft", help="sft | grpo (grpo: the GRC-RL policy)")
     ap.add_argument("--tag", default="", help="suffix of the JSON file name")
+    ap.add_argument("--reflect-frac", type=float, default=1.0, help="reflection budget as a share of the beam")
     ap.add_argument("--alphas", type=float, nargs="+", default=[0.0])
     ap.add_argument("--correct-fracs", type=float, nargs="+", default=[1.0],
                     help="correction budget as a share of the beam")
@@ -53,7 +54,8 @@ def main(argv: list[str] | None = None) -> dict:
             for alpha in args.alphas:
                 for frac in args.correct_fracs:
                     cw = max(1, int(round(frac * args.beam)))
-                    cfg = DecodeConfig(width=args.beam, correct_width=cw, alpha_e=alpha, rank_rule=rule)
+                    rw = max(1, int(round(args.reflect_frac * args.beam)))
+                    cfg = DecodeConfig(width=args.beam, correct_width=cw, alpha_e=alpha, rank_rule=rule, reflect_width=rw)
                     ranked, _ = rank_with_grc(model, valid, table, trie, cfg, 128, exclude_history=excl)
                     rows.append({"method": f"{variant}_{args.stage}", "rule": rule, "alpha_e": alpha,
                                  "correct_width": cw, **ranking_metrics(ranked, valid.target.numpy(), ks=ks)[0]})

@@ -49,6 +49,8 @@ Two-pass inference (`grc_decode`):
    as a mixture, p(i) = sum_b p(b) [q_b 1(i = b) + (1 - q_b) p_cor(i | b, r_b)] with
    q_b = p(r_loc = L+1 | b), summed over the beams' candidates (log-sum-exp per item); every
    draft goes to correction, starting at score_b + log(1 - q_b) (+ alpha_e * H).
+Reflection budget (`reflect_width` R): only the best R drafts are reflected on and corrected;
+the other drafts keep their place and score (the correction then costs R/B of a full pass).
 """
 
 from __future__ import annotations
@@ -296,6 +298,7 @@ class DecodeConfig:
     width: int  # B, drafts per user and the final list length
     correct_width: int = 0  # B_cor, beams of the correction pass (0: = width)
     alpha_e: float = 0.0  # EGRS entropy coefficient (Eq. 25); 0: plain GRC inference
+    reflect_width: int = 0  # R, the best R drafts are reflected on and corrected, the rest kept as they are (0: all)
     rank_rule: str = "joint"  # joint: drafts judged wrong give way to their corrections | union: every draft stays
 
 
@@ -346,8 +349,9 @@ def grc_decode(model: GRCModel, batch: Batch, trie: PrefixTrie, cfg: DecodeConfi
     n_levels = t.num_levels
     drafts, trace = beam_search(BackboneStepper(seq), batch, trie, cfg.width, return_trace=True, exclude=exclude)
     state: DecodeState = trace.state
-    b, w_last = trace.parents.shape
-    idx = trace.parents[:, :, None, None, None]  # (B, W, 1, 1, 1)
+    b, w_all = trace.parents.shape
+    w_last = min(cfg.reflect_width, w_all) if cfg.reflect_width > 0 else w_all  # drafts that get reflection
+    idx = trace.parents[:, :w_last, None, None, None]  # (B, R, 1, 1, 1)
     keys = [k.gather(1, idx.expand(-1, -1, *k.shape[2:])) for k in state.keys]  # (B, W, H, L, dh)
     values = [v.gather(1, idx.expand(-1, -1, *v.shape[2:])) for v in state.values]
     codes = drafts.codes[:, :w_last].clamp_min(0)  # (B, W, L) padding drafts read code 0; they stay -inf
@@ -392,10 +396,15 @@ def grc_decode(model: GRCModel, batch: Batch, trie: PrefixTrie, cfg: DecodeConfi
     source[:, : ctrace.origin.shape[1]] = ctrace.origin
     source = source.masked_fill(corrected.items < 0, -1)
     listed = kept if cfg.rank_rule == "joint" else torch.ones_like(kept)
-    kept_items = drafts.items[:, :w_last].masked_fill(~listed, -1)
-    kept_scores = drafts.scores[:, :w_last].masked_fill(~listed, NEG_INF)
     if cfg.rank_rule == "marginal":
-        kept_scores = kept_scores + log_right  # draft b kept with probability p(r_loc = L+1 | b)
+        listed_score = drafts.scores[:, :w_last] + log_right  # draft b kept with probability p(r_loc = L+1 | b)
+    else:
+        listed_score = drafts.scores[:, :w_last]
+    rest = w_all - w_last  # drafts beyond the reflection budget stay as they are
+    listed = torch.cat([listed, listed.new_ones(b, rest)], 1)  # (B, W)
+    listed_score = torch.cat([listed_score, drafts.scores[:, w_last:w_all]], 1)
+    kept_items = drafts.items[:, :w_all].masked_fill(~listed, -1)
+    kept_scores = listed_score.masked_fill(~listed, NEG_INF)
     ranked = torch.cat([kept_items, corrected.items], 1)  # (B, W + W_cor)
     ranked_scores = torch.cat([kept_scores, corrected.scores], 1)
     if cfg.rank_rule == "marginal":
@@ -403,7 +412,7 @@ def grc_decode(model: GRCModel, batch: Batch, trie: PrefixTrie, cfg: DecodeConfi
     items, scores = _merge(ranked, ranked_scores, cfg.width)
     items, scores = _backfill(items, scores, drafts, cfg.width)
     if w_last < cfg.width:
-        pad = cfg.width - w_last
+        pad = cfg.width - w_last  # drafts not reflected on (budget) and beam padding
         labels = torch.cat([labels, labels.new_zeros(b, pad, labels.shape[2])], 1)
         entropy = torch.cat([entropy, entropy.new_zeros(b, pad)], 1)
     return GRCResult(items, scores, drafts, labels, entropy, corrected, source)

@@ -257,7 +257,8 @@ def load_ranker(params: Params) -> Ranker:
         return lambda rows: rank_with_backbone(model, part(rows), table, trie, cd.beam, cd.batch_size, None, exclude)
     model = (load_grc(out_dir, "grc", device, stage="grpo") if cd.method == "grc_rl"
              else load_grc(out_dir, cd.method.split("_")[0], device, stage="sft"))
-    cfg = DecodeConfig(width=cd.beam, correct_width=ev.correct_width, alpha_e=ev.alpha_e, rank_rule=ev.rank_rule)
+    cfg = DecodeConfig(width=cd.beam, correct_width=ev.correct_width, alpha_e=ev.alpha_e, rank_rule=ev.rank_rule,
+                       reflect_width=ev.reflect_width)
     return lambda rows: rank_with_grc(model, part(rows), table, trie, cfg, cd.batch_size, None, None, exclude)
 
 

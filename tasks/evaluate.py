@@ -51,12 +51,14 @@ def rank_test_users(params: Params, method: str) -> tuple[np.ndarray, np.ndarray
         trie = PrefixTrie.from_ids(table.codes.cpu().numpy(), level_sizes).to(device)
         model = (load_grc(out_dir, "grc", device, stage="grpo") if method == "grc_rl"
                  else load_grc(out_dir, method.split("_")[0], device))
-        cfg = DecodeConfig(width=ev.beam, correct_width=ev.correct_width, alpha_e=ev.alpha_e, rank_rule=ev.rank_rule)
+        cfg = DecodeConfig(width=ev.beam, correct_width=ev.correct_width, alpha_e=ev.alpha_e, rank_rule=ev.rank_rule,
+                           reflect_width=ev.reflect_width)
         stats = ReflectionStats()
         with tqdm(total=len(test), unit="user", desc=f"{method} beam {ev.beam}", mininterval=5) as bar:
             ranked, _ = rank_with_grc(model, test, table, trie, cfg, ev.batch_size, bar.update, stats,
                                    params.data.exclude_history)
         extra = {"reflection": stats.summary(), "alpha_e": ev.alpha_e, "rank_rule": ev.rank_rule,
+                 "reflect_width": ev.reflect_width or ev.beam,
                  "correct_width": ev.correct_width or ev.beam}
     elif method == "tiger":
         table, level_sizes, _ = load_item_table(out_dir, params.dataset.attributes)

@@ -162,6 +162,7 @@ class EvaluateConfig:
     alpha_e: float
     correct_width: int
     rank_rule: Literal["joint", "union", "marginal"]
+    reflect_width: int
     users: int
 
 

@@ -292,3 +292,20 @@ def test_marginal_rule_sums_the_mixture_over_the_beams():
             for item, sc in zip(res.items[u].tolist(), res.scores[u].tolist()):
                 if sc > float("-inf"):
                     assert sc == pytest.approx(float(torch.log(torch.tensor(total[item]))), abs=1e-4)
+
+
+@pytest.mark.parametrize("rule", ["joint", "union", "marginal"])
+def test_reflection_budget_touches_only_the_best_drafts(rule):
+    model, table, trie, batch = _setup(num_attrs=1, seed=8)
+    full = grc_decode(model, batch, trie, DecodeConfig(width=8, rank_rule=rule))
+    same = grc_decode(model, batch, trie, DecodeConfig(width=8, rank_rule=rule, reflect_width=8))
+    assert torch.equal(full.items, same.items) and torch.equal(full.scores, same.scores)
+    part = grc_decode(model, batch, trie, DecodeConfig(width=8, rank_rule=rule, reflect_width=3, correct_width=3))
+    assert torch.equal(part.reflection[:, :3], full.reflection[:, :3])  # same reflection on the reflected drafts
+    assert (part.reflection[:, 3:] == 0).all() and (part.entropy[:, 3:] == 0).all()
+    assert (part.source < 3).all()  # corrections come only from the reflected drafts
+    for u in range(3):  # every unreflected draft is still listed, with its own score
+        listed = dict(zip(part.items[u].tolist(), part.scores[u].tolist()))
+        for i, sc in zip(part.drafts.items[u, 3:].tolist(), part.drafts.scores[u, 3:].tolist()):
+            if i in listed and rule != "marginal":
+                assert listed[i] >= sc - 1e-6
