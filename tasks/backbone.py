@@ -90,16 +90,7 @@ def train_backbone(params: Params) -> dict:
     def log(record: dict) -> None:
         print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()), flush=True)
 
-    bar = tqdm(total=0, unit="step", mininterval=5, dynamic_ncols=True)
-    bar_epoch = [-1]
-
-    def on_step(epoch: int, steps: int, loss: float) -> None:
-        if epoch != bar_epoch[0]:
-            bar_epoch[0] = epoch
-            bar.reset(total=steps)
-            bar.set_description(f"epoch {epoch + 1}")
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
+    bar, on_step = epoch_progress("")
 
     t0 = time.perf_counter()
     fingerprint = "|".join([params.section_hash("backbone"), str(params.data.max_history),
@@ -122,6 +113,22 @@ def train_backbone(params: Params) -> dict:
             "train_instances": len(train), "samples_per_s": sps, "gflops_per_s": sps * flops / 1e9,
             "flops_per_sample": flops, "wall_s_this_run": wall, "parameters": sum(p.numel() for p in model.parameters()),
             "device": str(device), "threads": torch.get_num_threads()}
+
+
+def epoch_progress(prefix: str):
+    """A tqdm bar that restarts at each epoch, and the `on_step(epoch, steps, loss)` hook of `fit` driving it."""
+    bar = tqdm(total=0, unit="step", mininterval=5, dynamic_ncols=True)
+    bar_epoch = [-1]
+
+    def on_step(epoch: int, steps: int, loss: float) -> None:
+        if epoch != bar_epoch[0]:
+            bar_epoch[0] = epoch
+            bar.reset(total=steps)
+            bar.set_description(f"{prefix}epoch {epoch + 1}")
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
+
+    return bar, on_step
 
 
 def write_log(path: Path, history: list[dict]) -> None:

@@ -21,7 +21,6 @@ import polars as pl
 import torch
 from prefect import task
 from safetensors.torch import load_file
-from tqdm.auto import tqdm
 
 from grc_core.data import ItemTable, to_batch
 from grc_core.device import resolve_device
@@ -31,7 +30,7 @@ from grc_core.model import ModelConfig, Seq2Seq
 from grc_core.train import fit, load_weights
 from grc_core.trie import PrefixTrie
 from tasks import io
-from tasks.backbone import load_backbone, load_item_table, load_split, subset, write_log
+from tasks.backbone import epoch_progress, load_backbone, load_item_table, load_split, subset, write_log
 from tasks.params import Params
 from tasks.readers import sha256_file
 
@@ -87,16 +86,7 @@ def train_sft(params: Params, variant: str) -> dict:
         return summary
 
     work = out_dir / "sft" / variant
-    bar = tqdm(total=0, unit="step", mininterval=5, dynamic_ncols=True)
-    bar_epoch = [-1]
-
-    def on_step(epoch: int, steps: int, loss: float) -> None:
-        if epoch != bar_epoch[0]:
-            bar_epoch[0] = epoch
-            bar.reset(total=steps)
-            bar.set_description(f"sft {variant} epoch {epoch + 1}")
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
+    bar, on_step = epoch_progress(f"sft {variant} ")
 
     def log(record: dict) -> None:
         print(f"sft {variant} " + " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
