@@ -24,8 +24,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from grc_core.grc import GRCModel, _chunk, chunk_mask, expand_memory, template_mask
-from grc_core.model import Batch, BackboneStepper, DecodeState, Memory
+from grc_core.grc import GRCModel, _chunk, chunk_mask, template_mask
+from grc_core.model import Batch, BackboneStepper, Memory
 from grc_core.trie import PrefixTrie
 
 NEG_INF = float("-inf")

@@ -31,7 +31,6 @@ from grc_core.grpo import GRPOConfig, episode_logprobs, grpo_loss, sample_episod
 from grc_core.rewards import RewardConfig, group_advantages, grc_rewards
 from grc_core.train import TrainerState, load_checkpoint, load_weights, make_optimizer, save_checkpoint
 from grc_core.trie import PrefixTrie
-from tasks import io
 from tasks.backbone import load_item_table, load_split, subset, write_log
 from tasks.params import Params
 from tasks.readers import sha256_file

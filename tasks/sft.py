@@ -22,7 +22,7 @@ import torch
 from prefect import task
 from safetensors.torch import load_file
 
-from grc_core.data import ItemTable, to_batch
+from grc_core.data import to_batch
 from grc_core.device import resolve_device
 from grc_core.evaluation import rank_with_grc, ranking_metrics
 from grc_core.grc import DecodeConfig, GRCModel, SFTLossConfig, sft_loss
