@@ -283,6 +283,33 @@ def _chunk(seq: Seq2Seq, memory: Memory, keys: list[torch.Tensor], values: list[
     return seq.dec_norm(x), new_k, new_v
 
 
+def reflect_on_cache(model: GRCModel, memory: Memory, keys: list[torch.Tensor], values: list[torch.Tensor],
+                     draft: torch.Tensor) -> tuple[torch.Tensor, list, list]:
+    """[d_L, EOF1, slot_0..slot_K] for (B, W) drafts (B, W, L) on top of their cache (positions 0..L-1).
+
+    Returns the slot hidden states (B, W, K+1, D) and the cache extended to position L+K+2.
+    """
+    seq, t = model.seq, model.template
+    n_levels, (b, w) = t.num_levels, draft.shape[:2]
+    x = torch.cat([seq.dec_codes[n_levels - 1](draft[..., -1:]),  # (B, W, 1, D) d_L
+                   model.eof1.expand(b, w, 1, -1),  # EOF1
+                   model.slot_inputs((b, w))], dim=2)  # (B, W, 2+K+1, D)
+    mask = chunk_mask(t, n_levels, x.shape[2], x.device, x.dtype)  # (C, L+C)
+    hidden, keys, values = _chunk(seq, memory, keys, values, x, n_levels, mask)
+    return hidden[:, :, 2:], keys, values
+
+
+def open_correction(model: GRCModel, memory: Memory, keys: list[torch.Tensor], values: list[torch.Tensor],
+                    r_loc: torch.Tensor | None, r_sem: torch.Tensor | None, lead: tuple[int, int]
+                    ) -> tuple[torch.Tensor, list, list]:
+    """EOF2 + the label embeddings at position L+K+3 for (B, W) beams: hidden (B, W, D) and the extended cache."""
+    pos = model.template.eof2
+    x = model.eof2_input(r_loc, r_sem).expand(*lead, -1)[:, :, None]  # (B, W, 1, D)
+    hidden, keys, values = _chunk(model.seq, memory, keys, values, x, pos,
+                                  torch.zeros(1, pos + 1, dtype=x.dtype, device=x.device))
+    return hidden[:, :, 0], keys, values
+
+
 class GRCResult(NamedTuple):
     items: torch.Tensor  # (B, W) final ranking, -1 padding
     scores: torch.Tensor  # (B, W) merge scores, -inf padding
@@ -355,33 +382,25 @@ def grc_decode(model: GRCModel, batch: Batch, trie: PrefixTrie, cfg: DecodeConfi
     keys = [k.gather(1, idx.expand(-1, -1, *k.shape[2:])) for k in state.keys]  # (B, W, H, L, dh)
     values = [v.gather(1, idx.expand(-1, -1, *v.shape[2:])) for v in state.values]
     codes = drafts.codes[:, :w_last].clamp_min(0)  # (B, W, L) padding drafts read code 0; they stay -inf
-    x = torch.cat([seq.dec_codes[n_levels - 1](codes[..., -1:]),  # (B, W, 1, D) d_L
-                   model.eof1.expand(b, w_last, 1, -1),  # EOF1
-                   model.slot_inputs((b, w_last))], dim=2)  # (B, W, 2+K+1, D)
-    c = x.shape[2]
-    mask = chunk_mask(t, n_levels, c, x.device, x.dtype)  # (C, L+C)
-    hidden, keys, values = _chunk(seq, state.memory, keys, values, x, n_levels, mask)
+    slots, keys, values = reflect_on_cache(model, state.memory, keys, values, codes)
     if t.reflect:
-        logits = model.reflection_logits(hidden[:, :, 2:])  # per slot (B, W, C_j)
+        logits = model.reflection_logits(slots)  # per slot (B, W, C_j)
         labels = torch.stack([lg.argmax(-1) for lg in logits], -1)  # (B, W, K+1)
         labels[..., 0] += 1  # r_loc is 1-based
-        ent = torch.stack([-(F.log_softmax(lg, -1).exp() * F.log_softmax(lg, -1)).sum(-1) for lg in logits], -1)
-        entropy = ent.mean(-1)  # (B, W) Eq. 24
+        logps = [F.log_softmax(lg, -1) for lg in logits]
+        entropy = torch.stack([-(lp.exp() * lp).sum(-1) for lp in logps], -1).mean(-1)  # (B, W) Eq. 24
         r_loc, r_sem = labels[..., 0], labels[..., 1:]
-        log_right = F.log_softmax(logits[0], -1)[..., n_levels]  # (B, W) log p(r_loc = L+1)
+        log_right = logps[0][..., n_levels]  # (B, W) log p(r_loc = L+1)
     else:
         labels = torch.zeros(b, w_last, 0, dtype=torch.long, device=codes.device)
-        entropy = torch.zeros(b, w_last, dtype=hidden.dtype, device=codes.device)
+        entropy = torch.zeros(b, w_last, dtype=slots.dtype, device=codes.device)
         r_loc, r_sem = None, None
-        log_right = torch.full((b, w_last), NEG_INF, dtype=hidden.dtype, device=codes.device)
+        log_right = torch.full((b, w_last), NEG_INF, dtype=slots.dtype, device=codes.device)
     if cfg.rank_rule not in ("joint", "union", "marginal"):
         raise ValueError(f"rank_rule must be joint | union | marginal, got {cfg.rank_rule!r}")
-    x = model.eof2_input(r_loc, r_sem)  # (B, W, D)
-    x = x.expand(b, w_last, -1)[:, :, None]  # (B, W, 1, D)
+    hidden, keys, values = open_correction(model, state.memory, keys, values, r_loc, r_sem, (b, w_last))
     pos = t.eof2
-    hidden, keys, values = _chunk(seq, state.memory, keys, values, x, pos,
-                                  torch.zeros(1, pos + 1, dtype=x.dtype, device=x.device))
-    first_logp = F.log_softmax(seq.heads[0](hidden[:, :, 0]), -1)  # (B, W, V_0)
+    first_logp = F.log_softmax(seq.heads[0](hidden), -1)  # (B, W, V_0)
     start = drafts.scores[:, :w_last] + cfg.alpha_e * entropy  # (B, W) Eq. 25
     kept = (r_loc == n_levels + 1) if t.reflect else torch.zeros_like(start, dtype=torch.bool)
     if cfg.rank_rule == "marginal":  # every draft is corrected, weighted by p(wrong)

@@ -24,7 +24,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from grc_core.grc import GRCModel, _chunk, chunk_mask, template_mask
+from grc_core.grc import GRCModel, open_correction, reflect_on_cache, template_mask
 from grc_core.model import Batch, BackboneStepper, Memory
 from grc_core.trie import PrefixTrie
 
@@ -96,24 +96,18 @@ def sample_episodes(model: GRCModel, batch: Batch, trie: PrefixTrie, cfg: GRPOCo
     draft_items = nodes  # (B, G) item index after the last level
     draft = torch.stack(codes, -1)  # (B, G, L)
     # Reflection: one chunk [d_L, EOF1, slots] on top of the draft's cache, labels sampled in parallel.
-    x = torch.cat([seq.dec_codes[n_levels - 1](draft[..., -1:]), model.eof1.expand(b, g, 1, -1),
-                   model.slot_inputs((b, g))], dim=2)  # (B, G, C, D)
-    c = x.shape[2]
-    hidden, keys, values = _chunk(seq, memory, keys, values, x, n_levels, chunk_mask(t, n_levels, c, x.device, x.dtype))
+    slots, keys, values = reflect_on_cache(model, memory, keys, values, draft)
     labels = []
-    for j, lg in enumerate(model.reflection_logits(hidden[:, :, 2:])):
+    for j, lg in enumerate(model.reflection_logits(slots)):
         tok, lp = _sample(lg, torch.ones_like(lg, dtype=torch.bool), cfg.temperature, gen)
         labels.append(tok + (1 if j == 0 else 0))
         logps.append(lp)
-    reflection = torch.stack(labels, -1) if labels else torch.zeros(b, g, 0, dtype=torch.long, device=x.device)
+    reflection = torch.stack(labels, -1) if labels else torch.zeros(b, g, 0, dtype=torch.long, device=draft.device)
     r_loc = reflection[..., 0] if t.reflect else None
     r_sem = reflection[..., 1:] if t.reflect else None
-    x = model.eof2_input(r_loc, r_sem).expand(b, g, -1)[:, :, None]  # (B, G, 1, D)
+    hidden, keys, values = open_correction(model, memory, keys, values, r_loc, r_sem, (b, g))
     pos = t.eof2
-    hidden, keys, values = _chunk(seq, memory, keys, values, x, pos,
-                                  torch.zeros(1, pos + 1, dtype=x.dtype, device=x.device))
-    hidden = hidden[:, :, 0]
-    nodes = torch.zeros(b, g, dtype=torch.long, device=x.device)
+    nodes = torch.zeros(b, g, dtype=torch.long, device=draft.device)
     codes = []
     for level in range(n_levels):
         if level > 0:
