@@ -5,6 +5,11 @@
 Writes `data/<dataset>/candidates/part-*.parquet` (user_id, rank, item_id, score), a sidecar per
 shard, and `manifest.json` last; `reports/<dataset>/candidates.json` (DVC metrics). A killed run
 resumes: shards whose sidecar matches this run are kept (tasks/candidates.py).
+
+    python -m flows.candidates -S candidates.workers=4                       # local Dask cluster
+    python -m flows.candidates -S candidates.dask_address=tcp://sched:8786   # an existing one
+
+shard the decode across Dask workers (a `shards` sub-flow with prefect-dask's task runner).
 """
 
 from __future__ import annotations
@@ -16,8 +21,9 @@ from typing import Sequence
 from prefect import flow, get_run_logger
 
 from tasks import io
-from tasks.candidates import (current_shard, gate_shard, load_ranker, plan_dump, rank_shard, remove_stale_shards,
-                              start_dump, write_manifest, write_shard)
+from flows.sharding import shard_map
+from tasks.candidates import (current_shard, dump_shard, gate_shard, load_ranker, plan_dump, rank_shard,
+                              remove_stale_shards, set_threads, start_dump, write_manifest, write_shard)
 from tasks.cli import parse_cli
 from tasks.params import Params
 
@@ -28,26 +34,39 @@ def candidates_flow(params: Params) -> dict:
     t0 = time.perf_counter()
     plan = plan_dump(params)
     start_dump(plan.out_dir)
-    ranker, records, reused = None, [], 0
+    records: dict[str, dict] = {}
+    todo = []
     for shard in plan.shards:
         record = current_shard(plan.out_dir, shard, plan.fingerprint)
         if record is not None:
-            reused += 1
+            records[shard.name] = record
             log.info("%s: %d users, kept from an earlier run", shard.name, len(shard.users))
         else:
-            ranker = ranker or load_ranker(params)
+            todo.append(shard)
+    reused = len(records)
+    cd = params.candidates
+    if todo and (cd.workers > 1 or cd.dask_address):
+        done = shard_map(dump_shard, [{"params": params, "plan": plan, "shard": s} for s in todo],
+                         cd.workers, cd.dask_address, "candidates-shards")
+        records.update({s.name: r for s, r in zip(todo, done)})
+    else:
+        set_threads(cd.threads)
+        ranker = load_ranker(params) if todo else None
+        for shard in todo:
             frame = rank_shard(ranker, shard, plan.top_n)
             # The gate runs before the shard is written: a bad shard never reaches the folder.
             gate_shard(frame, len(shard.users), plan.top_n, plan.n_items, params.reports_dir(),
                        suite=f"candidates_{shard.name}")
-            record = write_shard(plan.out_dir, shard, frame, plan.fingerprint)
+            records[shard.name] = write_shard(plan.out_dir, shard, frame, plan.fingerprint)
             log.info("%s: %d users written", shard.name, len(shard.users))
-        records.append(record)
+    records = [records[s.name] for s in plan.shards]
     stale = remove_stale_shards(plan.out_dir, {s.name for s in plan.shards})
     manifest = write_manifest(plan, records)
     wall = time.perf_counter() - t0
     report = {"dataset": plan.dataset, "method": plan.method, "top_n": plan.top_n, "users": manifest["users"],
               "rows": manifest["rows"], "shards": len(records), "shards_reused": reused,
+              "workers": cd.workers, "dask_address": cd.dask_address,
+              "users_per_s_decoded": round(sum(len(s.users) for s in todo) / max(wall, 1e-9), 2),
               "stale_removed": len(stale), "wall_s": round(wall, 1)}
     io.write_json(params.reports_dir() / "candidates.json", report)
     log.info("%s: %d users x top %d from %s in %d shards (%d kept from an earlier run), %.1f s",

@@ -1,11 +1,15 @@
 """Stage `ingest`: source files -> DuckDB store -> gated leave-one-out splits (Parquet).
 
     python -m flows.ingest [-S data.dataset=scientific]
+
+LC-Rec and RecBole sources go through polars in memory; `format: parquet` sources stream
+through DuckDB with bounded memory (`ingest_parquet`, tasks/ingest.py).
 """
 
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import Sequence
 
 from prefect import flow, get_run_logger
@@ -13,7 +17,7 @@ from prefect import flow, get_run_logger
 from tasks import io, store
 from tasks.cli import parse_cli
 from tasks.ingest import (build_splits, drop_short_users, export_tables, fetch_source, gate_raw, gate_splits,
-                          read_source, source_hash, with_buckets, write_store)
+                          ingest_parquet, read_source, source_hash, with_buckets, write_store)
 from tasks.params import Params
 
 
@@ -24,6 +28,13 @@ def ingest_flow(params: Params) -> dict:
     db_path = out_dir / "interactions.duckdb"
     fetch_source(spec)
     src_hash = source_hash(spec, params)
+    if spec.format == "parquet":
+        streamed = ingest_parquet(spec, params, db_path, out_dir, report_dir, src_hash)
+        if not streamed["changed"]:
+            log.info("source unchanged since the last ingest: only the splits were rebuilt from the store")
+        result = {"dataset": params.data.dataset, **store.counts(db_path), "changed": streamed["changed"],
+                  "split_rows": streamed["split_rows"], "source_hash": src_hash, "gates": streamed["gates"]}
+        return finish(result, report_dir)
     if db_path.exists() and store.latest_source_hash(db_path) == src_hash:
         log.info("source unchanged since the last ingest: the store is left as it is")
         items, interactions, changed = store.read_table(db_path, "items"), store.read_table(db_path, "interactions"), False
@@ -43,9 +54,13 @@ def ingest_flow(params: Params) -> dict:
     rows = export_tables(out_dir, items, splits)
     result = {"dataset": params.data.dataset, **store.counts(db_path), "changed": changed,
               "split_rows": rows, "source_hash": src_hash, "gates": gates}
+    return finish(result, report_dir)
+
+
+def finish(result: dict, report_dir: Path) -> dict:
     io.write_json(report_dir / "ingest.json", result)
-    log.info("%s: %d users, %d items, %d interactions", params.data.dataset,
-             result["users"], result["items"], result["interactions"])
+    get_run_logger().info("%s: %d users, %d items, %d interactions", result["dataset"],
+                          result["users"], result["items"], result["interactions"])
     return result
 
 

@@ -3,8 +3,13 @@
 - AdamW with linear warm-up and cosine decay to `min_lr_ratio * lr`.
 - Each epoch's shuffle is drawn from `seed + epoch`, so a run resumed from a checkpoint
   sees exactly the batches an uninterrupted run would: the same params and seed give the
-  same weights. Under torch.distributed each rank takes every `world`-th index of that
-  permutation (the DistributedSampler scheme), so the loop runs unchanged under DDP.
+  same weights.
+- Under torch.distributed (launched by torchrun, `grc_core.distributed`) the model runs inside
+  DistributedDataParallel; `batch_size` stays the global batch: each of the W ranks takes
+  every W-th index of the epoch's permutation (the DistributedSampler scheme) in batches of
+  batch_size / W, so step i of every rank together covers exactly the single-process batch i,
+  and the averaged gradient is the single-process gradient (up to float summation order).
+  Rank 0 validates and writes checkpoints; the selection metric is broadcast to all ranks.
 - Checkpoints are safetensors (weights, optimizer moments) plus a JSON trainer state;
   nothing is pickled. `last/` is written every epoch (atomically, by directory rename),
   `best/` whenever the selection metric improves.
@@ -24,6 +29,8 @@ from typing import Any, Callable
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+
+from grc_core import distributed
 
 
 @dataclass(frozen=True)
@@ -141,8 +148,8 @@ def fit(
     ckpt_dir: Path,
     select: str = "recall@10",
     log: Callable[[dict[str, Any]], None] | None = None,
-    rank: int = 0,
-    world: int = 1,
+    rank: int | None = None,
+    world: int | None = None,
     fingerprint: str = "",
     on_step: Callable[[int, int, float], None] | None = None,
 ) -> TrainerState:
@@ -152,9 +159,16 @@ def fit(
     A checkpoint resumes only if it was written under the same `fingerprint` (a hash of the
     config and data); otherwise training starts afresh and the old checkpoints are replaced.
     `on_step(epoch, steps_per_epoch, loss)` is called after every step (progress bars).
+    `rank`/`world` default to the process group's (see the module docstring), else (0, 1).
     """
+    if rank is None or world is None:
+        rank, world = distributed.rank_world()
+    if cfg.batch_size % world:
+        raise ValueError(f"batch_size {cfg.batch_size} (the global batch) must divide by the world size {world}")
+    per_rank = cfg.batch_size // world
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
+    trainer = distributed.wrap_for_loss(model)
     opt = make_optimizer(model, cfg)
     state = TrainerState()
     last, best = ckpt_dir / "last", ckpt_dir / "best"
@@ -165,18 +179,29 @@ def fit(
         else:
             shutil.rmtree(last)
             shutil.rmtree(best, ignore_errors=True)
-    steps_per_epoch = math.ceil(math.ceil(n_train / world) / cfg.batch_size)
+    steps_per_epoch = math.ceil(n_train / cfg.batch_size)  # = rank 0's batch count; other ranks may have one fewer
     total = steps_per_epoch * cfg.epochs
     while state.epoch < cfg.epochs and not (cfg.patience and state.bad_evals >= cfg.patience):
         epoch = state.epoch
         model.train()
         t0, loss_sum, seen = time.perf_counter(), 0.0, 0
-        for idx in epoch_batches(n_train, cfg.batch_size, cfg.seed, epoch, rank, world):
+        batches = epoch_batches(n_train, per_rank, cfg.seed, epoch, rank, world)
+        for i in range(steps_per_epoch):
             for g in opt.param_groups:
                 g["lr"] = lr_at(state.step, total, cfg)
-            loss = loss_fn(model, idx)
+            idx = batches[i] if i < len(batches) else torch.zeros(0, dtype=torch.long)
+            # Weight this rank's mean loss by its share of the global batch, so that DDP's average
+            # over ranks is the mean over the whole global batch even when the last one is uneven;
+            # a rank with nothing left in the last batch still takes part (weight 0) so no rank waits.
+            global_len = min(cfg.batch_size, n_train - i * cfg.batch_size)
+            if len(idx):
+                loss = trainer(loss_fn, idx)
+                scaled = loss * (len(idx) * world / global_len)
+            else:
+                loss = trainer(loss_fn, torch.zeros(1, dtype=torch.long))
+                scaled = loss * 0.0
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            scaled.backward()
             if cfg.grad_clip > 0:
                 nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             opt.step()
@@ -184,17 +209,22 @@ def fit(
             loss_sum += loss.detach().item() * len(idx)
             seen += len(idx)
             if on_step is not None:
-                on_step(epoch, steps_per_epoch, loss_sum / seen)
-        record: dict[str, Any] = {"epoch": epoch + 1, "step": state.step, "train_loss": loss_sum / max(1, seen),
-                                  "train_s": time.perf_counter() - t0, "samples_per_s": seen / (time.perf_counter() - t0),
-                                  "lr": opt.param_groups[0]["lr"]}
+                on_step(epoch, steps_per_epoch, loss_sum / max(seen, 1))
+        loss_sum, seen = distributed.all_sum([loss_sum, float(seen)])
+        wall = time.perf_counter() - t0
+        record: dict[str, Any] = {"epoch": epoch + 1, "step": state.step, "train_loss": loss_sum / max(1.0, seen),
+                                  "train_s": wall, "samples_per_s": seen / wall, "lr": opt.param_groups[0]["lr"]}
         state.epoch = epoch + 1
         if state.epoch % cfg.eval_every == 0 or state.epoch == cfg.epochs:
             model.eval()
-            metrics = evaluate(model)
-            record.update({f"valid_{k}": v for k, v in metrics.items()})
-            if metrics[select] > state.best_metric:
-                state.best_metric, state.best_epoch, state.bad_evals = metrics[select], state.epoch, 0
+            value = -math.inf
+            if rank == 0:
+                metrics = evaluate(model)
+                record.update({f"valid_{k}": v for k, v in metrics.items()})
+                value = metrics[select]
+            value = distributed.broadcast_float(value)
+            if value > state.best_metric:
+                state.best_metric, state.best_epoch, state.bad_evals = value, state.epoch, 0
                 if rank == 0:
                     save_checkpoint(best, model, None, state, {"fingerprint": fingerprint})
             else:
@@ -202,6 +232,7 @@ def fit(
         state.history.append(record)
         if rank == 0:
             save_checkpoint(last, model, opt, state, {"fingerprint": fingerprint})
-        if log is not None:
-            log(record)
+            if log is not None:
+                log(record)
+        distributed.barrier()  # checkpoints are on disk before any rank reads them
     return state

@@ -21,11 +21,12 @@ import torch
 from prefect import task
 from tqdm.auto import tqdm
 
+from grc_core import distributed
 from grc_core.data import Instances, ItemTable, make_instances, to_batch
 from grc_core.evaluation import rank_with_backbone, ranking_metrics
 from grc_core.model import ModelConfig, Seq2Seq, count_flops_per_sample, sequence_loss
 from grc_core.device import resolve_device
-from grc_core.train import fit, load_weights
+from grc_core.train import TrainConfig, TrainerState, fit, load_weights
 from grc_core.trie import PrefixTrie
 from tasks import io
 from tasks.params import Params
@@ -71,7 +72,38 @@ def train_backbone(params: Params) -> dict:
     trie = PrefixTrie.from_ids(table.codes.cpu().numpy(), level_sizes).to(device)
     train = load_split(out_dir, "train", params.data.max_history)
     valid = subset(load_split(out_dir, "valid", params.data.max_history), bb.valid_users, bb.train.seed)
-    model = build_model(bb.model, level_sizes, attr_sizes, bb.train.seed).to(device)
+    work = out_dir / "backbone"
+    log_path = params.reports_dir() / "backbone_log.csv"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    fingerprint = "|".join([params.section_hash("backbone"), str(params.data.max_history),
+                            sha256_file(out_dir / "splits" / "train.parquet"),
+                            sha256_file(out_dir / "tokenizer" / "semantic_ids.parquet")])
+    model, state = fit_backbone(params, train, valid, table, trie, level_sizes, attr_sizes, bb.train,
+                                work / "ckpt", fingerprint)
+    wall = time.perf_counter() - t0
+    if distributed.rank_world()[0] == 0:  # under torchrun (tasks/ddp.py) rank 0 alone writes
+        write_log(log_path, state.history)
+        shutil.copyfile(work / "ckpt" / "best" / "model.safetensors", work / "model.safetensors.tmp")
+        (work / "model.safetensors.tmp").replace(work / "model.safetensors")
+        io.write_json(work / "config.json", {"model": asdict(bb.model), "level_sizes": level_sizes,
+                                             "attr_sizes": attr_sizes, "attributes": list(params.dataset.attributes)})
+    flops = count_flops_per_sample(bb.model, level_sizes, params.data.max_history) * 3  # forward + backward
+    rates = [r["samples_per_s"] for r in state.history]
+    sps = float(np.median(rates)) if rates else 0.0
+    return {"best_epoch": state.best_epoch, "best_valid_recall@10": state.best_metric, "epochs_run": state.epoch,
+            "train_instances": len(train), "samples_per_s": sps, "gflops_per_s": sps * flops / 1e9,
+            "flops_per_sample": flops, "wall_s_this_run": wall, "parameters": sum(p.numel() for p in model.parameters()),
+            "device": str(device), "threads": torch.get_num_threads()}
+
+
+def fit_backbone(params: Params, train: Instances, valid: Instances, table: ItemTable, trie: PrefixTrie,
+                 level_sizes: list[int], attr_sizes: list[int], cfg: TrainConfig, ckpt_dir: Path,
+                 fingerprint: str, desc: str = "") -> tuple[Seq2Seq, TrainerState]:
+    """Train a backbone on `train` under `cfg` (resuming from `ckpt_dir`), select on `valid`
+    Recall@10; returns the model with the best checkpoint's weights and the trainer state."""
+    bb = params.backbone
+    model = build_model(bb.model, level_sizes, attr_sizes, cfg.seed).to(table.codes.device)
 
     def loss_fn(m: torch.nn.Module, idx: torch.Tensor) -> torch.Tensor:
         batch = to_batch(train.select(idx), table)
@@ -83,36 +115,16 @@ def train_backbone(params: Params) -> dict:
         summary, _ = ranking_metrics(ranked, valid.target.numpy(), ks=(5, 10, 20))
         return summary
 
-    work = out_dir / "backbone"
-    log_path = params.reports_dir() / "backbone_log.csv"
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-
     def log(record: dict) -> None:
-        print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()), flush=True)
+        print(desc + " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()),
+              flush=True)
 
-    bar, on_step = epoch_progress("")
-
-    t0 = time.perf_counter()
-    fingerprint = "|".join([params.section_hash("backbone"), str(params.data.max_history),
-                            sha256_file(out_dir / "splits" / "train.parquet"),
-                            sha256_file(out_dir / "tokenizer" / "semantic_ids.parquet")])
-    state = fit(model, len(train), loss_fn, evaluate, bb.train, work / "ckpt", select="recall@10", log=log,
+    bar, on_step = epoch_progress(desc)
+    state = fit(model, len(train), loss_fn, evaluate, cfg, ckpt_dir, select="recall@10", log=log,
                 fingerprint=fingerprint, on_step=on_step)
     bar.close()
-    wall = time.perf_counter() - t0
-    write_log(log_path, state.history)
-    load_weights(work / "ckpt" / "best", model)
-    shutil.copyfile(work / "ckpt" / "best" / "model.safetensors", work / "model.safetensors.tmp")
-    (work / "model.safetensors.tmp").replace(work / "model.safetensors")
-    io.write_json(work / "config.json", {"model": asdict(bb.model), "level_sizes": level_sizes,
-                                         "attr_sizes": attr_sizes, "attributes": list(params.dataset.attributes)})
-    flops = count_flops_per_sample(bb.model, level_sizes, params.data.max_history) * 3  # forward + backward
-    rates = [r["samples_per_s"] for r in state.history]
-    sps = float(np.median(rates)) if rates else 0.0
-    return {"best_epoch": state.best_epoch, "best_valid_recall@10": state.best_metric, "epochs_run": state.epoch,
-            "train_instances": len(train), "samples_per_s": sps, "gflops_per_s": sps * flops / 1e9,
-            "flops_per_sample": flops, "wall_s_this_run": wall, "parameters": sum(p.numel() for p in model.parameters()),
-            "device": str(device), "threads": torch.get_num_threads()}
+    load_weights(ckpt_dir / "best", model)
+    return model.eval(), state
 
 
 def epoch_progress(prefix: str):
@@ -141,10 +153,11 @@ def write_log(path: Path, history: list[dict]) -> None:
         w.writerows(history)
 
 
-def load_backbone(out_dir: Path, device: torch.device | str = "cpu") -> Seq2Seq:
+def load_backbone(out_dir: Path, device: torch.device | str = "cpu", weights: Path | None = None) -> Seq2Seq:
+    """The stage backbone, or the same architecture with other `weights` (e.g. a cross-fitted fold's)."""
     cfg = json.loads((out_dir / "backbone" / "config.json").read_text())
     model = Seq2Seq(ModelConfig(**cfg["model"]), cfg["level_sizes"], cfg["attr_sizes"])
     from safetensors.torch import load_file
 
-    model.load_state_dict(load_file(str(out_dir / "backbone" / "model.safetensors")))
+    model.load_state_dict(load_file(str(weights or out_dir / "backbone" / "model.safetensors")))
     return model.to(device).eval()

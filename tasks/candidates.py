@@ -25,6 +25,14 @@ shard is decoded on its own, in the same batches whether or not the run was inte
 polars writes the same frame to the same bytes, so a resumed dump equals an uninterrupted one
 byte for byte (the manifest differs only in its creation time).
 
+Workers: with `candidates.workers` W >= 2 (or a `candidates.dask_address`) the shards still to
+decode run as Prefect tasks (`dump_shard`) on Dask through prefect-dask's DaskTaskRunner: a
+local cluster of W single-threaded worker processes, or an existing Dask cluster. Each worker
+process loads the model once (cached by the dump's fingerprint) and decodes, gates and writes
+whole shards; shards never share a file, so no coordination is needed beyond the manifest the
+flow writes at the end. A shard's bytes depend on the torch thread count (`candidates.threads`)
+but not on which process decoded it, so a sharded dump equals a single-process dump.
+
 A user for whom the decode returns fewer than top_n items (padding, id -1: history exclusion
 with a beam barely above top_n) stops the stage with an error naming the user, rather than a short list:
 readers may rely on exactly top_n rows per user. Raise `candidates.beam`.
@@ -260,6 +268,32 @@ def load_ranker(params: Params) -> Ranker:
     cfg = DecodeConfig(width=cd.beam, correct_width=ev.correct_width, alpha_e=ev.alpha_e, rank_rule=ev.rank_rule,
                        reflect_width=ev.reflect_width)
     return lambda rows: rank_with_grc(model, part(rows), table, trie, cfg, cd.batch_size, None, None, exclude)
+
+
+_RANKERS: dict[str, Ranker] = {}  # per process: the model of the dump in progress
+
+
+def cached_ranker(params: Params, fingerprint: str) -> Ranker:
+    """The ranker of this dump, loaded once per (worker) process."""
+    if fingerprint not in _RANKERS:
+        _RANKERS.clear()
+        _RANKERS[fingerprint] = load_ranker(params)
+    return _RANKERS[fingerprint]
+
+
+def set_threads(threads: int) -> None:
+    if threads > 0:
+        torch.set_num_threads(threads)
+
+
+@task(cache_policy=NO_CACHE)
+def dump_shard(params: Params, plan: DumpPlan, shard: Shard) -> dict:
+    """Decode, gate and write one shard, in whatever process (a Dask worker) runs it."""
+    set_threads(params.candidates.threads)
+    frame = rank_shard.fn(cached_ranker(params, plan.fingerprint), shard, plan.top_n)
+    gate_shard.fn(frame, len(shard.users), plan.top_n, plan.n_items, params.reports_dir(),
+                  suite=f"candidates_{shard.name}")
+    return write_shard.fn(plan.out_dir, shard, frame, plan.fingerprint)
 
 
 def top_lists(users: np.ndarray, items: np.ndarray, scores: np.ndarray, top_n: int) -> pl.DataFrame:

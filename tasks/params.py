@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -30,14 +31,27 @@ class ParamsError(ValueError):
     """A params.yaml key or a -S override is unknown, missing or of the wrong type."""
 
 
+# A DuckDB memory size; checked here because it is spliced into a SET statement.
+_MEMORY_SIZE = re.compile(r"^[0-9]+(\.[0-9]+)?(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)\Z")
+
+
 @dataclass(frozen=True)
 class DatasetSpec:
-    format: Literal["lcrec", "recbole"]
+    """One source dataset. `parquet`: `<path>/interactions/**/*.parquet` (user_id, item_id,
+    timestamp; possibly hive-partitioned) and an optional `<path>/items.parquet`, ingested by
+    streaming through DuckDB; `prefix` then only names the dataset."""
+
+    format: Literal["lcrec", "recbole", "parquet"]
     path: str
     prefix: str
     attributes: tuple[str, ...]
     index: str = ""
     fetch: str = ""
+    hive_partitioning: bool = True  # parquet only: read `key=value` folder names as columns
+
+    def __post_init__(self) -> None:
+        if self.format == "parquet" and (self.index or self.fetch):
+            raise ValueError("index and fetch are not supported with format parquet")
 
     def root(self) -> Path:
         return resolve_path(self.path)
@@ -53,8 +67,12 @@ class DataConfig:
     drop_short_users: bool
     min_title_share: float
     exclude_history: bool
+    ingest_memory_limit: str
 
     def __post_init__(self) -> None:
+        if not _MEMORY_SIZE.match(self.ingest_memory_limit):
+            raise ParamsError(f"data.ingest_memory_limit: expected a size such as 2GB or 512MiB, "
+                              f"got {self.ingest_memory_limit!r}")
         if self.max_history < 1:
             raise ParamsError(f"data.max_history must be >= 1, got {self.max_history}")
         if self.min_sequence_length < 3:
@@ -103,8 +121,21 @@ class MineConfig:
     batch_size: int
     seed: int
     device: str
+    crossfit_folds: int
+    crossfit_epochs: int
+    workers: int
+    dask_address: str
+    threads: int
+    shard_batches: int
 
     def __post_init__(self) -> None:
+        if self.workers < 1 or self.threads < 0 or self.shard_batches < 1:
+            raise ParamsError(f"mine: need workers >= 1, threads >= 0, shard_batches >= 1, got "
+                              f"{self.workers}, {self.threads}, {self.shard_batches}")
+        if self.crossfit_folds == 1 or self.crossfit_folds < 0:
+            raise ParamsError(f"mine.crossfit_folds: need 0 (off) or >= 2, got {self.crossfit_folds}")
+        if self.crossfit_epochs < 0:
+            raise ParamsError(f"mine.crossfit_epochs: need >= 0, got {self.crossfit_epochs}")
         if self.top < 0 or self.sampled < 0 or not 0 < self.top + self.sampled <= self.beam:
             raise ParamsError(f"mine: need 0 < top + sampled <= beam, got top={self.top} "
                               f"sampled={self.sampled} beam={self.beam}")
@@ -164,6 +195,7 @@ class EvaluateConfig:
     rank_rule: Literal["joint", "union", "marginal"]
     reflect_width: int
     users: int
+    users_seed: int
 
 
 @dataclass(frozen=True)
@@ -175,8 +207,13 @@ class CandidatesConfig:
     users_file: str
     batch_size: int
     device: str
+    workers: int
+    dask_address: str
+    threads: int
 
     def __post_init__(self) -> None:
+        if self.workers < 1 or self.threads < 0:
+            raise ParamsError(f"candidates: need workers >= 1 and threads >= 0, got {self.workers}, {self.threads}")
         if not 1 <= self.top_n <= self.beam:
             raise ParamsError(f"candidates: need 1 <= top_n <= beam, got top_n={self.top_n} beam={self.beam}")
         if self.users_per_shard < 1 or self.batch_size < 1:

@@ -1,10 +1,16 @@
-"""Readers for the two input formats: LC-Rec JSON and RecBole atomic files.
+"""Readers for the input formats: LC-Rec JSON, RecBole atomic files and Parquet.
 
-Both return a `RawDataset` of polars frames with dense ids (`item_id` 0..N-1, `user_id`
-0..U-1, assigned in the numeric order of the source ids where they are integers,
+LC-Rec and RecBole return a `RawDataset` of polars frames with dense ids (`item_id` 0..N-1,
+`user_id` 0..U-1, assigned in the numeric order of the source ids where they are integers,
 otherwise lexicographic), so a re-ingest of the same source gives the same ids.
 Every problem with the input raises `InputError` naming the file, the field and the
 row (the JSON key or the line), before anything is written anywhere.
+
+Parquet (`open_parquet_source`) is not read into memory: it becomes a DuckDB view over
+`interactions/**/*.parquet` that the streaming ingest (tasks/ingest.py) consumes in SQL. Its
+rows are checked in SQL and a bad one is named by DuckDB's `filename` and `file_row_number`.
+Only the item catalog (`items.parquet`, or the distinct item ids) is built in memory, with
+the same id rule as above.
 """
 
 from __future__ import annotations
@@ -16,7 +22,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import duckdb
 import polars as pl
+
+from tasks.store import sql_string
 
 TEXT_FIELDS = ("title", "description", "brand", "categories")
 # \Z, not $: "$" also matches before a trailing newline, so "3\n" would pass as user 3.
@@ -349,3 +358,160 @@ def read_recbole(root: Path, prefix: str) -> RawDataset:
         )
     )
     return RawDataset(items=items, interactions=interactions, source_files=files)
+
+
+# The same rule as _INT_KEY, for DuckDB's regexp_full_match.
+_INT_KEY_SQL = "'0|[1-9][0-9]*'"
+_ID_TYPES = ("TINYINT", "SMALLINT", "INTEGER", "BIGINT", "HUGEINT", "UTINYINT", "USMALLINT", "UINTEGER",
+             "UBIGINT", "UHUGEINT", "VARCHAR")
+_FLOAT_TYPES = ("FLOAT", "DOUBLE")
+
+
+@dataclass
+class ParquetSource:
+    """The checked Parquet source: DuckDB temp view `source_interactions` (user_key, item_key,
+    ts (sort key), timestamp (BIGINT), filename, file_row_number) and temp table `item_map`
+    (item_key, item_id) live on the connection; the item catalog is in memory."""
+
+    items: pl.DataFrame  # item_id, source_item_id, title, description, brand, categories, category
+    source_files: dict[str, str]
+
+
+def parquet_files(root: Path) -> list[Path]:
+    folder = root / "interactions"
+    files = sorted(folder.rglob("*.parquet")) if folder.is_dir() else []
+    if not files:
+        raise InputError(f"{folder}: no Parquet files (expected interactions/**/*.parquet)")
+    return files
+
+
+def parquet_source_files(root: Path) -> dict[str, str]:
+    """path -> sha256 of every interactions file and of items.parquet where present."""
+    paths = parquet_files(root) + ([root / "items.parquet"] if (root / "items.parquet").exists() else [])
+    return {str(p): sha256_file(p) for p in paths}
+
+
+def dense_order(con: duckdb.DuckDBPyConnection, keys_sql: str, key: str) -> str:
+    """ORDER BY clause giving `_dense_ids`'s order: numeric if every key is an integer, else lexicographic."""
+    all_int = con.execute(f"SELECT coalesce(bool_and(regexp_full_match({key}, {_INT_KEY_SQL})), true) "
+                          f"FROM ({keys_sql})").fetchall()[0][0]
+    # For canonical non-negative integers numeric order is (length, text): no cast that could overflow.
+    return f"length({key}), {key}" if all_int else key
+
+
+def _first_bad_row(con: duckdb.DuckDBPyConnection, relation: str, checks: list[tuple[str, str, str]]) -> None:
+    """Raise InputError for the first row (by file, then row) failing any (field, condition, problem)."""
+    cases = " ".join(f"WHEN {cond} THEN {i}" for i, (_, cond, _) in enumerate(checks))
+    row = con.execute(
+        f"SELECT filename, file_row_number, CASE {cases} END FROM {relation} "
+        f"WHERE {' OR '.join(f'({cond})' for _, cond, _ in checks)} ORDER BY filename, file_row_number LIMIT 1"
+    ).fetchall()
+    if row:
+        row = row[0]
+        field_name, _, problem = checks[row[2]]
+        raise InputError(f"{row[0]}: row {row[1]} (counting from 0), field {field_name!r}: {problem}")
+
+
+def _types(con: duckdb.DuckDBPyConnection, relation: str) -> dict[str, str]:
+    return {r[0]: r[1] for r in con.execute(f"DESCRIBE SELECT * FROM {relation}").fetchall()}
+
+
+def open_parquet_source(con: duckdb.DuckDBPyConnection, root: Path, hive_partitioning: bool) -> ParquetSource:
+    """Check `<root>/interactions/**/*.parquet` and `<root>/items.parquet` in SQL; set up the views."""
+    files = parquet_source_files(root)
+    pattern = (root / "interactions").as_posix() + "/**/*.parquet"
+    raw = (f"read_parquet({sql_string(pattern)}, union_by_name = true, filename = true, "
+           f"file_row_number = true, hive_partitioning = {str(hive_partitioning).lower()})")
+    try:
+        types_ = _types(con, raw)
+    except duckdb.Error as exc:
+        raise InputError(f"{pattern}: cannot be read as Parquet: {exc}") from None
+    time_types = _ID_TYPES[:-1] + _FLOAT_TYPES + ("DATE", "TIMESTAMP", "TIMESTAMP WITH TIME ZONE")
+    for col, allowed in (("user_id", _ID_TYPES), ("item_id", _ID_TYPES), ("timestamp", time_types)):
+        if col not in types_:
+            raise InputError(f"{pattern}: field {col!r}: missing from every file")
+        if types_[col] not in allowed:
+            raise InputError(f"{pattern}: field {col!r}: type {types_[col]} (expected one of {', '.join(allowed)})")
+    ts_type = types_["timestamp"]
+    stored_ts = "epoch(timestamp)::BIGINT" if ts_type.startswith(("DATE", "TIMESTAMP")) else "timestamp::BIGINT"
+    con.execute(
+        "CREATE OR REPLACE TEMP VIEW source_interactions AS SELECT CAST(user_id AS VARCHAR) AS user_key, "
+        f"CAST(item_id AS VARCHAR) AS item_key, timestamp AS ts, {stored_ts} AS timestamp, filename, "
+        f"file_row_number FROM {raw}"
+    )
+    checks = [("user_id", "user_key IS NULL", "null"), ("item_id", "item_key IS NULL", "null"),
+              ("timestamp", "ts IS NULL", "null"),
+              ("user_id", "trim(user_key) = ''", "empty id"), ("item_id", "trim(item_key) = ''", "empty id")]
+    if ts_type in _FLOAT_TYPES:
+        checks.append(("timestamp", "NOT isfinite(ts)", "not a finite number"))
+    try:
+        _first_bad_row(con, "source_interactions", checks)
+    except duckdb.Error as exc:
+        raise InputError(f"{pattern}: {exc}") from None
+
+    items_path = root / "items.parquet"
+    items = _parquet_items(con, items_path) if items_path.exists() else _items_from_interactions(con)
+    con.register("catalog", items.select("source_item_id", "item_id").to_arrow())
+    con.execute("CREATE OR REPLACE TEMP TABLE item_map AS "
+                "SELECT source_item_id AS item_key, item_id FROM catalog")
+    con.unregister("catalog")
+    if items_path.exists():
+        unknown = con.execute("SELECT filename, file_row_number, item_key FROM source_interactions "
+                              "ANTI JOIN item_map USING (item_key) "
+                              "ORDER BY filename, file_row_number LIMIT 1").fetchall()
+        if unknown:
+            unknown = unknown[0]
+            raise InputError(f"{unknown[0]}: row {unknown[1]} (counting from 0), field 'item_id': "
+                             f"item {unknown[2]!r} is not in {items_path.name}")
+    return ParquetSource(items=items, source_files=files)
+
+
+def _items_from_interactions(con: duckdb.DuckDBPyConnection) -> pl.DataFrame:
+    keys = "SELECT DISTINCT item_key FROM source_interactions"
+    order = dense_order(con, keys, "item_key")
+    frame = con.sql(f"SELECT item_key AS source_item_id FROM ({keys}) ORDER BY {order}").pl()
+    return frame.select(
+        pl.int_range(pl.len(), dtype=pl.Int64).alias("item_id"), "source_item_id",
+        *[pl.lit(None, dtype=pl.String).alias(c) for c in ("title", "description", "brand", "categories", "category")],
+    )
+
+
+def _parquet_items(con: duckdb.DuckDBPyConnection, path: Path) -> pl.DataFrame:
+    """items.parquet: item_id (int or string), optional title, description, brand and categories
+    (a comma-separated path, or a list of strings joined with commas)."""
+    relation = f"read_parquet({sql_string(path.as_posix())}, filename = true, file_row_number = true)"
+    try:
+        types_ = _types(con, relation)
+    except duckdb.Error as exc:
+        raise InputError(f"{path}: cannot be read as Parquet: {exc}") from None
+    if "item_id" not in types_:
+        raise InputError(f"{path}: field 'item_id': missing")
+    if types_["item_id"] not in _ID_TYPES:
+        raise InputError(f"{path}: field 'item_id': type {types_['item_id']} (expected an integer or a string)")
+    text = []
+    for name in TEXT_FIELDS:
+        kind = types_.get(name)
+        if kind is None:
+            text.append(f"NULL::VARCHAR AS {name}")
+        elif kind == "VARCHAR":
+            text.append(name)
+        elif name == "categories" and kind == "VARCHAR[]":
+            text.append("array_to_string(categories, ',') AS categories")
+        else:
+            raise InputError(f"{path}: field {name!r}: type {kind} (expected a string)")
+    view = (f"(SELECT CAST(item_id AS VARCHAR) AS item_key, {', '.join(text)}, filename, file_row_number "
+            f"FROM {relation})")
+    _first_bad_row(con, view, [("item_id", "item_key IS NULL", "null"), ("item_id", "trim(item_key) = ''", "empty id")])
+    _first_bad_row(con, f"(SELECT *, count(*) OVER (PARTITION BY item_key) AS k, row_number() OVER "
+                        f"(PARTITION BY item_key ORDER BY file_row_number) AS r FROM {view})",
+                   [("item_id", "k > 1 AND r = 2", "duplicate item")])
+    order = dense_order(con, f"SELECT item_key FROM {view}", "item_key")
+    frame = con.sql(f"SELECT item_key AS source_item_id, {', '.join(TEXT_FIELDS)} FROM {view} ORDER BY {order}").pl()
+    brand = pl.col("brand").str.strip_chars()
+    return frame.select(
+        pl.int_range(pl.len(), dtype=pl.Int64).alias("item_id"), "source_item_id", "title", "description",
+        pl.when(brand == "").then(None).otherwise(brand).alias("brand"), "categories",
+        # leaf_category as an expression: the last non-blank comma-separated part.
+        pl.col("categories").str.split(",").list.eval(pl.element().str.strip_chars())
+        .list.eval(pl.element().filter(pl.element() != "")).list.last().alias("category"),
+    )

@@ -21,6 +21,19 @@ from tasks import io
 from tasks.params import Params
 
 KS = np.arange(1, 201)
+# Columns of reports/<dataset>/recall_at_k.csv, in this order, one per method (the y columns of
+# the `recall_at_k` plot in dvc.yaml); a method without a ranks file gets an empty column.
+CURVE_METHODS = ("tiger", "sasrec", "gc_sft", "grc_sft", "grc_rl")
+CURVE_KS = (1, 2, 3, 5, 10, 20, 50, 100, 150, 200)
+
+
+def write_recall_csv(path: Path, curves: dict[str, np.ndarray]) -> None:
+    """Recall@K at CURVE_KS for every method, wide (k, tiger, sasrec, ...), for `dvc plots`."""
+    with io.atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["k", *CURVE_METHODS])
+        for k in CURVE_KS:
+            w.writerow([k, *(f"{curves[m][k - 1]:.6f}" if m in curves else "" for m in CURVE_METHODS)])
 
 
 def _plt():
@@ -88,6 +101,7 @@ def write_report(params: Params) -> Path:
     else:
         missing.append("metrics.json")
     curves = recall_curves(out_dir / "eval") if (out_dir / "eval").exists() else {}
+    write_recall_csv(rep / "recall_at_k.csv", curves)
     if curves:
         fig, ax = plt.subplots(figsize=(6, 4))
         for name, c in curves.items():

@@ -22,6 +22,7 @@ import torch
 from prefect import task
 from safetensors.torch import load_file
 
+from grc_core import distributed
 from grc_core.data import to_batch
 from grc_core.device import resolve_device
 from grc_core.evaluation import rank_with_grc, ranking_metrics
@@ -101,13 +102,14 @@ def train_sft(params: Params, variant: str) -> dict:
                 fingerprint=fingerprint, on_step=on_step)
     bar.close()
     wall = time.perf_counter() - t0
-    write_log(params.reports_dir() / f"sft_{variant}_log.csv", state.history)
     load_weights(work / "ckpt" / "best", model)
-    shutil.copyfile(work / "ckpt" / "best" / "model.safetensors", work / "model.safetensors.tmp")
-    (work / "model.safetensors.tmp").replace(work / "model.safetensors")
-    io.write_json(work / "config.json", {"model": asdict(model.seq.cfg), "level_sizes": list(level_sizes),
-                                         "attr_sizes": list(model.seq.attr_sizes), "num_attrs": len(attributes),
-                                         "variant": variant})
+    if distributed.rank_world()[0] == 0:  # under torchrun (tasks/ddp.py) rank 0 alone writes
+        write_log(params.reports_dir() / f"sft_{variant}_log.csv", state.history)
+        shutil.copyfile(work / "ckpt" / "best" / "model.safetensors", work / "model.safetensors.tmp")
+        (work / "model.safetensors.tmp").replace(work / "model.safetensors")
+        io.write_json(work / "config.json", {"model": asdict(model.seq.cfg), "level_sizes": list(level_sizes),
+                                             "attr_sizes": list(model.seq.attr_sizes), "num_attrs": len(attributes),
+                                             "variant": variant})
     rates = [r["samples_per_s"] for r in state.history]
     return {"variant": variant, "best_epoch": state.best_epoch, "best_valid_recall@10": state.best_metric,
             "epochs_run": state.epoch, "instances": len(mined), "drafts_per_instance": int(mined.drafts.shape[1]),

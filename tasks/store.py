@@ -5,13 +5,19 @@ category, category_bucket, brand_bucket), `interactions` (user_id, source_user_i
 item_id, position, timestamp) and `ingests` (one row per ingest that changed the data:
 source hash, file hashes, counts, time). A changed source replaces `items` and
 `interactions` in one transaction; a failure rolls back and the previous content stays.
+
+`replace_dataset` stores frames already in memory; the streaming ingest (`format: parquet`)
+opens the store with a memory limit and a spill folder (`connect`), and fills the tables with
+SQL inside `transaction`, ending with `record_ingest`.
 """
 
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Iterator
 
 import duckdb
 import polars as pl
@@ -29,9 +35,53 @@ CREATE TABLE IF NOT EXISTS ingests (
 """
 
 
-def connect(path: Path, read_only: bool = False) -> duckdb.DuckDBPyConnection:
+def connect(path: Path, read_only: bool = False, memory_limit: str | None = None,
+            temp_dir: Path | None = None) -> duckdb.DuckDBPyConnection:
+    """Open the store; with `memory_limit` (e.g. "2GB") DuckDB spills to `temp_dir` beyond it."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    return duckdb.connect(str(path), read_only=read_only)
+    con = duckdb.connect(str(path), read_only=read_only)
+    if memory_limit is not None:
+        con.execute(f"SET memory_limit = '{memory_limit}'")  # validated by DataConfig
+    if temp_dir is not None:
+        temp_dir.mkdir(parents=True, exist_ok=True)
+        con.execute(f"SET temp_directory = {sql_string(temp_dir)}")
+    return con
+
+
+def sql_string(value: str | Path) -> str:
+    """A SQL string literal (for paths in statements that take no parameters, such as COPY)."""
+    return "'" + str(value).replace("'", "''") + "'"
+
+
+@contextmanager
+def transaction(con: duckdb.DuckDBPyConnection) -> Iterator[duckdb.DuckDBPyConnection]:
+    """BEGIN ... COMMIT; any exception (KeyboardInterrupt included) rolls back and re-raises."""
+    con.execute("BEGIN TRANSACTION")
+    try:
+        yield con
+        con.execute("COMMIT")
+    except BaseException:
+        con.execute("ROLLBACK")
+        raise
+
+
+def create_items(con: duckdb.DuckDBPyConnection, items: pl.DataFrame) -> None:
+    con.register("new_items", items.to_arrow())
+    con.execute("CREATE OR REPLACE TABLE items AS SELECT * FROM new_items ORDER BY item_id")
+    con.unregister("new_items")
+
+
+def record_ingest(con: duckdb.DuckDBPyConnection, source_hash: str, files: dict[str, str],
+                  n_users: int, n_items: int, n_interactions: int) -> int:
+    """Append one row to `ingests` (inside the caller's transaction); return its id."""
+    # fetchall, not fetchone: DuckDB 2.0 refuses new work while a result is unfinished.
+    next_id = con.execute("SELECT coalesce(max(ingest_id), 0) + 1 FROM ingests").fetchall()[0][0]
+    con.execute(
+        "INSERT INTO ingests VALUES (?, ?, ?, ?, ?, ?, ?)",
+        [next_id, datetime.now(timezone.utc), source_hash, json.dumps(files, sort_keys=True),
+         n_users, n_items, n_interactions],
+    )
+    return next_id
 
 
 def latest_source_hash(path: Path) -> str | None:
@@ -52,25 +102,15 @@ def replace_dataset(path: Path, items: pl.DataFrame, interactions: pl.DataFrame,
     """Replace items and interactions and append an ingest record, all in one transaction."""
     with connect(path) as con:
         con.execute(INGESTS_DDL)
-        con.register("new_items", items.to_arrow())
         con.register("new_interactions", interactions.to_arrow())
-        con.execute("BEGIN TRANSACTION")
-        try:
-            con.execute("CREATE OR REPLACE TABLE items AS SELECT * FROM new_items ORDER BY item_id")
+        with transaction(con):
+            create_items(con, items)
             con.execute(
                 "CREATE OR REPLACE TABLE interactions AS SELECT * FROM new_interactions "
                 "ORDER BY user_id, position"
             )
-            next_id = con.execute("SELECT coalesce(max(ingest_id), 0) + 1 FROM ingests").fetchone()[0]
-            con.execute(
-                "INSERT INTO ingests VALUES (?, ?, ?, ?, ?, ?, ?)",
-                [next_id, datetime.now(timezone.utc), source_hash, json.dumps(files, sort_keys=True),
-                 interactions["user_id"].n_unique(), items.height, interactions.height],
-            )
-            con.execute("COMMIT")
-        except BaseException:
-            con.execute("ROLLBACK")
-            raise
+            next_id = record_ingest(con, source_hash, files, interactions["user_id"].n_unique(),
+                                    items.height, interactions.height)
     return next_id
 
 

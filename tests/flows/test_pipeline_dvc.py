@@ -27,7 +27,7 @@ def project(tiny_project):
 
     first = dvc("repro")
     assert first.returncode == 0, first.stdout[-4000:] + first.stderr[-4000:]
-    return {"root": root, "counts": tiny_project["counts"], "dvc": dvc, "first": first}
+    return {"root": root, "counts": tiny_project["counts"], "dvc": dvc, "first": first, "env": env}
 
 
 def test_repro_ingests_and_reports_counts_from_the_store(project):
@@ -54,6 +54,18 @@ def test_repro_gives_unique_ids_and_test_metrics(project):
     assert "acc_loc@5" not in metrics["methods"]["gc_sft"]["reflection"]
     mine = json.loads((project["root"] / "reports" / "tiny" / "mine.json").read_text())
     assert mine["train"]["rows"] % 4 == 0 and abs(sum(mine["valid"]["r_loc_share"].values()) - 1) < 1e-9
+    # cross-fitted drafts (mine.crossfit_folds 2): every mined instance came from the one fold
+    # backbone that did not train on its user, and the two fold backbones split the training users
+    cf = mine["crossfit"]
+    assert cf["folds"] == 2 and len(cf["fold_backbones"]) == 2
+    assert sum(f["mined_instances"] for f in cf["fold_backbones"]) == mine["train"]["rows"] // 4
+    import polars as pl
+
+    from tasks.mine import user_folds
+
+    train = pl.read_parquet(project["root"] / "data" / "tiny" / "splits" / "train.parquet")
+    folds = user_folds(train["user_id"].to_numpy(), 2, seed=2026)
+    assert [f["train_instances"] for f in cf["fold_backbones"]] == [int((folds != 0).sum()), int((folds != 1).sum())]
 
 
 def test_repro_dumps_candidates_that_duckdb_and_polars_read(project):
@@ -73,6 +85,27 @@ def test_repro_dumps_candidates_that_duckdb_and_polars_read(project):
     assert frame.schema == {"user_id": pl.Int64, "rank": pl.Int32, "item_id": pl.Int64, "score": pl.Float32}
     assert frame.height == manifest["rows"] == users * top_n
     assert frame.group_by("user_id").agg(pl.col("item_id").n_unique())["item_id"].min() == top_n
+
+
+def test_dvc_metrics_and_plots_show_every_methods_results(project):
+    shown = project["dvc"]("metrics", "show", "--json")
+    assert shown.returncode == 0, shown.stderr
+    [workspace] = json.loads(shown.stdout).values()  # keyed "workspace", or "" before the first commit
+    metrics = workspace["data"]["reports/tiny/metrics.json"]["data"]["methods"]
+    assert set(metrics) == {"tiger", "sasrec", "gc_sft", "grc_sft", "grc_rl"}
+    plots = project["dvc"]("plots", "show", "--json")
+    assert plots.returncode == 0, plots.stderr
+    data = json.loads(plots.stdout)["data"]
+    rows = data["recall_at_k"][0]["content"]["data"]["values"]
+    curves: dict[str, list[tuple[int, float]]] = {}
+    for r in rows:
+        curves.setdefault(r["field"], []).append((int(r["k"]), float(r["dvc_inferred_y_value"])))
+    assert set(curves) == {"tiger", "sasrec", "gc_sft", "grc_sft", "grc_rl"}
+    for name, pts in curves.items():
+        ys = [y for _, y in sorted(pts)]
+        assert ys == sorted(ys) and 0.0 <= ys[0] <= ys[-1] <= 1.0, name  # Recall@K never falls with K
+        assert dict(pts)[10] == pytest.approx(metrics[name]["metrics"]["recall@10"], abs=1e-6)
+    assert any("backbone_log.csv" in key for key in data)  # the training curves too
 
 
 def test_second_repro_skips_every_stage(project):
@@ -127,3 +160,71 @@ def test_grpo_killed_mid_run_resumes_to_the_same_weights(project, prefect_server
     assert straight.keys() == resumed.keys()
     for k in straight:
         assert torch.equal(straight[k], resumed[k]), k
+
+
+def test_torchrun_backbone_on_two_processes_matches_the_single_process_stage(project):
+    """`torchrun -m tasks.ddp backbone` with 2 gloo processes and the same global batch ends at the
+    weights the single-process stage (`dvc repro` above) reached, up to float summation order."""
+    from safetensors.torch import load_file
+
+    root = project["root"]
+    src, dst = root / "data" / "tiny", root / "data_ddp" / "tiny"
+    dst.mkdir(parents=True)
+    for name in ("splits", "tokenizer"):
+        shutil.copytree(src / name, dst / name)
+    shutil.copy(src / "items.parquet", dst / "items.parquet")
+    env = {**os.environ, "PATH": f"{VENV_BIN}:{os.environ['PATH']}", "OMP_NUM_THREADS": "1"}
+    run = subprocess.run([str(VENV_BIN / "torchrun"), "--standalone", "--nproc_per_node=2", "-m", "tasks.ddp",
+                          "backbone", "-S", "data.data_dir=data_ddp", "-S", "data.reports_dir=reports_ddp",
+                          "-S", "backbone.train.threads=1"], cwd=root, env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    report = json.loads((root / "reports_ddp" / "tiny" / "backbone.json").read_text())
+    single = json.loads((root / "reports" / "tiny" / "backbone.json").read_text())
+    assert report["world_size"] == 2 and report["best_epoch"] == single["best_epoch"]
+    a = load_file(str(src / "backbone" / "model.safetensors"))
+    b = load_file(str(dst / "backbone" / "model.safetensors"))
+    init = max(float(v.abs().max()) for v in a.values())
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-4 * max(1.0, init)
+
+
+def test_mine_sharded_over_two_dask_workers_gives_the_same_labels(project):
+    """`mine.workers=2`: the beam searches (stage backbone and cross-fitted folds) run as Prefect
+    tasks on a local Dask cluster; the labels equal a single-process run's with the same threads."""
+    import polars as pl
+
+    root = project["root"]
+    src = root / "data" / "tiny"
+    outs = {}
+    for workers in (1, 2):
+        dst = root / f"data_mine{workers}" / "tiny"
+        dst.mkdir(parents=True)
+        for name in ("splits", "tokenizer", "backbone"):
+            shutil.copytree(src / name, dst / name)
+        shutil.copy(src / "items.parquet", dst / "items.parquet")
+        run = subprocess.run([str(VENV_BIN / "python"), "-m", "flows.mine", "-S", f"data.data_dir=data_mine{workers}",
+                              "-S", f"data.reports_dir=reports_mine{workers}", "-S", f"mine.workers={workers}",
+                              "-S", "mine.threads=1", "-S", "mine.shard_batches=1", "-S", "backbone.train.threads=1"],
+                             cwd=root, env={**project["env"], "OMP_NUM_THREADS": "1"}, capture_output=True, text=True)
+        assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+        outs[workers] = {s: pl.read_parquet(dst / "mine" / f"{s}.parquet") for s in ("train", "valid")}
+        report = json.loads((root / f"reports_mine{workers}" / "tiny" / "mine.json").read_text())
+        assert report["workers"] == workers
+    for split in ("train", "valid"):
+        assert outs[1][split].height > 0
+        assert outs[1][split].equals(outs[2][split]), split
+
+
+def test_dvc_exp_run_with_a_grpo_param_reruns_grpo_and_after_only(project):
+    """`dvc exp run -S grpo.group_size=2`: an experiment from the committed pipeline that re-runs
+    grpo and what depends on it, nothing upstream (last in this module: it changes outputs)."""
+    root, env = project["root"], project["env"]
+    git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.com"]
+    subprocess.run([*git, "add", "-A"], cwd=root, check=True, env=env, capture_output=True)
+    subprocess.run([*git, "commit", "-q", "-m", "baseline"], cwd=root, check=True, env=env, capture_output=True)
+    run = project["dvc"]("exp", "run", "-S", "grpo.group_size=2")
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
+    ran = {line.split("'")[1] for line in run.stdout.splitlines() if line.startswith("Running stage '")}
+    # grpo re-runs; evaluate and candidates only if the kept GRPO weights changed (DVC compares hashes)
+    assert "grpo" in ran and ran <= {"grpo", "evaluate", "candidates"}, run.stdout[-2000:]
+    exps = project["dvc"]("exp", "show", "--json")
+    assert exps.returncode == 0 and "grpo.group_size" in exps.stdout

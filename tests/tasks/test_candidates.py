@@ -274,3 +274,31 @@ def test_a_shard_of_another_model_or_with_other_bytes_is_not_kept(killed_and_str
     data[len(data) // 2] ^= 0xFF
     path.write_bytes(bytes(data))
     assert current_shard(k["killed"], shard, plan.fingerprint) is None
+
+
+@pytest.mark.slow
+def test_a_dump_sharded_over_two_dask_workers_equals_the_single_process_dump(killed_and_straight, tmp_path,
+                                                                              prefect_server):  # noqa: F811
+    """prefect-dask: a local cluster of 2 worker processes decodes the shards; same bytes, same manifest."""
+    write_tiny_data(tmp_path / "data")
+    args = [sys.executable, "-m", "flows.candidates",
+            *[a for o in [*overrides(tmp_path), "candidates.workers=2", "candidates.threads=1"] for a in ("-S", o)]]
+    done = subprocess.run(args, cwd=PROJECT_ROOT, env=_env(prefect_server), capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    out = tmp_path / "data" / "tiny" / "candidates"
+    report = json.loads((tmp_path / "reports" / "tiny" / "candidates.json").read_text())
+    assert report["workers"] == 2 and report["shards_reused"] == 0
+    files = sorted(p.name for p in killed_and_straight["straight"].glob("part-*.parquet"))
+    assert files == sorted(p.name for p in out.glob("part-*.parquet")) and len(files) == N_USERS // 10
+    for name in files:
+        assert (out / name).read_bytes() == (killed_and_straight["straight"] / name).read_bytes(), name
+    a, b = (json.loads((d / MANIFEST).read_text()) for d in (killed_and_straight["straight"], out))
+    assert a["shards"] == b["shards"] and a["fingerprint"] == b["fingerprint"]
+    # one completed Prefect task run per shard, read back from the server
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterName
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings({PREFECT_API_URL: prefect_server["url"]}), get_client(sync_client=True) as client:
+        runs = client.read_task_runs(task_run_filter=TaskRunFilter(name=TaskRunFilterName(like_="dump_shard")))
+    assert sum(r.state is not None and r.state.is_completed() for r in runs) >= len(files)

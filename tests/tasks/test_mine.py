@@ -55,3 +55,17 @@ def test_mine_split_labels_match_their_definitions():
     mined = MinedDrafts(frame, ("category",))
     assert mined.drafts.shape == (4, 5, len(LEVELS)) and mined.r_sem.shape == (4, 5, 1)
     assert torch.equal(mined.drafts[2, 0], torch.tensor(frame.filter(pl.col("instance") == 2)["codes"][0].to_list()))
+
+
+def test_user_folds_are_a_fixed_balanced_function_of_the_user_id():
+    from tasks.mine import user_folds
+
+    users = np.arange(20_000)
+    folds = user_folds(users, 2, seed=7)
+    assert set(np.unique(folds)) == {0, 1}
+    assert abs(np.bincount(folds)[0] - 10_000) < 400  # balanced up to hash noise (sd ~70)
+    # the same user gets the same fold in any subset or order (train, valid and chosen subsets agree)
+    perm = np.random.default_rng(0).permutation(users)[:5000]
+    assert np.array_equal(user_folds(perm, 2, seed=7), folds[perm])
+    assert not np.array_equal(user_folds(users, 2, seed=8), folds)  # the seed matters
+    assert np.bincount(user_folds(users, 5, seed=7)).min() > 3700
