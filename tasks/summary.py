@@ -32,6 +32,12 @@ def main(argv: list[str]) -> None:
         for name, m in methods.items():
             print("  " + f"{name:<10}" + "".join(f"{m['metrics'].get(k, float('nan')):>12.4f}" for k in keys))
         print(f"  per-user ranks: {params.dataset_dir() / 'eval'}")
+        print(f"  run report:     {reports / 'report.md'}")
+    cand = reports / "candidates.json"
+    if cand.exists():
+        c = json.loads(cand.read_text())
+        print(f"\n  candidate dump: {params.dataset_dir() / 'candidates'} ({c['users']:,} users x top {c['top_n']} "
+              f"from {c['method']}, {c['shards']} Parquet shards, manifest.json)")
 
 
 if __name__ == "__main__":

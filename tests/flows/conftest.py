@@ -86,7 +86,7 @@ TINY_OVERRIDES = [
     "backbone.train.epochs=2", "backbone.train.batch_size=32", "backbone.train.warmup_steps=5",
     "backbone.valid_beam=10", "backbone.valid_users=0", "evaluate.beam=20",
     "sasrec.epochs=2", "sasrec.hidden=16", "sasrec.batch_size=16",
-    "mine.beam=10", "mine.top=2", "mine.sampled=2", "mine.batch_size=32",
+    "mine.beam=10", "mine.top=2", "mine.sampled=2", "mine.batch_size=32", "mine.crossfit_folds=2",
     "sft.train.epochs=1", "sft.train.batch_size=8", "sft.train.warmup_steps=5", "sft.valid_beam=10",
     "sft.valid_users=0", "evaluate.correct_width=10",
     "grpo.iterations=3", "grpo.users_per_step=8", "grpo.group_size=4", "grpo.eval_every=2", "grpo.valid_beam=10",
