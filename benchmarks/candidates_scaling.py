@@ -1,6 +1,6 @@
 """Candidate generation on 1 and 2 workers of this machine: the scaling efficiency of the Dask path.
 
-    python -m benchmarks.candidates_scaling --dataset instruments --method tiger --users 2000 --beam 100
+    python -m benchmarks.candidates_scaling --dataset instruments --method tiger --users 2000 --beam 120
 
 Copies what the `candidates` stage reads (test split, items, tokenizer, the method's weights)
 into a scratch data dir, then runs `python -m flows.candidates` three times on the same users:
@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--dataset", default="instruments")
     ap.add_argument("--method", default="tiger")
     ap.add_argument("--users", type=int, default=2000)
-    ap.add_argument("--beam", type=int, default=100)
+    ap.add_argument("--beam", type=int, default=120)  # >= top_n + max history: no short lists
     ap.add_argument("--top-n", type=int, default=100)
     ap.add_argument("--users-per-shard", type=int, default=250)
     args = ap.parse_args(argv)

@@ -2,6 +2,7 @@
 
     torchrun --standalone --nproc_per_node=2 -m tasks.ddp backbone [-S data.dataset=scientific ...]
     torchrun --nnodes=2 --nproc_per_node=4 --rdzv_backend=c10d --rdzv_endpoint=HOST:29400 -m tasks.ddp sft
+    torchrun --standalone --nproc_per_node=2 -m tasks.ddp grpo -S grpo.threads=1
 
 Each process joins the process group (gloo on CPU, nccl where `*.train.device` is CUDA; with
 several GPUs per node each rank takes `cuda:LOCAL_RANK`), trains with `grc_core.train.fit`
@@ -12,8 +13,8 @@ command resumes from `ckpt/last`. Set `*.train.threads` so that processes x thre
 exceed the cores of a node (e.g. threads=1 for 2 processes on 2 cores).
 
 Prefect is not involved here: a torchrun job is one unit of work for whatever scheduler runs it
-(a Prefect deployment can call this command). GRPO is not data-parallel yet (its episodes are
-sampled from one seeded stream); see docs/SCALING.md.
+(a Prefect deployment can call this command). GRPO: every rank samples the same episodes from
+the one seeded stream and computes the loss of its share of the users (tasks/grpo.py).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from grc_core import distributed
 from tasks import io
 from tasks.params import load_params
 
-STAGES = ("backbone", "sft")
+STAGES = ("backbone", "sft", "grpo")
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
@@ -37,7 +38,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("-S", "--set", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args(argv)
     params = load_params(args.params, args.set)
-    device = params.backbone.train.device if args.stage == "backbone" else params.sft.train.device
+    device = {"backbone": params.backbone.train.device, "sft": params.sft.train.device,
+              "grpo": params.grpo.device}[args.stage]
     if device.startswith("cuda") and "LOCAL_RANK" in os.environ:
         device = f"cuda:{os.environ['LOCAL_RANK']}"
     rank, world = distributed.init_from_env(device)
@@ -47,6 +49,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
             result = {"dataset": params.data.dataset, **train_backbone.fn(params), "world_size": world}
             name = "backbone.json"
+        elif args.stage == "grpo":
+            from tasks.grpo import train_grpo
+
+            result = {"dataset": params.data.dataset, **train_grpo.fn(params), "world_size": world}
+            name = "grpo.json"
         else:
             from tasks.sft import train_sft
 

@@ -9,6 +9,12 @@ policy is validated (two-pass decoding, Recall@10 at `grpo.valid_beam`); the bes
 A checkpoint (`ckpt/last`: weights, optimizer, iteration, RNG state, log) is written at each
 validation, so an interrupted run resumes where it stopped and gives the same result.
 
+Under torchrun (`torchrun ... -m tasks.ddp grpo`, DistributedDataParallel): every rank samples
+the same episodes (same weights, same seeded generator; sampling is the cheap, gradient-free
+part), then rank r computes the policy and reference log-probs and the loss of users r, r+W, ...
+only, weighted by its share of the episodes, so the averaged gradient is the single-process
+gradient up to float summation order. Rank 0 validates and writes checkpoints.
+
 Outputs under `data/<dataset>/grpo/`: `model.safetensors` (best validation), `config.json`;
 the per-iteration log goes to `reports/<dataset>/grpo_log.csv` for `dvc plots`.
 """
@@ -23,11 +29,12 @@ import torch
 from prefect import task
 from tqdm.auto import tqdm
 
+from grc_core import distributed
 from grc_core.data import to_batch
 from grc_core.device import resolve_device
 from grc_core.evaluation import history_mask, rank_with_grc, ranking_metrics
 from grc_core.grc import DecodeConfig, expand_memory
-from grc_core.grpo import GRPOConfig, episode_logprobs, grpo_loss, sample_episodes
+from grc_core.grpo import Episodes, GRPOConfig, episode_logprobs, grpo_loss, sample_episodes
 from grc_core.rewards import RewardConfig, group_advantages, grc_rewards
 from grc_core.train import TrainerState, load_checkpoint, load_weights, make_optimizer, save_checkpoint
 from grc_core.trie import PrefixTrie
@@ -58,6 +65,8 @@ def train_grpo(params: Params) -> dict:
     rcfg = RewardConfig(gp.beta_cor, gp.beta_last, gp.beta_loc, gp.beta_sem, 1e-6, gp.use_task, gp.use_cor,
                         gp.use_loc, gp.use_sem, gp.use_delta)
     opt = make_optimizer(policy, gp)  # reads gp.lr and gp.weight_decay
+    rank, world = distributed.rank_world()
+    trainer = distributed.wrap_for_loss(policy)
     work = out_dir / "grpo"
     last, best = work / "ckpt" / "last", work / "ckpt" / "best"
     fingerprint = "|".join([params.section_hash("grpo"), str(params.data.exclude_history),
@@ -81,9 +90,11 @@ def train_grpo(params: Params) -> dict:
         return summary
 
     if state.step == 0 and not state.history:  # the SFT starting point, for the log and as the first "best"
-        metrics = validate()
-        state.best_metric, state.best_epoch = metrics["recall@10"], 0
-        save_checkpoint(best, policy, None, state, {"fingerprint": fingerprint})
+        metrics = validate() if rank == 0 else {}
+        state.best_metric = distributed.broadcast_float(metrics.get("recall@10", 0.0))
+        state.best_epoch = 0
+        if rank == 0:
+            save_checkpoint(best, policy, None, state, {"fingerprint": fingerprint})
         state.history.append({"iteration": 0, **{f"valid_{k}": v for k, v in metrics.items()}})
     total = gp.iterations
     t0 = time.perf_counter()
@@ -107,14 +118,30 @@ def train_grpo(params: Params) -> dict:
                               table.attrs[ep.corrected_items], table.attrs[tgt_items], rcfg)
         groups = torch.arange(gp.users_per_step, device=device).repeat_interleave(g)
         adv = group_advantages(rewards["total"], groups, gp.advantage)
+        # This rank's users (all of them on one process) and their episodes (user-major rows).
+        mine = torch.arange(rank, gp.users_per_step, world, device=device)  # (b_r,)
+        rows = (mine[:, None] * g + torch.arange(g, device=device)).reshape(-1)  # (b_r * G,)
+        sub_batch = to_batch(part.select(mine.cpu()), table)
+        sub_ep = Episodes(*(x[rows] for x in ep))
+        sub_excl = excl_rows[rows] if excl_rows is not None else None
+        share = len(rows) * world / len(ep.draft)  # weight: the DDP average is then the mean over all episodes
         with torch.no_grad():
-            ref_lp, _ = episode_logprobs(ref, expand_memory(ref.seq.encode(batch), g), ep, trie, gp.temperature, excl_rows)
+            ref_lp, _ = episode_logprobs(ref, expand_memory(ref.seq.encode(sub_batch), g), sub_ep, trie,
+                                         gp.temperature, sub_excl)
         policy.train()
         info: dict[str, float] = {}
+        out: dict = {}
+
+        def loss_fn(m, _):
+            lp, ent = episode_logprobs(m, expand_memory(m.seq.encode(sub_batch), g), sub_ep, trie, gp.temperature,
+                                       sub_excl)
+            loss, out["info"] = grpo_loss(lp, sub_ep.logp, ref_lp, adv[rows], cfg)
+            out["ent"] = ent
+            return loss * share
+
         for _ in range(gp.ppo_epochs):
-            lp, ent = episode_logprobs(policy, expand_memory(policy.seq.encode(batch), g), ep, trie, gp.temperature,
-                                       excl_rows)
-            loss, info = grpo_loss(lp, ep.logp, ref_lp, adv, cfg)
+            loss = trainer(loss_fn, None)
+            info, ent = out["info"], out["ent"]
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if gp.grad_clip > 0:
@@ -132,24 +159,29 @@ def train_grpo(params: Params) -> dict:
         bar.update(1)
         bar.set_postfix(R=f"{record['reward_total']:.2f}", kl=f"{info['kl']:.3f}", refresh=False)
         if state.step % gp.eval_every == 0 or state.step == total:
-            metrics = validate()
+            metrics = validate() if rank == 0 else {}
             record.update({f"valid_{k}": v for k, v in metrics.items()})
-            if metrics["recall@10"] > state.best_metric:
-                state.best_metric, state.best_epoch = metrics["recall@10"], state.step
-                save_checkpoint(best, policy, None, state, {"fingerprint": fingerprint})
-            print("grpo " + " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                                     for k, v in record.items()), flush=True)
+            value = distributed.broadcast_float(metrics.get("recall@10", -1.0))
+            if value > state.best_metric:
+                state.best_metric, state.best_epoch = value, state.step
+                if rank == 0:
+                    save_checkpoint(best, policy, None, state, {"fingerprint": fingerprint})
+            if rank == 0:
+                print("grpo " + " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                         for k, v in record.items()), flush=True)
         state.history.append(record)
-        if state.step % gp.eval_every == 0 or state.step == total:
+        if (state.step % gp.eval_every == 0 or state.step == total) and rank == 0:
             save_checkpoint(last, policy, opt, state, {"fingerprint": fingerprint,
                                                        "generator": gen.get_state().tolist()})
+        distributed.barrier()
     bar.close()
     wall = time.perf_counter() - t0
-    write_log(params.reports_dir() / "grpo_log.csv", state.history)
     load_weights(best, policy)
-    shutil.copyfile(best / "model.safetensors", work / "model.safetensors.tmp")
-    (work / "model.safetensors.tmp").replace(work / "model.safetensors")
-    shutil.copyfile(out_dir / "sft" / "grc" / "config.json", work / "config.json")
+    if rank == 0:
+        write_log(params.reports_dir() / "grpo_log.csv", state.history)
+        shutil.copyfile(best / "model.safetensors", work / "model.safetensors.tmp")
+        (work / "model.safetensors.tmp").replace(work / "model.safetensors")
+        shutil.copyfile(out_dir / "sft" / "grc" / "config.json", work / "config.json")
     return {"iterations": state.step, "best_iteration": state.best_epoch, "best_valid_recall@10": state.best_metric,
             "start_valid_recall@10": state.history[0].get("valid_recall@10"),
             "episodes_per_s_this_run": episodes_done / max(wall, 1e-9), "wall_s_this_run": wall}

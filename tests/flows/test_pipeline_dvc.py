@@ -162,17 +162,23 @@ def test_grpo_killed_mid_run_resumes_to_the_same_weights(project, prefect_server
         assert torch.equal(straight[k], resumed[k]), k
 
 
+def _stage_inputs(root, data_dir: str, *dirs: str):
+    """A second data dir holding copies of the tiny project's items and the given stage outputs."""
+    src, dst = root / "data" / "tiny", root / data_dir / "tiny"
+    dst.mkdir(parents=True)
+    for name in dirs:
+        shutil.copytree(src / name, dst / name)
+    shutil.copy(src / "items.parquet", dst / "items.parquet")
+    return src, dst
+
+
 def test_torchrun_backbone_on_two_processes_matches_the_single_process_stage(project):
     """`torchrun -m tasks.ddp backbone` with 2 gloo processes and the same global batch ends at the
     weights the single-process stage (`dvc repro` above) reached, up to float summation order."""
     from safetensors.torch import load_file
 
     root = project["root"]
-    src, dst = root / "data" / "tiny", root / "data_ddp" / "tiny"
-    dst.mkdir(parents=True)
-    for name in ("splits", "tokenizer"):
-        shutil.copytree(src / name, dst / name)
-    shutil.copy(src / "items.parquet", dst / "items.parquet")
+    src, dst = _stage_inputs(root, "data_ddp", "splits", "tokenizer")
     env = {**os.environ, "PATH": f"{VENV_BIN}:{os.environ['PATH']}", "OMP_NUM_THREADS": "1"}
     run = subprocess.run([str(VENV_BIN / "torchrun"), "--standalone", "--nproc_per_node=2", "-m", "tasks.ddp",
                           "backbone", "-S", "data.data_dir=data_ddp", "-S", "data.reports_dir=reports_ddp",
@@ -193,14 +199,9 @@ def test_mine_sharded_over_two_dask_workers_gives_the_same_labels(project):
     import polars as pl
 
     root = project["root"]
-    src = root / "data" / "tiny"
     outs = {}
     for workers in (1, 2):
-        dst = root / f"data_mine{workers}" / "tiny"
-        dst.mkdir(parents=True)
-        for name in ("splits", "tokenizer", "backbone"):
-            shutil.copytree(src / name, dst / name)
-        shutil.copy(src / "items.parquet", dst / "items.parquet")
+        _, dst = _stage_inputs(root, f"data_mine{workers}", "splits", "tokenizer", "backbone")
         run = subprocess.run([str(VENV_BIN / "python"), "-m", "flows.mine", "-S", f"data.data_dir=data_mine{workers}",
                               "-S", f"data.reports_dir=reports_mine{workers}", "-S", f"mine.workers={workers}",
                               "-S", "mine.threads=1", "-S", "mine.shard_batches=1", "-S", "backbone.train.threads=1"],
@@ -212,6 +213,30 @@ def test_mine_sharded_over_two_dask_workers_gives_the_same_labels(project):
     for split in ("train", "valid"):
         assert outs[1][split].height > 0
         assert outs[1][split].equals(outs[2][split]), split
+
+
+def test_torchrun_grpo_on_two_processes_matches_one_process(project):
+    """GRPO under DDP: both ranks sample the same episodes, each takes half the users' loss; after
+    3 iterations (6 optimiser steps) the policy equals the one-process policy up to float order."""
+    from safetensors.torch import load_file
+
+    root = project["root"]
+    env = {**os.environ, "PATH": f"{VENV_BIN}:{os.environ['PATH']}", "OMP_NUM_THREADS": "1"}
+    weights = {}
+    for world in (1, 2):
+        src, dst = _stage_inputs(root, f"data_grpo{world}", "splits", "tokenizer", "sft")
+        launch = ([str(VENV_BIN / "torchrun"), "--standalone", "--nproc_per_node=2", "-m", "tasks.ddp"] if world == 2
+                  else [str(VENV_BIN / "python"), "-m", "tasks.ddp"])
+        run = subprocess.run([*launch, "grpo", "-S", f"data.data_dir=data_grpo{world}", "-S",
+                              f"data.reports_dir=reports_grpo{world}", "-S", "grpo.threads=1"],
+                             cwd=root, env=env, capture_output=True, text=True)
+        assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+        assert json.loads((root / f"reports_grpo{world}" / "tiny" / "grpo.json").read_text())["world_size"] == world
+        weights[world] = load_file(str(dst / "grpo" / "ckpt" / "last" / "model.safetensors"))
+    start = load_file(str(src / "sft" / "grc" / "model.safetensors"))
+    moved = max(float((weights[1][k] - start[k]).abs().max()) for k in start)
+    diff = max(float((weights[1][k] - weights[2][k]).abs().max()) for k in start)
+    assert moved > 1e-4 and diff < 1e-5, (moved, diff)  # GRPO's lr is 5e-5: each step moves weights ~1e-4
 
 
 def test_dvc_exp_run_with_a_grpo_param_reruns_grpo_and_after_only(project):
@@ -227,4 +252,13 @@ def test_dvc_exp_run_with_a_grpo_param_reruns_grpo_and_after_only(project):
     # grpo re-runs; evaluate and candidates only if the kept GRPO weights changed (DVC compares hashes)
     assert "grpo" in ran and ran <= {"grpo", "evaluate", "candidates"}, run.stdout[-2000:]
     exps = project["dvc"]("exp", "show", "--json")
-    assert exps.returncode == 0 and "grpo.group_size" in exps.stdout
+    assert exps.returncode == 0, exps.stderr
+
+    def group_sizes(node) -> list:
+        if isinstance(node, dict):
+            here = [node["grpo"]["group_size"]] if isinstance(node.get("grpo"), dict) and "group_size" in node["grpo"] else []
+            return here + [v for child in node.values() for v in group_sizes(child)]
+        return [v for child in node for v in group_sizes(child)] if isinstance(node, list) else []
+
+    sizes = group_sizes(json.loads(exps.stdout))
+    assert 2 in sizes and 4 in sizes  # the experiment's value and the baseline's (TINY_OVERRIDES)
