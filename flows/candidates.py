@@ -22,8 +22,9 @@ from prefect import flow, get_run_logger
 
 from tasks import io
 from flows.sharding import shard_map
+from grc_core.device import set_threads
 from tasks.candidates import (current_shard, dump_shard, gate_shard, load_ranker, plan_dump, rank_shard,
-                              remove_stale_shards, set_threads, start_dump, write_manifest, write_shard)
+                              remove_stale_shards, start_dump, write_manifest, write_shard)
 from tasks.cli import parse_cli
 from tasks.params import Params
 

@@ -12,3 +12,9 @@ def resolve_device(device: str) -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device={device!r} but CUDA is not available")
     return dev
+
+
+def set_threads(threads: int) -> None:
+    """torch intra-op threads of this process; 0 leaves torch's default."""
+    if threads > 0:
+        torch.set_num_threads(threads)

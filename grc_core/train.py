@@ -31,6 +31,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from grc_core import distributed
+from grc_core.device import set_threads
 
 
 @dataclass(frozen=True)
@@ -166,8 +167,7 @@ def fit(
     if cfg.batch_size % world:
         raise ValueError(f"batch_size {cfg.batch_size} (the global batch) must divide by the world size {world}")
     per_rank = cfg.batch_size // world
-    if cfg.threads > 0:
-        torch.set_num_threads(cfg.threads)
+    set_threads(cfg.threads)
     trainer = distributed.wrap_for_loss(model)
     opt = make_optimizer(model, cfg)
     state = TrainerState()

@@ -53,7 +53,7 @@ import torch
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from grc_core.device import resolve_device
+from grc_core.device import resolve_device, set_threads
 from grc_core.evaluation import rank_with_backbone, rank_with_grc
 from grc_core.grc import DecodeConfig
 from grc_core.sasrec import SASRec, score_all
@@ -279,11 +279,6 @@ def cached_ranker(params: Params, fingerprint: str) -> Ranker:
         _RANKERS.clear()
         _RANKERS[fingerprint] = load_ranker(params)
     return _RANKERS[fingerprint]
-
-
-def set_threads(threads: int) -> None:
-    if threads > 0:
-        torch.set_num_threads(threads)
 
 
 @task(cache_policy=NO_CACHE)

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from grc_core import distributed
 from grc_core.data import to_batch
-from grc_core.device import resolve_device
+from grc_core.device import resolve_device, set_threads
 from grc_core.evaluation import history_mask, rank_with_grc, ranking_metrics
 from grc_core.grc import DecodeConfig, expand_memory
 from grc_core.grpo import Episodes, GRPOConfig, episode_logprobs, grpo_loss, sample_episodes
@@ -48,8 +48,7 @@ from tasks.sft import load_grc
 def train_grpo(params: Params) -> dict:
     gp, out_dir = params.grpo, params.dataset_dir()
     device = resolve_device(gp.device)
-    if gp.threads:
-        torch.set_num_threads(gp.threads)
+    set_threads(gp.threads)
     attributes = params.dataset.attributes
     table, level_sizes, _ = load_item_table(out_dir, attributes)
     table = table.to(device)

@@ -13,7 +13,7 @@ Cross-fitting (`mine.crossfit_folds` F >= 2). A backbone drafts its own training
 better than unseen ones (it has fitted them: on scientific the top training draft was right
 17.7% of the time against 4.3% on validation), so SFT on such drafts teaches the reflection a
 base rate it never meets at test time. With F folds, training users are split into F groups
-(a seeded permutation of user ids); fold f's instances are drafted by a backbone trained, with
+(a seeded hash of the user id, `user_folds`); fold f's instances are drafted by a backbone trained, with
 the stage's `backbone.*` settings for `mine.crossfit_epochs` epochs (0: the stage backbone's best
 epoch), on the other folds' users only. Validation instances are always drafted by the stage
 backbone, the model that drafts at test time. Fold backbones are kept in `mine/folds/f<k>/`
@@ -42,7 +42,7 @@ from tqdm.auto import tqdm
 
 from grc_core.beam_search import beam_search
 from grc_core.data import Instances, to_batch
-from grc_core.device import resolve_device
+from grc_core.device import resolve_device, set_threads
 from grc_core.evaluation import history_mask
 from grc_core.model import BackboneStepper
 from grc_core.rewards import attribute_consistency, first_divergence
@@ -209,8 +209,7 @@ def draft(params: Params, model, weights: Path, inst: Instances, table, trie: Pr
     mn = params.mine
     keys = np.random.default_rng(seed).random((len(inst), mn.beam))  # (N, beam) fixed per instance
     if map_chunks is None:
-        if mn.threads:
-            torch.set_num_threads(mn.threads)
+        set_threads(mn.threads)
         return mine_split(model, inst, table, trie, mn.beam, mn.top, mn.sampled, seed, mn.batch_size,
                           params.dataset.attributes, desc, params.data.exclude_history, keys=keys)
     step = mn.batch_size * mn.shard_batches
@@ -228,8 +227,7 @@ _WORKER_STATE: dict[tuple, tuple] = {}  # per (Dask worker) process: the model, 
 def mine_chunk(params: Params, weights: str, inst: Instances, keys: np.ndarray, desc: str) -> pl.DataFrame:
     """One shard of `draft`, in whatever process runs it; instance ids relative to the shard."""
     mn, out_dir = params.mine, params.dataset_dir()
-    if mn.threads:
-        torch.set_num_threads(mn.threads)
+    set_threads(mn.threads)
     key = (str(out_dir), weights, sha256_file(Path(weights)), mn.device)
     if key not in _WORKER_STATE:
         device = resolve_device(mn.device)
