@@ -14,18 +14,38 @@ episode's group-relative advantage A (Eq. 22, `rewards.group_advantages`), minus
 the frozen SFT policy, estimated per token with k3 = exp(d) - d - 1, d = log pi_ref - log pi_theta
 (the GRPO paper's unbiased estimator); means over tokens, then over episodes. Several
 optimisation steps per batch of episodes (`ppo_epochs`), each against pi_old = the sampler.
+
+Credit of the draft tokens (`draft_advantage`): "episode" (the paper) gives every token the
+advantage of the whole episode's reward R. Since R_delta (Eq. 21) and R_loc-cor (Eq. 18) pay for
+every draft error the correction repairs, and beta_cor = 2.2 outweighs the draft's own hits in
+R_task, a worse draft can raise R: on instruments the policy learned to sandbag its drafts after
+~200 iterations (benchmarks/RESULTS.md). "task" credits the L draft tokens with the group-relative
+advantage of R_task alone (Eq. 15: the draft's hits and the corrected hits, which no worse draft
+improves), and the reflection and correction tokens with that of R; the correction rewards then
+reach only the tokens that earn them.
+
+`run_grpo` is the training loop (rollouts, rewards, advantages, updates, validation, resumable
+checkpoints), shared by the `grpo` stage (tasks/grpo.py) and by runs on other workers.
 """
 
 from __future__ import annotations
 
+import json
+import shutil
+import time
 from dataclasses import dataclass
-from typing import NamedTuple
+from pathlib import Path
+from typing import Any, Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
 
-from grc_core.grc import GRCModel, open_correction, reflect_on_cache, template_mask
+from grc_core import distributed
+from grc_core.data import Instances, ItemTable, to_batch
+from grc_core.grc import GRCModel, expand_memory, open_correction, reflect_on_cache, template_mask
 from grc_core.model import Batch, BackboneStepper, Memory
+from grc_core.rewards import RewardConfig, first_divergence, group_advantages, grc_rewards
+from grc_core.train import TrainerState, load_checkpoint, make_optimizer, save_checkpoint
 from grc_core.trie import PrefixTrie
 
 NEG_INF = float("-inf")
@@ -166,12 +186,166 @@ def episode_logprobs(model: GRCModel, memory: Memory, ep: Episodes, trie: Prefix
 
 def grpo_loss(new_logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor, advantages: torch.Tensor,
               cfg: GRPOConfig) -> tuple[torch.Tensor, dict[str, float]]:
-    """Eq. 23 per token: -(clipped surrogate - beta * k3 KL), mean over tokens then episodes."""
+    """Eq. 23 per token: -(clipped surrogate - beta * k3 KL), mean over tokens then episodes.
+
+    `advantages`: (N,) one per episode, or (N, T) one per token (see `draft_advantage`).
+    """
     ratio = (new_logp - old_logp).exp()  # (N, T)
-    adv = advantages[:, None]  # (N, 1)
+    adv = advantages[:, None] if advantages.dim() == 1 else advantages  # (N, 1) per episode or (N, T) per token
     surr = torch.minimum(ratio * adv, ratio.clamp(1 - cfg.clip_eps, 1 + cfg.clip_eps) * adv)  # (N, T)
     d = ref_logp - new_logp
     kl = d.exp() - d - 1  # (N, T) k3 estimator, >= 0
     loss = -(surr - cfg.kl_beta * kl).mean(1).mean()
     clipped = ((ratio - 1).abs() > cfg.clip_eps).float().mean()
     return loss, {"kl": float(kl.mean().detach()), "clip_frac": float(clipped), "ratio_mean": float(ratio.mean().detach())}
+
+
+@dataclass(frozen=True)
+class LoopConfig:
+    iterations: int  # rollout + update iterations
+    users_per_step: int  # training instances per iteration
+    lr: float  # AdamW learning rate (constant)
+    weight_decay: float
+    grad_clip: float  # gradient-norm clip (0: none)
+    eval_every: int  # iterations between validations (and checkpoints)
+    seed: int  # instance stream and sampling
+    draft_advantage: str = "episode"  # episode (the paper) | task (module docstring)
+
+    def __post_init__(self) -> None:
+        if self.draft_advantage not in ("episode", "task"):
+            raise ValueError(f"draft_advantage must be episode | task, got {self.draft_advantage!r}")
+
+
+def token_advantages(rewards: dict[str, torch.Tensor], groups: torch.Tensor, n_levels: int, n_tokens: int,
+                     mode: str, draft_advantage: str) -> torch.Tensor:
+    """(N,) episode advantages, or (N, T) with the L draft tokens credited with R_task's advantage."""
+    adv = group_advantages(rewards["total"], groups, mode)  # (N,)
+    if draft_advantage == "episode":
+        return adv
+    out = adv[:, None].repeat(1, n_tokens)  # (N, T)
+    out[:, :n_levels] = group_advantages(rewards["task"], groups, mode)[:, None]
+    return out
+
+
+def run_grpo(policy: GRCModel, ref: GRCModel, train: Instances, table: ItemTable, trie: PrefixTrie,
+             cfg: GRPOConfig, rcfg: RewardConfig, loop: LoopConfig, validate: Callable[[GRCModel], dict[str, float]],
+             ckpt_dir: Path, fingerprint: str, exclude_mask: Callable[[torch.Tensor], torch.Tensor] | None = None,
+             log: Callable[[dict[str, Any]], None] | None = None,
+             on_iteration: Callable[[dict[str, Any]], None] | None = None) -> TrainerState:
+    """GRPO from the SFT `policy` (frozen copy `ref`) for `loop.iterations`; the best validation is kept.
+
+    Each iteration draws `users_per_step` training instances from a seeded stream, samples G
+    episodes per user, scores them (`grc_rewards` under `rcfg`), and takes `cfg.ppo_epochs` steps
+    on the clipped surrogate with the KL penalty. `validate(policy)` returns metrics with
+    "recall@10" (the SFT start is validated first and is the first "best"). `exclude_mask(history)`
+    gives the (B, N_items) items never sampled (a user's history), or None.
+    Checkpoints: `ckpt_dir/last` (weights, optimizer, generator states, log) at every validation,
+    `ckpt_dir/best`; a run resumes from `last` when its fingerprint matches and gives the same result.
+    Under torchrun every rank samples the same episodes and computes the loss of its share of the
+    users (tasks/grpo.py); rank 0 validates and writes checkpoints.
+    """
+    device = table.codes.device
+    n_items = table.codes.shape[0]
+    opt = make_optimizer(policy, loop)  # reads loop.lr and loop.weight_decay
+    rank, world = distributed.rank_world()
+    trainer = distributed.wrap_for_loss(policy)
+    last, best = ckpt_dir / "last", ckpt_dir / "best"
+    state, gen_states = TrainerState(), None
+    if (last / "trainer.json").exists():
+        meta = json.loads((last / "trainer.json").read_text())
+        if meta.get("fingerprint") == fingerprint:
+            state = load_checkpoint(last, policy, opt)
+            gen_states = meta["generator"], meta.get("sample_generator")
+        else:
+            shutil.rmtree(ckpt_dir)
+    gen = torch.Generator().manual_seed(loop.seed)  # the instance stream (CPU)
+    # Sampling runs where the model is; on CPU it shares the stream's generator (as it always has).
+    sample_gen = gen if device.type == "cpu" else torch.Generator(device=device).manual_seed(loop.seed)
+    if gen_states is not None:
+        gen.set_state(torch.tensor(gen_states[0], dtype=torch.uint8))
+        if sample_gen is not gen and gen_states[1] is not None:
+            sample_gen.set_state(torch.tensor(gen_states[1], dtype=torch.uint8))
+
+    def save_last() -> None:
+        extra = {"fingerprint": fingerprint, "generator": gen.get_state().tolist(),
+                 "sample_generator": None if sample_gen is gen else sample_gen.get_state().tolist()}
+        save_checkpoint(last, policy, opt, state, extra)
+
+    if state.step == 0 and not state.history:  # the SFT starting point, for the log and as the first "best"
+        metrics = validate(policy) if rank == 0 else {}
+        state.best_metric = distributed.broadcast_float(metrics.get("recall@10", 0.0))
+        state.best_epoch = 0
+        if rank == 0:
+            save_checkpoint(best, policy, None, state, {"fingerprint": fingerprint})
+        state.history.append({"iteration": 0, **{f"valid_{k}": v for k, v in metrics.items()}})
+    g, n_levels = cfg.group_size, policy.template.num_levels
+    while state.step < loop.iterations:
+        t_iter = time.perf_counter()
+        idx = torch.randint(len(train), (loop.users_per_step,), generator=gen)
+        part = train.select(idx)
+        batch = to_batch(part, table)
+        exclude = exclude_mask(part.history.to(device)) if exclude_mask is not None else None
+        policy.eval()
+        ep = sample_episodes(policy, batch, trie, cfg, sample_gen, exclude)
+        excl_rows = exclude.repeat_interleave(g, 0) if exclude is not None else None
+        tgt = batch.target_codes.repeat_interleave(g, 0)  # (N, L)
+        tgt_items = part.target.to(device).repeat_interleave(g, 0)
+        rewards = grc_rewards(ep.draft, ep.corrected, tgt, ep.reflection[:, 0], ep.reflection[:, 1:],
+                              table.attrs[ep.draft_items], table.attrs[ep.corrected_items], table.attrs[tgt_items], rcfg)
+        groups = torch.arange(loop.users_per_step, device=device).repeat_interleave(g)
+        adv = token_advantages(rewards, groups, n_levels, ep.logp.shape[1], cfg.advantage, loop.draft_advantage)
+        # This rank's users (all of them on one process) and their episodes (user-major rows).
+        mine = torch.arange(rank, loop.users_per_step, world, device=device)  # (b_r,)
+        rows = (mine[:, None] * g + torch.arange(g, device=device)).reshape(-1)  # (b_r * G,)
+        sub_batch = to_batch(part.select(mine.cpu()), table)
+        sub_ep = Episodes(*(x[rows] for x in ep))
+        sub_excl = excl_rows[rows] if excl_rows is not None else None
+        share = len(rows) * world / len(ep.draft)  # weight: the DDP average is then the mean over all episodes
+        with torch.no_grad():
+            ref_lp, _ = episode_logprobs(ref, expand_memory(ref.seq.encode(sub_batch), g), sub_ep, trie,
+                                         cfg.temperature, sub_excl)
+        policy.train()
+        out: dict = {}
+
+        def loss_fn(m, _):
+            lp, ent = episode_logprobs(m, expand_memory(m.seq.encode(sub_batch), g), sub_ep, trie, cfg.temperature,
+                                       sub_excl)
+            loss, out["info"] = grpo_loss(lp, sub_ep.logp, ref_lp, adv[rows], cfg)
+            out["ent"] = ent
+            return loss * share
+
+        for _ in range(cfg.ppo_epochs):
+            loss = trainer(loss_fn, None)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if loop.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(policy.parameters(), loop.grad_clip)
+            opt.step()
+        state.step += 1
+        record = {"iteration": state.step, "loss": float(loss.detach()), "entropy": float(out["ent"].mean().detach()),
+                  **out["info"], **{f"reward_{k}": float(v.mean()) for k, v in rewards.items()},
+                  "copy_rate": float((ep.corrected_items == ep.draft_items).float().mean()),
+                  "draft_hit": float((ep.draft_items == tgt_items).float().mean()),
+                  "corrected_hit": float((ep.corrected_items == tgt_items).float().mean()),
+                  # measured, not the (possibly switched-off) R_loc-label reward
+                  "loc_acc": float((ep.reflection[:, 0] == first_divergence(ep.draft, tgt)).float().mean())
+                  if policy.template.reflect else 0.0, "episodes": len(ep.draft),
+                  "iteration_s": time.perf_counter() - t_iter}
+        validating = state.step % loop.eval_every == 0 or state.step == loop.iterations
+        if validating:
+            metrics = validate(policy) if rank == 0 else {}
+            record.update({f"valid_{k}": v for k, v in metrics.items()})
+            value = distributed.broadcast_float(metrics.get("recall@10", -1.0))
+            if value > state.best_metric:
+                state.best_metric, state.best_epoch = value, state.step
+                if rank == 0:
+                    save_checkpoint(best, policy, None, state, {"fingerprint": fingerprint})
+            if rank == 0 and log is not None:
+                log(record)
+        state.history.append(record)
+        if on_iteration is not None:
+            on_iteration(record)
+        if validating and rank == 0:
+            save_last()
+        distributed.barrier()
+    return state

@@ -171,6 +171,7 @@ class GRPOParams:
     use_loc: bool
     use_sem: bool
     use_delta: bool
+    draft_advantage: Literal["episode", "task"]
     lr: float
     weight_decay: float
     grad_clip: float

@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-from tests.flows.conftest import VENV_BIN
+from tests.flows.conftest import PROJECT_ROOT, VENV_BIN
 
 pytestmark = pytest.mark.slow
 
@@ -228,7 +228,7 @@ def test_torchrun_grpo_on_two_processes_matches_one_process(project):
         launch = ([str(VENV_BIN / "torchrun"), "--standalone", "--nproc_per_node=2", "-m", "tasks.ddp"] if world == 2
                   else [str(VENV_BIN / "python"), "-m", "tasks.ddp"])
         run = subprocess.run([*launch, "grpo", "-S", f"data.data_dir=data_grpo{world}", "-S",
-                              f"data.reports_dir=reports_grpo{world}", "-S", "grpo.threads=1"],
+                              f"data.reports_dir=reports_grpo{world}", "-S", "grpo.threads=1", "-S", "grpo.lr=0.00005"],
                              cwd=root, env=env, capture_output=True, text=True)
         assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
         assert json.loads((root / f"reports_grpo{world}" / "tiny" / "grpo.json").read_text())["world_size"] == world
@@ -236,7 +236,49 @@ def test_torchrun_grpo_on_two_processes_matches_one_process(project):
     start = load_file(str(src / "sft" / "grc" / "model.safetensors"))
     moved = max(float((weights[1][k] - start[k]).abs().max()) for k in start)
     diff = max(float((weights[1][k] - weights[2][k]).abs().max()) for k in start)
-    assert moved > 1e-4 and diff < 1e-5, (moved, diff)  # GRPO's lr is 5e-5: each step moves weights ~1e-4
+    assert moved > 1e-4 and diff < 1e-5, (moved, diff)  # at lr 5e-5 each step moves weights ~1e-4
+
+
+def test_offloaded_backbone_and_grpo_runs_resume_as_the_stages_outputs(project):
+    """benchmarks.offload_*: export here, train in another process (the GPU worker's role, on CPU
+    here), unpack; the stage then resumes from the unpacked checkpoint, trains nothing, and keeps
+    exactly the offloaded best weights."""
+    from safetensors.torch import load_file
+
+    root, env = project["root"], project["env"]
+    shutil.copytree(PROJECT_ROOT / "benchmarks", root / "benchmarks",
+                    ignore=shutil.ignore_patterns("__pycache__", "results", "*.md"))
+    _stage_inputs(root, "data_off", "splits", "tokenizer", "sft")
+    common = ["-S", "data.data_dir=data_off", "-S", "data.reports_dir=reports_off"]
+    py = str(VENV_BIN / "python")
+
+    def run(*args: str) -> None:
+        done = subprocess.run([py, "-m", *args], cwd=root, env=env, capture_output=True, text=True)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+    stages = {"backbone": (["-S", "backbone.train.epochs=3"], "backbone"),
+              "grpo": (["-S", "grpo.iterations=4"], "grpo")}
+    for stage, (extra, out) in stages.items():
+        tool = f"benchmarks.offload_{stage}"
+        run(tool, "export", "--name", stage, "--data", f"d_{stage}", "--out", "off", *common, *extra)
+        run(tool, "train", "--name", stage, "--src", "off", "--out", "off_out", "--device", "cpu",
+            *(["--keep-weights"] if stage == "grpo" else []))
+        run("benchmarks.offload_backbone", "unpack", "--tar", f"off_out/{stage}.tar", "--name", stage, "--src", "off")
+        ckpt = root / "data_off" / "tiny" / out / "ckpt"
+        offloaded = load_file(str(ckpt / "best" / "model.safetensors"))
+        assert json.loads((ckpt / "offload.json").read_text())["fingerprint"]
+        state = (ckpt / "last" / "trainer.json").read_bytes()  # timings: a re-run would rewrite them
+        run(f"flows.{stage}", *common, *extra)
+        assert (ckpt / "last" / "trainer.json").read_bytes() == state, f"the {stage} stage trained again"
+        report = json.loads((root / "reports_off" / "tiny" / f"{stage}.json").read_text())
+        kept = load_file(str(root / "data_off" / "tiny" / out / "model.safetensors"))
+        assert kept.keys() == offloaded.keys() and all(torch.equal(kept[k], offloaded[k]) for k in kept)
+        if stage == "backbone":
+            assert report["epochs_run"] == 3
+        else:
+            assert report["iterations"] == 4 and report["episodes_per_s_this_run"] == 0
+    grpo = json.loads((root / "off_out" / "grpo.json").read_text())
+    assert set(grpo["test"]) == {"best", "last"} and len(grpo["test_ranks"]["best"]) == len(grpo["test_users"])
 
 
 def test_dvc_exp_run_with_a_grpo_param_reruns_grpo_and_after_only(project):

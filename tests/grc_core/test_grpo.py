@@ -1,8 +1,11 @@
 import pytest
 import torch
 
+from grc_core.data import make_instances
 from grc_core.grc import expand_memory
-from grc_core.grpo import GRPOConfig, episode_logprobs, grpo_loss, sample_episodes
+from grc_core.grpo import (GRPOConfig, LoopConfig, episode_logprobs, grpo_loss, run_grpo, sample_episodes,
+                           token_advantages)
+from grc_core.rewards import RewardConfig
 from grc_core.trie import PrefixTrie
 from tests.grc_core.test_grc import LEVELS, tiny_grc
 from tests.grc_core.test_model import batch_for, catalog
@@ -82,3 +85,56 @@ def test_a_grpo_step_moves_the_policy_towards_the_advantaged_episodes():
         lp1, _ = episode_logprobs(model, expand_memory(model.seq.encode(batch), 6), ep, trie)
     gain = ((lp1 - lp0.detach()).sum(1) * adv).sum()
     assert gain > 0  # log-probs rose where the advantage is positive, on balance
+
+
+def test_per_token_advantages_equal_to_the_episode_broadcast_give_the_same_loss():
+    cfg = GRPOConfig(clip_eps=0.2, kl_beta=0.1)
+    gen = torch.Generator().manual_seed(0)
+    new, old, ref = (torch.randn(4, 5, generator=gen) * 0.3 for _ in range(3))
+    adv = torch.tensor([1.0, -0.5, 0.0, 2.0])
+    a, _ = grpo_loss(new, old, ref, adv, cfg)
+    b, _ = grpo_loss(new, old, ref, adv[:, None].expand(4, 5), cfg)
+    assert float(a) == pytest.approx(float(b), rel=1e-6)
+
+
+def test_task_credit_gives_the_draft_tokens_r_task_advantage_and_the_rest_r():
+    # Two users x two episodes. Group 0: totals 1, 3 (z-scores -1, +1), tasks 2, 0 (+1, -1);
+    # group 1: totals equal (0, 0), tasks 1, 3 (-1, +1). L = 2 draft tokens of T = 5.
+    rewards = {"total": torch.tensor([1.0, 3.0, 5.0, 5.0]), "task": torch.tensor([2.0, 0.0, 1.0, 3.0])}
+    groups = torch.tensor([0, 0, 1, 1])
+    episode = token_advantages(rewards, groups, 2, 5, "zscore", "episode")
+    assert episode.shape == (4,) and episode.tolist() == pytest.approx([-1, 1, 0, 0], abs=1e-5)
+    task = token_advantages(rewards, groups, 2, 5, "zscore", "task")
+    want = [[1, 1, -1, -1, -1], [-1, -1, 1, 1, 1], [-1, -1, 0, 0, 0], [1, 1, 0, 0, 0]]
+    for row, expect in zip(task.tolist(), want):
+        assert row == pytest.approx(expect, abs=1e-5)
+    with pytest.raises(ValueError, match="draft_advantage"):
+        LoopConfig(1, 1, 1e-3, 0.0, 1.0, 1, 0, draft_advantage="draft")
+
+
+def _run(tmp_path, iterations, draft_advantage="episode"):
+    model, table, trie, _ = _setup()
+    ref = tiny_grc(num_attrs=1, reflect=True)
+    ref.load_state_dict(model.state_dict())
+    train = make_instances([0, 1, 2, 3], [[0, 1, 2], [3], [4, 5], [6, 7]], [8, 9, 10, 11], 4)
+    loop = LoopConfig(iterations, 2, 1e-2, 0.0, 1.0, 2, 7, draft_advantage)
+    calls = []
+
+    def validate(m):
+        calls.append(1)
+        return {"recall@10": float(len(calls) % 2)}  # alternates, so "best" moves
+
+    state = run_grpo(model, ref, train, table, trie, GRPOConfig(group_size=3), RewardConfig(), loop, validate,
+                     tmp_path / "ckpt", "fp")
+    return model, state
+
+
+@pytest.mark.parametrize("draft_advantage", ["episode", "task"])
+def test_run_grpo_resumes_to_the_same_weights(tmp_path, draft_advantage):
+    whole, s_whole = _run(tmp_path / "a", 4, draft_advantage)
+    _run(tmp_path / "b", 2, draft_advantage)  # stops at iteration 2 (a checkpoint) ...
+    resumed, s_resumed = _run(tmp_path / "b", 4, draft_advantage)  # ... and the same call with 4 resumes
+    assert s_resumed.step == 4 and len(s_resumed.history) == len(s_whole.history) == 5
+    for k, v in whole.state_dict().items():
+        assert torch.equal(v, resumed.state_dict()[k]), k
+    assert (tmp_path / "a" / "ckpt" / "best" / "model.safetensors").exists()

@@ -1,0 +1,180 @@
+"""Train backbones on another machine (a GPU worker) and resume them here as the `backbone` stage.
+
+The training loop is `grc_core.train.fit`, the same one the stage runs; only the tensors travel:
+
+    # here: write the stage's inputs (instances, item table, configs, fingerprint) to one folder
+    python -m benchmarks.offload_backbone export --name sci_s1 --data sci --out .offload \
+        -S data.dataset=scientific -S data.data_dir=data_s1 -S backbone.train.seed=2027 ...
+    # on the worker (needs torch, numpy, safetensors, grc_core; not prefect/polars/duckdb):
+    python -m benchmarks.offload_backbone train --name sci_s1 --src .offload --out $OUT --device cuda
+    # here: unpack the checkpoints into the stage's ckpt dir, then run the stage with the same -S:
+    python -m benchmarks.offload_backbone unpack --tar sci_s1.tar --name sci_s1 --src .offload
+    python -m flows.backbone -S ... (same overrides)   # resumes from `last/`, finds training done
+
+The checkpoint carries the fingerprint computed here from the stage's params and data, so the
+stage accepts it; `offload.json` beside it records where and on what device it was trained.
+Runs that share `--data` share one tensor file (`<data>.npz`); each `--name` is one config.
+The optimizer moments are not brought back (the run is finished; `fit` resumes without them).
+`--test-beam B` additionally ranks the test split on the worker (for comparing variants there;
+reported figures come from the `evaluate` stage here).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shutil
+import sys
+import tarfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from grc_core.data import Instances, ItemTable, to_batch
+from grc_core.evaluation import rank_with_backbone, ranking_metrics
+from grc_core.model import ModelConfig, Seq2Seq, sequence_loss
+from grc_core.train import TrainConfig, fit, load_weights
+from grc_core.trie import PrefixTrie
+
+
+def export(name: str, data: str, out: Path, overrides: list[str], with_test: bool) -> None:
+    from tasks.backbone import load_item_table, load_split, subset  # the stage's own readers
+    from tasks.params import load_params
+    from tasks.readers import sha256_file
+
+    params = load_params(overrides=overrides)
+    bb, data_dir = params.backbone, params.dataset_dir()
+    table, level_sizes, attr_sizes = load_item_table(data_dir, params.dataset.attributes)
+    train = load_split(data_dir, "train", params.data.max_history)
+    valid = subset(load_split(data_dir, "valid", params.data.max_history), bb.valid_users, bb.train.seed)
+    arrays = {"codes": table.codes, "attrs": table.attrs, "train_user": train.user, "train_history": train.history,
+              "train_target": train.target, "valid_user": valid.user, "valid_history": valid.history,
+              "valid_target": valid.target}
+    if with_test:
+        test = load_split(data_dir, "test", params.data.max_history)
+        arrays.update(test_user=test.user, test_history=test.history, test_target=test.target)
+    fingerprint = "|".join([params.section_hash("backbone"), str(params.data.max_history),
+                            sha256_file(data_dir / "splits" / "train.parquet"),
+                            sha256_file(data_dir / "tokenizer" / "semantic_ids.parquet")])
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / f"{data}.tmp.npz"
+    np.savez_compressed(tmp, **{k: v.numpy().astype(np.int32) for k, v in arrays.items()})
+    tmp.replace(out / f"{data}.npz")
+    meta = {"model": asdict(bb.model), "train": asdict(bb.train), "valid_beam": bb.valid_beam,
+            "eval_batch_size": bb.eval_batch_size, "exclude_history": params.data.exclude_history,
+            "level_sizes": level_sizes, "attr_sizes": attr_sizes, "fingerprint": fingerprint,
+            "ckpt_dir": str(data_dir / "backbone" / "ckpt"), "overrides": overrides, "data": data}
+    (out / f"{name}.json").write_text(json.dumps(meta, indent=2))
+    print(f"{name}: {len(train)} train, {len(valid)} valid instances -> {out / data}.npz, {out / name}.json")
+
+
+def train(name: str, src: Path, out: Path, device: str, test_beam: int) -> None:
+    meta = json.loads((src / f"{name}.json").read_text())
+    with np.load(src / f"{meta['data']}.npz", allow_pickle=False) as z:
+        arr = {k: torch.from_numpy(z[k].astype(np.int64)) for k in z.files}
+    dev = torch.device(device)
+    table = ItemTable(arr["codes"], arr["attrs"]).to(dev)
+    trie = PrefixTrie.from_ids(arr["codes"].numpy(), meta["level_sizes"]).to(dev)
+    split = {s: Instances(arr[f"{s}_user"], arr[f"{s}_history"], arr[f"{s}_target"])
+             for s in ("train", "valid", "test") if f"{s}_user" in arr}
+    cfg = TrainConfig(**meta["train"])
+    torch.manual_seed(cfg.seed)
+    model = Seq2Seq(ModelConfig(**meta["model"]), meta["level_sizes"], meta["attr_sizes"]).to(dev)
+    trainset = split["train"]
+
+    def loss_fn(m: torch.nn.Module, idx: torch.Tensor) -> torch.Tensor:
+        batch = to_batch(trainset.select(idx), table)
+        return sequence_loss(m(batch), batch.target_codes)
+
+    def evaluate(m: torch.nn.Module) -> dict[str, float]:
+        ranked, _ = rank_with_backbone(m, split["valid"], table, trie, meta["valid_beam"], meta["eval_batch_size"],
+                                       exclude_history=meta["exclude_history"])
+        return ranking_metrics(ranked, split["valid"].target.numpy(), ks=(5, 10, 20))[0]
+
+    def log(record: dict) -> None:
+        print(name, " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()),
+              flush=True)
+
+    work = out / name
+    t0 = time.perf_counter()
+    state = fit(model, len(trainset), loss_fn, evaluate, cfg, work / "ckpt", log=log, fingerprint=meta["fingerprint"])
+    wall = time.perf_counter() - t0
+    info = {"name": name, "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor(),
+            "torch": torch.__version__, "wall_s": wall, "best_epoch": state.best_epoch,
+            "best_valid_recall@10": state.best_metric, "epochs_run": state.epoch, "overrides": meta["overrides"],
+            "fingerprint": meta["fingerprint"]}
+    if test_beam and "test" in split:
+        load_weights(work / "ckpt" / "best", model)
+        t1 = time.perf_counter()
+        ranked, _ = rank_with_backbone(model, split["test"], table, trie, test_beam, meta["eval_batch_size"],
+                                       exclude_history=meta["exclude_history"])
+        info["test"] = ranking_metrics(ranked, split["test"].target.numpy())[0]
+        info["test_beam"], info["test_s"] = test_beam, time.perf_counter() - t1
+    pack(work / "ckpt", info, out / f"{name}.tar")
+    shutil.rmtree(work)
+    print(json.dumps(info), flush=True)
+
+
+def pack(ckpt: Path, info: dict, tar_path: Path) -> None:
+    """`ckpt/` (best/, last/ without the optimizer moments) and `offload.json` into one tar."""
+    (ckpt / "offload.json").write_text(json.dumps(info, indent=2))
+    (ckpt / "last" / "optimizer.safetensors").unlink(missing_ok=True)
+    with tarfile.open(tar_path, "w") as tar:
+        tar.add(ckpt, arcname="ckpt")
+
+
+def unpack(tar_path: Path, name: str, src: Path) -> None:
+    meta = json.loads((src / f"{name}.json").read_text())
+    ckpt = Path(meta["ckpt_dir"])
+    tmp = ckpt.with_name("ckpt.offload.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    with tarfile.open(tar_path) as tar:
+        for member in tar.getmembers():  # our own archive, still checked: plain files under ckpt/ only
+            if not (member.isfile() or member.isdir()) or member.name.startswith("/") or ".." in member.name:
+                raise ValueError(f"{tar_path}: unexpected member {member.name!r}")
+        tar.extractall(tmp, filter="data")
+    old = ckpt.with_name("ckpt.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if ckpt.exists():
+        ckpt.replace(old)
+    (tmp / "ckpt").replace(ckpt)
+    shutil.rmtree(tmp)
+    shutil.rmtree(old, ignore_errors=True)
+    print(f"{name}: checkpoints in {ckpt}; now run the backbone stage with {' '.join(meta['overrides'])}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    e = sub.add_parser("export")
+    e.add_argument("--name", required=True)
+    e.add_argument("--data", required=True, help="tensor file name, shared by runs on the same data")
+    e.add_argument("--out", type=Path, default=Path(".offload"))
+    e.add_argument("--with-test", action="store_true")
+    e.add_argument("-S", dest="overrides", action="append", default=[])
+    t = sub.add_parser("train")
+    t.add_argument("--name", required=True)
+    t.add_argument("--src", type=Path, default=Path(".offload"))
+    t.add_argument("--out", type=Path, required=True)
+    t.add_argument("--device", default="cuda")
+    t.add_argument("--test-beam", type=int, default=0)
+    u = sub.add_parser("unpack")
+    u.add_argument("--tar", type=Path, required=True)
+    u.add_argument("--name", required=True)
+    u.add_argument("--src", type=Path, default=Path(".offload"))
+    a = ap.parse_args(argv)
+    if a.cmd == "export":
+        export(a.name, a.data, a.out, a.overrides, a.with_test)
+    elif a.cmd == "train":
+        train(a.name, a.src, a.out, a.device, a.test_beam)
+    else:
+        unpack(a.tar, a.name, a.src)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
