@@ -145,7 +145,7 @@ def unpack(tar_path: Path, name: str, src: Path) -> None:
     (tmp / "ckpt").replace(ckpt)
     shutil.rmtree(tmp)
     shutil.rmtree(old, ignore_errors=True)
-    print(f"{name}: checkpoints in {ckpt}; now run the backbone stage with {' '.join(meta['overrides'])}")
+    print(f"{name}: checkpoints in {ckpt}; now run its stage with the same overrides: {' '.join(meta['overrides'])}")
 
 
 def main(argv: list[str] | None = None) -> None:
