@@ -1,8 +1,10 @@
 """Decoding cost of two-pass GRC against the backbone's beam search, in one run, same users.
 
     python -m benchmarks.grc_decode_cost --dataset instruments --beams 20 200 --users 1024 [--variant grc]
+        [--model grpo --alpha-e 0.2]
 
-Loads the trained backbone (`data/<ds>/backbone`) and the SFT model (`data/<ds>/sft/<variant>`),
+Loads the trained backbone (`data/<ds>/backbone`) and the SFT model (`data/<ds>/sft/<variant>`)
+or, with `--model grpo`, the GRC-RL policy (`data/<ds>/grpo`), decoded with EGRS at `--alpha-e`;
 decodes the first `--users` test users at each beam with both, alternating which goes first,
 `--repeats` times, and keeps the best wall time of each (the least disturbed by other jobs).
 Both exclude history items as `data.exclude_history` says. Writes
@@ -33,6 +35,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--variant", default="grc")
+    ap.add_argument("--model", choices=["sft", "grpo"], default="sft")
+    ap.add_argument("--alpha-e", type=float, default=0.0, help="EGRS coefficient of the two-pass decode")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--tag", default="", help="suffix of the JSON file name")
     ap.add_argument("--correct-fracs", type=float, nargs="+", default=[1.0],
@@ -47,7 +51,7 @@ def main(argv: list[str] | None = None) -> dict:
     trie = PrefixTrie.from_ids(table.codes.numpy(), level_sizes)
     test = load_split(out_dir, "test", params.data.max_history)
     users = test.select(torch.arange(min(args.users, len(test))))
-    backbone, grc = load_backbone(out_dir), load_grc(out_dir, args.variant)
+    backbone, grc = load_backbone(out_dir), load_grc(out_dir, args.variant, stage=args.model)
     excl = params.data.exclude_history
     rows = []
     for beam in args.beams:
@@ -61,7 +65,7 @@ def main(argv: list[str] | None = None) -> dict:
                 else:
                     frac = float(name.split("@")[1])
                     cfg = DecodeConfig(width=beam, correct_width=max(1, int(round(frac * beam))), rank_rule=args.rule,
-                                       reflect_width=max(1, int(round(args.reflect_frac * beam))))
+                                       alpha_e=args.alpha_e, reflect_width=max(1, int(round(args.reflect_frac * beam))))
                     rank_with_grc(grc, users, table, trie, cfg, args.batch, exclude_history=excl)
                 best[name] = min(best[name], time.perf_counter() - t0)
         for name in names[1:]:

@@ -148,25 +148,32 @@ def unpack(tar_path: Path, name: str, src: Path) -> None:
     print(f"{name}: checkpoints in {ckpt}; now run its stage with the same overrides: {' '.join(meta['overrides'])}")
 
 
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def offload_parser(doc: str | None, data_help: str) -> tuple[argparse.ArgumentParser, argparse.ArgumentParser,
+                                                           argparse.ArgumentParser, argparse.ArgumentParser]:
+    """The `export` / `train` / `unpack` command line shared by the offload scripts (extras added by each)."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
     e = sub.add_parser("export")
     e.add_argument("--name", required=True)
-    e.add_argument("--data", required=True, help="tensor file name, shared by runs on the same data")
+    e.add_argument("--data", required=True, help=data_help)
     e.add_argument("--out", type=Path, default=Path(".offload"))
-    e.add_argument("--with-test", action="store_true")
     e.add_argument("-S", dest="overrides", action="append", default=[])
     t = sub.add_parser("train")
     t.add_argument("--name", required=True)
     t.add_argument("--src", type=Path, default=Path(".offload"))
     t.add_argument("--out", type=Path, required=True)
     t.add_argument("--device", default="cuda")
-    t.add_argument("--test-beam", type=int, default=0)
     u = sub.add_parser("unpack")
     u.add_argument("--tar", type=Path, required=True)
     u.add_argument("--name", required=True)
     u.add_argument("--src", type=Path, default=Path(".offload"))
+    return ap, e, t, u
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap, e, t, _ = offload_parser(__doc__, "tensor file name, shared by runs on the same data")
+    e.add_argument("--with-test", action="store_true")
+    t.add_argument("--test-beam", type=int, default=0)
     a = ap.parse_args(argv)
     if a.cmd == "export":
         export(a.name, a.data, a.out, a.overrides, a.with_test)

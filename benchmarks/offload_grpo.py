@@ -8,7 +8,7 @@ The loop is `grc_core.grpo.run_grpo`, the one the `grpo` stage runs; only tensor
     # on the worker (torch, numpy, safetensors, grc_core):
     python -m benchmarks.offload_grpo train --name sci_full --out $OUT --device cuda [--keep-weights]
     # here, for a run whose policy becomes the stage's output: unpack, then run the stage with the same -S
-    python -m benchmarks.offload_backbone unpack --tar sci_full.tar --name sci_full --src .offload
+    python -m benchmarks.offload_grpo unpack --tar sci_full.tar --name sci_full --src .offload
     python -m flows.grpo -S ...   # resumes from ckpt/last, finds the run finished, writes grpo/model.safetensors
 
 After training, the worker ranks the same test users as the evaluate stage (`evaluate.users`,
@@ -22,7 +22,6 @@ training log and the device.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import shutil
@@ -35,7 +34,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from benchmarks.offload_backbone import pack
+from benchmarks.offload_backbone import offload_parser, pack, unpack
 from grc_core import metrics as M
 from grc_core.data import Instances, ItemTable
 from grc_core.evaluation import history_mask, rank_with_grc, ranking_metrics
@@ -177,26 +176,17 @@ def train(name: str, src: Path, out: Path, device: str, keep_weights: bool) -> N
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    e = sub.add_parser("export")
-    e.add_argument("--name", required=True)
-    e.add_argument("--data", required=True, help="tensor file name, shared by runs on the same data and SFT model")
-    e.add_argument("--out", type=Path, default=Path(".offload"))
+    ap, e, t, _ = offload_parser(__doc__, "tensor file name, shared by runs on the same data and SFT model")
     e.add_argument("--egrs-sweep", action="store_true")
     e.add_argument("--budget-div", type=int, default=4, help="correction beams of the EGRS sweep: evaluate.beam / this")
-    e.add_argument("-S", dest="overrides", action="append", default=[])
-    t = sub.add_parser("train")
-    t.add_argument("--name", required=True)
-    t.add_argument("--src", type=Path, default=Path(".offload"))
-    t.add_argument("--out", type=Path, required=True)
-    t.add_argument("--device", default="cuda")
     t.add_argument("--keep-weights", action="store_true")
     a = ap.parse_args(argv)
     if a.cmd == "export":
         export(a.name, a.data, a.out, a.overrides, a.egrs_sweep, a.budget_div)
-    else:
+    elif a.cmd == "train":
         train(a.name, a.src, a.out, a.device, a.keep_weights)
+    else:
+        unpack(a.tar, a.name, a.src)
 
 
 if __name__ == "__main__":

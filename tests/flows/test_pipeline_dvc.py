@@ -263,7 +263,7 @@ def test_offloaded_backbone_and_grpo_runs_resume_as_the_stages_outputs(project):
         run(tool, "export", "--name", stage, "--data", f"d_{stage}", "--out", "off", *common, *extra)
         run(tool, "train", "--name", stage, "--src", "off", "--out", "off_out", "--device", "cpu",
             *(["--keep-weights"] if stage == "grpo" else []))
-        run("benchmarks.offload_backbone", "unpack", "--tar", f"off_out/{stage}.tar", "--name", stage, "--src", "off")
+        run(tool, "unpack", "--tar", f"off_out/{stage}.tar", "--name", stage, "--src", "off")
         ckpt = root / "data_off" / "tiny" / out / "ckpt"
         offloaded = load_file(str(ckpt / "best" / "model.safetensors"))
         assert json.loads((ckpt / "offload.json").read_text())["fingerprint"]

@@ -1,0 +1,89 @@
+"""Mean ± std over seeds of the evaluate stage's test metrics, from its per-user rank files.
+
+    python -m benchmarks.seeds_table --dataset scientific --dirs data_s0 data_s1 data_s2 \
+        --methods tiger gc_sft grc_sft grc_rl --out benchmarks/results/seeds_scientific.json
+
+Each seed's pipeline ran in its own data dir (`-S data.data_dir=data_s<k>`). For every seed the
+methods are scored on the users that all of them were evaluated on (the `evaluate.users`
+subset, the same users for every seed since `evaluate.users_seed` is fixed), with a paired
+bootstrap against the first method (TIGER). Prints a markdown table: per seed, then mean ± std
+(sample std over seeds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+from grc_core import metrics as M
+
+KEYS = ("recall@5", "recall@10", "recall@100", "recall@200", "ndcg@5", "ndcg@10")
+
+
+def seed_rows(eval_dir: Path, methods: list[str], n_boot: int) -> dict:
+    frames = {m: pl.read_parquet(eval_dir / f"{m}.parquet") for m in methods}
+    users = None
+    for frame in frames.values():
+        ids = set(frame["user_id"].to_list())
+        users = ids if users is None else users & ids
+    if not users:
+        raise ValueError(f"{eval_dir}: the rank files of {methods} share no user")
+    order = sorted(users)
+    out, per_user = {}, {}
+    for m, frame in frames.items():
+        ranks = dict(zip(frame["user_id"].to_list(), frame["rank"].to_list()))
+        per_user[m] = M.per_user_metrics(np.asarray([ranks[u] for u in order]), M.DEFAULT_KS, M.NDCG_KS)
+        out[m] = {"metrics": M.summarize(per_user[m])}
+    base = methods[0]
+    for m in methods[1:]:
+        out[m]["vs_" + base] = {k: M.paired_bootstrap(per_user[base][k], per_user[m][k], n_boot, 0)
+                                for k in ("recall@10", "ndcg@10")}
+    return {"users": len(order), "methods": out}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dataset", required=True)
+    ap.add_argument("--dirs", nargs="+", required=True, help="data dirs, one per seed")
+    ap.add_argument("--methods", nargs="+", default=["tiger", "gc_sft", "grc_sft", "grc_rl"])
+    ap.add_argument("--bootstrap", type=int, default=1000)
+    ap.add_argument("--out", type=Path, default=None)
+    a = ap.parse_args(argv)
+    seeds = {d: seed_rows(Path(d) / a.dataset / "eval", a.methods, a.bootstrap) for d in a.dirs}
+    summary = {}
+    for m in a.methods:
+        vals = {k: [seeds[d]["methods"][m]["metrics"][k] for d in a.dirs] for k in KEYS}
+        summary[m] = {k: {"mean": float(np.mean(v)), "std": float(np.std(v, ddof=1)) if len(v) > 1 else 0.0}
+                      for k, v in vals.items()}
+    base = a.methods[0]
+    print("| method | seed (data dir) | users | R@5 | R@10 | N@5 | N@10 | R@100 | R@200 | R@10 − " + base + " [95% CI], p |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for m in a.methods:
+        for d in a.dirs:
+            row = seeds[d]["methods"][m]
+            r = row["metrics"]
+            vs = row.get("vs_" + base, {}).get("recall@10")
+            cmp = f"{vs['diff']:+.4f} [{vs['ci_low']:+.4f}, {vs['ci_high']:+.4f}], {vs['p_value']:.2f}" if vs else ""
+            print(f"| {m} | {d} | {seeds[d]['users']} | {r['recall@5']:.4f} | {r['recall@10']:.4f} | {r['ndcg@5']:.4f} | "
+                  f"{r['ndcg@10']:.4f} | {r['recall@100']:.4f} | {r['recall@200']:.4f} | {cmp} |")
+    print()
+    print("| method | R@5 | R@10 | N@5 | N@10 | R@100 | R@200 |")
+    print("|---|---|---|---|---|---|---|")
+    order = ("recall@5", "recall@10", "ndcg@5", "ndcg@10", "recall@100", "recall@200")
+    for m in a.methods:
+        print(f"| {m} | " + " | ".join(f"{summary[m][k]['mean']:.4f} ± {summary[m][k]['std']:.4f}" for k in order) + " |")
+    payload = {"dataset": a.dataset, "dirs": a.dirs, "methods": a.methods, "seeds": seeds, "mean_std": summary}
+    if a.out is not None:
+        tmp = a.out.with_suffix(".tmp")
+        tmp.write_text(json.dumps(payload, indent=1))
+        tmp.replace(a.out)
+    return payload
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
