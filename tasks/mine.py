@@ -214,7 +214,8 @@ def draft(params: Params, model, weights: Path, inst: Instances, table, trie: Pr
                           params.dataset.attributes, desc, params.data.exclude_history, keys=keys)
     step = mn.batch_size * mn.shard_batches
     starts = list(range(0, len(inst), step))
-    calls = [{"params": params, "weights": str(weights), "inst": inst.select(torch.arange(a, min(a + step, len(inst)))),
+    digest = sha256_file(weights)  # once here, not in every shard: it keys the workers' model cache
+    calls = [{"params": params, "weights": str(weights), "weights_sha256": digest, "inst": inst.select(torch.arange(a, min(a + step, len(inst)))),
               "keys": keys[a:a + step], "desc": f"{desc} shard {k + 1}/{len(starts)}"} for k, a in enumerate(starts)]
     parts = map_chunks(mine_chunk, calls)
     return pl.concat([p.with_columns(pl.col("instance") + a) for p, a in zip(parts, starts)])
@@ -224,11 +225,12 @@ _WORKER_STATE: dict[tuple, tuple] = {}  # per (Dask worker) process: the model, 
 
 
 @task(cache_policy=NO_CACHE)
-def mine_chunk(params: Params, weights: str, inst: Instances, keys: np.ndarray, desc: str) -> pl.DataFrame:
+def mine_chunk(params: Params, weights: str, weights_sha256: str, inst: Instances, keys: np.ndarray,
+               desc: str) -> pl.DataFrame:
     """One shard of `draft`, in whatever process runs it; instance ids relative to the shard."""
     mn, out_dir = params.mine, params.dataset_dir()
     set_threads(mn.threads)
-    key = (str(out_dir), weights, sha256_file(Path(weights)), mn.device)
+    key = (str(out_dir), weights, weights_sha256, mn.device)
     if key not in _WORKER_STATE:
         device = resolve_device(mn.device)
         table, level_sizes, _ = load_item_table(out_dir, params.dataset.attributes)
