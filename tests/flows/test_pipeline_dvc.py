@@ -246,7 +246,7 @@ def test_offloaded_backbone_and_grpo_runs_resume_as_the_stages_outputs(project):
     from safetensors.torch import load_file
 
     root, env = project["root"], project["env"]
-    shutil.copytree(PROJECT_ROOT / "benchmarks", root / "benchmarks",
+    shutil.copytree(PROJECT_ROOT / "benchmarks", root / "benchmarks", dirs_exist_ok=True,  # evaluate made results/
                     ignore=shutil.ignore_patterns("__pycache__", "results", "*.md"))
     _stage_inputs(root, "data_off", "splits", "tokenizer", "sft")
     common = ["-S", "data.data_dir=data_off", "-S", "data.reports_dir=reports_off"]
