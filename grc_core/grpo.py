@@ -245,7 +245,6 @@ def run_grpo(policy: GRCModel, ref: GRCModel, train: Instances, table: ItemTable
     users (tasks/grpo.py); rank 0 validates and writes checkpoints.
     """
     device = table.codes.device
-    n_items = table.codes.shape[0]
     opt = make_optimizer(policy, loop)  # reads loop.lr and loop.weight_decay
     rank, world = distributed.rank_world()
     trainer = distributed.wrap_for_loss(policy)
