@@ -34,10 +34,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from grc_core.data import Instances, ItemTable, to_batch
+from grc_core.data import Instances, ItemTable
 from grc_core.evaluation import rank_with_backbone, ranking_metrics
-from grc_core.model import ModelConfig, Seq2Seq, sequence_loss
-from grc_core.train import TrainConfig, fit, load_weights
+from grc_core.model import ModelConfig, Seq2Seq
+from grc_core.train import TrainConfig, fit_seq2seq, format_record
 from grc_core.trie import PrefixTrie
 
 
@@ -84,31 +84,20 @@ def train(name: str, src: Path, out: Path, device: str, test_beam: int) -> None:
     cfg = TrainConfig(**meta["train"])
     torch.manual_seed(cfg.seed)
     model = Seq2Seq(ModelConfig(**meta["model"]), meta["level_sizes"], meta["attr_sizes"]).to(dev)
-    trainset = split["train"]
-
-    def loss_fn(m: torch.nn.Module, idx: torch.Tensor) -> torch.Tensor:
-        batch = to_batch(trainset.select(idx), table)
-        return sequence_loss(m(batch), batch.target_codes)
-
-    def evaluate(m: torch.nn.Module) -> dict[str, float]:
-        ranked, _ = rank_with_backbone(m, split["valid"], table, trie, meta["valid_beam"], meta["eval_batch_size"],
-                                       exclude_history=meta["exclude_history"])
-        return ranking_metrics(ranked, split["valid"].target.numpy(), ks=(5, 10, 20))[0]
 
     def log(record: dict) -> None:
-        print(name, " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()),
-              flush=True)
+        print(name, format_record(record), flush=True)
 
     work = out / name
     t0 = time.perf_counter()
-    state = fit(model, len(trainset), loss_fn, evaluate, cfg, work / "ckpt", log=log, fingerprint=meta["fingerprint"])
+    state = fit_seq2seq(model, split["train"], split["valid"], table, trie, cfg, work / "ckpt", meta["fingerprint"],
+                        meta["valid_beam"], meta["eval_batch_size"], meta["exclude_history"], log)
     wall = time.perf_counter() - t0
     info = {"name": name, "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor(),
             "torch": torch.__version__, "wall_s": wall, "best_epoch": state.best_epoch,
             "best_valid_recall@10": state.best_metric, "epochs_run": state.epoch, "overrides": meta["overrides"],
             "fingerprint": meta["fingerprint"]}
-    if test_beam and "test" in split:
-        load_weights(work / "ckpt" / "best", model)
+    if test_beam and "test" in split:  # the model holds the best checkpoint's weights
         t1 = time.perf_counter()
         ranked, _ = rank_with_backbone(model, split["test"], table, trie, test_beam, meta["eval_batch_size"],
                                        exclude_history=meta["exclude_history"])

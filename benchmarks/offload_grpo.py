@@ -38,11 +38,10 @@ from benchmarks.offload_backbone import offload_parser, pack, unpack
 from grc_core import metrics as M
 from grc_core.data import Instances, ItemTable
 from grc_core.evaluation import history_mask, rank_with_grc, ranking_metrics
-from grc_core.grc import DecodeConfig, GRCModel
+from grc_core.grc import DecodeConfig, GRCModel, grc_from_config
 from grc_core.grpo import GRPOConfig, LoopConfig, run_grpo
-from grc_core.model import ModelConfig, Seq2Seq
 from grc_core.rewards import RewardConfig
-from grc_core.train import load_weights
+from grc_core.train import format_record, load_weights
 from grc_core.trie import PrefixTrie
 
 ALPHAS = (0.0, 0.1, 0.2, 0.4, 0.8)
@@ -91,9 +90,7 @@ def export(name: str, data: str, out: Path, overrides: list[str], egrs_sweep: bo
 
 
 def load_policy(src: Path, data: str, device: torch.device) -> GRCModel:
-    cfg = json.loads((src / f"{data}_sft" / "config.json").read_text())
-    seq = Seq2Seq(ModelConfig(**cfg["model"]), cfg["level_sizes"], cfg["attr_sizes"])
-    model = GRCModel(seq, cfg["num_attrs"], reflect=cfg["variant"] == "grc")
+    model = grc_from_config(json.loads((src / f"{data}_sft" / "config.json").read_text()))
     model.load_state_dict(load_file(str(src / f"{data}_sft" / "model.safetensors")))
     return model.to(device)
 
@@ -125,9 +122,8 @@ def train(name: str, src: Path, out: Path, device: str, keep_weights: bool) -> N
         return ranking_metrics(ranked, split["valid"].target.numpy(), ks=(5, 10, 20))[0]
 
     def log(record: dict) -> None:
-        print(name, " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()
-                             if k.startswith(("iteration", "valid_recall@10", "reward_total", "draft_hit",
-                                              "corrected_hit", "copy_rate", "kl"))), flush=True)
+        shown = ("iteration", "valid_recall@10", "reward_total", "draft_hit", "corrected_hit", "copy_rate", "kl")
+        print(name, format_record({k: v for k, v in record.items() if k.startswith(shown)}), flush=True)
 
     work = out / name
     t0 = time.perf_counter()

@@ -63,7 +63,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from grc_core.beam_search import BeamResult, beam_search
-from grc_core.model import BackboneStepper, Batch, DecodeState, Memory, Seq2Seq, sequence_loss
+from grc_core.model import BackboneStepper, Batch, DecodeState, Memory, ModelConfig, Seq2Seq, sequence_loss
 from grc_core.trie import PrefixTrie
 
 NEG_INF = float("-inf")
@@ -192,6 +192,13 @@ class GRCModel(nn.Module):
             return []
         out = [self.loc_head(hidden_slots[..., 0, :])]
         return out + [head(hidden_slots[..., 1 + k, :]) for k, head in enumerate(self.sem_heads)]
+
+
+def grc_from_config(cfg: dict) -> GRCModel:
+    """An untrained template model of the architecture a saved `config.json` describes (model,
+    level_sizes, attr_sizes, num_attrs, variant); the caller loads the weights."""
+    seq = Seq2Seq(ModelConfig(**cfg["model"]), cfg["level_sizes"], cfg["attr_sizes"])
+    return GRCModel(seq, cfg["num_attrs"], reflect=cfg["variant"] == "grc")
 
 
 def expand_memory(memory: Memory, repeats: int) -> Memory:

@@ -31,7 +31,11 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from grc_core import distributed
+from grc_core.data import Instances, ItemTable, to_batch
 from grc_core.device import set_threads
+from grc_core.evaluation import rank_with_backbone, ranking_metrics
+from grc_core.model import sequence_loss
+from grc_core.trie import PrefixTrie
 
 
 @dataclass(frozen=True)
@@ -58,6 +62,11 @@ class TrainerState:
     best_epoch: int = -1
     bad_evals: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def format_record(record: dict[str, Any]) -> str:
+    """One log line of a training record: `key=value`, floats to 4 significant digits."""
+    return " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items())
 
 
 def lr_at(step: int, total_steps: int, cfg: TrainConfig) -> float:
@@ -235,4 +244,25 @@ def fit(
             if log is not None:
                 log(record)
         distributed.barrier()  # checkpoints are on disk before any rank reads them
+    return state
+
+
+def fit_seq2seq(model: nn.Module, train: Instances, valid: Instances, table: ItemTable, trie: PrefixTrie, cfg: TrainConfig, ckpt_dir: Path, fingerprint: str,
+                valid_beam: int, eval_batch_size: int, exclude_history: bool,
+                log: Callable[[dict[str, Any]], None] | None = None,
+                on_step: Callable[[int, int, float], None] | None = None) -> TrainerState:
+    """The backbone's training: teacher-forced cross-entropy on every instance of `train`, selection on `valid` Recall@10 by beam search at `valid_beam`;
+    `fit` under `cfg`, resuming from `ckpt_dir`. Leaves the best checkpoint's weights in `model`."""
+    def loss_fn(m: nn.Module, idx: torch.Tensor) -> torch.Tensor:
+        batch = to_batch(train.select(idx), table)
+        return sequence_loss(m(batch), batch.target_codes)
+
+    def evaluate(m: nn.Module) -> dict[str, float]:
+        ranked, _ = rank_with_backbone(m, valid, table, trie, valid_beam, eval_batch_size,
+                                       exclude_history=exclude_history)
+        return ranking_metrics(ranked, valid.target.numpy(), ks=(5, 10, 20))[0]
+
+    state = fit(model, len(train), loss_fn, evaluate, cfg, ckpt_dir, select="recall@10", log=log,
+                fingerprint=fingerprint, on_step=on_step)
+    load_weights(ckpt_dir / "best", model)
     return state

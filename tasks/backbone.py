@@ -22,11 +22,10 @@ from prefect import task
 from tqdm.auto import tqdm
 
 from grc_core import distributed
-from grc_core.data import Instances, ItemTable, make_instances, to_batch
-from grc_core.evaluation import rank_with_backbone, ranking_metrics
-from grc_core.model import ModelConfig, Seq2Seq, count_flops_per_sample, sequence_loss
+from grc_core.data import Instances, ItemTable, make_instances
+from grc_core.model import ModelConfig, Seq2Seq, count_flops_per_sample
 from grc_core.device import resolve_device
-from grc_core.train import TrainConfig, TrainerState, fit, load_weights
+from grc_core.train import TrainConfig, TrainerState, fit_seq2seq, format_record
 from grc_core.trie import PrefixTrie
 from tasks import io
 from tasks.params import Params
@@ -105,25 +104,13 @@ def fit_backbone(params: Params, train: Instances, valid: Instances, table: Item
     bb = params.backbone
     model = build_model(bb.model, level_sizes, attr_sizes, cfg.seed).to(table.codes.device)
 
-    def loss_fn(m: torch.nn.Module, idx: torch.Tensor) -> torch.Tensor:
-        batch = to_batch(train.select(idx), table)
-        return sequence_loss(m(batch), batch.target_codes)
-
-    def evaluate(m: torch.nn.Module) -> dict[str, float]:
-        ranked, _ = rank_with_backbone(m, valid, table, trie, bb.valid_beam, bb.eval_batch_size,
-                                       exclude_history=params.data.exclude_history)
-        summary, _ = ranking_metrics(ranked, valid.target.numpy(), ks=(5, 10, 20))
-        return summary
-
     def log(record: dict) -> None:
-        print(desc + " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()),
-              flush=True)
+        print(desc + format_record(record), flush=True)
 
     bar, on_step = epoch_progress(desc)
-    state = fit(model, len(train), loss_fn, evaluate, cfg, ckpt_dir, select="recall@10", log=log,
-                fingerprint=fingerprint, on_step=on_step)
+    state = fit_seq2seq(model, train, valid, table, trie, cfg, ckpt_dir, fingerprint, bb.valid_beam,
+                        bb.eval_batch_size, params.data.exclude_history, log, on_step)
     bar.close()
-    load_weights(ckpt_dir / "best", model)
     return model.eval(), state
 
 

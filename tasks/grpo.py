@@ -33,7 +33,7 @@ from grc_core.evaluation import history_mask, rank_with_grc, ranking_metrics
 from grc_core.grc import DecodeConfig
 from grc_core.grpo import GRPOConfig, LoopConfig, run_grpo
 from grc_core.rewards import RewardConfig
-from grc_core.train import load_weights
+from grc_core.train import format_record, load_weights
 from grc_core.trie import PrefixTrie
 from tasks.backbone import load_item_table, load_split, subset, write_log
 from tasks.params import Params
@@ -75,8 +75,7 @@ def train_grpo(params: Params) -> dict:
         return summary
 
     def log(record: dict) -> None:
-        print("grpo " + " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()),
-              flush=True)
+        print("grpo " + format_record(record), flush=True)
 
     bar = tqdm(total=gp.iterations, unit="it", desc="grpo", mininterval=5, dynamic_ncols=True)
     episodes = [0]

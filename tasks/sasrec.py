@@ -17,6 +17,7 @@ from prefect import task
 from safetensors.torch import load_file
 
 from grc_core.sasrec import SASRec, SASRecConfig, SeqRows, topk_items, train_sasrec
+from grc_core.train import format_record
 from tasks import io
 from tasks.backbone import write_log
 from tasks.params import Params
@@ -34,7 +35,7 @@ def train_baseline(params: Params) -> dict:
     n_items = pl.read_parquet(out_dir / "items.parquet").height
 
     def progress(epoch: int, record: dict) -> None:
-        print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()), flush=True)
+        print(format_record(record), flush=True)
 
     model, history = train_sasrec(load_rows(out_dir, "train"), load_rows(out_dir, "valid"), n_items, cfg, progress)
     work = out_dir / "sasrec"

@@ -26,9 +26,9 @@ from grc_core import distributed
 from grc_core.data import to_batch
 from grc_core.device import resolve_device
 from grc_core.evaluation import rank_with_grc, ranking_metrics
-from grc_core.grc import DecodeConfig, GRCModel, SFTLossConfig, sft_loss
-from grc_core.model import ModelConfig, Seq2Seq
-from grc_core.train import fit, load_weights
+from grc_core.grc import DecodeConfig, GRCModel, SFTLossConfig, grc_from_config, sft_loss
+from grc_core.model import Seq2Seq
+from grc_core.train import fit, format_record, load_weights
 from grc_core.trie import PrefixTrie
 from tasks import io
 from tasks.backbone import epoch_progress, load_backbone, load_item_table, load_split, subset, write_log
@@ -90,8 +90,7 @@ def train_sft(params: Params, variant: str) -> dict:
     bar, on_step = epoch_progress(f"sft {variant} ")
 
     def log(record: dict) -> None:
-        print(f"sft {variant} " + " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                                          for k, v in record.items()), flush=True)
+        print(f"sft {variant} " + format_record(record), flush=True)
 
     # Validation of the starting point: the backbone inside the template (the correction head is untrained).
     t0 = time.perf_counter()
@@ -119,8 +118,6 @@ def train_sft(params: Params, variant: str) -> dict:
 def load_grc(out_dir: Path, variant: str, device: torch.device | str = "cpu", stage: str = "sft") -> GRCModel:
     """A trained template model: `data/<ds>/sft/<variant>/` or, with stage="grpo", `data/<ds>/grpo/`."""
     where = out_dir / "sft" / variant if stage == "sft" else out_dir / stage
-    cfg = json.loads((where / "config.json").read_text())
-    seq = Seq2Seq(ModelConfig(**cfg["model"]), cfg["level_sizes"], cfg["attr_sizes"])
-    model = GRCModel(seq, cfg["num_attrs"], reflect=cfg["variant"] == "grc")
+    model = grc_from_config(json.loads((where / "config.json").read_text()))
     model.load_state_dict(load_file(str(where / "model.safetensors")))
     return model.to(device).eval()
