@@ -333,6 +333,8 @@ def run_worker(job: dict[str, Any]) -> dict[str, Any]:
     ids, sizes = load_catalog(job["catalog"], job["codebook"])
     trie = PrefixTrie.from_ids(ids, sizes)
     model = build_model(sizes, job["seed"])
+    if job.get("dtype", "float32") != "float32":
+        model = model.to(getattr(torch, job["dtype"]))  # HF only: `generate` in bf16 on the CPU
     enc_all = encoder_inputs(ids, sizes, job["first_user"] + job["users"], job["seed"])
     enc_all = enc_all[job["first_user"]:]  # (U, T)
     beams, batch, length = job["beam"], job["batch"], len(sizes)
@@ -364,7 +366,7 @@ def run_worker(job: dict[str, Any]) -> dict[str, Any]:
             scores.append(got[1])
         seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu
     np.savez(job["save"], items=torch.cat(items).numpy(), scores=torch.cat(scores).float().numpy())
-    return dict(path=job["path"], beam=beams, batch=batch, threads=job["threads"], users=len(enc_all),
+    return dict(path=job["path"], dtype=job.get("dtype", "float32"), beam=beams, batch=batch, threads=job["threads"], users=len(enc_all),
                 first_user=job["first_user"], seconds=round(seconds, 3), users_per_s=round(len(enc_all) / seconds, 2),
                 users_per_cpu_s=round(len(enc_all) / cpu_seconds, 2),
                 peak_rss_mib=round(maxrss_mib(), 1), setup_rss_mib=round(rss_setup, 1))
@@ -406,6 +408,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--hf-users", type=int, default=16,
                    help="distinct users HF decodes per batch size (at least one batch); all are parity users")
     p.add_argument("--hf-batches", type=int, nargs="+", default=[8, 16, 32])
+    p.add_argument("--hf-dtypes", nargs="+", default=["float32"], choices=["float32", "bfloat16"],
+                   help="dtypes HF decodes in; its best over all of them is the baseline, and parity is "
+                        "checked on the float32 runs (ours always decodes in float32)")
     p.add_argument("--our-batches", type=int, nargs="+", default=None,
                    help="batch sizes for our path (default: 128 x threads users at beam <= 64, else 32)")
     p.add_argument("--threads", type=int, default=2, help="torch threads, both paths")
@@ -438,14 +443,16 @@ def main(argv: list[str] | None = None) -> None:
     )
     with tempfile.TemporaryDirectory() as tmp:
         for beam in args.beams:
-            runs, hf_parts, first = [], [], 0
-            for batch in args.hf_batches:
-                users = max(args.hf_users, batch)
-                job = dict(base, path="hf", beam=beam, batch=batch, users=users, first_user=first,
-                           save=f"{tmp}/hf_{beam}_{batch}.npz")
-                runs.append(spawn(job))
-                hf_parts.append(np.load(job["save"]))
-                first += users
+            runs, hf_parts = [], {}
+            for dtype in args.hf_dtypes:
+                first, hf_parts[dtype] = 0, []
+                for batch in args.hf_batches:  # every dtype decodes the same users
+                    users = max(args.hf_users, batch)
+                    job = dict(base, path="hf", dtype=dtype, beam=beam, batch=batch, users=users, first_user=first,
+                               save=f"{tmp}/hf_{dtype}_{beam}_{batch}.npz")
+                    runs.append(spawn(job))
+                    hf_parts[dtype].append(np.load(job["save"]))
+                    first += users
             our_saves = {}
             for batch in args.our_batches or [128 * args.threads if beam <= 64 else 32]:
                 job = dict(base, path="ours", beam=beam, batch=batch, users=max(args.users, first), first_user=0,
@@ -454,17 +461,25 @@ def main(argv: list[str] | None = None) -> None:
                 our_saves[batch] = job["save"]
             best_hf = max((r for r in runs if r["path"] == "hf"), key=lambda r: r["users_per_s"])
             best_ours = max((r for r in runs if r["path"] == "ours"), key=lambda r: r["users_per_s"])
-            hf_all = {k: np.concatenate([part[k] for part in hf_parts]) for k in ("items", "scores")}
             ours = np.load(our_saves[best_ours["batch"]])
-            report["beams"][str(beam)] = dict(
-                hf_best=best_hf, ours_best=best_ours,
-                speedup=round(best_ours["users_per_s"] / best_hf["users_per_s"], 1),
-                speedup_cpu_time=round(best_ours["users_per_cpu_s"] / best_hf["users_per_cpu_s"], 1),
-                parity=parity(hf_all, {k: ours[k] for k in ("items", "scores")}), runs=runs,
-            )
-            summary = {k: v for k, v in report["beams"][str(beam)].items() if k not in ("runs", "parity")}
-            print(json.dumps(dict(beam=beam, **summary)), flush=True)
-            print(json.dumps(report["beams"][str(beam)]["parity"]), flush=True)
+            ours = {k: ours[k] for k in ("items", "scores")}
+            checks = {dtype: parity({k: np.concatenate([part[k] for part in parts]) for k in ("items", "scores")}, ours)
+                      for dtype, parts in hf_parts.items()}
+            entry = dict(hf_best=best_hf, ours_best=best_ours,
+                         speedup=round(best_ours["users_per_s"] / best_hf["users_per_s"], 1),
+                         speedup_cpu_time=round(best_ours["users_per_cpu_s"] / best_hf["users_per_cpu_s"], 1))
+            if len(hf_parts) > 1:
+                for dtype in hf_parts:
+                    best = max((r for r in runs if r["path"] == "hf" and r["dtype"] == dtype), key=lambda r: r["users_per_s"])
+                    entry[f"speedup_vs_hf_{dtype}"] = round(best_ours["users_per_s"] / best["users_per_s"], 1)
+            entry["parity"] = checks.get("float32")
+            entry.update({f"agreement_hf_{dtype}": checks[dtype] for dtype in hf_parts if dtype != "float32"})
+            entry["runs"] = runs
+            report["beams"][str(beam)] = entry
+            print(json.dumps(dict(beam=beam, **{k: v for k, v in entry.items() if k != "runs" and "parity" not in k
+                                                and not k.startswith("agreement")})), flush=True)
+            for dtype, check in checks.items():
+                print(dtype, json.dumps({k: v for k, v in check.items() if k != "differences"}), flush=True)
     report["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     out = Path(args.out)
     merged = json.loads(out.read_text(encoding="utf-8")) if out.exists() else {}

@@ -11,7 +11,8 @@ import sys
 RUNS = [
     ["-m", "benchmarks.train_speed"],
     ["-m", "benchmarks.tokenizer", "--dataset", "scientific"],
-    ["-m", "benchmarks.decode_speed", "--beams", "20", "200"],
+    ["-m", "benchmarks.decode_speed", "--beams", "20", "200", "--hf-dtypes", "float32", "bfloat16"],
+    ["-m", "benchmarks.trie_layout"],
     ["-m", "benchmarks.sasrec_baseline"],
 ]
 

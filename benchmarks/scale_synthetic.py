@@ -22,8 +22,8 @@ two cores, so wall times are upper bounds; CPU seconds are given where they help
    Residual k-means (`tokenize.method=rkmeans`) with `kmeans_iters` Lloyd steps, and its
    assignment. For both: collisions, the last-level re-assignment and the disambiguation level.
 2. The valid-prefix table (`PrefixTrie`) over the IDs of `--ids` (rqvae): build time, bytes of
-   its tensors, RSS delta; the same for the first 1/8, 1/4, 1/2 of the items (growth); and the
-   bytes a CSR layout of the same trie would take (computed, not built).
+   its tensors (each level dense or csr by `PrefixTrie`'s size rule), RSS delta; the same for the
+   first 1/8, 1/4, 1/2 of the items (growth); and the bytes with every level csr.
 3. Candidate generation: the backbone of `backbone.model` size with random weights (throughput
    does not depend on the weights; quality is not measured), `rank_with_backbone(...,
    exclude_history=True)` as the candidate dump runs it, batch `candidates.batch_size`, for each
@@ -264,11 +264,9 @@ def bench_rkmeans(x: torch.Tensor, cfg: RQVAEConfig, dedup: bool) -> tuple[dict,
 
 # ---- 2. valid-prefix table --------------------------------------------------------------------
 
-def csr_bytes(trie: PrefixTrie) -> int:
-    """Bytes of the same trie as CSR: int64 row offsets per internal node, (int16 code, int32 child) per edge."""
-    internal = sum(trie.num_nodes(level) for level in range(trie.num_levels))
-    edges = sum(trie.num_nodes(level) for level in range(1, trie.num_levels + 1))
-    return 8 * (internal + 1) + 6 * edges
+def csr_bytes(ids: np.ndarray, sizes: list[int]) -> int:
+    """Bytes of the same trie with every level stored as csr (16 bytes per edge)."""
+    return PrefixTrie.from_ids(ids, sizes, dense_max_bytes=0).nbytes
 
 
 def bench_trie(ids: np.ndarray, sizes: list[int]) -> tuple[dict, PrefixTrie]:
@@ -276,7 +274,7 @@ def bench_trie(ids: np.ndarray, sizes: list[int]) -> tuple[dict, PrefixTrie]:
     n = len(ids)
     for share in (8, 4, 2):
         t = PrefixTrie.from_ids(ids[: n // share], sizes)
-        growth.append({"items": n // share, "nbytes": t.nbytes, "csr_bytes": csr_bytes(t)})
+        growth.append({"items": n // share, "nbytes": t.nbytes, "csr_bytes": csr_bytes(ids[: n // share], sizes)})
         del t
     rec: dict = {"level_sizes": sizes}
     with part(rec):
@@ -284,8 +282,9 @@ def bench_trie(ids: np.ndarray, sizes: list[int]) -> tuple[dict, PrefixTrie]:
     rec.update(nbytes=trie.nbytes, nbytes_mib=round(trie.nbytes / 2**20, 1),
                rss_delta_mib=round(rec["rss_end_mib"] - rec["rss_start_mib"], 1),
                nodes_per_level=[trie.num_nodes(level) for level in range(trie.num_levels + 1)],
-               table_mib_per_level=[round(c.numel() * c.element_size() / 2**20, 1) for c in trie.child],
-               csr_bytes=csr_bytes(trie), csr_mib=round(csr_bytes(trie) / 2**20, 1))
+               layouts=list(trie.layouts),
+               table_mib_per_level=[round(trie.level_nbytes(level) / 2**20, 1) for level in range(trie.num_levels)])
+    rec.update(csr_bytes=csr_bytes(ids, sizes), csr_mib=round(csr_bytes(ids, sizes) / 2**20, 1))
     rec["growth"] = [*growth, {"items": n, "nbytes": trie.nbytes, "csr_bytes": rec["csr_bytes"]}]
     return rec, trie
 

@@ -157,7 +157,7 @@ def beam_search(model: StepModel, batch: Any, trie: PrefixTrie, width: int,
         if level > 0:
             logp, state = model.advance(state, parents, tokens, level - 1)  # (B, W', V_l)
             _check_logp(logp, b, nodes.shape[1], size, f"beam_search: advance at level {level - 1}")
-        child = trie.child[level][nodes]  # (B, W', V_l) the trie mask as a gather
+        child = trie.children(level, nodes)  # (B, W', V_l) the trie mask as a lookup
         allowed = child >= 0  # (B, W', V_l)
         if exclude is not None and level == trie.num_levels - 1:
             banned = exclude.gather(1, child.clamp_min(0).view(b, -1)).view_as(child)  # (B, W', V_l)
@@ -196,8 +196,9 @@ def reference_beam_search(model: StepModel, batch: Any, trie: PrefixTrie, width:
             found = []
             for w, (score, node, prefix) in enumerate(beams[u]):
                 row = score + logp[u, w]  # (V_l,) same float arithmetic as the fast path
+                kids = trie.children(level, torch.tensor(node)).tolist()  # (V_l,)
                 for code in range(size):
-                    nxt = int(trie.child[level][node, code])
+                    nxt = kids[code]
                     if nxt >= 0 and float(row[code]) > float("-inf"):
                         found.append((-float(row[code]), w, code, row[code], nxt, prefix + (code,)))
             found.sort(key=lambda f: f[:3])
@@ -223,7 +224,7 @@ def exhaustive_scores(model: StepModel, batch: Any, trie: PrefixTrie) -> torch.T
 
     Runs one beam per item through the step interface, so memory is B x N x V; tiny catalogs only.
     """
-    ids = trie.ids.to(trie.child[0].device)  # (N, L)
+    ids = trie.ids  # (N, L)
     n = ids.shape[0]
     logp, state = model.begin(batch)  # (B, 1, V_0)
     b = logp.shape[0]

@@ -81,7 +81,7 @@ def _sample(logits: torch.Tensor, allowed: torch.Tensor, temperature: float,
 
 def _allowed(trie: PrefixTrie, level: int, nodes: torch.Tensor, exclude: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Valid codes (…, V_l) at `level` for trie nodes (…), and the child table rows."""
-    child = trie.child[level][nodes]  # (…, V_l)
+    child = trie.children(level, nodes)  # (…, V_l)
     ok = child >= 0
     if exclude is not None and level == trie.num_levels - 1:
         b = exclude.shape[0]

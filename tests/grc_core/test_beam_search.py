@@ -217,6 +217,22 @@ def test_wide_beam_on_a_larger_catalog():
     assert torch.equal(out.items[:, :10], exact.items[:, :10])  # the head of the ranking survives pruning here
 
 
+def test_csr_trie_gives_the_dense_trie_results():
+    # Same catalog as above, every level stored as csr: identical items, scores and codes,
+    # with and without an exclusion mask at the last level.
+    sizes = (32, 16, 4)
+    ids = tiny_catalog(n=1500, sizes=sizes, seed=2)
+    dense, csr = PrefixTrie.from_ids(ids, sizes), PrefixTrie.from_ids(ids, sizes, dense_max_bytes=0)
+    stub, users = TableStub(sizes, users=2, seed=2), torch.arange(2)
+    exclude = torch.zeros(2, len(ids), dtype=torch.bool)
+    exclude[0, ::3] = True
+    for width in (1, 20, 256):
+        for mask in (None, exclude):
+            a, b = beam_search(stub, users, dense, width, exclude=mask), beam_search(stub, users, csr, width, exclude=mask)
+            assert torch.equal(a.items, b.items) and torch.equal(a.scores, b.scores) and torch.equal(a.codes, b.codes)
+    assert_same(reference_beam_search(stub, users, csr, 20), beam_search(stub, users, dense, 20))
+
+
 def test_guards():
     trie = PrefixTrie.from_ids(tiny_catalog(), (4, 4, 3))
     with pytest.raises(ValueError, match="width must be a positive int"):

@@ -1,0 +1,95 @@
+"""TIGER's test Recall@10 after every epoch, beside the validation figure that selects the model.
+
+    python -m benchmarks.offload_backbone export --name ins_curve --data insfull --with-test \
+        -S data.dataset=instruments -S backbone.valid_users=0 -S backbone.train.epochs=20 -S backbone.train.patience=0
+    python -m benchmarks.tiger_test_curve --name ins_curve [--src .offload] [--beam 20]
+
+Trains the stage's backbone with the stage's loop (`grc_core.train.fit`, same loss, same
+selection on validation Recall@10) from an `offload_backbone export`, and after every epoch also
+ranks the test split. The test figures are logged for analysis only: they never select anything.
+From the curve one reads (a) what selection on the whole validation split picks, and (b) the best
+test Recall@10 any epoch reached, an upper bound on what any selection rule could get from this
+run. Checkpoints go to `<src>/<name>_curve/` and a rerun resumes from them (the trainer state
+keeps every epoch's record, so a resumed run reports all epochs).
+JSON: `benchmarks/results/tiger_test_curve_<name>.json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from grc_core.data import Instances, ItemTable, to_batch
+from grc_core.evaluation import rank_with_backbone, ranking_metrics
+from grc_core.model import ModelConfig, Seq2Seq, sequence_loss
+from grc_core.train import TrainConfig, fit, format_record
+from grc_core.trie import PrefixTrie
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--name", required=True, help="an `offload_backbone export --with-test` config name")
+    p.add_argument("--src", type=Path, default=Path(".offload"))
+    p.add_argument("--beam", type=int, default=20, help="beam for the per-epoch validation and test ranking")
+    args = p.parse_args(argv)
+    meta = json.loads((args.src / f"{args.name}.json").read_text())
+    with np.load(args.src / f"{meta['data']}.npz", allow_pickle=False) as z:
+        arr = {k: torch.from_numpy(z[k].astype(np.int64)) for k in z.files}
+    if "test_user" not in arr:
+        raise SystemExit(f"{args.src / meta['data']}.npz has no test split: export it with --with-test")
+    table = ItemTable(arr["codes"], arr["attrs"])
+    trie = PrefixTrie.from_ids(arr["codes"].numpy(), meta["level_sizes"])
+    split = {s: Instances(arr[f"{s}_user"], arr[f"{s}_history"], arr[f"{s}_target"]) for s in ("train", "valid", "test")}
+    cfg = TrainConfig(**meta["train"])
+    torch.manual_seed(cfg.seed)
+    model = Seq2Seq(ModelConfig(**meta["model"]), meta["level_sizes"], meta["attr_sizes"])
+    work = args.src / f"{args.name}_curve"
+    work.mkdir(parents=True, exist_ok=True)
+
+    def loss_fn(m: torch.nn.Module, idx: torch.Tensor) -> torch.Tensor:
+        batch = to_batch(split["train"].select(idx), table)
+        return sequence_loss(m(batch), batch.target_codes)
+
+    def evaluate(m: torch.nn.Module) -> dict[str, float]:
+        out = {}
+        for name in ("valid", "test"):
+            ranked, _ = rank_with_backbone(m, split[name], table, trie, args.beam, meta["eval_batch_size"],
+                                           exclude_history=meta["exclude_history"])
+            metrics = ranking_metrics(ranked, split[name].target.numpy(), ks=(5, 10, 20))[0]
+            out.update({(k if name == "valid" else f"test_{k}"): v for k, v in metrics.items()})
+        return out
+
+    def log(record: dict) -> None:
+        print(args.name, format_record(record), flush=True)
+
+    t0 = time.perf_counter()
+    state = fit(model, len(split["train"]), loss_fn, evaluate, cfg, work / "ckpt", select="recall@10", log=log,
+                fingerprint=meta["fingerprint"] + f"|curve beam {args.beam}")
+    # fit prefixes evaluate's keys with "valid_": the test ones arrive as "valid_test_...".
+    records = [{k.replace("valid_test_", "test_"): v for k, v in r.items()} for r in state.history]
+    report = dict(
+        command="python -m benchmarks.tiger_test_curve " + " ".join(sys.argv[1:] if argv is None else argv),
+        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        machine=dict(platform=platform.platform(), cpu_count=os.cpu_count(), torch=torch.__version__),
+        config=meta, beam=args.beam, valid_users=len(split["valid"]), test_users=len(split["test"]),
+        wall_s_this_run=round(time.perf_counter() - t0, 1), best_epoch=state.best_epoch,
+        best_valid_recall10=state.best_metric, epochs=records,
+    )
+    out = RESULTS / f"tiger_test_curve_{args.name}.json"
+    out.write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
