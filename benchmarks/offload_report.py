@@ -21,6 +21,7 @@ import numpy as np
 import polars as pl
 
 from grc_core import metrics as M
+from tasks.io import write_json
 
 LOG_KEYS = ("reward_total", "reward_task", "reward_delta", "draft_hit", "corrected_hit", "copy_rate", "loc_acc", "kl")
 
@@ -100,9 +101,7 @@ def main(argv: list[str] | None = None) -> dict:
     rep = report(a.runs, a.base, a.bootstrap, a.block)
     print_tables(rep)
     if a.out is not None:
-        tmp = a.out.with_suffix(".tmp")
-        tmp.write_text(json.dumps(rep, indent=1))
-        tmp.replace(a.out)
+        write_json(a.out, rep)
     return rep
 
 

@@ -13,7 +13,6 @@ bootstrap against the first method (TIGER). Prints a markdown table: per seed, t
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -21,6 +20,7 @@ import numpy as np
 import polars as pl
 
 from grc_core import metrics as M
+from tasks.io import write_json
 
 KEYS = ("recall@5", "recall@10", "recall@100", "recall@200", "ndcg@5", "ndcg@10")
 
@@ -79,9 +79,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"| {m} | " + " | ".join(f"{summary[m][k]['mean']:.4f} ± {summary[m][k]['std']:.4f}" for k in order) + " |")
     payload = {"dataset": a.dataset, "dirs": a.dirs, "methods": a.methods, "seeds": seeds, "mean_std": summary}
     if a.out is not None:
-        tmp = a.out.with_suffix(".tmp")
-        tmp.write_text(json.dumps(payload, indent=1))
-        tmp.replace(a.out)
+        write_json(a.out, payload)
     return payload
 
 
