@@ -11,7 +11,10 @@ From the curve one reads (a) what selection on the whole validation split picks,
 test Recall@10 any epoch reached, an upper bound on what any selection rule could get from this
 run. Checkpoints go to `<src>/<name>_curve/` and a rerun resumes from them (the trainer state
 keeps every epoch's record, so a resumed run reports all epochs).
-JSON: `benchmarks/results/tiger_test_curve_<name>.json`.
+JSON: `benchmarks/results/tiger_test_curve_<name>.json`. The run ends by packing its checkpoints
+as `offload_backbone train` does (`<src>/<name>_curve.tar`): since the per-epoch test ranking
+changes neither the weights nor the kept epoch, `offload_backbone unpack` hands them to the stage,
+which resumes with nothing left to train, and `flows.evaluate` gives the reported test figures.
 """
 
 from __future__ import annotations
@@ -28,11 +31,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from benchmarks.offload_backbone import pack
 from grc_core.data import Instances, ItemTable, to_batch
 from grc_core.evaluation import rank_with_backbone, ranking_metrics
 from grc_core.model import ModelConfig, Seq2Seq, sequence_loss
 from grc_core.train import TrainConfig, fit, format_record
 from grc_core.trie import PrefixTrie
+from tasks.io import write_json
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -74,8 +79,10 @@ def main(argv: list[str] | None = None) -> None:
         print(args.name, format_record(record), flush=True)
 
     t0 = time.perf_counter()
+    # The stage's fingerprint: the test ranking draws no random numbers and selects nothing, so the
+    # weights and the kept epoch are the stage's own, and the checkpoint can be handed to it.
     state = fit(model, len(split["train"]), loss_fn, evaluate, cfg, work / "ckpt", select="recall@10", log=log,
-                fingerprint=meta["fingerprint"] + f"|curve beam {args.beam}")
+                fingerprint=meta["fingerprint"])
     # fit prefixes evaluate's keys with "valid_": the test ones arrive as "valid_test_...".
     records = [{k.replace("valid_test_", "test_"): v for k, v in r.items()} for r in state.history]
     report = dict(
@@ -87,8 +94,11 @@ def main(argv: list[str] | None = None) -> None:
         best_valid_recall10=state.best_metric, epochs=records,
     )
     out = RESULTS / f"tiger_test_curve_{args.name}.json"
-    out.write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
-    print(f"wrote {out}")
+    write_json(out, report)
+    pack(work / "ckpt", {k: report[k] for k in ("command", "date", "best_epoch", "best_valid_recall10")},
+         args.src / f"{args.name}_curve.tar")
+    print(f"wrote {out}; checkpoints for the stage: python -m benchmarks.offload_backbone unpack "
+          f"--tar {args.src / f'{args.name}_curve.tar'} --name {args.name} --src {args.src}")
 
 
 if __name__ == "__main__":
