@@ -11,7 +11,7 @@ From the curve one reads (a) what selection on the whole validation split picks,
 test Recall@10 any epoch reached, an upper bound on what any selection rule could get from this
 run. Checkpoints go to `<src>/<name>_curve/` and a rerun resumes from them (the trainer state
 keeps every epoch's record, so a resumed run reports all epochs).
-JSON: `benchmarks/results/tiger_test_curve_<name>.json`. The run ends by packing its checkpoints
+JSON and plot: `benchmarks/results/tiger_test_curve_<name>.{json,png}`. The run ends by packing its checkpoints
 as `offload_backbone train` does (`<src>/<name>_curve.tar`): since the per-epoch test ranking
 changes neither the weights nor the kept epoch, `offload_backbone unpack` hands them to the stage,
 which resumes with nothing left to train, and `flows.evaluate` gives the reported test figures.
@@ -40,6 +40,30 @@ from grc_core.trie import PrefixTrie
 from tasks.io import write_json
 
 RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def plot(records: list[dict], title: str, path: Path) -> None:
+    """Validation and test Recall@10 per epoch, the kept epoch marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [r["epoch"] for r in records]
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    ax.plot(epochs, [r["valid_recall@10"] for r in records], marker="o", label="validation (selects)")
+    ax.plot(epochs, [r["test_recall@10"] for r in records], marker="s", label="test (analysis only)")
+    best = max(records, key=lambda r: r["valid_recall@10"])
+    ax.axvline(best["epoch"], color="grey", linestyle=":", label=f"kept: epoch {best['epoch']}")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("Recall@10")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    tmp.replace(path)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -95,6 +119,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     out = RESULTS / f"tiger_test_curve_{args.name}.json"
     write_json(out, report)
+    plot(records, f"TIGER {args.name}: Recall@10 per epoch (beam {args.beam})", out.with_suffix(".png"))
     pack(work / "ckpt", {k: report[k] for k in ("command", "date", "best_epoch", "best_valid_recall10")},
          args.src / f"{args.name}_curve.tar")
     print(f"wrote {out}; checkpoints for the stage: python -m benchmarks.offload_backbone unpack "
