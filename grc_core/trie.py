@@ -130,10 +130,6 @@ class PrefixTrie:
         """Bytes held by the transitions of all levels."""
         return sum(self.level_nbytes(level) for level in range(self.num_levels))
 
-    @property
-    def device(self) -> torch.device:
-        return self.ids.device
-
     def to(self, device: torch.device | str) -> "PrefixTrie":
         return PrefixTrie([None if t is None else t.to(device) for t in self._dense],
                           [None if e is None else (e[0].to(device), e[1].to(device)) for e in self._edges],
