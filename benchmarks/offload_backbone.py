@@ -30,6 +30,7 @@ import tarfile
 import time
 from dataclasses import asdict
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -159,17 +160,23 @@ def offload_parser(doc: str | None, data_help: str) -> tuple[argparse.ArgumentPa
     return ap, e, t, u
 
 
+def dispatch(a: argparse.Namespace, do_export: Callable[[], None], do_train: Callable[[], None]) -> None:
+    """Run the subcommand `a.cmd` of an `offload_parser` command line."""
+    if a.cmd == "export":
+        do_export()
+    elif a.cmd == "train":
+        do_train()
+    else:
+        unpack(a.tar, a.name, a.src)
+
+
 def main(argv: list[str] | None = None) -> None:
     ap, e, t, _ = offload_parser(__doc__, "tensor file name, shared by runs on the same data")
     e.add_argument("--with-test", action="store_true")
     t.add_argument("--test-beam", type=int, default=0)
     a = ap.parse_args(argv)
-    if a.cmd == "export":
-        export(a.name, a.data, a.out, a.overrides, a.with_test)
-    elif a.cmd == "train":
-        train(a.name, a.src, a.out, a.device, a.test_beam)
-    else:
-        unpack(a.tar, a.name, a.src)
+    dispatch(a, lambda: export(a.name, a.data, a.out, a.overrides, a.with_test),
+             lambda: train(a.name, a.src, a.out, a.device, a.test_beam))
 
 
 if __name__ == "__main__":

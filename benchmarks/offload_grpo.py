@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from benchmarks.offload_backbone import offload_parser, pack, unpack
+from benchmarks.offload_backbone import dispatch, offload_parser, pack
 from grc_core import metrics as M
 from grc_core.data import Instances, ItemTable
 from grc_core.evaluation import history_mask, rank_with_grc, ranking_metrics
@@ -177,12 +177,8 @@ def main(argv: list[str] | None = None) -> None:
     e.add_argument("--budget-div", type=int, default=4, help="correction beams of the EGRS sweep: evaluate.beam / this")
     t.add_argument("--keep-weights", action="store_true")
     a = ap.parse_args(argv)
-    if a.cmd == "export":
-        export(a.name, a.data, a.out, a.overrides, a.egrs_sweep, a.budget_div)
-    elif a.cmd == "train":
-        train(a.name, a.src, a.out, a.device, a.keep_weights)
-    else:
-        unpack(a.tar, a.name, a.src)
+    dispatch(a, lambda: export(a.name, a.data, a.out, a.overrides, a.egrs_sweep, a.budget_div),
+             lambda: train(a.name, a.src, a.out, a.device, a.keep_weights))
 
 
 if __name__ == "__main__":
