@@ -73,11 +73,12 @@ def export(name: str, data: str, out: Path, overrides: list[str], with_test: boo
     print(f"{name}: {len(train)} train, {len(valid)} valid instances -> {out / data}.npz, {out / name}.json")
 
 
-def train(name: str, src: Path, out: Path, device: str, test_beam: int) -> None:
+def load_export(name: str, src: Path, dev: torch.device) -> tuple[dict, ItemTable, PrefixTrie, dict[str, Instances],
+                                                                   TrainConfig, Seq2Seq]:
+    """An `export`ed config: its meta, item table, trie, splits, train config and a freshly seeded model."""
     meta = json.loads((src / f"{name}.json").read_text())
     with np.load(src / f"{meta['data']}.npz", allow_pickle=False) as z:
         arr = {k: torch.from_numpy(z[k].astype(np.int64)) for k in z.files}
-    dev = torch.device(device)
     table = ItemTable(arr["codes"], arr["attrs"]).to(dev)
     trie = PrefixTrie.from_ids(arr["codes"].numpy(), meta["level_sizes"]).to(dev)
     split = {s: Instances(arr[f"{s}_user"], arr[f"{s}_history"], arr[f"{s}_target"])
@@ -85,6 +86,12 @@ def train(name: str, src: Path, out: Path, device: str, test_beam: int) -> None:
     cfg = TrainConfig(**meta["train"])
     torch.manual_seed(cfg.seed)
     model = Seq2Seq(ModelConfig(**meta["model"]), meta["level_sizes"], meta["attr_sizes"]).to(dev)
+    return meta, table, trie, split, cfg, model
+
+
+def train(name: str, src: Path, out: Path, device: str, test_beam: int) -> None:
+    dev = torch.device(device)
+    meta, table, trie, split, cfg, model = load_export(name, src, dev)
 
     def log(record: dict) -> None:
         print(name, format_record(record), flush=True)

@@ -21,36 +21,29 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import platform
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from benchmarks.offload_backbone import pack
-from grc_core.data import Instances, ItemTable, to_batch
+from benchmarks.offload_backbone import load_export, pack
+from grc_core.data import to_batch
 from grc_core.evaluation import rank_with_backbone, ranking_metrics
-from grc_core.model import ModelConfig, Seq2Seq, sequence_loss
-from grc_core.train import TrainConfig, fit, format_record
-from grc_core.trie import PrefixTrie
+from grc_core.model import sequence_loss
+from grc_core.train import fit, format_record
 from tasks.io import write_json
+from tasks.report import pyplot, save_png
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def plot(records: list[dict], title: str, path: Path) -> None:
     """Validation and test Recall@10 per epoch, the kept epoch marked."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     epochs = [r["epoch"] for r in records]
-    fig, ax = plt.subplots(figsize=(6, 3.6))
+    fig, ax = pyplot().subplots(figsize=(6, 3.6))
     ax.plot(epochs, [r["valid_recall@10"] for r in records], marker="o", label="validation (selects)")
     ax.plot(epochs, [r["test_recall@10"] for r in records], marker="s", label="test (analysis only)")
     best = max(records, key=lambda r: r["valid_recall@10"])
@@ -60,10 +53,7 @@ def plot(records: list[dict], title: str, path: Path) -> None:
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    tmp.replace(path)
+    save_png(fig, path)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -72,17 +62,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--src", type=Path, default=Path(".offload"))
     p.add_argument("--beam", type=int, default=20, help="beam for the per-epoch validation and test ranking")
     args = p.parse_args(argv)
-    meta = json.loads((args.src / f"{args.name}.json").read_text())
-    with np.load(args.src / f"{meta['data']}.npz", allow_pickle=False) as z:
-        arr = {k: torch.from_numpy(z[k].astype(np.int64)) for k in z.files}
-    if "test_user" not in arr:
+    meta, table, trie, split, cfg, model = load_export(args.name, args.src, torch.device("cpu"))
+    if "test" not in split:
         raise SystemExit(f"{args.src / meta['data']}.npz has no test split: export it with --with-test")
-    table = ItemTable(arr["codes"], arr["attrs"])
-    trie = PrefixTrie.from_ids(arr["codes"].numpy(), meta["level_sizes"])
-    split = {s: Instances(arr[f"{s}_user"], arr[f"{s}_history"], arr[f"{s}_target"]) for s in ("train", "valid", "test")}
-    cfg = TrainConfig(**meta["train"])
-    torch.manual_seed(cfg.seed)
-    model = Seq2Seq(ModelConfig(**meta["model"]), meta["level_sizes"], meta["attr_sizes"])
     work = args.src / f"{args.name}_curve"
     work.mkdir(parents=True, exist_ok=True)
 

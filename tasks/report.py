@@ -36,7 +36,7 @@ def write_recall_csv(path: Path, curves: dict[str, np.ndarray]) -> None:
             w.writerow([k, *(f"{curves[m][k - 1]:.6f}" if m in curves else "" for m in CURVE_METHODS)])
 
 
-def _plt():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
@@ -45,10 +45,10 @@ def _plt():
     return plt
 
 
-def _save(fig, path: Path) -> None:
+def save_png(fig, path: Path) -> None:
     with io.atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-    _plt().close(fig)
+    pyplot().close(fig)
 
 
 def recall_curves(eval_dir: Path) -> dict[str, np.ndarray]:
@@ -74,7 +74,7 @@ def _series(rows: list[dict], x: str, y: str) -> tuple[list[float], list[float]]
 
 
 def write_report(params: Params) -> Path:
-    plt = _plt()
+    plt = pyplot()
     rep, out_dir = params.reports_dir(), params.dataset_dir()
     figs = rep / "figures"
     lines = [f"# Run report: {params.data.dataset}", "",
@@ -112,7 +112,7 @@ def write_report(params: Params) -> Path:
         ax.set_title(f"{params.data.dataset}: Recall@K of every evaluated method")
         ax.legend()
         ax.grid(alpha=0.3)
-        _save(fig, figs / "recall_at_k.png")
+        save_png(fig, figs / "recall_at_k.png")
         lines += ["## Recall@K", "", "![Recall@K](figures/recall_at_k.png)", "",
                   "(each method's latest ranks file under `data/<dataset>/eval/`; users may differ per method "
                   "where `evaluate.users` chose a subset)", ""]
@@ -130,7 +130,7 @@ def write_report(params: Params) -> Path:
         ax.set_xlabel("r_loc (L+1 = draft correct)")
         ax.set_ylabel("share of mined drafts")
         ax.legend()
-        _save(fig, figs / "r_loc.png")
+        save_png(fig, figs / "r_loc.png")
         lines += ["## Reflection labels", "", "![r_loc](figures/r_loc.png)", "",
                   f"Total variation train vs valid: {mine['r_loc_total_variation']:.3f}", ""]
     else:
@@ -149,7 +149,7 @@ def write_report(params: Params) -> Path:
         ax.set_xlabel("mean reflection entropy of a draft (Eq. 24)")
         ax.set_ylabel("drafts")
         ax.set_title(name)
-        _save(fig, figs / "reflection_entropy.png")
+        save_png(fig, figs / "reflection_entropy.png")
         lines += ["## Reflection entropy", "", "![entropy](figures/reflection_entropy.png)", ""]
     else:
         missing.append("reflection-entropy histogram (no GRC method in this evaluate run)")
@@ -170,7 +170,7 @@ def write_report(params: Params) -> Path:
             ax.set_xlabel(x)
             ax.legend(fontsize=7)
             ax.grid(alpha=0.3)
-        _save(fig, figs / "training.png")
+        save_png(fig, figs / "training.png")
         lines += ["## Training curves", "", "![training](figures/training.png)", ""]
     else:
         missing.append("training curves (no logs)")
