@@ -17,7 +17,7 @@ export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup run test bench ui clean
+.PHONY: setup run test test-fast bench ui clean
 
 setup: $(STAMP)
 
@@ -35,6 +35,10 @@ run: setup
 
 test: setup
 	$(PY) -m pytest -q
+
+# The suite without the end-to-end tests marked `slow` (Prefect, DVC, multi-process runs).
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow"
 
 bench: setup
 	$(PY) -m benchmarks.run_all

@@ -24,6 +24,8 @@ def target_ranks(ranked: np.ndarray, targets: np.ndarray) -> np.ndarray:
     targets = np.asarray(targets)
     if ranked.ndim != 2 or targets.shape != (ranked.shape[0],):
         raise ValueError(f"ranked must be (B, K) and targets (B,), got {ranked.shape} and {targets.shape}")
+    if (targets < 0).any():  # -1 would match the padding
+        raise ValueError(f"targets must be item ids >= 0, got {targets[targets < 0][:5].tolist()}")
     hit = ranked == targets[:, None]  # (B, K)
     first = hit.argmax(axis=1)  # (B,)
     return np.where(hit.any(axis=1), first + 1, 0)

@@ -9,6 +9,8 @@ import pytest
 
 from benchmarks.scale_synthetic import main
 
+pytestmark = pytest.mark.slow
+
 ITEMS, USERS, K = 2_000, 200, 32
 
 

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from benchmarks.trie_layout import main
+
+pytestmark = pytest.mark.slow
 
 
 def test_dense_and_csr_tries_rank_alike(tmp_path) -> None:

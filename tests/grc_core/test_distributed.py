@@ -93,6 +93,7 @@ def runs(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 def test_two_process_ddp_matches_one_process_with_the_same_global_batch(runs):
     single, ddp = _weights(runs / "single"), _weights(runs / "ddp")
     start = tiny().state_dict()
@@ -106,6 +107,7 @@ def test_two_process_ddp_matches_one_process_with_the_same_global_batch(runs):
     assert s["best_epoch"] == d["best_epoch"]
 
 
+@pytest.mark.slow
 def test_ddp_resumes_from_its_checkpoint_to_the_same_weights(runs, tmp_path):
     with pytest.raises(Exception, match="crash at step 8"):
         _run_ddp(tmp_path / "ckpt", CFG, crash_at=8)  # both ranks die in epoch 2 (5 steps per epoch)
@@ -123,6 +125,7 @@ def test_global_batch_must_divide_by_the_world_size(tmp_path):
             tmp_path, rank=0, world=2)
 
 
+@pytest.mark.slow
 def test_load_weights_of_a_ddp_checkpoint_into_a_plain_model(runs):
     model = tiny()
     load_weights(runs / "ddp" / "last", model)  # rank 0 saved the unwrapped state dict (no "module." prefix)
