@@ -23,7 +23,7 @@ from pathlib import Path
 import polars as pl
 
 from benchmarks.common import run_flow, save, stamp
-from tasks.candidates import MODEL_DIRS
+from tasks.stages import MODEL_DIRS
 from tasks.params import load_params
 
 

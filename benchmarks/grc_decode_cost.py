@@ -22,9 +22,8 @@ from benchmarks.common import save, stamp
 from grc_core.evaluation import rank_with_backbone, rank_with_grc
 from grc_core.grc import DecodeConfig
 from grc_core.trie import PrefixTrie
-from tasks.backbone import load_backbone, load_item_table, load_split
+from tasks.artifacts import load_backbone, load_grc, load_item_table, load_split
 from tasks.params import load_params
-from tasks.sft import load_grc
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -51,7 +50,7 @@ def main(argv: list[str] | None = None) -> dict:
     trie = PrefixTrie.from_ids(table.codes.numpy(), level_sizes)
     test = load_split(out_dir, "test", params.data.max_history)
     users = test.select(torch.arange(min(args.users, len(test))))
-    backbone, grc = load_backbone(out_dir), load_grc(out_dir, args.variant, stage=args.model)
+    backbone, grc = load_backbone(out_dir), load_grc(out_dir, "grc_rl" if args.model == "grpo" else f"{args.variant}_sft")
     excl = params.data.exclude_history
     rows = []
     for beam in args.beams:

@@ -18,9 +18,8 @@ from benchmarks.common import save, stamp
 from grc_core.evaluation import rank_with_backbone, rank_with_grc, ranking_metrics
 from grc_core.grc import DecodeConfig
 from grc_core.trie import PrefixTrie
-from tasks.backbone import load_backbone, load_item_table, load_split, subset
+from tasks.artifacts import load_backbone, load_grc, load_item_table, load_split, subset
 from tasks.params import load_params
-from tasks.sft import load_grc
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -49,7 +48,7 @@ def main(argv: list[str] | None = None) -> dict:
     rows.append({"method": "tiger", **ranking_metrics(ranked, valid.target.numpy(), ks=ks)[0]})
     print(rows[-1], flush=True)
     for variant in args.variants:
-        model = load_grc(out_dir, variant, stage=args.stage)
+        model = load_grc(out_dir, "grc_rl" if args.stage == "grpo" else f"{variant}_sft")
         for rule in args.rules:
             for alpha in args.alphas:
                 for frac in args.correct_fracs:

@@ -37,15 +37,16 @@ import torch
 
 from grc_core.data import Instances, ItemTable
 from grc_core.evaluation import rank_with_backbone, ranking_metrics
-from grc_core.model import ModelConfig, Seq2Seq
-from grc_core.train import TrainConfig, fit_seq2seq, format_record
+from grc_core.config import ModelConfig, TrainConfig
+from grc_core.model import Seq2Seq
+from grc_core.train import fit_seq2seq, format_record
 from grc_core.trie import PrefixTrie
 
 
 def export(name: str, data: str, out: Path, overrides: list[str], with_test: bool) -> None:
-    from tasks.backbone import load_item_table, load_split, subset  # the stage's own readers
+    from tasks.artifacts import load_item_table, load_split, subset  # the stage's own readers
     from tasks.params import load_params
-    from tasks.readers import sha256_file
+    from tasks.stages import fingerprint as stage_fingerprint
 
     params = load_params(overrides=overrides)
     bb, data_dir = params.backbone, params.dataset_dir()
@@ -58,9 +59,7 @@ def export(name: str, data: str, out: Path, overrides: list[str], with_test: boo
     if with_test:
         test = load_split(data_dir, "test", params.data.max_history)
         arrays.update(test_user=test.user, test_history=test.history, test_target=test.target)
-    fingerprint = "|".join([params.section_hash("backbone"), str(params.data.max_history),
-                            sha256_file(data_dir / "splits" / "train.parquet"),
-                            sha256_file(data_dir / "tokenizer" / "semantic_ids.parquet")])
+    fingerprint = stage_fingerprint(params, "backbone")  # the stage's own: it resumes from what this trains
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / f"{data}.tmp.npz"
     np.savez_compressed(tmp, **{k: v.numpy().astype(np.int32) for k, v in arrays.items()})

@@ -48,9 +48,10 @@ ALPHAS = (0.0, 0.1, 0.2, 0.4, 0.8)
 
 
 def export(name: str, data: str, out: Path, overrides: list[str], egrs_sweep: bool, budget_div: int) -> None:
-    from tasks.backbone import load_item_table, load_split, subset
+    from tasks.artifacts import load_item_table, load_split, subset
     from tasks.params import load_params
-    from tasks.readers import sha256_file
+    from tasks.io import sha256_file
+    from tasks.stages import fingerprint as stage_fingerprint
 
     params = load_params(overrides=overrides)
     gp, ev, data_dir = params.grpo, params.evaluate, params.dataset_dir()
@@ -71,8 +72,7 @@ def export(name: str, data: str, out: Path, overrides: list[str], egrs_sweep: bo
         for f in ("config.json", "model.safetensors"):
             shutil.copyfile(data_dir / "sft" / "grc" / f, sft / f)
     cfg = json.loads((data_dir / "sft" / "grc" / "config.json").read_text())
-    fingerprint = "|".join([params.section_hash("grpo"), str(params.data.exclude_history),
-                            sha256_file(data_dir / "sft" / "grc" / "model.safetensors")])
+    fingerprint = stage_fingerprint(params, "grpo")  # the stage's own: it resumes from what this trains
     meta = {"grpo": asdict(GRPOConfig(gp.group_size, gp.clip_eps, gp.kl_beta, gp.ppo_epochs, gp.temperature,
                                gp.advantage)),
             "rewards": asdict(RewardConfig(gp.beta_cor, gp.beta_last, gp.beta_loc, gp.beta_sem, 1e-6, gp.use_task, gp.use_cor,

@@ -15,7 +15,7 @@ import torch
 from benchmarks.common import save, stamp
 from grc_core.evaluation import rank_with_backbone, ranking_metrics
 from grc_core.trie import PrefixTrie
-from tasks.backbone import load_backbone, load_item_table, load_split, subset
+from tasks.artifacts import load_backbone, load_item_table, load_split, subset
 from tasks.params import load_params
 
 

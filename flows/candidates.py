@@ -23,7 +23,7 @@ from prefect import flow, get_run_logger
 from tasks import io
 from flows.sharding import shard_map
 from grc_core.device import set_threads
-from tasks.candidates import (current_shard, dump_shard, gate_shard, load_ranker, plan_dump, rank_shard,
+from tasks.candidates import (current_shard, dump_ranker, dump_shard, gate_shard, plan_dump, rank_shard,
                               remove_stale_shards, start_dump, write_manifest, write_shard)
 from tasks.cli import parse_cli
 from tasks.params import Params
@@ -52,7 +52,7 @@ def candidates_flow(params: Params) -> dict:
         records.update({s.name: r for s, r in zip(todo, done)})
     else:
         set_threads(cd.threads)
-        ranker = load_ranker(params) if todo else None
+        ranker = dump_ranker(params) if todo else None
         for shard in todo:
             frame = rank_shard(ranker, shard, plan.top_n)
             # The gate runs before the shard is written: a bad shard never reaches the folder.

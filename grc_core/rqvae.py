@@ -40,13 +40,14 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal, NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from grc_core.config import RQVAEConfig
 from grc_core.device import resolve_device
 
 from grc_core.kmeans import kmeans, make_generator, residual_quantise, squared_distances
@@ -54,42 +55,6 @@ from grc_core.kmeans import kmeans, make_generator, residual_quantise, squared_d
 _ENCODE_CHUNK = 16384
 
 
-@dataclass(frozen=True)
-class RQVAEConfig:
-    num_levels: int  # L
-    codebook_size: int  # K
-    latent_dim: int  # d
-    hidden_dims: tuple[int, ...]  # encoder widths; the decoder mirrors them
-    epochs: int
-    batch_size: int  # >= N means full batch
-    lr: float
-    weight_decay: float  # AdamW, MLP weights only
-    commitment_beta: float
-    kmeans_init: bool
-    kmeans_iters: int
-    dead_code_restart: bool
-    gradient: Literal["ste", "rotation"]
-    seed: int
-    device: str  # "cpu", "cuda", "cuda:1", or "auto" (CUDA where present)
-    normalize_latent: bool = True  # L2-normalise the encoder output z
-
-    def __post_init__(self) -> None:
-        checks = [
-            (self.num_levels >= 1, "num_levels must be >= 1"),
-            (self.codebook_size >= 2, "codebook_size must be >= 2"),
-            (self.latent_dim >= 1, "latent_dim must be >= 1"),
-            (all(h >= 1 for h in self.hidden_dims), "hidden_dims must all be >= 1"),
-            (self.epochs >= 1, "epochs must be >= 1"),
-            (self.batch_size >= 1, "batch_size must be >= 1"),
-            (self.lr > 0, "lr must be > 0"),
-            (self.weight_decay >= 0, "weight_decay must be >= 0"),
-            (self.commitment_beta >= 0, "commitment_beta must be >= 0"),
-            (self.kmeans_iters >= 0, "kmeans_iters must be >= 0"),
-            (self.gradient in ("ste", "rotation"), "gradient must be 'ste' or 'rotation'"),
-        ]
-        for ok, msg in checks:
-            if not ok:
-                raise ValueError(f"RQVAEConfig: {msg} ({self})")
 
 
 def mlp(dims: list[int]) -> nn.Sequential:

@@ -41,7 +41,6 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -49,6 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from grc_core.config import SASRecConfig
 from grc_core.metrics import per_user_metrics, summarize, target_ranks
 from grc_core.device import resolve_device
 
@@ -60,37 +60,6 @@ _EVAL_CHUNK = 1024  # users per scoring block: bounds memory at _EVAL_CHUNK * N 
 _REPEAT_SCALE = 10.0
 
 
-@dataclass(frozen=True)
-class SASRecConfig:
-    hidden: int = 64  # D
-    layers: int = 2
-    heads: int = 1
-    dropout: float = 0.2
-    max_len: int = 20  # T, most recent items the model sees
-    lr: float = 1e-3
-    weight_decay: float = 0.1
-    epochs: int = 200
-    batch_size: int = 128  # training windows per step
-    seed: int = 0
-    device: str = "cpu"  # "cpu", "cuda", "cuda:1", or "auto" (CUDA where present)
-    patience: int = 6  # epochs without a better validation Recall@10 before stopping
-    repeat_bias: bool = True  # learn one logit offset for items already in the history
-
-    def __post_init__(self) -> None:
-        checks = [
-            (self.hidden >= 1 and self.heads >= 1, "hidden and heads must be >= 1"),
-            (self.hidden % self.heads == 0, "hidden must be divisible by heads"),
-            (self.layers >= 1, "layers must be >= 1"),
-            (0.0 <= self.dropout < 1.0, "dropout must be in [0, 1)"),
-            (self.max_len >= 1, "max_len must be >= 1"),
-            (self.lr > 0, "lr must be > 0"),
-            (self.weight_decay >= 0, "weight_decay must be >= 0"),
-            (self.epochs >= 1 and self.batch_size >= 1, "epochs and batch_size must be >= 1"),
-            (self.patience >= 1, "patience must be >= 1"),
-        ]
-        for ok, msg in checks:
-            if not ok:
-                raise ValueError(f"SASRecConfig: {msg} ({self})")
 
 
 class SeqRows(NamedTuple):

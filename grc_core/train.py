@@ -31,6 +31,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from grc_core import distributed
+from grc_core.config import TrainConfig
 from grc_core.data import Instances, ItemTable, to_batch
 from grc_core.device import set_threads
 from grc_core.evaluation import rank_with_backbone, ranking_metrics
@@ -38,20 +39,6 @@ from grc_core.model import sequence_loss
 from grc_core.trie import PrefixTrie
 
 
-@dataclass(frozen=True)
-class TrainConfig:
-    epochs: int
-    batch_size: int
-    lr: float
-    weight_decay: float
-    warmup_steps: int
-    min_lr_ratio: float
-    grad_clip: float
-    eval_every: int  # epochs between validations
-    patience: int  # validations without improvement before stopping (0: never stop early)
-    seed: int
-    device: str
-    threads: int  # torch intra-op threads on CPU (0: leave torch's default)
 
 
 @dataclass

@@ -54,30 +54,15 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from grc_core.device import resolve_device, set_threads
-from grc_core.evaluation import rank_with_backbone, rank_with_grc
-from grc_core.grc import DecodeConfig
-from grc_core.sasrec import SASRec, score_all
-from grc_core.trie import PrefixTrie
 from tasks import io
-from tasks.backbone import load_backbone, load_item_table, load_split
-from tasks.env import PROJECT_ROOT
+from tasks.artifacts import Ranker, decode_config, load_ranker, load_split, model_files
+from tasks.io import sha256_file
 from tasks.params import Params, resolve_path
 from tasks.quality import gx_expectations, run_gate
-from tasks.readers import sha256_file
-from tasks.sasrec import load_baseline
-from tasks.sft import load_grc
+from tasks.stages import fingerprint
 
 MANIFEST = "manifest.json"
 SCHEMA = {"user_id": pl.Int64, "rank": pl.Int32, "item_id": pl.Int64, "score": pl.Float32}
-# Where each method's weights live under data/<dataset>/.
-MODEL_DIRS = {"tiger": "backbone", "sasrec": "sasrec", "gc_sft": "sft/gc", "grc_sft": "sft/grc", "grc_rl": "grpo"}
-GRC_METHODS = ("gc_sft", "grc_sft", "grc_rl")
-# The code a shard's bytes depend on (the stage's code deps in dvc.yaml, less I/O and params).
-DECODING_CODE = tuple(f"grc_core/{m}.py" for m in ("device", "model", "grc", "rewards", "data", "trie", "beam_search",
-                                                  "evaluation", "metrics", "sasrec")) + tuple(
-    f"tasks/{m}.py" for m in ("candidates", "backbone", "sasrec", "sft", "tokenize"))
-
-Ranker = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]  # test-split rows (U,) -> items, scores (U, W)
 
 
 class Shard(NamedTuple):
@@ -153,32 +138,18 @@ def users_digest(users: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(users, dtype=np.int64).tobytes()).hexdigest()
 
 
-def code_digest() -> str:
-    """The decoding code: DVC re-runs the stage when it changes, and persisted shards must not survive."""
-    h = hashlib.sha256()
-    for name in DECODING_CODE:
-        h.update(name.encode() + b"\0" + (PROJECT_ROOT / name).read_bytes())
-    return h.hexdigest()
-
-
 def dump_fingerprint(params: Params, files: dict[str, str]) -> str:
-    """What the bytes of a shard depend on, besides its users: a different value recomputes it."""
-    cd, ev = params.candidates, params.evaluate
-    spec = {"method": cd.method, "top_n": cd.top_n, "beam": cd.beam, "batch_size": cd.batch_size,
-            "device": cd.device, "max_history": params.data.max_history,
-            "exclude_history": params.data.exclude_history, "files": files, "code": code_digest(),
-            "versions": {"torch": torch.__version__, "polars": pl.__version__},
-            "decode": ({"alpha_e": ev.alpha_e, "correct_width": ev.correct_width, "rank_rule": ev.rank_rule}
-                       if cd.method in GRC_METHODS else {})}
-    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
+    """What the bytes of a shard depend on, besides its users: the stage's params and code
+    (tasks/stages.py), the files this method reads, and the torch and polars versions."""
+    return fingerprint(params, "candidates", inputs=sorted(files),
+                       extra={"versions": {"torch": torch.__version__, "polars": pl.__version__}})
 
 
 @task
 def plan_dump(params: Params) -> DumpPlan:
     """Users, shards and the fingerprint of this dump; fails early on a missing model or a bad users file."""
     cd, out_dir = params.candidates, params.dataset_dir()
-    model_dir = MODEL_DIRS[cd.method]
-    model_paths = [f"{model_dir}/model.safetensors", f"{model_dir}/config.json"]
+    model_paths = list(model_files(cd.method))
     input_paths = ["splits/test.parquet"]
     if cd.method != "sasrec":
         input_paths += ["items.parquet", "tokenizer/semantic_ids.parquet", "tokenizer/tokenizer.json"]
@@ -226,59 +197,24 @@ def current_shard(out_dir: Path, shard: Shard, fingerprint: str) -> dict | None:
     return record if sha256_file(path) == record.get("sha256") else None
 
 
-def sasrec_top(model: SASRec, histories: list[list[int]], k: int, batch_size: int,
-               exclude_history: bool) -> tuple[np.ndarray, np.ndarray]:
-    """The k best items (B, k) and their logits, best first; ties go to the smaller item id.
-    Excluded history items come back as padding (-1, -inf), like the beam's."""
-    items, scores = [], []
-    for start in range(0, len(histories), batch_size):
-        chunk = histories[start:start + batch_size]
-        logits = score_all(model, chunk)  # (b, N)
-        if exclude_history:
-            for row, h in enumerate(chunk):
-                logits[row, h] = -np.inf
-        order = np.argsort(-logits, axis=1, kind="stable")[:, :k]  # (b, k)
-        top = np.take_along_axis(logits, order, 1)
-        items.append(np.where(np.isneginf(top), -1, order).astype(np.int64))
-        scores.append(top)
-    return np.concatenate(items), np.concatenate(scores)  # (B, k), (B, k)
-
-
-def load_ranker(params: Params) -> Ranker:
-    """The chosen method's decoder over test-split rows: (U,) rows -> items, scores (U, W), best first."""
-    cd, ev, out_dir = params.candidates, params.evaluate, params.dataset_dir()
-    device, exclude = resolve_device(cd.device), params.data.exclude_history
+def dump_ranker(params: Params) -> Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]:
+    """The chosen method's ranking of test-split rows: (U,) rows -> items, scores (U, W), best first."""
+    cd, out_dir = params.candidates, params.dataset_dir()
     test = load_split(out_dir, "test", params.data.max_history)
-
-    def part(rows: np.ndarray):
-        return test.select(torch.as_tensor(rows, dtype=torch.long))
-
-    if cd.method == "sasrec":
-        model = load_baseline(out_dir, device)
-        return lambda rows: sasrec_top(model, [h[h >= 0].tolist() for h in part(rows).history.numpy()],
-                                       cd.top_n, cd.batch_size, exclude)
-    table, level_sizes, _ = load_item_table(out_dir, params.dataset.attributes)
-    table = table.to(device)
-    trie = PrefixTrie.from_ids(table.codes.cpu().numpy(), level_sizes).to(device)
-    if cd.method == "tiger":
-        model = load_backbone(out_dir, device)
-        return lambda rows: rank_with_backbone(model, part(rows), table, trie, cd.beam, cd.batch_size, None, exclude)
-    model = (load_grc(out_dir, "grc", device, stage="grpo") if cd.method == "grc_rl"
-             else load_grc(out_dir, cd.method.split("_")[0], device, stage="sft"))
-    cfg = DecodeConfig(width=cd.beam, correct_width=ev.correct_width, alpha_e=ev.alpha_e, rank_rule=ev.rank_rule,
-                       reflect_width=ev.reflect_width)
-    return lambda rows: rank_with_grc(model, part(rows), table, trie, cfg, cd.batch_size, None, None, exclude)
+    rank: Ranker = load_ranker(cd.method, out_dir, params.dataset.attributes, resolve_device(cd.device),
+                               decode_config(params.evaluate, cd.beam), cd.batch_size, params.data.exclude_history)
+    return lambda rows: rank(test.select(torch.as_tensor(rows, dtype=torch.long)))
 
 
-_RANKERS: dict[str, Ranker] = {}  # per process: the model of the dump in progress
+_RANKERS: dict[str, Callable] = {}  # per process: the model of the dump in progress
 
 
-def cached_ranker(params: Params, fingerprint: str) -> Ranker:
-    """The ranker of this dump, loaded once per (worker) process."""
-    if fingerprint not in _RANKERS:
+def cached_ranker(params: Params, key: str) -> Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]:
+    """The ranker of this dump, loaded once per (worker) process; `key` is the dump's fingerprint."""
+    if key not in _RANKERS:
         _RANKERS.clear()
-        _RANKERS[fingerprint] = load_ranker(params)
-    return _RANKERS[fingerprint]
+        _RANKERS[key] = dump_ranker(params)
+    return _RANKERS[key]
 
 
 @task(cache_policy=NO_CACHE)

@@ -23,16 +23,12 @@ from prefect import task
 from tqdm.auto import tqdm
 
 from grc_core import metrics as M
-from grc_core.evaluation import ReflectionStats, rank_with_backbone, rank_with_grc
-from grc_core.grc import DecodeConfig
 from grc_core.device import resolve_device
-from grc_core.trie import PrefixTrie
+from grc_core.evaluation import ReflectionStats
 from tasks import io
-from tasks.backbone import load_backbone, load_item_table, load_split, subset
+from tasks.artifacts import GRC_METHODS, decode_config, load_ranker, load_split, subset
 from tasks.env import PROJECT_ROOT
 from tasks.params import Params
-from tasks.sasrec import rank_with_sasrec
-from tasks.sft import load_grc
 
 QUALITY_LOG = PROJECT_ROOT / "benchmarks" / "results" / "quality.jsonl"
 
@@ -41,38 +37,17 @@ QUALITY_LOG = PROJECT_ROOT / "benchmarks" / "results" / "quality.jsonl"
 def rank_test_users(params: Params, method: str) -> tuple[np.ndarray, np.ndarray, float, dict]:
     """(user ids (U,), 1-based target ranks (U,), wall seconds, extra stats) for one method."""
     out_dir, ev = params.dataset_dir(), params.evaluate
-    device = resolve_device(ev.device)
     test = subset(load_split(out_dir, "test", params.data.max_history), ev.users, ev.users_seed)
     t0 = time.perf_counter()
+    rank = load_ranker(method, out_dir, params.dataset.attributes, resolve_device(ev.device), decode_config(ev, ev.beam),
+                       ev.batch_size, params.data.exclude_history)
+    stats = ReflectionStats() if method in GRC_METHODS else None
+    with tqdm(total=len(test), unit="user", desc=f"{method} beam {ev.beam}", mininterval=5) as bar:
+        ranked, _ = rank(test, bar.update, stats)
     extra: dict = {}
-    if method in ("gc_sft", "grc_sft", "grc_rl"):
-        table, level_sizes, _ = load_item_table(out_dir, params.dataset.attributes)
-        table = table.to(device)
-        trie = PrefixTrie.from_ids(table.codes.cpu().numpy(), level_sizes).to(device)
-        model = (load_grc(out_dir, "grc", device, stage="grpo") if method == "grc_rl"
-                 else load_grc(out_dir, method.split("_")[0], device))
-        cfg = DecodeConfig(width=ev.beam, correct_width=ev.correct_width, alpha_e=ev.alpha_e, rank_rule=ev.rank_rule,
-                           reflect_width=ev.reflect_width)
-        stats = ReflectionStats()
-        with tqdm(total=len(test), unit="user", desc=f"{method} beam {ev.beam}", mininterval=5) as bar:
-            ranked, _ = rank_with_grc(model, test, table, trie, cfg, ev.batch_size, bar.update, stats,
-                                   params.data.exclude_history)
+    if stats is not None:
         extra = {"reflection": stats.summary(), "alpha_e": ev.alpha_e, "rank_rule": ev.rank_rule,
-                 "reflect_width": ev.reflect_width or ev.beam,
-                 "correct_width": ev.correct_width or ev.beam}
-    elif method == "tiger":
-        table, level_sizes, _ = load_item_table(out_dir, params.dataset.attributes)
-        table = table.to(device)
-        trie = PrefixTrie.from_ids(table.codes.cpu().numpy(), level_sizes).to(device)
-        model = load_backbone(out_dir, device)
-        with tqdm(total=len(test), unit="user", desc=f"{method} beam {ev.beam}", mininterval=5) as bar:
-            ranked, _ = rank_with_backbone(model, test, table, trie, ev.beam, ev.batch_size, bar.update,
-                                           params.data.exclude_history)
-    elif method == "sasrec":
-        histories = [h[h >= 0].tolist() for h in test.history.numpy()]
-        ranked = rank_with_sasrec(out_dir, histories, ev.beam, device, params.data.exclude_history)
-    else:
-        raise ValueError(f"evaluate.methods: {method!r} is not evaluated by this stage yet")
+                 "reflect_width": ev.reflect_width or ev.beam, "correct_width": ev.correct_width or ev.beam}
     ranks = M.target_ranks(ranked, test.target.numpy())
     return test.user.numpy(), ranks, time.perf_counter() - t0, extra
 

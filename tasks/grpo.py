@@ -21,7 +21,6 @@ the per-iteration log goes to `reports/<dataset>/grpo_log.csv` for `dvc plots`.
 
 from __future__ import annotations
 
-import shutil
 import time
 
 from prefect import task
@@ -34,11 +33,10 @@ from grc_core.grc import DecodeConfig
 from grc_core.grpo import GRPOConfig, LoopConfig, run_grpo
 from grc_core.rewards import RewardConfig
 from grc_core.train import format_record, load_weights
-from grc_core.trie import PrefixTrie
-from tasks.backbone import load_item_table, load_split, subset, write_log
+from tasks import io
+from tasks.artifacts import item_index, load_grc, load_split, promote_best, subset, write_log
 from tasks.params import Params
-from tasks.readers import sha256_file
-from tasks.sft import load_grc
+from tasks.stages import fingerprint
 
 
 @task
@@ -47,14 +45,12 @@ def train_grpo(params: Params) -> dict:
     device = resolve_device(gp.device)
     set_threads(gp.threads)
     attributes = params.dataset.attributes
-    table, level_sizes, _ = load_item_table(out_dir, attributes)
-    table = table.to(device)
+    table, trie, _, _ = item_index(out_dir, attributes, device)
     n_items = table.codes.shape[0]
-    trie = PrefixTrie.from_ids(table.codes.cpu().numpy(), level_sizes).to(device)
     train = load_split(out_dir, "train", params.data.max_history)
     valid = subset(load_split(out_dir, "valid", params.data.max_history), gp.valid_users, gp.seed)
-    policy = load_grc(out_dir, "grc", device).train()
-    ref = load_grc(out_dir, "grc", device).eval()
+    policy = load_grc(out_dir, "grc_sft", device).train()
+    ref = load_grc(out_dir, "grc_sft", device).eval()
     for p in ref.parameters():
         p.requires_grad_(False)
     cfg = GRPOConfig(gp.group_size, gp.clip_eps, gp.kl_beta, gp.ppo_epochs, gp.temperature, gp.advantage)
@@ -65,8 +61,6 @@ def train_grpo(params: Params) -> dict:
     rank, _ = distributed.rank_world()
     work = out_dir / "grpo"
     best = work / "ckpt" / "best"
-    fingerprint = "|".join([params.section_hash("grpo"), str(params.data.exclude_history),
-                            sha256_file(out_dir / "sft" / "grc" / "model.safetensors")])
 
     def validate(model) -> dict[str, float]:
         ranked, _ = rank_with_grc(model, valid, table, trie, DecodeConfig(width=gp.valid_beam, rank_rule=params.evaluate.rank_rule), gp.eval_batch_size,
@@ -87,7 +81,7 @@ def train_grpo(params: Params) -> dict:
 
     exclude_mask = (lambda hist: history_mask(hist, n_items)) if params.data.exclude_history else None
     t0 = time.perf_counter()
-    state = run_grpo(policy, ref, train, table, trie, cfg, rcfg, loop, validate, work / "ckpt", fingerprint,
+    state = run_grpo(policy, ref, train, table, trie, cfg, rcfg, loop, validate, work / "ckpt", fingerprint(params, "grpo"),
                      exclude_mask, log, on_iteration)
     bar.n = state.step
     bar.close()
@@ -95,9 +89,7 @@ def train_grpo(params: Params) -> dict:
     load_weights(best, policy)
     if rank == 0:
         write_log(params.reports_dir() / "grpo_log.csv", state.history)
-        shutil.copyfile(best / "model.safetensors", work / "model.safetensors.tmp")
-        (work / "model.safetensors.tmp").replace(work / "model.safetensors")
-        shutil.copyfile(out_dir / "sft" / "grc" / "config.json", work / "config.json")
+        promote_best(work, io.read_json(out_dir / "sft" / "grc" / "config.json"))
     return {"iterations": state.step, "best_iteration": state.best_epoch, "best_valid_recall@10": state.best_metric,
             "start_valid_recall@10": state.history[0].get("valid_recall@10"),
             "episodes_per_s_this_run": episodes[0] / max(wall, 1e-9), "wall_s_this_run": wall}

@@ -1,10 +1,11 @@
-"""Atomic file writes: a temp file in the same folder, fsync, then rename.
+"""Atomic file writes (a temp file in the same folder, fsync, then rename) and file hashes.
 
 A reader never sees a half-written file, and a crash leaves the previous file intact.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -82,3 +83,29 @@ def read_safetensors(path: str | Path) -> tuple[dict[str, Any], dict[str, str]]:
 
     with safe_open(str(path), framework="numpy") as f:
         return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def tree_sha256(path: str | Path) -> str:
+    """sha256 of a file, or of a folder's files (relative names and contents, in sorted order);
+    temp files of an interrupted write (`.*.tmp`) are left out. A missing path is an error."""
+    path = Path(path)
+    if path.is_file():
+        return sha256_file(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path} does not exist; run the stage that makes it first")
+    h = hashlib.sha256()
+    for f in sorted(p for p in path.rglob("*") if p.is_file() and not (p.name.startswith(".") and p.name.endswith(".tmp"))):
+        h.update(str(f.relative_to(path)).encode() + b"\0" + sha256_file(f).encode())
+    return h.hexdigest()
+
+
+def read_json(path: str | Path) -> Any:
+    return json.loads(Path(path).read_text(encoding="utf-8"))

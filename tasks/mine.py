@@ -48,9 +48,11 @@ from grc_core.model import BackboneStepper
 from grc_core.rewards import attribute_consistency, first_divergence
 from grc_core.trie import PrefixTrie
 from tasks import io
-from tasks.backbone import fit_backbone, load_backbone, load_item_table, load_split, subset
-from tasks.readers import sha256_file
+from tasks.artifacts import item_index, load_backbone, load_split, subset
+from tasks.io import sha256_file
 from tasks.params import Params
+from tasks.stages import fingerprint
+from tasks.training import fit_backbone
 from tasks.quality import gx_expectations, run_gate
 
 
@@ -158,9 +160,7 @@ def mine_labels(params: Params, map_chunks: MapChunks | None = None) -> dict:
     mn, out_dir = params.mine, params.dataset_dir()
     device = resolve_device(mn.device)
     attributes = params.dataset.attributes
-    table, level_sizes, attr_sizes = load_item_table(out_dir, attributes)
-    table = table.to(device)
-    trie = PrefixTrie.from_ids(table.codes.cpu().numpy(), level_sizes).to(device)
+    table, trie, level_sizes, attr_sizes = item_index(out_dir, attributes, device)
     model = load_backbone(out_dir, device)
     n_levels = len(level_sizes)
     report, frames, cost = {}, {}, {}
@@ -233,9 +233,7 @@ def mine_chunk(params: Params, weights: str, weights_sha256: str, inst: Instance
     key = (str(out_dir), weights, weights_sha256, mn.device)
     if key not in _WORKER_STATE:
         device = resolve_device(mn.device)
-        table, level_sizes, _ = load_item_table(out_dir, params.dataset.attributes)
-        table = table.to(device)
-        trie = PrefixTrie.from_ids(table.codes.cpu().numpy(), level_sizes).to(device)
+        table, trie, _, _ = item_index(out_dir, params.dataset.attributes, device)
         _WORKER_STATE.clear()
         _WORKER_STATE[key] = (load_backbone(out_dir, device, Path(weights)), table, trie)
     model, table, trie = _WORKER_STATE[key]
@@ -258,9 +256,6 @@ def mine_crossfit(params: Params, train: Instances, chosen: Instances, table, tr
     chosen_folds = user_folds(chosen.user.numpy(), mn.crossfit_folds, mn.seed)
     valid_all = load_split(out_dir, "valid", params.data.max_history)
     valid_folds = user_folds(valid_all.user.numpy(), mn.crossfit_folds, mn.seed)
-    base = "|".join([params.section_hash("backbone"), str(params.data.max_history), str(epochs),
-                     str(mn.crossfit_folds), str(mn.seed), sha256_file(out_dir / "splits" / "train.parquet"),
-                     sha256_file(out_dir / "tokenizer" / "semantic_ids.parquet")])
     parts, info = [], []
     for f in range(mn.crossfit_folds):
         fit_idx = torch.from_numpy(np.flatnonzero(folds != f))
@@ -268,7 +263,9 @@ def mine_crossfit(params: Params, train: Instances, chosen: Instances, table, tr
         held_valid = subset(held_valid, bb.valid_users, bb.train.seed)
         work = out_dir / "mine" / "folds" / f"f{f}"
         fold_model, state = fit_backbone(params, train.select(fit_idx), held_valid, table, trie, level_sizes,
-                                         attr_sizes, cfg, work / "ckpt", f"{base}|{f}",
+                                         attr_sizes, cfg, work / "ckpt",
+                                         fingerprint(params, "mine", inputs=("splits", "items.parquet", "tokenizer"),
+                                                     extra={"fold": f, "epochs": epochs}),
                                          desc=f"fold {f + 1}/{mn.crossfit_folds} ")
         mine_idx = np.flatnonzero(chosen_folds == f)
         if len(mine_idx):

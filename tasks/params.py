@@ -20,10 +20,7 @@ from typing import Any, Literal
 
 import yaml
 
-from grc_core.model import ModelConfig
-from grc_core.rqvae import RQVAEConfig
-from grc_core.sasrec import SASRecConfig
-from grc_core.train import TrainConfig
+from grc_core.config import ModelConfig, RQVAEConfig, SASRecConfig, TrainConfig
 from tasks.env import PROJECT_ROOT
 
 

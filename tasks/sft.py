@@ -10,30 +10,25 @@ resumable `ckpt/`; the log goes to `reports/<dataset>/sft_<variant>_log.csv`.
 
 from __future__ import annotations
 
-import json
-import shutil
 import time
 from dataclasses import asdict
-from pathlib import Path
 
 import numpy as np
 import polars as pl
 import torch
 from prefect import task
-from safetensors.torch import load_file
 
 from grc_core import distributed
 from grc_core.data import to_batch
 from grc_core.device import resolve_device
 from grc_core.evaluation import rank_with_grc, ranking_metrics
-from grc_core.grc import DecodeConfig, GRCModel, SFTLossConfig, grc_from_config, sft_loss
+from grc_core.grc import DecodeConfig, GRCModel, SFTLossConfig, sft_loss
 from grc_core.model import Seq2Seq
 from grc_core.train import fit, format_record, load_weights
-from grc_core.trie import PrefixTrie
-from tasks import io
-from tasks.backbone import epoch_progress, load_backbone, load_item_table, load_split, subset, write_log
+from tasks.artifacts import item_index, load_backbone, load_split, promote_best, subset, write_log
 from tasks.params import Params
-from tasks.readers import sha256_file
+from tasks.progress import epoch_progress
+from tasks.stages import fingerprint
 
 
 class MinedDrafts:
@@ -65,9 +60,7 @@ def train_sft(params: Params, variant: str) -> dict:
     sf, out_dir = params.sft, params.dataset_dir()
     device = resolve_device(sf.train.device)
     attributes = params.dataset.attributes
-    table, level_sizes, _ = load_item_table(out_dir, attributes)
-    table = table.to(device)
-    trie = PrefixTrie.from_ids(table.codes.cpu().numpy(), level_sizes).to(device)
+    table, trie, level_sizes, _ = item_index(out_dir, attributes, device)
     mined = MinedDrafts(pl.read_parquet(out_dir / "mine" / "train.parquet"), attributes)
     train = load_split(out_dir, "train", params.data.max_history).select(mined.instance)
     valid = subset(load_split(out_dir, "valid", params.data.max_history), sf.valid_users, sf.train.seed)
@@ -94,30 +87,16 @@ def train_sft(params: Params, variant: str) -> dict:
 
     # Validation of the starting point: the backbone inside the template (the correction head is untrained).
     t0 = time.perf_counter()
-    fingerprint = "|".join([variant, params.section_hash("sft"), str(params.data.max_history),
-                            sha256_file(out_dir / "mine" / "train.parquet"),
-                            sha256_file(out_dir / "backbone" / "model.safetensors")])
     state = fit(model, len(mined), loss_fn, evaluate, sf.train, work / "ckpt", select="recall@10", log=log,
-                fingerprint=fingerprint, on_step=on_step)
+                fingerprint=fingerprint(params, "sft", extra={"variant": variant}), on_step=on_step)
     bar.close()
     wall = time.perf_counter() - t0
     load_weights(work / "ckpt" / "best", model)
     if distributed.rank_world()[0] == 0:  # under torchrun (tasks/ddp.py) rank 0 alone writes
         write_log(params.reports_dir() / f"sft_{variant}_log.csv", state.history)
-        shutil.copyfile(work / "ckpt" / "best" / "model.safetensors", work / "model.safetensors.tmp")
-        (work / "model.safetensors.tmp").replace(work / "model.safetensors")
-        io.write_json(work / "config.json", {"model": asdict(model.seq.cfg), "level_sizes": list(level_sizes),
-                                             "attr_sizes": list(model.seq.attr_sizes), "num_attrs": len(attributes),
-                                             "variant": variant})
+        promote_best(work, {"model": asdict(model.seq.cfg), "level_sizes": list(level_sizes),
+                            "attr_sizes": list(model.seq.attr_sizes), "num_attrs": len(attributes), "variant": variant})
     rates = [r["samples_per_s"] for r in state.history]
     return {"variant": variant, "best_epoch": state.best_epoch, "best_valid_recall@10": state.best_metric,
             "epochs_run": state.epoch, "instances": len(mined), "drafts_per_instance": int(mined.drafts.shape[1]),
             "instances_per_s": float(np.median(rates)) if rates else 0.0, "wall_s_this_run": wall}
-
-
-def load_grc(out_dir: Path, variant: str, device: torch.device | str = "cpu", stage: str = "sft") -> GRCModel:
-    """A trained template model: `data/<ds>/sft/<variant>/` or, with stage="grpo", `data/<ds>/grpo/`."""
-    where = out_dir / "sft" / variant if stage == "sft" else out_dir / stage
-    model = grc_from_config(json.loads((where / "config.json").read_text()))
-    model.load_state_dict(load_file(str(where / "model.safetensors")))
-    return model.to(device).eval()

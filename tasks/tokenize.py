@@ -123,11 +123,3 @@ def save_tokenizer(out_dir: Path, tok: Tokenization, meta: dict) -> None:
     else:
         (out_dir / "weights.safetensors").unlink(missing_ok=True)
 
-
-def load_semantic_ids(out_dir: Path) -> tuple[np.ndarray, list[int]]:
-    """(N, L') IDs in item_id order and the vocabulary size of each level."""
-    import json
-
-    frame = pl.read_parquet(out_dir / "semantic_ids.parquet").sort("item_id")
-    meta = json.loads((out_dir / "tokenizer.json").read_text())
-    return np.asarray(frame["codes"].to_list(), dtype=np.int64), list(meta["level_sizes"])

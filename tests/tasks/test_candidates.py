@@ -24,11 +24,11 @@ import torch
 from grc_core.model import ModelConfig
 from grc_core.sasrec import SASRec, SASRecConfig, topk_items
 from tasks import io
-from tasks.backbone import build_model
-from tasks.candidates import (MANIFEST, current_shard, gate_shard, plan_dump, read_users_file, sasrec_top,
-                              top_lists)
+from tasks.artifacts import sasrec_top
+from tasks.candidates import MANIFEST, current_shard, gate_shard, plan_dump, read_users_file, top_lists
 from tasks.env import PROJECT_ROOT
 from tasks.params import load_params
+from tasks.training import build_model
 from tasks.quality import QualityGateError
 from tests.flows.conftest import prefect_server  # noqa: F401  (the session's Prefect server)
 

@@ -1,0 +1,203 @@
+"""The pipeline's artifacts: where each lives under `data/<dataset>/`, how to load it, and how a
+trained model is published. Stage modules share these instead of importing each other.
+
+- splits and items: `load_split`, `load_rows` (SASRec's view), `load_item_table`, `load_semantic_ids`
+- models: `load_backbone`, `load_grc`, `load_baseline`, and `load_ranker(method)`, the one place
+  that turns a method name into a ranking over test users (evaluate and candidates both use it)
+- training outputs: `Checkpointer` (atomic checkpoints that resume only under their fingerprint),
+  `promote_best` (the best checkpoint becomes `model.safetensors` beside its `config.json`),
+  `write_log` (the per-epoch CSV that `dvc plots` draws)
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+from typing import Callable, Protocol
+
+import numpy as np
+import polars as pl
+import torch
+from safetensors.torch import load_file
+
+from grc_core.config import ModelConfig, SASRecConfig
+from grc_core.data import Instances, ItemTable, make_instances
+from grc_core.evaluation import ReflectionStats, rank_with_backbone, rank_with_grc
+from grc_core.grc import DecodeConfig, GRCModel, grc_from_config
+from grc_core.model import Seq2Seq
+from grc_core.sasrec import SASRec, SeqRows, score_all
+from grc_core.trie import PrefixTrie
+from tasks import io
+from tasks.stages import MODEL_DIRS
+
+METHODS = tuple(MODEL_DIRS)
+GRC_METHODS = ("gc_sft", "grc_sft", "grc_rl")
+
+
+# --- splits and items --------------------------------------------------------------------------
+
+
+def load_split(out_dir: Path, name: str, max_len: int) -> Instances:
+    frame = pl.read_parquet(out_dir / "splits" / f"{name}.parquet")
+    return make_instances(frame["user_id"].to_list(), frame["history"].to_list(), frame["target"].to_list(), max_len)
+
+
+def load_rows(out_dir: Path, name: str) -> SeqRows:
+    f = pl.read_parquet(out_dir / "splits" / f"{name}.parquet")
+    return SeqRows(f["history"].to_list(), f["target"].to_numpy().astype(np.int64),
+                   f["user_id"].to_numpy(), f["target_pos"].to_numpy())
+
+
+def subset(inst: Instances, n: int, seed: int) -> Instances:
+    """A fixed random subset of n instances in their original order (n <= 0: all)."""
+    if n <= 0 or n >= len(inst):
+        return inst
+    gen = torch.Generator().manual_seed(seed)
+    idx = torch.randperm(len(inst), generator=gen)[:n].sort().values
+    return inst.select(idx)
+
+
+def load_semantic_ids(tokenizer_dir: Path) -> tuple[np.ndarray, list[int]]:
+    """(N, L') IDs in item_id order and the vocabulary size of each level."""
+    frame = pl.read_parquet(tokenizer_dir / "semantic_ids.parquet").sort("item_id")
+    meta = json.loads((tokenizer_dir / "tokenizer.json").read_text())
+    return np.asarray(frame["codes"].to_list(), dtype=np.int64), list(meta["level_sizes"])
+
+
+def load_item_table(out_dir: Path, attributes: tuple[str, ...]) -> tuple[ItemTable, list[int], list[int]]:
+    ids, level_sizes = load_semantic_ids(out_dir / "tokenizer")
+    items = pl.read_parquet(out_dir / "items.parquet").sort("item_id")
+    cols = [items[f"{a}_bucket"].to_numpy().astype(np.int64) for a in attributes]
+    attrs = np.stack(cols, 1) if cols else np.zeros((items.height, 0), np.int64)  # (N, A)
+    attr_sizes = [int(c.max()) + 1 for c in cols]
+    return ItemTable(torch.from_numpy(ids), torch.from_numpy(attrs)), level_sizes, attr_sizes
+
+
+def item_index(out_dir: Path, attributes: tuple[str, ...], device: torch.device | str
+               ) -> tuple[ItemTable, PrefixTrie, list[int], list[int]]:
+    """The item table on `device` and the prefix trie of its semantic IDs."""
+    table, level_sizes, attr_sizes = load_item_table(out_dir, attributes)
+    table = table.to(device)
+    trie = PrefixTrie.from_ids(table.codes.cpu().numpy(), level_sizes).to(device)
+    return table, trie, level_sizes, attr_sizes
+
+
+# --- models ------------------------------------------------------------------------------------
+
+
+def model_dir(out_dir: Path, method: str) -> Path:
+    if method not in MODEL_DIRS:
+        raise ValueError(f"unknown method {method!r} (known: {list(MODEL_DIRS)})")
+    return out_dir / MODEL_DIRS[method]
+
+
+def model_files(method: str) -> tuple[str, str]:
+    """The weights and config of a method, relative to data/<dataset>/."""
+    return f"{MODEL_DIRS[method]}/model.safetensors", f"{MODEL_DIRS[method]}/config.json"
+
+
+def load_backbone(out_dir: Path, device: torch.device | str = "cpu", weights: Path | None = None) -> Seq2Seq:
+    """The stage backbone, or the same architecture with other `weights` (e.g. a cross-fitted fold's)."""
+    cfg = json.loads((out_dir / "backbone" / "config.json").read_text())
+    model = Seq2Seq(ModelConfig(**cfg["model"]), cfg["level_sizes"], cfg["attr_sizes"])
+    model.load_state_dict(load_file(str(weights or out_dir / "backbone" / "model.safetensors")))
+    return model.to(device).eval()
+
+
+def load_grc(out_dir: Path, method: str, device: torch.device | str = "cpu") -> GRCModel:
+    """A trained template model: gc_sft, grc_sft (data/<ds>/sft/<variant>/) or grc_rl (data/<ds>/grpo/)."""
+    if method not in GRC_METHODS:
+        raise ValueError(f"load_grc: {method!r} is not one of {GRC_METHODS}")
+    where = model_dir(out_dir, method)
+    model = grc_from_config(json.loads((where / "config.json").read_text()))
+    model.load_state_dict(load_file(str(where / "model.safetensors")))
+    return model.to(device).eval()
+
+
+def load_baseline(out_dir: Path, device: torch.device | str = "cpu") -> SASRec:
+    meta = json.loads((out_dir / "sasrec" / "config.json").read_text())
+    model = SASRec(meta["n_items"], SASRecConfig(**meta["config"]))
+    model.load_state_dict(load_file(str(out_dir / "sasrec" / "model.safetensors")))
+    return model.to(device).eval()
+
+
+def sasrec_top(model: SASRec, histories: list[list[int]], k: int, batch_size: int,
+               exclude_history: bool) -> tuple[np.ndarray, np.ndarray]:
+    """The k best items (B, k) and their logits, best first; ties go to the smaller item id.
+    Excluded history items come back as padding (-1, -inf), like the beam's."""
+    items, scores = [], []
+    for start in range(0, len(histories), batch_size):
+        chunk = histories[start:start + batch_size]
+        logits = score_all(model, chunk)  # (b, N)
+        if exclude_history:
+            for row, h in enumerate(chunk):
+                logits[row, h] = -np.inf
+        order = np.argsort(-logits, axis=1, kind="stable")[:, :k]  # (b, k)
+        top = np.take_along_axis(logits, order, 1)
+        items.append(np.where(np.isneginf(top), -1, order).astype(np.int64))
+        scores.append(top)
+    if not items:
+        return np.zeros((0, k), np.int64), np.zeros((0, k), np.float32)
+    return np.concatenate(items), np.concatenate(scores)  # (B, k), (B, k)
+
+
+def decode_config(ev, width: int) -> DecodeConfig:
+    """Two-pass GRC decoding under the `evaluate` section's rules at beam `width` (test ranking, dumps)."""
+    return DecodeConfig(width=width, correct_width=ev.correct_width, alpha_e=ev.alpha_e, rank_rule=ev.rank_rule,
+                        reflect_width=ev.reflect_width)
+
+
+class Ranker(Protocol):
+    def __call__(self, inst: Instances, progress: Callable[[int], None] | None = None,
+                 stats: ReflectionStats | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Instances (U,) -> items and scores (U, W), best first; padding is item -1."""
+
+
+def load_ranker(method: str, out_dir: Path, attributes: tuple[str, ...], device: torch.device | str,
+                decode: DecodeConfig, batch_size: int, exclude_history: bool) -> Ranker:
+    """One method's ranking of the catalog for any instances: the beam of `decode.width` (tiger),
+    two-pass GRC decoding under `decode` (gc_sft, grc_sft, grc_rl), SASRec's top `decode.width`
+    logits (sasrec). `stats` collects GRC's reflection statistics where given."""
+    model_dir(out_dir, method)  # unknown method: a clear error before anything loads
+    if method == "sasrec":
+        model = load_baseline(out_dir, device)
+
+        def rank_sasrec(inst, progress=None, stats=None):
+            histories = [h[h >= 0].tolist() for h in inst.history.numpy()]
+            out = sasrec_top(model, histories, decode.width, batch_size, exclude_history)
+            if progress is not None:
+                progress(len(inst))
+            return out
+
+        return rank_sasrec
+    table, trie, _, _ = item_index(out_dir, attributes, device)
+    if method == "tiger":
+        backbone = load_backbone(out_dir, device)
+        return lambda inst, progress=None, stats=None: rank_with_backbone(
+            backbone, inst, table, trie, decode.width, batch_size, progress, exclude_history)
+    grc = load_grc(out_dir, method, device)
+    return lambda inst, progress=None, stats=None: rank_with_grc(
+        grc, inst, table, trie, decode, batch_size, progress, stats, exclude_history)
+
+
+# --- training outputs --------------------------------------------------------------------------
+
+
+def promote_best(work: Path, config: dict) -> None:
+    """Publish the best checkpoint: `work/model.safetensors` (atomically) and `work/config.json`."""
+    with io.atomic_path(work / "model.safetensors") as tmp:
+        shutil.copyfile(work / "ckpt" / "best" / "model.safetensors", tmp)
+    io.write_json(work / "config.json", config)
+
+
+def write_log(path: Path, history: list[dict]) -> None:
+    """A training log as CSV (one row per epoch or iteration), for `dvc plots`."""
+    if not history:
+        return
+    keys = sorted({k for r in history for k in r})
+    with io.atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        w.writerows(history)

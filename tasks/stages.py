@@ -1,0 +1,323 @@
+"""Every pipeline stage, declared once: what it reads (params, artifacts, code) and what it writes.
+
+From these declarations come
+- `dvc.yaml` (`python -m tasks.stages` writes it; a test fails when the committed file differs),
+- each stage's code deps: the import closure of `flows/<stage>.py` over this project's packages,
+  so a change to any module a stage loads re-runs it under `dvc repro` and nothing else does,
+- the resume fingerprint of every training loop and the candidate dump's fingerprint
+  (`fingerprint`): the values of the declared params, the bytes of the declared input artifacts
+  and the stage's code. A checkpoint written under another fingerprint is not resumed.
+
+`params` are the keys whose values shape a stage's outputs; `runtime` keys are read too but only
+decide how the work is spread (workers, a scheduler address, shard sizes), not what it produces:
+they are neither DVC params nor part of a fingerprint. `per_item` keys are DVC params that a
+fingerprint leaves out because the work checks their effect piece by piece (the candidate dump
+compares each shard's user list, so a new users file re-decodes only the shards it changes). `data.data_dir`, `data.reports_dir` and
+`data.dataset` place every stage's files; they are templated into the paths of `dvc.yaml`.
+A test (tests/tasks/test_stages.py) reads the code of each stage's import closure and fails when
+it reads a params key that its declaration lists in neither.
+
+Artifact paths are relative to `<data_dir>/<dataset>/` (inputs, outs) or
+`<reports_dir>/<dataset>/` (metrics, plots).
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import json
+import sys
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Iterable
+
+from tasks.env import PROJECT_ROOT
+from tasks.io import tree_sha256, write_text
+
+PACKAGES = ("flows", "tasks", "grc_core")
+LOCATION = ("data.dataset", "data.data_dir", "data.reports_dir")
+DATA = "${data.data_dir}/${data.dataset}"
+REPORTS = "${data.reports_dir}/${data.dataset}"
+
+
+@dataclass(frozen=True)
+class Out:
+    path: str
+    persist: bool = False
+    cache: bool = True
+    why: str = ""  # a comment in dvc.yaml
+
+
+@dataclass(frozen=True)
+class Plot:
+    path: str  # a CSV under reports/<dataset>/
+    x: str
+    y: str
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    params: tuple[str, ...]
+    inputs: tuple[str, ...] = ()
+    outs: tuple[Out, ...] = ()
+    metrics: tuple[str, ...] = ()
+    plots: tuple[Plot, ...] = ()
+    runtime: tuple[str, ...] = ()
+    per_item: tuple[str, ...] = ()  # params checked item by item (a shard's user list), not by the fingerprint
+    comment: str = ""  # a comment on the params list in dvc.yaml
+
+    @property
+    def module(self) -> str:
+        return f"flows.{self.name}"
+
+
+# Where each method's weights live under data/<dataset>/ (the stage that makes them is the first part).
+MODEL_DIRS = {"tiger": "backbone", "sasrec": "sasrec", "gc_sft": "sft/gc", "grc_sft": "sft/grc", "grc_rl": "grpo"}
+_MODEL_INPUTS = ("backbone/model.safetensors", "sasrec/model.safetensors", "sft", "grpo/model.safetensors")
+
+STAGES: dict[str, Stage] = {s.name: s for s in (
+    Stage("ingest",
+          params=("data.max_history", "data.min_sequence_length", "data.drop_short_users", "data.min_title_share",
+                  "data.ingest_memory_limit", "datasets"),
+          outs=(Out("interactions.duckdb", persist=True,
+                    why="the store keeps its ingest history; the flow itself skips unchanged sources"),
+                Out("items.parquet"), Out("splits")),
+          metrics=("ingest.json",)),
+    Stage("embed",
+          params=("datasets", "embed", "tokenize.source"),
+          inputs=("items.parquet",),
+          outs=(Out("embeddings.safetensors"),
+                Out("embeddings_cache.parquet", persist=True, cache=False,
+                    why="texts already embedded are not embedded again")),
+          metrics=("embed.json",)),
+    Stage("tokenize",
+          params=("datasets", "tokenize"),
+          inputs=("items.parquet", "embeddings.safetensors"),
+          outs=(Out("tokenizer"),),
+          metrics=("tokenize.json",)),
+    Stage("backbone",
+          params=("data.max_history", "data.exclude_history", "datasets", "backbone"),
+          inputs=("splits", "items.parquet", "tokenizer"),
+          outs=(Out("backbone", persist=True, why="keeps ckpt/last so an interrupted run resumes"),),
+          metrics=("backbone.json",),
+          plots=(Plot("backbone_log.csv", "epoch", "valid_recall@10"),)),
+    Stage("sasrec",
+          params=("data.max_history", "sasrec"),
+          inputs=("splits", "items.parquet"),
+          outs=(Out("sasrec", persist=True, why="keeps ckpt/last so an interrupted run resumes"),),
+          metrics=("sasrec.json",),
+          plots=(Plot("sasrec_log.csv", "epoch", "valid_recall@10"),)),
+    Stage("mine",
+          params=("data.max_history", "data.exclude_history", "datasets", "mine.beam", "mine.top", "mine.sampled",
+                  "mine.max_instances", "mine.valid_instances", "mine.batch_size", "mine.seed", "mine.device",
+                  "mine.crossfit_folds", "mine.crossfit_epochs", "mine.threads", "backbone"),
+          runtime=("mine.workers", "mine.dask_address", "mine.shard_batches"),
+          comment="backbone: the cross-fitted fold backbones train with these settings",
+          inputs=("splits", "items.parquet", "tokenizer", "backbone/model.safetensors", "backbone/config.json"),
+          outs=(Out("mine"),),
+          metrics=("mine.json",)),
+    Stage("sft",
+          params=("data.max_history", "data.exclude_history", "datasets", "sft", "evaluate.rank_rule"),
+          inputs=("splits", "items.parquet", "tokenizer", "backbone/model.safetensors", "backbone/config.json",
+                  "mine/train.parquet"),
+          outs=(Out("sft", persist=True, why="keeps ckpt/last so an interrupted run resumes"),),
+          metrics=("sft.json",),
+          plots=(Plot("sft_grc_log.csv", "epoch", "valid_recall@10"),
+                 Plot("sft_gc_log.csv", "epoch", "valid_recall@10"))),
+    Stage("grpo",
+          params=("data.max_history", "data.exclude_history", "datasets", "grpo", "evaluate.rank_rule"),
+          inputs=("splits", "items.parquet", "tokenizer", "sft/grc/model.safetensors", "sft/grc/config.json"),
+          outs=(Out("grpo", persist=True, why="keeps ckpt/last so an interrupted run resumes"),),
+          metrics=("grpo.json",),
+          plots=(Plot("grpo_log.csv", "iteration", "reward_total"),)),
+    Stage("evaluate",
+          params=("data.max_history", "data.exclude_history", "datasets", "evaluate", "backbone.train.seed"),
+          inputs=("splits", "items.parquet", "tokenizer", *_MODEL_INPUTS),
+          outs=(Out("eval"),),
+          metrics=("metrics.json",)),
+    Stage("candidates",
+          params=("data.max_history", "data.exclude_history", "datasets", "evaluate", "candidates.method",
+                  "candidates.top_n", "candidates.beam", "candidates.batch_size", "candidates.device",
+                  "candidates.threads"),
+          per_item=("candidates.users_per_shard", "candidates.users_file"),
+          runtime=("candidates.workers", "candidates.dask_address"),
+          comment=("evaluate: the dump decodes under its rules; candidates.users_file is the path only: "
+                   "after editing that file, `dvc repro -f -s candidates`"),
+          inputs=("splits", "items.parquet", "tokenizer", *_MODEL_INPUTS),
+          outs=(Out("candidates", persist=True, why="a killed run resumes from the shards whose sidecars match"),),
+          metrics=("candidates.json",)),
+)}
+
+# Outputs DVC tracks outside any stage's outs (drawn by the top-level plot below).
+EXTRA_METRICS_OUTS = {"evaluate": ("recall_at_k.csv",)}
+RECALL_PLOT_METHODS = ("tiger", "sasrec", "gc_sft", "grc_sft", "grc_rl")
+
+
+# ---------------------------------------------------------------------------------------------
+# Code: the import closure of a stage's flow
+
+
+def module_file(module: str) -> Path | None:
+    """The file of a project module (`tasks.io` -> tasks/io.py, a package -> its __init__.py)."""
+    base = PROJECT_ROOT.joinpath(*module.split("."))
+    if base.with_suffix(".py").is_file():
+        return base.with_suffix(".py")
+    if (base / "__init__.py").is_file():
+        return base / "__init__.py"
+    return None
+
+
+def _imports(path: Path, module: str) -> set[str]:
+    """Project modules imported anywhere in `path` (top level or inside functions)."""
+    found: set[str] = set()
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = package.split(".")
+                base = ".".join(parts[: len(parts) - node.level + 1] + ([base] if base else []))
+            names = [base] + [f"{base}.{a.name}" for a in node.names]  # `from pkg import submodule`
+        else:
+            continue
+        for name in names:
+            if name.split(".")[0] in PACKAGES and module_file(name) is not None:
+                found.add(name)
+    return found
+
+
+@lru_cache(maxsize=None)
+def import_closure(module: str) -> tuple[str, ...]:
+    """Every project file `module` loads, the packages' __init__.py included: sorted relative paths."""
+    seen: set[str] = set()
+    todo = [module]
+    while todo:
+        mod = todo.pop()
+        if mod in seen:
+            continue
+        seen.add(mod)
+        parts = mod.split(".")
+        todo.extend(".".join(parts[:i]) for i in range(1, len(parts)))  # parent packages run first
+        todo.extend(_imports(module_file(mod), mod))
+    return tuple(sorted(str(module_file(m).relative_to(PROJECT_ROOT)) for m in seen))
+
+
+def code_files(stage: str) -> tuple[str, ...]:
+    return import_closure(STAGES[stage].module)
+
+
+def code_digest(stage: str) -> str:
+    h = hashlib.sha256()
+    for rel in code_files(stage):
+        h.update(rel.encode() + b"\0" + (PROJECT_ROOT / rel).read_bytes() + b"\0")
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# Fingerprints
+
+
+def param_value(raw: dict[str, Any], key: str) -> Any:
+    """The value of a dotted key; `datasets` means the spec of the dataset in use, not every spec."""
+    if key == "datasets":
+        return raw["datasets"][raw["data"]["dataset"]]
+    node: Any = raw
+    for part in key.split("."):
+        node = node[part]
+    return node
+
+
+def param_values(params, stage: str) -> dict[str, Any]:
+    raw = params.raw
+    return {key: param_value(raw, key) for key in ("data.dataset", *STAGES[stage].params)}
+
+
+def fingerprint(params, stage: str, inputs: Iterable[str] | None = None, extra: dict | None = None) -> str:
+    """What a stage's outputs depend on: its params' values, its input artifacts' bytes (`inputs`
+    narrows them, e.g. to the one method a dump reads) and its code. `extra` adds what only the
+    caller knows (a variant, a fold)."""
+    out_dir = params.dataset_dir()
+    spec = {"stage": stage, "params": param_values(params, stage), "code": code_digest(stage),
+            "inputs": {rel: tree_sha256(out_dir / rel) for rel in (STAGES[stage].inputs if inputs is None else inputs)},
+            "extra": extra or {}}
+    return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# dvc.yaml
+
+
+def _out_lines(indent: str, path: str, persist: bool = False, cache: bool = True, why: str = "") -> list[str]:
+    if not persist and cache:
+        return [f"{indent}- {path}"]
+    lines = [f"{indent}- {path}:"]
+    if persist:
+        lines.append(f"{indent}    persist: true" + (f"   # {why}" if why else ""))
+    if not cache:
+        lines.append(f"{indent}    cache: false" + (f"   # {why}" if why and not persist else ""))
+    return lines
+
+
+def render_dvc_yaml() -> str:
+    lines = [
+        "# Generated by `python -m tasks.stages` from the declarations in tasks/stages.py: edit those, not this.",
+        "# One stage per flow: `cmd: python -m flows.<stage>`. Code deps are the import closure of the",
+        "# flow; params list only the keys that stage reads; paths are templated from params.yaml.",
+        "",
+        "stages:",
+    ]
+    for st in STAGES.values():
+        lines += [f"  {st.name}:", f"    cmd: python -m {st.module}", "    deps:"]
+        lines += [f"      - {rel}" for rel in code_files(st.name)]
+        lines += [f"      - {DATA}/{rel}" for rel in st.inputs]
+        lines.append("    params:" + (f"   # {st.comment}" if st.comment else ""))
+        lines += [f"      - {key}" for key in st.params + st.per_item]
+        lines.append("    outs:")
+        for o in st.outs:
+            lines += _out_lines("      ", f"{DATA}/{o.path}", o.persist, o.cache, o.why)
+        for rel in EXTRA_METRICS_OUTS.get(st.name, ()):
+            lines += _out_lines("      ", f"{REPORTS}/{rel}", cache=False, why="drawn by the top-level plot below")
+        lines.append("    metrics:")
+        for rel in st.metrics:
+            lines += _out_lines("      ", f"{REPORTS}/{rel}", cache=False)
+        if st.plots:
+            lines.append("    plots:")
+            for p in st.plots:
+                lines += [f"      - {REPORTS}/{p.path}:", f"          x: {p.x}", f"          y: {p.y}",
+                          "          cache: false"]
+        lines.append("")
+    lines += [
+        "# `dvc plots show`: the test Recall@K curve of every method, next to the training curves above.",
+        "plots:",
+        "  - recall_at_k:",
+        "      template: linear",
+        "      x: k",
+        "      y:",
+        f"        {REPORTS}/recall_at_k.csv: [{', '.join(RECALL_PLOT_METHODS)}]",
+        "      title: Test Recall@K of every method",
+        "      x_label: K",
+        "      y_label: Recall@K",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+DVC_YAML = PROJECT_ROOT / "dvc.yaml"
+
+
+def main(argv: list[str]) -> int:
+    text = render_dvc_yaml()
+    if argv == ["--check"]:
+        same = DVC_YAML.read_text(encoding="utf-8") == text
+        print("dvc.yaml is up to date" if same else "dvc.yaml differs from tasks/stages.py: run `python -m tasks.stages`")
+        return 0 if same else 1
+    write_text(DVC_YAML, text)
+    print(f"wrote {DVC_YAML}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,39 @@
+"""Training routines shared by stages: the backbone's (the `backbone` stage and `mine`'s
+cross-fitted fold backbones train the same way)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from grc_core.config import ModelConfig, TrainConfig
+from grc_core.data import Instances, ItemTable
+from grc_core.model import Seq2Seq
+from grc_core.train import TrainerState, fit_seq2seq, format_record
+from grc_core.trie import PrefixTrie
+from tasks.params import Params
+from tasks.progress import epoch_progress
+
+
+def build_model(cfg: ModelConfig, level_sizes: list[int], attr_sizes: list[int], seed: int) -> Seq2Seq:
+    torch.manual_seed(seed)
+    return Seq2Seq(cfg, level_sizes, attr_sizes)
+
+
+def fit_backbone(params: Params, train: Instances, valid: Instances, table: ItemTable, trie: PrefixTrie,
+                 level_sizes: list[int], attr_sizes: list[int], cfg: TrainConfig, ckpt_dir: Path,
+                 fingerprint: str, desc: str = "") -> tuple[Seq2Seq, TrainerState]:
+    """Train a backbone on `train` under `cfg` (resuming from `ckpt_dir`), select on `valid`
+    Recall@10; returns the model with the best checkpoint's weights and the trainer state."""
+    bb = params.backbone
+    model = build_model(bb.model, level_sizes, attr_sizes, cfg.seed).to(table.codes.device)
+
+    def log(record: dict) -> None:
+        print(desc + format_record(record), flush=True)
+
+    bar, on_step = epoch_progress(desc)
+    state = fit_seq2seq(model, train, valid, table, trie, cfg, ckpt_dir, fingerprint, bb.valid_beam,
+                        bb.eval_batch_size, params.data.exclude_history, log, on_step)
+    bar.close()
+    return model.eval(), state
