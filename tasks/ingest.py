@@ -15,6 +15,10 @@ with window functions and written by `COPY ... TO` into temp files renamed only 
 store commits. DuckDB runs under `data.ingest_memory_limit` and spills to
 `data/<dataset>/.duckdb_tmp`. Its gates see the full data as SQL aggregates, and the row-level
 interaction checks see a bounded sample (`GATE_SAMPLE_ROWS`).
+
+On both paths the gate reports in `reports/<dataset>/gates/` describe the stored data: a run's
+reports are staged and replace them only when all its gates pass; a rejected run's go to
+`gates/rejected/`. Each report carries the `source_hash` it checked (`begin_gates`).
 """
 
 from __future__ import annotations
@@ -35,12 +39,13 @@ from prefect import task
 
 from tasks import io, store
 from tasks.params import DatasetSpec, Params
-from tasks.quality import gx_expectations, run_gate
+from tasks.quality import QualityGateError, gx_expectations, run_gate
 from tasks.readers import (InputError, RawDataset, dense_order, open_parquet_source, parquet_source_files,
                            read_lcrec, read_recbole, sha256_file)
 
 SPLITS = ("train", "valid", "test")
 GATE_SAMPLE_ROWS = 100_000  # interactions the row-level gate of the streaming path sees (a fixed sample)
+STAGED_GATES = ".gates_pending"  # under reports/<dataset>/: this run's gate reports until it is accepted
 
 
 @task(retries=2, retry_delay_seconds=5)
@@ -132,38 +137,69 @@ def drop_short_users(interactions: pl.DataFrame, min_len: int) -> pl.DataFrame:
 
 
 def build_splits(interactions: pl.DataFrame, max_history: int) -> dict[str, pl.DataFrame]:
-    seqs = (
-        interactions.sort(["user_id", "position"])
-        .group_by("user_id", maintain_order=True)
-        .agg(pl.col("item_id").alias("seq"))
-        .with_columns(pl.col("seq").list.len().cast(pl.Int64).alias("n"))
+    """The three splits (module docstring), each ordered by (user_id, target_pos).
+
+    Memory is O(interactions x max_history): a row's history comes from `max_history` shifted
+    copies of the item column, cut to the row's own user, never from the user's whole sequence
+    (exploding that made one user of 10,000 items cost 1.9 GB, benchmarks/ingest_memory.py).
+    """
+    h = max_history
+    pos = pl.int_range(pl.len(), dtype=pl.Int64).over("user_id")  # index in the user's sequence
+    n = pl.len().over("user_id").cast(pl.Int64)  # Int64: n - 3 must not wrap around below zero
+    # Shifts h .. 1 are the h items before each row, oldest first. The shift runs over the whole
+    # sorted column, so the first h - pos of them belong to earlier users: the slice drops them.
+    history = (pl.concat_list([pl.col("item_id").shift(k) for k in range(h, 0, -1)])
+               .list.slice(pl.max_horizontal(h - pl.col("target_pos"), 0)))
+    rows = (
+        interactions.select("user_id", "position", pl.col("item_id").cast(pl.Int32))
+        .sort(["user_id", "position"], maintain_order=True)
+        .with_columns(pos.alias("target_pos"), n.alias("n"))
+        .select("user_id", "target_pos", "n", history.alias("history"), pl.col("item_id").alias("target"))
     )
-
-    def at(target_pos: pl.Expr) -> pl.DataFrame:
-        start = (target_pos - max_history).clip(lower_bound=0)
-        return seqs.with_columns(target_pos.alias("target_pos")).select(
-            "user_id",
-            pl.col("target_pos").cast(pl.Int64),
-            pl.col("seq").list.slice(start, target_pos - start).cast(pl.List(pl.Int32)).alias("history"),
-            pl.col("seq").list.get(target_pos).cast(pl.Int32).alias("target"),
-        )
-
-    train_rows = (
-        seqs.filter(pl.col("n") >= 4)
-        .with_columns(pl.int_ranges(1, pl.col("n") - 2).alias("target_pos"))
-        .explode("target_pos")
-    )
-    start = (pl.col("target_pos") - max_history).clip(lower_bound=0)
-    train = train_rows.select(
-        "user_id",
-        pl.col("target_pos").cast(pl.Int64),
-        pl.col("seq").list.slice(start, pl.col("target_pos") - start).cast(pl.List(pl.Int32)).alias("history"),
-        pl.col("seq").list.get(pl.col("target_pos")).cast(pl.Int32).alias("target"),
-    )
-    return {"train": train, "valid": at(pl.col("n") - 2), "test": at(pl.col("n") - 1)}
+    where = {"train": pl.col("target_pos").is_between(1, pl.col("n") - 3),
+             "valid": pl.col("target_pos") == pl.col("n") - 2, "test": pl.col("target_pos") == pl.col("n") - 1}
+    return {name: rows.filter(cond).drop("n") for name, cond in where.items()}
 
 
-def gate_items(items: pl.DataFrame, params: Params, report_dir: Path) -> dict:
+def begin_gates(report_dir: Path | None, checked_hash: str | None) -> Path | None:
+    """Start a run's gate reports in `reports/<dataset>/.gates_pending/` (run_gate's report_dir).
+
+    `reports/<dataset>/gates/<suite>.json` describe the stored data: a run's reports replace them
+    only once every gate has passed (`settle_gates`), and a rejected run's go to `gates/rejected/`.
+    Each report names the source it checked (`source_hash`, as in the store's `ingests`), so a
+    report can be matched to the data it describes even if the store then failed to commit.
+    """
+    if report_dir is None:
+        return None
+    staging = Path(report_dir) / STAGED_GATES
+    shutil.rmtree(staging, ignore_errors=True)  # a run that died before settling
+    staging.mkdir(parents=True)
+    (staging / "source_hash").write_text(checked_hash or "")
+    return staging
+
+
+def settle_gates(report_dir: Path | None, accepted: bool | None) -> None:
+    """Move the staged reports into `gates/` (accepted), into `gates/rejected/` (rejected, replacing
+    the last rejected run's), or drop them (None: the run stopped for another reason)."""
+    if report_dir is None:
+        return
+    staging = Path(report_dir) / STAGED_GATES
+    if not staging.is_dir():
+        return
+    if accepted is not None:
+        dest = Path(report_dir) / "gates" if accepted else Path(report_dir) / "gates" / "rejected"
+        if not accepted:
+            shutil.rmtree(dest, ignore_errors=True)
+        checked_hash = (staging / "source_hash").read_text() or None
+        for report in sorted((staging / "gates").glob("*.json")):
+            payload = json.loads(report.read_text())
+            if checked_hash:
+                payload["source_hash"] = checked_hash
+            io.write_json(dest / report.name, payload)
+    shutil.rmtree(staging)
+
+
+def gate_items(items: pl.DataFrame, params: Params, report_dir: Path | None) -> dict:
     gxe = gx_expectations()
     n_items = items.height
     item_checks = [
@@ -177,7 +213,11 @@ def gate_items(items: pl.DataFrame, params: Params, report_dir: Path) -> dict:
     if items["title"].null_count() < items.height:
         # Datasets without an item file (instruments) have no text at all; they bring prebuilt IDs.
         item_checks.append(gxe.ExpectColumnValuesToNotBeNull(column="title", mostly=params.data.min_title_share))
-    return run_gate("items", items.drop("description"), item_checks, report_dir)
+    # A blank title is no title: "" or "  " must not count toward min_title_share.
+    title = pl.col("title").cast(pl.String)  # an all-null column may come as dtype Null
+    frame = items.drop("description").with_columns(
+        pl.when(title.str.strip_chars() == "").then(None).otherwise(title).alias("title"))
+    return run_gate("items", frame, item_checks, report_dir)
 
 
 def interaction_checks(n_items: int) -> list:
@@ -192,25 +232,56 @@ def interaction_checks(n_items: int) -> list:
 
 
 @task
-def gate_raw(items: pl.DataFrame, interactions: pl.DataFrame, params: Params, report_dir: Path) -> list[dict]:
+def gate_raw(items: pl.DataFrame, interactions: pl.DataFrame, params: Params, report_dir: Path,
+             checked_hash: str | None = None) -> list[dict]:
+    """The first gates of a run (then `gate_splits`); their reports stay staged until every gate
+    passes (`begin_gates`). `checked_hash` defaults to the source hash of `params.dataset`."""
     gxe = gx_expectations()
+    staging = begin_gates(report_dir, checked_hash or source_hash(params.dataset, params))
     lengths = interactions.group_by("user_id").len().rename({"len": "sequence_length"})
-    reports = [
-        gate_items(items, params, report_dir),
-        run_gate("interactions", interactions, interaction_checks(items.height), report_dir),
-        run_gate(
-            "sequence_lengths",
-            lengths,
-            [gxe.ExpectColumnValuesToBeBetween(column="sequence_length", min_value=params.data.min_sequence_length)],
-            report_dir,
-        ),
-    ]
-    return reports
+    try:
+        return [
+            gate_items(items, params, staging),
+            run_gate("interactions", interactions, interaction_checks(items.height), staging),
+            run_gate(
+                "sequence_lengths",
+                lengths,
+                [gxe.ExpectColumnValuesToBeBetween(column="sequence_length",
+                                                   min_value=params.data.min_sequence_length)],
+                staging,
+            ),
+        ]
+    except QualityGateError:
+        settle_gates(report_dir, accepted=False)
+        raise
+
+
+def empty_train_error(n_users: int, details: str) -> QualityGateError:
+    return QualityGateError(
+        f"quality gate 'split_train' failed: the training split is empty: none of the {n_users:,} users has "
+        "more than 3 interactions (a user's last two are the valid and test targets and position 0 has no "
+        f"history, so n interactions give n - 3 training rows)\n{details}")
 
 
 @task
 def gate_splits(splits: dict[str, pl.DataFrame], n_items: int, n_users: int, max_history: int,
                 report_dir: Path) -> list[dict]:
+    """The last gates of a run: if they pass, this run's reports (gate_raw's too) replace the
+    ones in `gates/`; if not, they go to `gates/rejected/`."""
+    staging = Path(report_dir) / STAGED_GATES if report_dir is not None else None
+    if staging is not None and not staging.is_dir():  # called without gate_raw
+        staging = begin_gates(report_dir, None)
+    try:
+        reports = split_gates(splits, n_items, n_users, max_history, staging)
+    except QualityGateError:
+        settle_gates(report_dir, accepted=False)
+        raise
+    settle_gates(report_dir, accepted=True)
+    return reports
+
+
+def split_gates(splits: dict[str, pl.DataFrame], n_items: int, n_users: int, max_history: int,
+                report_dir: Path | None) -> list[dict]:
     gxe = gx_expectations()
     reports = []
     for name, frame in splits.items():
@@ -227,8 +298,14 @@ def gate_splits(splits: dict[str, pl.DataFrame], n_items: int, n_users: int, max
                 gxe.ExpectTableRowCountToEqual(value=n_users),
             ]
         else:
-            checks.append(gxe.ExpectCompoundColumnsToBeUnique(column_list=["user_id", "target_pos"]))
-        reports.append(run_gate(f"split_{name}", flat, checks, report_dir))
+            checks += [gxe.ExpectCompoundColumnsToBeUnique(column_list=["user_id", "target_pos"]),
+                       gxe.ExpectTableRowCountToBeBetween(min_value=1)]
+        try:
+            reports.append(run_gate(f"split_{name}", flat, checks, report_dir))
+        except QualityGateError as exc:
+            if name == "train" and frame.height == 0:
+                raise empty_train_error(n_users, str(exc)) from None
+            raise
     return reports
 
 
@@ -353,7 +430,14 @@ def gate_split_file(con: duckdb.DuckDBPyConnection, name: str, path: Path, n_ite
               "min_user_id": (0, n_users - 1), "max_user_id": (0, n_users - 1), "duplicate_rows": (0, 0)}
     if name != "train":
         bounds |= {"rows": (n_users, n_users), "distinct_users": (n_users, n_users)}
-    return gate_totals(f"split_{name}", totals, bounds, report_dir), totals["rows"]
+    else:
+        bounds |= {"rows": (1, None)}
+    try:
+        return gate_totals(f"split_{name}", totals, bounds, report_dir), totals["rows"]
+    except QualityGateError as exc:
+        if name == "train" and totals["rows"] == 0:
+            raise empty_train_error(n_users, str(exc)) from None
+        raise
 
 
 @task
@@ -362,12 +446,14 @@ def ingest_parquet(spec: DatasetSpec, params: Params, db_path: Path, out_dir: Pa
     """Stream a Parquet source into the store and the splits (see the module docstring).
 
     A changed source is staged, gated, exported and recorded in one transaction; the output
-    files are temp files until it commits, then renamed. An unchanged source only rebuilds
-    the splits from the store. Returns counts, split rows, gate reports and whether it changed.
+    files are temp files until it commits, then renamed, and so are the gate reports (a failed
+    gate's go to `gates/rejected/`, see `begin_gates`). An unchanged source only rebuilds the
+    splits from the store. Returns counts, split rows, gate reports and whether it changed.
     """
     temp_dir = out_dir / ".duckdb_tmp"
     targets = {"items": out_dir / "items.parquet", **{n: out_dir / "splits" / f"{n}.parquet" for n in SPLITS}}
     changed = not (db_path.exists() and store.latest_source_hash(db_path) == src_hash)
+    staging = begin_gates(report_dir, src_hash)
     try:
         # Exits in reverse: the store commits (or rolls back) first, then the temp files are
         # renamed into place (or deleted, on any error).
@@ -385,17 +471,24 @@ def ingest_parquet(spec: DatasetSpec, params: Params, db_path: Path, out_dir: Pa
                     stream_interactions(con, params.data.drop_short_users, params.data.min_sequence_length)
                 else:
                     items = con.sql("SELECT * FROM items ORDER BY item_id").pl()
-                gates, counts = gate_stored(con, items, params, report_dir)
+                gates, counts = gate_stored(con, items, params, staging)
                 copy_parquet(con, "SELECT * FROM items ORDER BY item_id", tmp["items"])
                 rows = {}
                 for name, query in split_queries(params.data.max_history).items():
                     copy_parquet(con, query, tmp[name])
                     report, rows[name] = gate_split_file(con, name, tmp[name], counts["items"], counts["users"],
-                                                         params.data.max_history, report_dir)
+                                                         params.data.max_history, staging)
                     gates.append(report)
                 if changed:
                     store.record_ingest(con, src_hash, source.source_files, counts["users"], counts["items"],
                                         counts["interactions"])
+    except QualityGateError:
+        settle_gates(report_dir, accepted=False)
+        raise
+    except BaseException:
+        settle_gates(report_dir, accepted=None)
+        raise
     finally:
         shutil.rmtree(temp_dir, ignore_errors=True)
+    settle_gates(report_dir, accepted=True)
     return {**counts, "changed": changed, "split_rows": rows, "gates": gates}

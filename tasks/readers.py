@@ -15,6 +15,7 @@ the same id rule as above.
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import json
 import re
@@ -30,6 +31,9 @@ from tasks.store import sql_string
 TEXT_FIELDS = ("title", "description", "brand", "categories")
 # \Z, not $: "$" also matches before a trailing newline, so "3\n" would pass as user 3.
 _INT_KEY = re.compile(r"^(0|[1-9][0-9]*)\Z")
+# The RecBole reader's own columns (row number, timestamp parsing). A header field is the part of
+# `name:type` before the colon, so no field of the file can take these names.
+_LINE, _TS_FRACTION = ":line", ":ts_fraction"
 
 
 class InputError(ValueError):
@@ -56,11 +60,29 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def _wide_encoding(data: bytes) -> str | None:
+    """The encoding ("UTF-16" or "UTF-32") the bytes start like, or None: by the byte order mark,
+    or by NUL bytes among the first four (the first characters are ASCII: RFC 4627, section 3)."""
+    if data.startswith((codecs.BOM_UTF32_LE, codecs.BOM_UTF32_BE)):
+        return "UTF-32"
+    if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        return "UTF-16"
+    head = data[:4]
+    if head.count(0) >= 3 and len(head) == 4:
+        return "UTF-32"
+    return "UTF-16" if 0 in head else None
+
+
 def _load_json(path: Path) -> Any:
     """Parse JSON strictly: empty files, truncation, duplicate keys and bad UTF-8 are errors."""
     data = path.read_bytes()
     if not data.strip():
         raise InputError(f"{path}: file is empty")
+    wide = _wide_encoding(data)
+    if wide:
+        raise InputError(f"{path}: not UTF-8 JSON (it looks like {wide}); JSON files must be UTF-8: "
+                         f"re-encode it, e.g. iconv -f {wide} -t UTF-8")
+    data = data.removeprefix(codecs.BOM_UTF8)  # RFC 8259 lets a parser ignore it; json.loads does not
 
     def no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
         # Inner objects are built first and know nothing of their key: they remember a
@@ -243,18 +265,29 @@ def read_lcrec(root: Path, prefix: str, index: str = "") -> RawDataset:
 
 
 def _read_atomic(path: Path) -> pl.DataFrame:
-    """A RecBole atomic file: tab-separated, header `name:type`, read as strings."""
+    """A RecBole atomic file: tab-separated, header `name:type`, read as strings, with the line
+    number of each row in column `_LINE`."""
     data = path.read_bytes()
     if not data.strip():
         raise InputError(f"{path}: file is empty")
+    wide = _wide_encoding(data)
+    if wide:
+        raise InputError(f"{path}: not UTF-8 (it looks like {wide}): re-encode it, e.g. iconv -f {wide} -t UTF-8")
     try:
-        text = data.decode("utf-8")
+        # Spreadsheet tools write a BOM; left in, it would become part of the first field's name.
+        text = data.removeprefix(codecs.BOM_UTF8).decode("utf-8")
     except UnicodeDecodeError as exc:
         line = data[: exc.start].count(b"\n") + 1
         raise InputError(f"{path}: line {line}: bytes that are not valid UTF-8") from None
     # Not splitlines(): it also breaks at \x1c-\x1e, \x85 and U+2028/9, which may sit inside a field.
     lines = [line.removesuffix("\r") for line in text.split("\n")]
     header = [h.split(":", 1)[0] for h in lines[0].split("\t")]
+    first_column: dict[str, int] = {}
+    for col, name in enumerate(header, start=1):
+        if name in first_column:
+            raise InputError(f"{path}: line 1, field {name!r}: in the header twice "
+                             f"(columns {first_column[name]} and {col})")
+        first_column[name] = col
     rows = []
     for n, line in enumerate(lines[1:], start=2):
         if not line.strip():
@@ -265,8 +298,7 @@ def _read_atomic(path: Path) -> pl.DataFrame:
         rows.append(cells)
     if not rows:
         raise InputError(f"{path}: no data rows")
-    frame = pl.DataFrame(rows, schema=header, orient="row").with_row_index("line", offset=2)
-    return frame
+    return pl.DataFrame(rows, schema=header, orient="row").with_row_index(_LINE, offset=2)
 
 
 def _dense_ids(values: list[str]) -> dict[str, int]:
@@ -288,16 +320,12 @@ def read_recbole(root: Path, prefix: str) -> RawDataset:
             raise InputError(f"{inter_path}: field {col!r}: missing from the header")
         bad = inter.filter(pl.col(col).str.strip_chars() == "")
         if bad.height:
-            raise InputError(f"{inter_path}: line {bad['line'][0]}, field {col!r}: empty id")
+            raise InputError(f"{inter_path}: line {bad[_LINE][0]}, field {col!r}: empty id")
     if "timestamp" in inter.columns:
-        ts = inter["timestamp"].cast(pl.Float64, strict=False)
-        bad = inter.filter(ts.is_null() | ts.is_nan() | ts.is_infinite())  # "nan" and "inf" parse as floats
-        if bad.height:
-            raise InputError(f"{inter_path}: line {bad['line'][0]}, field 'timestamp': "
-                             f"{bad['timestamp'][0]!r} is not a number")
-        inter = inter.with_columns(ts.cast(pl.Int64).alias("timestamp"))
+        inter = _parse_timestamps(inter_path, inter)
     else:
-        inter = inter.with_columns(pl.lit(None, dtype=pl.Int64).alias("timestamp"))
+        inter = inter.with_columns(pl.lit(None, dtype=pl.Int64).alias("timestamp"),
+                                   pl.lit(None, dtype=pl.Float64).alias(_TS_FRACTION))
 
     item_fields: dict[str, dict[str, str | None]] = {}
     if item_path.exists():
@@ -313,7 +341,7 @@ def read_recbole(root: Path, prefix: str) -> RawDataset:
         for rec in items_frame.iter_rows(named=True):
             iid = rec["item_id"]
             if iid in item_fields:
-                raise InputError(f"{item_path}: line {rec['line']}, field 'item_id': duplicate item {iid!r}")
+                raise InputError(f"{item_path}: line {rec[_LINE]}, field 'item_id': duplicate item {iid!r}")
             genres = rec[genre_col].split() if genre_col and rec[genre_col] else []
             item_fields[iid] = {
                 "title": rec[title_col].strip() or None,
@@ -325,7 +353,7 @@ def read_recbole(root: Path, prefix: str) -> RawDataset:
             }
         unknown = inter.filter(~pl.col("item_id").is_in(list(item_fields)))
         if unknown.height:
-            raise InputError(f"{inter_path}: line {unknown['line'][0]}, field 'item_id': "
+            raise InputError(f"{inter_path}: line {unknown[_LINE][0]}, field 'item_id': "
                              f"item {unknown['item_id'][0]!r} is not in {item_path.name}")
 
     item_ids = _dense_ids(list(item_fields) or inter["item_id"].to_list())
@@ -347,8 +375,8 @@ def read_recbole(root: Path, prefix: str) -> RawDataset:
             pl.col("user_id").replace_strict(user_ids, return_dtype=pl.Int64).alias("uid"),
             pl.col("item_id").replace_strict(item_ids, return_dtype=pl.Int64).alias("iid"),
         )
-        # Chronological per user; ties keep file order (the line number).
-        .sort(["uid", "timestamp", "line"], nulls_last=True)
+        # Chronological per user by the exact value (whole part, then fraction); ties keep file order.
+        .sort(["uid", "timestamp", _TS_FRACTION, _LINE], nulls_last=True)
         .select(
             pl.col("uid").alias("user_id"),
             pl.col("user_id").alias("source_user_id"),
@@ -358,6 +386,33 @@ def read_recbole(root: Path, prefix: str) -> RawDataset:
         )
     )
     return RawDataset(items=items, interactions=interactions, source_files=files)
+
+
+def _parse_timestamps(path: Path, inter: pl.DataFrame) -> pl.DataFrame:
+    """`timestamp` as Int64 (integers exactly, fractions truncated toward zero, as stored before)
+    plus `_TS_FRACTION`, the part truncated: (timestamp, fraction) sorts like the value itself,
+    where the truncated integer alone made 100.9 and 100.1 a tie. Fractional values compare at
+    float64 precision, integers exactly (nanoseconds exceed float64's 2**53)."""
+    raw = pl.col("timestamp")
+    parsed = inter.with_columns(raw.str.contains(r"^[+-]?[0-9]+$").alias(":is_int"),
+                                raw.str.to_integer(strict=False).alias(":as_int"),
+                                raw.cast(pl.Float64, strict=False).alias(":as_float"))
+    is_int, as_int, value = pl.col(":is_int"), pl.col(":as_int"), pl.col(":as_float")
+
+    def first_bad(condition: pl.Expr, problem: str) -> None:
+        bad = parsed.filter(condition)
+        if bad.height:
+            raise InputError(f"{path}: line {bad[_LINE][0]}, field 'timestamp': {bad['timestamp'][0]!r} {problem}")
+
+    first_bad(value.is_null() | value.is_nan() | value.is_infinite(), "is not a number")  # "nan", "inf" parse
+    first_bad(pl.when(is_int).then(as_int.is_null()).otherwise(~value.is_between(-(2.0 ** 63), 2.0 ** 63,
+                                                                                 closed="left")),
+              "is out of range (timestamps are stored as 64-bit integers)")
+    # strict=False: the cast may also run on the integer rows, where 2**63 - 1 is the float 2**63.
+    whole = pl.when(is_int).then(as_int).otherwise(value.cast(pl.Int64, strict=False))  # truncates
+    return parsed.with_columns(whole.alias("timestamp")).with_columns(
+        pl.when(is_int).then(0.0).otherwise(value - pl.col("timestamp").cast(pl.Float64)).alias(_TS_FRACTION)
+    ).drop(":is_int", ":as_int", ":as_float")
 
 
 # The same rule as _INT_KEY, for DuckDB's regexp_full_match.

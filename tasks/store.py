@@ -55,13 +55,19 @@ def sql_string(value: str | Path) -> str:
 
 @contextmanager
 def transaction(con: duckdb.DuckDBPyConnection) -> Iterator[duckdb.DuckDBPyConnection]:
-    """BEGIN ... COMMIT; any exception (KeyboardInterrupt included) rolls back and re-raises."""
+    """BEGIN ... COMMIT; any exception (KeyboardInterrupt included) rolls back and re-raises it."""
     con.execute("BEGIN TRANSACTION")
     try:
         yield con
         con.execute("COMMIT")
-    except BaseException:
-        con.execute("ROLLBACK")
+    except BaseException as exc:
+        try:
+            con.execute("ROLLBACK")
+        except duckdb.Error as rollback_error:
+            # A failed COMMIT (a full disk: "Could not write file ...wal") has already ended the
+            # transaction, so ROLLBACK fails too ("no transaction is active"): the first error is
+            # the cause, and the one raised.
+            exc.add_note(f"(ROLLBACK afterwards failed as well: {rollback_error})")
         raise
 
 

@@ -1,4 +1,7 @@
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import polars as pl
 import pytest
@@ -250,13 +253,93 @@ def test_drop_short_users_lets_the_ingest_through(write_lcrec, make_params):
 
 
 def test_ingest_of_recbole_files(write_recbole, make_params):
-    # Default RecBole data (tests/conftest.py): users 5 and 12 with 3 interactions each, items 3, 7, 20.
-    params = make_params(write_recbole(), fmt="recbole", prefix="tiny")
+    # The default RecBole data (tests/conftest.py: users 5 and 12, items 3, 7, 20) and a fourth
+    # interaction for user 12 (3 + 3 would give no training row, and are refused).
+    inter = ["user_id:token\titem_id:token\trating:float\ttimestamp:float", "5\t20\t3\t300", "5\t7\t1\t100",
+             "12\t3\t5\t50", "5\t3\t4\t100", "12\t20\t2\t60", "12\t7\t2\t70", "12\t3\t1\t80"]
+    params = make_params(write_recbole(inter), fmt="recbole", prefix="tiny")
     result = ingest(params)
-    assert {k: result[k] for k in TINY_COUNTS} == {"users": 2, "items": 3, "interactions": 6}
-    assert result["split_rows"] == {"train": 0, "valid": 2, "test": 2}  # n = 3: no train rows
+    assert {k: result[k] for k in TINY_COUNTS} == {"users": 2, "items": 3, "interactions": 7}
+    assert result["split_rows"] == {"train": 1, "valid": 2, "test": 2}  # n = 3 and 4: one train row
     # User 5 in time order: 7, 3, 20 -> dense 1, 0, 2; test target 2 with history [1, 0].
     test = pl.read_parquet(params.dataset_dir() / "splits" / "test.parquet")
     assert_frame_equal(test.filter(pl.col("user_id") == 0).select("history", "target"),
                        pl.DataFrame({"history": [[1, 0]], "target": [2]},
                                     schema={"history": pl.List(pl.Int32), "target": pl.Int32}))
+
+
+def test_users_of_length_3_only_are_refused_with_a_clear_message(write_recbole, make_params):
+    # Default RecBole data: users 5 and 12 with 3 interactions each -> n - 3 = 0 training rows each.
+    params = make_params(write_recbole(), fmt="recbole", prefix="tiny")
+    with pytest.raises(QualityGateError, match=r"training split is empty: none of the 2 users has more than "
+                                               r"3 interactions"):
+        ingest(params)
+    assert not (params.dataset_dir() / "interactions.duckdb").exists()
+
+
+def item_frame(titles: list[str | None]) -> pl.DataFrame:
+    n = len(titles)
+    return with_buckets(pl.DataFrame({
+        "item_id": list(range(n)), "source_item_id": [str(i) for i in range(n)], "title": titles,
+        "description": [None] * n, "brand": ["Acme"] * n, "category": ["Lab"] * n,
+    }, schema={"item_id": pl.Int64, "source_item_id": pl.String, "title": pl.String, "description": pl.String,
+               "brand": pl.String, "category": pl.String}))
+
+
+@pytest.mark.parametrize("titles", [["a", "", "  "], ["", "", ""]])
+def test_blank_titles_do_not_count_toward_min_title_share(make_params, tmp_path, titles):
+    # min_title_share 0.5: ["a", "", "  "] has 1 title in 3 (0.33); ["", "", ""] has none, and is an
+    # item file with blank titles, not a dataset without text (which skips the check).
+    params = make_params(tmp_path, overrides=("data.min_title_share=0.5",))
+    inter = interactions({0: [0, 1, 2]})
+    with pytest.raises(QualityGateError, match="expect_column_values_to_not_be_null on column 'title'"):
+        gate_raw.fn(item_frame(titles), inter, params, tmp_path)
+
+
+def gate_reports(report_dir: Path, sub: str = "") -> dict[str, dict]:
+    return {p.stem: json.loads(p.read_text()) for p in sorted((report_dir / "gates" / sub).glob("*.json"))}
+
+
+def test_gate_reports_describe_the_stored_data_after_a_failed_run(write_lcrec, make_params):
+    root = write_lcrec()
+    params = make_params(root)
+    first = ingest(params)
+    stored = gate_reports(params.reports_dir())
+    # Every report names the source it checked: here the one in the store.
+    assert {name: r["source_hash"] for name, r in stored.items()} == {name: first["source_hash"] for name in stored}
+
+    write_lcrec({"2": [40, 7, 9], "10": [7, 9, 40, 100], "1": [100, 40, 7], "3": [9, 40]})  # user 3: 2 < 3
+    rejected_hash = source_hash(params.dataset, params)
+    with pytest.raises(QualityGateError, match="sequence_length"):
+        ingest(params)
+    # gates/ still describes what is stored; the rejected input's reports are under gates/rejected/.
+    assert gate_reports(params.reports_dir()) == stored
+    assert store.latest_source_hash(first["db"]) == first["source_hash"]
+    rejected = gate_reports(params.reports_dir(), "rejected")
+    assert sorted(rejected) == ["interactions", "items", "sequence_lengths"]  # gate_raw stops at the failure
+    assert rejected["sequence_lengths"]["success"] is False
+    assert {r["source_hash"] for r in rejected.values()} == {rejected_hash}
+
+
+# Peak RSS of build_splits for one user with n items, in MB above what the process held before.
+MEMORY_PROBE = """
+import resource, sys
+import polars as pl
+from tasks.ingest import build_splits
+n = int(sys.argv[1])
+frame = pl.DataFrame({"user_id": [0] * n, "item_id": [i % 997 for i in range(n)], "position": list(range(n))})
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+splits = build_splits(frame, max_history=20)
+assert splits["train"].height == n - 3
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)
+"""
+
+
+def test_build_splits_memory_is_linear_in_one_users_sequence_length():
+    # One user with 6,000 items: 5,997 training rows of at most 20 history ids (about 0.5 MB as
+    # int32). Carrying the whole sequence on every row held 6,000 x 6,000 ids: 578 MB measured.
+    root = Path(__file__).resolve().parents[2]
+    out = subprocess.run([sys.executable, "-c", MEMORY_PROBE, "6000"], capture_output=True, text=True,
+                         cwd=root, env={"PYTHONPATH": str(root), "POLARS_MAX_THREADS": "2"}, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert int(out.stdout) < 100

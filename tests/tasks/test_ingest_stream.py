@@ -173,11 +173,14 @@ def test_a_failed_ingest_leaves_the_earlier_outputs_intact(make_params, tmp_path
     first = stream_ingest(params)
     first_hash = source_hash(params.dataset, params)
     before = snapshot(params.dataset_dir())
+    gates_before = snapshot(params.reports_dir() / "gates")
+    assert {json.loads(v)["source_hash"] for v in gates_before.values()} == {first_hash}
 
     if failure == "interrupt":
-        # A new user; the run is interrupted when it writes the ingest record, after the
-        # tables were replaced and every split was written to its temp file.
-        write_parquet_source(root, as_rows({3: [10, 10, 10]}, seed=2))
+        # New files (user 3 over every partition); the run is interrupted when it writes the
+        # ingest record, after the tables were replaced and every split was written to its temp
+        # file. Four items: three would give an empty training split, refused before that point.
+        write_parquet_source(root, as_rows({3: [10, 10, 10, 11]}, seed=2))
 
         class Interrupted:
             @staticmethod
@@ -194,6 +197,10 @@ def test_a_failed_ingest_leaves_the_earlier_outputs_intact(make_params, tmp_path
             root / "interactions" / "day=0" / "short.parquet")
         with pytest.raises(QualityGateError, match="sequence_length"):
             stream_ingest(params)
+        # The rejected input's reports, beside (not over) the stored data's.
+        rejected = json.loads((params.reports_dir() / "gates" / "rejected" / "sequence_lengths.json").read_text())
+        assert rejected["success"] is False
+        assert rejected["source_hash"] == source_hash(params.dataset, params) != first_hash
 
     # The same files (no temp file or spill folder left), the Parquet ones byte for byte, and
     # the store as it was (the transaction rolled back).
@@ -204,6 +211,9 @@ def test_a_failed_ingest_leaves_the_earlier_outputs_intact(make_params, tmp_path
     assert store.counts(first["db"]) == {"users": 2, "items": 4, "interactions": 7}
     assert {k: v for k, v in after.items() if k.endswith(".parquet")} == \
         {k: v for k, v in before.items() if k.endswith(".parquet")}
+    # The gate reports still describe the stored data.
+    gates_after = snapshot(params.reports_dir() / "gates")
+    assert {k: v for k, v in gates_after.items() if not k.startswith("rejected/")} == gates_before
 
 
 def test_unchanged_source_keeps_the_store_and_rebuilds_the_splits(make_params, tmp_path):
@@ -234,3 +244,13 @@ def test_parquet_spec_and_memory_limit_are_validated(make_params, tmp_path):
     with pytest.raises(ParamsError, match="data.ingest_memory_limit"):
         make_params(root, fmt="parquet", overrides=("data.ingest_memory_limit='1GB; DROP TABLE items'",))
     assert make_params(root, fmt="parquet", overrides=("data.ingest_memory_limit=512MiB",)).dataset.hive_partitioning
+
+
+def test_users_of_length_3_only_are_refused_with_a_clear_message(make_params, tmp_path):
+    # Every user has 3 interactions: a valid and a test row each, no training row.
+    root = write_parquet_source(tmp_path / "pq", as_rows({1: [10, 11, 12], 2: [11, 12, 13]}))
+    params = make_params(root, fmt="parquet")
+    with pytest.raises(QualityGateError, match=r"training split is empty: none of the 2 users has more than "
+                                               r"3 interactions"):
+        stream_ingest(params)
+    assert store.latest_source_hash(params.dataset_dir() / "interactions.duckdb") is None

@@ -325,3 +325,80 @@ def test_duplicate_field_inside_an_item_names_the_item(tmp_path):
     path.write_text('{"7": {"title": "a", "title": "b"}}')
     with pytest.raises(InputError, match=r"Dup.item.json: key '7', field 'title': duplicate key"):
         _load_json(path)
+
+
+def test_recbole_fractional_timestamps_order_by_the_exact_value(write_recbole):
+    # Truncated first, 100.9 (line 2) and 100.1 (line 3) both became 100 and kept file order.
+    inter = ["user_id:token\titem_id:token\ttimestamp:float",
+             "5\t3\t100.9", "5\t7\t100.1", "5\t20\t100", "5\t9\t99.99"]
+    raw = read_recbole(write_recbole(inter, items=None), "tiny")
+    # Items 3, 7, 9, 20 -> 0, 1, 2, 3. By value: 99.99 (9), 100 (20), 100.1 (7), 100.9 (3) -> 2, 3, 1, 0.
+    assert raw.interactions["item_id"].to_list() == [2, 3, 1, 0]
+    assert raw.interactions["timestamp"].to_list() == [99, 100, 100, 100]  # stored as whole seconds
+
+
+def test_recbole_integer_timestamps_beyond_float_precision_stay_exact(write_recbole):
+    # Nanoseconds: both round to the same float64 (1.7000000001234568e18).
+    # 2**63 - 1, the largest 64-bit integer, is a float of 2**63: it must not fail that cast.
+    inter = ["user_id:token\titem_id:token\ttimestamp:float", "5\t3\t1700000000123456789",
+             "5\t7\t1700000000123456788", "5\t20\t1700000000123456790", "5\t9\t9223372036854775807"]
+    raw = read_recbole(write_recbole(inter, items=None), "tiny")
+    assert raw.interactions["item_id"].to_list() == [1, 0, 3, 2]  # 7, 3, 20, 9 (items 3, 7, 9, 20)
+    assert raw.interactions["timestamp"].to_list() == [1700000000123456788, 1700000000123456789,
+                                                       1700000000123456790, 2**63 - 1]
+
+
+@pytest.mark.parametrize("stamp", ["1e30", "-1e30", "9223372036854775808", "9.3e18"])
+def test_recbole_timestamp_out_of_range(write_recbole, stamp):
+    # Beyond a 64-bit integer (2**63 = 9223372036854775808): the cast used to raise polars'
+    # InvalidOperationError, naming neither the file nor the line.
+    inter = ["user_id:token\titem_id:token\ttimestamp:float", "5\t3\t100", f"5\t7\t{stamp}", "5\t20\t300"]
+    root = write_recbole(inter)
+    raises_input_error(lambda: read_recbole(root, "tiny"), str(root / "tiny.inter"), "line 3",
+                       "field 'timestamp'", f"{stamp!r}", "out of range")
+
+
+def test_recbole_utf8_bom_before_the_header(write_recbole):
+    # Excel and Notepad write a BOM; it used to become part of the first name ("\ufeffuser_id").
+    inter = "\ufeffuser_id:token\titem_id:token\ttimestamp:float\n5\t3\t20\n5\t7\t10\n5\t20\t30\n".encode()
+    items = "\ufeffitem_id:token\tmovie_title:token_seq\n3\tAlpha\n7\tBeta\n20\tGamma\n".encode()
+    raw = read_recbole(write_recbole(inter, items), "tiny")
+    assert raw.interactions["item_id"].to_list() == [1, 0, 2]  # 7, 3, 20 by time
+    assert raw.items["title"].to_list() == ["Alpha", "Beta", "Gamma"]
+
+
+def test_recbole_duplicate_header_field(write_recbole):
+    inter = ["user_id:token\titem_id:token\titem_id:float\ttimestamp:float", "5\t3\t3\t100"]
+    root = write_recbole(inter)
+    raises_input_error(lambda: read_recbole(root, "tiny"), str(root / "tiny.inter"), "line 1",
+                       "field 'item_id'", "columns 2 and 3")
+
+
+def test_recbole_field_named_line_is_an_ordinary_column(write_recbole):
+    # The reader numbers rows in a column of its own; a source field called `line` used to clash
+    # with it (polars DuplicateError). It is kept out of the way, and errors still give file lines.
+    inter = ["user_id:token\titem_id:token\tline:token\ttimestamp:float",
+             "5\t3\tA\t20", "5\t7\tB\t10", "5\t20\tC\t30"]
+    raw = read_recbole(write_recbole(inter), "tiny")
+    assert raw.interactions["item_id"].to_list() == [1, 0, 2]
+    bad = write_recbole([*inter, "5\t20\t7\toops"], folder="bad")
+    raises_input_error(lambda: read_recbole(bad, "tiny"), "line 5", "field 'timestamp'", "'oops'")
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-le", "utf-32"])
+def test_json_that_is_not_utf8(write_lcrec, encoding):
+    inter = json.dumps({"1": [7, 9, 40]}).encode(encoding)
+    root = write_lcrec(inter)
+    raises_input_error(lambda: read_lcrec(root, "Tiny"), f"{root / 'Tiny.inter.json'}: not UTF-8 JSON")
+
+
+def test_json_with_a_utf8_bom(write_lcrec):
+    # RFC 8259 lets a parser ignore it; json.loads refuses it ("Unexpected UTF-8 BOM").
+    root = write_lcrec(b"\xef\xbb\xbf" + json.dumps({"1": [7, 9, 40]}).encode())
+    assert read_lcrec(root, "Tiny").interactions["item_id"].to_list() == [0, 1, 2]
+
+
+def test_recbole_file_that_is_not_utf8(write_recbole):
+    inter = "user_id:token\titem_id:token\ttimestamp:float\n5\t3\t20\n".encode("utf-16")
+    root = write_recbole(inter)
+    raises_input_error(lambda: read_recbole(root, "tiny"), f"{root / 'tiny.inter'}: not UTF-8 (it looks like UTF-16)")

@@ -1,4 +1,7 @@
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import duckdb
 import polars as pl
@@ -129,3 +132,38 @@ def test_latest_source_hash_without_an_ingests_table_is_none(tmp_path):
 def test_read_table_refuses_other_names(db):
     with pytest.raises(ValueError, match="unknown table 'users'"):
         store.read_table(db, "users")
+
+
+# Replaces the store's data with 50,000 interactions while no file may grow beyond the store's
+# size + 100 kB, the way a full disk stops the write: COMMIT cannot write the WAL.
+FULL_DISK = """
+import resource, signal, sys
+from pathlib import Path
+import polars as pl
+from tasks import store
+path = Path(sys.argv[1])
+n = 50_000
+items = pl.DataFrame({"item_id": [0], "source_item_id": ["a"], "title": ["x"]})
+inter = pl.DataFrame({"user_id": [i // 10 for i in range(n)], "source_user_id": [f"user {i // 10:09d} " + "x" * 40
+                      for i in range(n)], "item_id": [0] * n, "position": [i % 10 for i in range(n)],
+                      "timestamp": [None] * n}, schema_overrides={"timestamp": pl.Int64})
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead
+resource.setrlimit(resource.RLIMIT_FSIZE, (path.stat().st_size + 100_000, resource.RLIM_INFINITY))
+try:
+    store.replace_dataset(path, items, inter, "hash-2", {})
+except Exception as exc:
+    print(type(exc).__name__, exc)
+"""
+
+
+def test_a_failed_commit_reports_its_cause_not_the_rollback(db):
+    # DuckDB ends the transaction itself when COMMIT fails; the ROLLBACK that followed raised
+    # "cannot rollback - no transaction is active" and hid the cause.
+    root = Path(__file__).resolve().parents[2]
+    out = subprocess.run([sys.executable, "-c", FULL_DISK, str(db)], capture_output=True, text=True, cwd=root,
+                         env={"PYTHONPATH": str(root)}, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("TransactionException"), out.stdout
+    assert "Failed to commit: Could not write file" in out.stdout and "interactions.duckdb.wal" in out.stdout
+    assert "cannot rollback" not in out.stdout
+    assert_first_ingest_intact(db)
