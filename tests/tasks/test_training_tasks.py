@@ -1,0 +1,378 @@
+"""The training stages' task bodies through `.fn()`, with no Prefect server, on a tiny project.
+
+The module builds one tiny project in a tmp dir: the synthetic LC-Rec dataset of the flow tests
+goes through the ingest and tokenize task bodies in the flows' order (the embed stage's
+encoder is replaced by clustered random unit vectors written in its format), then backbone,
+SASRec, mining, both SFT variants and GRPO are trained once each. The tests check what every
+stage reports against what it wrote: the CSV log, the published weights and their config, and
+the validation metric those weights reproduce.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from grc_core.evaluation import rank_with_backbone, rank_with_grc, ranking_metrics
+from grc_core.grc import DecodeConfig
+from tasks import io
+from tasks.artifacts import item_index, load_backbone, load_baseline, load_grc, load_rows, load_split
+from tasks.backbone import train_backbone
+from tasks.embed import gate_embeddings
+from tasks.ingest import (build_splits, export_tables, fetch_source, gate_raw, gate_splits, read_source, source_hash,
+                          with_buckets, write_store)
+from tasks.grpo import train_grpo
+from tasks.mine import mine_labels
+from tasks.params import load_params
+from tasks.sasrec import train_baseline
+from tasks.sft import train_sft
+from tasks.tokenize import gate_ids, save_tokenizer, tokenize_items
+from tests.flows.conftest import TINY_OVERRIDES, write_synthetic_lcrec
+
+pytestmark = pytest.mark.slow
+
+# The flow tests' tiny settings, with a narrower backbone, fewer RQ-VAE epochs, one-epoch fold
+# backbones and larger SFT batches, so the whole chain trains in about 30 CPU seconds.
+OVERRIDES = [*TINY_OVERRIDES, "backbone.model.d_model=32", "backbone.model.d_ff=64", "backbone.model.n_heads=2",
+             "tokenize.rqvae.epochs=5", "mine.crossfit_epochs=1", "sft.train.batch_size=32"]
+TOP, SAMPLED = 2, 2  # mine.top, mine.sampled in TINY_OVERRIDES
+
+
+def body(fn):
+    """The plain function under a Prefect task (a helper that is not a task is returned as is)."""
+    return getattr(fn, "fn", fn)
+
+
+def make_tiny_params(root: Path, *extra: str, source: Path | None = None):
+    """Params with outputs under `root` and dataset `tiny` read from `source` (default root/source)."""
+    spec = {"format": "lcrec", "path": str(source or root / "source"), "prefix": "Tiny", "attributes": ["category", "brand"]}
+    return load_params(overrides=[
+        f"data.data_dir={json.dumps(str(root / 'data'))}", f"data.reports_dir={json.dumps(str(root / 'reports'))}",
+        "data.dataset=tiny", f"datasets.tiny={json.dumps(spec)}", *OVERRIDES, *extra])
+
+
+def ingest(params) -> None:
+    """The task calls of flows/ingest.py for an in-memory (LC-Rec) source."""
+    spec, out_dir, report_dir = params.dataset, params.dataset_dir(), params.reports_dir()
+    body(fetch_source)(spec)
+    src_hash = body(source_hash)(spec, params)
+    raw = body(read_source)(spec)
+    items = body(with_buckets)(raw.items)
+    splits = body(build_splits)(raw.interactions, params.data.max_history)
+    body(gate_raw)(items, raw.interactions, params, report_dir)
+    body(gate_splits)(splits, items.height, raw.interactions["user_id"].n_unique(), params.data.max_history, report_dir)
+    body(write_store)(out_dir / "interactions.duckdb", items, raw.interactions, src_hash, raw.source_files)
+    body(export_tables)(out_dir, items, splits)
+
+
+def fake_embed(params) -> None:
+    """embeddings.safetensors as flows/embed.py writes it, from unit vectors clustered by category
+    (the tokenizer then has structure to find) instead of the sentence encoder."""
+    out_dir = params.dataset_dir()
+    items = pl.read_parquet(out_dir / "items.parquet").sort("item_id")
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(int(items["category_bucket"].max()) + 1, 384))
+    emb = centres[items["category_bucket"].to_numpy()] + 0.3 * rng.normal(size=(items.height, 384))
+    emb = (emb / np.linalg.norm(emb, axis=1, keepdims=True)).astype(np.float32)  # (N, 384)
+    body(gate_embeddings)(emb, items.height, params.reports_dir())
+    io.write_safetensors(out_dir / "embeddings.safetensors", {"embeddings": emb},
+                         {"model": params.embed.model, "skipped": "False"})
+
+
+def tokenize(params) -> None:
+    """The task calls of flows/tokenize.py."""
+    out_dir, cfg = params.dataset_dir(), params.tokenize
+    items = pl.read_parquet(out_dir / "items.parquet")
+    embeddings = io.read_safetensors(out_dir / "embeddings.safetensors")[0]["embeddings"]
+    tok = body(tokenize_items)(items, embeddings, cfg, params.id_source)
+    body(gate_ids)(tok.ids, tok.level_sizes, items.height, params.reports_dir())
+    body(save_tokenizer)(out_dir / "tokenizer", tok, {"source": params.id_source, "method": cfg.method,
+                                                      "base_levels": int(tok.codes.shape[1])})
+
+
+def read_log(path: Path) -> list[dict]:
+    """A training log's rows, numbers parsed (the CSV holds repr(float), so they round-trip exactly)."""
+    with open(path, newline="") as f:
+        return [{k: (float(v) if v != "" else None) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def best_in_log(rows: list[dict], step: str) -> tuple[float, int]:
+    """The best valid_recall@10 of a log and the first row reaching it (selection keeps the first:
+    a later tie is not an improvement)."""
+    scored = [r for r in rows if r.get("valid_recall@10") is not None]
+    top = max(r["valid_recall@10"] for r in scored)
+    return top, int(next(r[step] for r in scored if r["valid_recall@10"] == top))
+
+
+def assert_same_tensors(a: Path, b: Path) -> None:
+    ta, tb = load_file(str(a)), load_file(str(b))
+    assert ta.keys() == tb.keys()
+    for k in ta:
+        assert torch.equal(ta[k], tb[k]), k
+
+
+def valid_instances(params):
+    return load_split(params.dataset_dir(), "valid", params.data.max_history)  # valid_users=0: all of them
+
+
+def grc_valid_recall(params, method: str, beam: int, batch_size: int) -> float:
+    out_dir = params.dataset_dir()
+    table, trie, _, _ = item_index(out_dir, params.dataset.attributes, "cpu")
+    valid = valid_instances(params)
+    ranked, _ = rank_with_grc(load_grc(out_dir, method), valid, table, trie,
+                              DecodeConfig(width=beam, rank_rule=params.evaluate.rank_rule), batch_size,
+                              exclude_history=params.data.exclude_history)
+    return ranking_metrics(ranked, valid.target.numpy(), ks=(5, 10, 20))[0]["recall@10"]
+
+
+# --- the tiny project, built once --------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    root = tmp_path_factory.mktemp("training")
+    counts = write_synthetic_lcrec(root / "source")
+    params = make_tiny_params(root)
+    ingest(params)
+    fake_embed(params)
+    tokenize(params)
+    return {"root": root, "params": params, "counts": counts}
+
+
+@pytest.fixture(scope="module")
+def backbone(project):
+    params = project["params"]
+    result = body(train_backbone)(params)
+    work, log = params.dataset_dir() / "backbone", params.reports_dir() / "backbone_log.csv"
+    return {"result": result, "model": (work / "model.safetensors").read_bytes(), "log": log.read_text(),
+            "trainer": json.loads((work / "ckpt" / "last" / "trainer.json").read_text())}
+
+
+@pytest.fixture(scope="module")
+def mined(project, backbone):
+    return body(mine_labels)(project["params"])
+
+
+@pytest.fixture(scope="module")
+def sft(project, mined):
+    return {v: body(train_sft)(project["params"], v) for v in ("grc", "gc")}
+
+
+@pytest.fixture(scope="module")
+def grpo(project, sft):
+    return body(train_grpo)(project["params"])
+
+
+# --- backbone -----------------------------------------------------------------------------------
+
+
+def test_backbone_reports_its_log_and_publishes_the_best_checkpoint(project, backbone):
+    params, result = project["params"], backbone["result"]
+    out_dir = params.dataset_dir()
+    rows = read_log(params.reports_dir() / "backbone_log.csv")
+    assert [int(r["epoch"]) for r in rows] == [1, 2]  # backbone.train.epochs=2, eval_every=1
+    assert result["epochs_run"] == 2
+    top, epoch = best_in_log(rows, "epoch")
+    assert result["best_valid_recall@10"] == top
+    assert result["best_epoch"] == epoch
+    train_rows = pl.read_parquet(out_dir / "splits" / "train.parquet").height
+    assert result["train_instances"] == train_rows
+    # 40 users of 5..8 interactions: n - 3 training rows each, so 80..200 in all
+    assert 2 * project["counts"]["users"] <= train_rows <= 5 * project["counts"]["users"]
+    assert_same_tensors(out_dir / "backbone" / "model.safetensors",
+                        out_dir / "backbone" / "ckpt" / "best" / "model.safetensors")
+    config = io.read_json(out_dir / "backbone" / "config.json")
+    assert config["level_sizes"] == io.read_json(out_dir / "tokenizer" / "tokenizer.json")["level_sizes"]
+    items = pl.read_parquet(out_dir / "items.parquet")
+    assert config["attributes"] == ["category", "brand"]
+    assert config["attr_sizes"] == [int(items["category_bucket"].max()) + 1, int(items["brand_bucket"].max()) + 1]
+    assert config["model"]["d_model"] == 32 and config["model"]["d_ff"] == 64
+
+
+def test_published_backbone_reproduces_the_best_validation_recall(project, backbone):
+    params = project["params"]
+    out_dir, bb = params.dataset_dir(), params.backbone
+    table, trie, _, _ = item_index(out_dir, params.dataset.attributes, "cpu")
+    valid = valid_instances(params)
+    ranked, _ = rank_with_backbone(load_backbone(out_dir), valid, table, trie, bb.valid_beam, bb.eval_batch_size,
+                                   exclude_history=params.data.exclude_history)
+    recall = ranking_metrics(ranked, valid.target.numpy(), ks=(5, 10, 20))[0]["recall@10"]
+    assert recall == backbone["result"]["best_valid_recall@10"]
+    history = [h[h >= 0].tolist() for h in valid.history.numpy()]
+    assert not any(item in h for item, h in zip(ranked[:, 0].tolist(), history))  # data.exclude_history=true
+
+
+def test_backbone_rerun_with_the_same_params_resumes_and_trains_nothing(project, backbone):
+    params = project["params"]
+    work = params.dataset_dir() / "backbone"
+    again = body(train_backbone)(params)
+    first = backbone["result"]
+    assert again["epochs_run"] == first["epochs_run"] == 2
+    assert (again["best_epoch"], again["best_valid_recall@10"]) == (first["best_epoch"], first["best_valid_recall@10"])
+    assert (work / "model.safetensors").read_bytes() == backbone["model"]
+    # the log is the checkpoint's history: a retrained epoch would carry a new train_s
+    assert (params.reports_dir() / "backbone_log.csv").read_text() == backbone["log"]
+    trainer = json.loads((work / "ckpt" / "last" / "trainer.json").read_text())
+    assert trainer["fingerprint"] == backbone["trainer"]["fingerprint"]
+    assert trainer["state"]["step"] == backbone["trainer"]["state"]["step"]
+
+
+def test_backbone_restarts_when_a_param_it_reads_changes(project, backbone, tmp_path):
+    """data.exclude_history changes the validation ranking, so a checkpoint made under the other
+    value is not resumed (the stage once left it out of its fingerprint)."""
+    from tasks.stages import fingerprint
+
+    src = project["params"].dataset_dir()
+    dst = tmp_path / "data" / "tiny"
+    for rel in ("splits", "tokenizer", "backbone"):
+        shutil.copytree(src / rel, dst / rel)
+    shutil.copy(src / "items.parquet", dst / "items.parquet")
+    old = backbone["trainer"]["fingerprint"]
+    source = project["root"] / "source"  # the dataset spec, path included, is part of the fingerprint
+    # the copy alone changes nothing: the fingerprint holds no output paths
+    assert fingerprint(make_tiny_params(tmp_path, source=source), "backbone") == old
+    params = make_tiny_params(tmp_path, "data.exclude_history=false", source=source)
+    result = body(train_backbone)(params)
+    trainer = json.loads((dst / "backbone" / "ckpt" / "last" / "trainer.json").read_text())
+    assert trainer["fingerprint"] != old
+    assert trainer["fingerprint"] == fingerprint(params, "backbone")
+    rows = read_log(params.reports_dir() / "backbone_log.csv")
+    assert [int(r["epoch"]) for r in rows] == [1, 2] and result["epochs_run"] == 2
+    old_rows = [{k: (float(v) if v else None) for k, v in r.items()}
+                for r in csv.DictReader(backbone["log"].splitlines())]
+    assert [r["train_s"] for r in rows] != [r["train_s"] for r in old_rows]  # both epochs trained again
+    top, epoch = best_in_log(rows, "epoch")
+    assert (result["best_valid_recall@10"], result["best_epoch"]) == (top, epoch)
+
+
+# --- SASRec -------------------------------------------------------------------------------------
+
+
+def test_sasrec_reports_its_log_and_saves_the_best_epoch(project):
+    params = project["params"]
+    out_dir = params.dataset_dir()
+    result = body(train_baseline)(params)
+    rows = read_log(params.reports_dir() / "sasrec_log.csv")
+    assert result["epochs_run"] == len(rows) == 2  # sasrec.epochs=2, patience 6
+    top, epoch = best_in_log(rows, "epoch")
+    assert result["best"]["valid_recall@10"] == top
+    assert result["best"]["epoch"] == epoch
+    assert {k: float(v) for k, v in result["best"].items()} == next(r for r in rows if r["epoch"] == epoch)
+    config = io.read_json(out_dir / "sasrec" / "config.json")
+    assert config["n_items"] == project["counts"]["items"] == 40
+    assert config["config"]["hidden"] == 16
+    from grc_core.sasrec import evaluate
+
+    again = evaluate(load_baseline(out_dir), load_rows(out_dir, "valid"))
+    assert again["recall@10"] == pytest.approx(result["best"]["valid_recall@10"], abs=1e-12)
+    assert again["ndcg@10"] == pytest.approx(result["best"]["valid_ndcg@10"], abs=1e-6)
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason="tasks/sasrec.py reports the first epoch with the best Recall@10, while "
+                   "train_sasrec keeps the weights of the best (Recall@10, NDCG@10): on a Recall@10 tie the "
+                   "report names another epoch than the saved weights")
+def test_sasrec_report_names_the_epoch_whose_weights_it_saves_on_a_recall_tie(project, tmp_path, monkeypatch):
+    import grc_core.sasrec
+
+    script = iter([{"recall@5": 0.2, "recall@10": 0.4, "ndcg@5": 0.1, "ndcg@10": 0.1},
+                   {"recall@5": 0.2, "recall@10": 0.4, "ndcg@5": 0.1, "ndcg@10": 0.2}])  # a tie; epoch 1 has better NDCG
+    monkeypatch.setattr(grc_core.sasrec, "evaluate", lambda model, rows: next(script))
+    src = project["params"].dataset_dir()
+    dst = tmp_path / "data" / "tiny"
+    shutil.copytree(src / "splits", dst / "splits")
+    shutil.copy(src / "items.parquet", dst / "items.parquet")
+    result = body(train_baseline)(make_tiny_params(tmp_path))
+    assert result["best"]["epoch"] == 1  # train_sasrec keeps epoch 1's weights
+
+
+# --- mining -------------------------------------------------------------------------------------
+
+
+def test_mined_drafts_have_m_rows_per_instance_and_labels_by_their_definition(project, mined):
+    params = project["params"]
+    out_dir = params.dataset_dir()
+    codes, level_sizes = (np.asarray(pl.read_parquet(out_dir / "tokenizer" / "semantic_ids.parquet")
+                                     .sort("item_id")["codes"].to_list()),
+                          io.read_json(out_dir / "tokenizer" / "tokenizer.json")["level_sizes"])
+    n_levels = len(level_sizes)
+    assert mined["num_levels"] == n_levels
+    items = pl.read_parquet(out_dir / "items.parquet").sort("item_id")
+    for split in ("train", "valid"):
+        frame = pl.read_parquet(out_dir / "mine" / f"{split}.parquet").sort("instance", "cand")
+        rows = pl.read_parquet(out_dir / "splits" / f"{split}.parquet")
+        per = frame.group_by("instance").agg(pl.col("cand").sort()).sort("instance")
+        # mine.max_instances / valid_instances exceed the tiny splits: every instance is mined
+        assert per["instance"].to_list() == list(range(rows.height))
+        assert all(c == list(range(TOP + SAMPLED)) for c in per["cand"].to_list())
+        assert frame.height == (TOP + SAMPLED) * rows.height
+        assert frame["r_loc"].min() >= 1 and frame["r_loc"].max() <= n_levels + 1
+        assert frame.filter(pl.col("cand") < TOP)["beam_rank"].to_list() == [0, 1] * rows.height
+        assert frame.filter(pl.col("cand") >= TOP)["beam_rank"].min() >= TOP
+        cat, brand = items["category_bucket"].to_numpy(), items["brand_bucket"].to_numpy()
+        for r in frame.iter_rows(named=True):
+            row = rows.row(r["instance"], named=True)
+            assert (r["user_id"], r["target"]) == (row["user_id"], row["target"])
+            assert r["codes"] == codes[r["item"]].tolist()
+            diff = [t for t in range(n_levels) if codes[r["item"], t] != codes[r["target"], t]]
+            assert r["r_loc"] == (diff[0] + 1 if diff else n_levels + 1)  # Eq. 4: first wrong level, L+1 = right
+            assert r["r_sem_category"] == int(cat[r["item"]] == cat[r["target"]])
+            assert r["r_sem_brand"] == int(brand[r["item"]] == brand[r["target"]])
+            assert r["item"] not in row["history"]  # data.exclude_history=true
+        assert sum(mined[split]["r_loc_share"].values()) == pytest.approx(1.0, abs=1e-9)
+    assert [f["fold"] for f in mined["crossfit"]["fold_backbones"]] == [0, 1]  # mine.crossfit_folds=2
+    assert sum(f["mined_instances"] for f in mined["crossfit"]["fold_backbones"]) == \
+        pl.read_parquet(out_dir / "splits" / "train.parquet").height
+
+
+# --- SFT ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("variant", ["grc", "gc"])
+def test_sft_reports_its_log_and_publishes_the_best_checkpoint(project, sft, variant):
+    params = project["params"]
+    out_dir, result = params.dataset_dir(), sft[variant]
+    work = out_dir / "sft" / variant
+    rows = read_log(params.reports_dir() / f"sft_{variant}_log.csv")
+    assert [int(r["epoch"]) for r in rows] == [1] and result["epochs_run"] == 1  # sft.train.epochs=1
+    top, epoch = best_in_log(rows, "epoch")
+    assert (result["best_valid_recall@10"], result["best_epoch"]) == (top, epoch)
+    assert result["drafts_per_instance"] == TOP + SAMPLED
+    assert result["instances"] == pl.read_parquet(out_dir / "mine" / "train.parquet")["instance"].n_unique()
+    assert_same_tensors(work / "model.safetensors", work / "ckpt" / "best" / "model.safetensors")
+    config = io.read_json(work / "config.json")
+    backbone_config = io.read_json(out_dir / "backbone" / "config.json")
+    assert config["variant"] == variant and config["num_attrs"] == 2
+    assert (config["model"], config["level_sizes"], config["attr_sizes"]) == (
+        backbone_config["model"], backbone_config["level_sizes"], backbone_config["attr_sizes"])
+    model = load_grc(out_dir, f"{variant}_sft")
+    assert model.template.reflect == (variant == "grc")
+    assert grc_valid_recall(params, f"{variant}_sft", params.sft.valid_beam, params.sft.eval_batch_size) == top
+
+
+# --- GRPO -----------------------------------------------------------------------------------------
+
+
+def test_grpo_reports_its_log_and_publishes_the_best_iteration(project, grpo):
+    params = project["params"]
+    out_dir = params.dataset_dir()
+    rows = read_log(params.reports_dir() / "grpo_log.csv")
+    assert [int(r["iteration"]) for r in rows] == [0, 1, 2, 3] and grpo["iterations"] == 3  # grpo.iterations=3
+    # validated at the SFT start, every grpo.eval_every=2 iterations and at the last one
+    assert [int(r["iteration"]) for r in rows if r["valid_recall@10"] is not None] == [0, 2, 3]
+    top, iteration = best_in_log(rows, "iteration")
+    assert (grpo["best_valid_recall@10"], grpo["best_iteration"]) == (top, iteration)
+    assert grpo["start_valid_recall@10"] == rows[0]["valid_recall@10"]
+    assert_same_tensors(out_dir / "grpo" / "model.safetensors", out_dir / "grpo" / "ckpt" / "best" / "model.safetensors")
+    assert io.read_json(out_dir / "grpo" / "config.json") == io.read_json(out_dir / "sft" / "grc" / "config.json")
+    rl, start = load_file(str(out_dir / "grpo" / "model.safetensors")), load_file(str(out_dir / "sft" / "grc" / "model.safetensors"))
+    same = all(torch.equal(rl[k], start[k]) for k in start)
+    assert same == (iteration == 0)  # best at the start: the SFT weights themselves; later: updated weights
+    assert grc_valid_recall(params, "grc_rl", params.grpo.valid_beam, params.grpo.eval_batch_size) == top
