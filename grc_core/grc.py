@@ -32,21 +32,24 @@ backbone's pre-training loss (Eq. 1) on the ground truth, teacher-forced from BO
 first pass a recommender); "draft" = the draft tokens themselves in the template (the literal
 reading of Eq. 10: imitate the backbone's own beam); "none". docs/DESIGN.md has the measurement.
 
-Two-pass inference (`grc_decode`):
+Two-pass inference (`grc_decode`, Sec. 4.3), one function per step:
 1. Drafts: the backbone's beam search, B per user, keeping the decoder KV cache.
-2. Reflection: one batched forward of [d_L, EOF1, slot_0..slot_K] for all B drafts on top of the
-   cached keys/values; argmax labels and the mean slot entropy H_b (Eq. 24).
-3. Correction: EOF2 + label embeddings, then one constrained beam search whose start beams are
-   the drafts, each starting from score_b + alpha_e * H_b (Eq. 25; alpha_e = 0 is plain GRC),
-   keeping the best `B_cor` continuations over all drafts (the fixed beam budget of Sec. 4.3).
-   Drafts whose reflection says "correct" (r_loc = L+1) start at -inf: they are kept as they are.
-4. Merge. "joint" (the paper's reading: a draft judged wrong is replaced by its correction):
-   kept drafts with their draft score and corrected items with their search score (draft score
-   + alpha_e * H + correction log-prob), de-duplicated by item with the best score, sorted; then
-   the remaining drafts in draft order fill the list up to B. "union": every draft stays with
-   its draft score and the corrections join it, so a draft always outranks its own corrections
-   and corrections of strong drafts displace the weakest drafts. "marginal": the two-pass model
-   as a mixture, p(i) = sum_b p(b) [q_b 1(i = b) + (1 - q_b) p_cor(i | b, r_b)] with
+2. `reflect`: one batched chunk [d_L, EOF1, slot_0..slot_K] for the drafts on top of their cached
+   keys/values (`reflect_on_cache`); argmax labels per slot. `reflection_entropy`: the mean slot
+   entropy H_b (Eq. 24).
+3. `correction_start_scores`: score_b + alpha_e * H_b (Eq. 25; alpha_e = 0 is plain GRC); drafts
+   whose reflection says "correct" (r_loc = L+1) start at -inf: they are kept as they are.
+   `correct`: EOF2 + label embeddings (`open_correction`), then one constrained beam search whose
+   start beams are the drafts at those scores, keeping the best `B_cor` continuations over all
+   drafts (the fixed beam budget of Sec. 4.3).
+4. `merge_by_rule` (`rank_rule`). "joint" (the paper's reading: a draft judged wrong is replaced
+   by its correction): kept drafts with their draft score and corrected items with their search
+   score (draft score + alpha_e * H + correction log-prob), de-duplicated by item with the best
+   score, sorted; then `backfill`: the remaining drafts in draft order fill the list up to B.
+   "union": every draft stays with its draft score and the corrections join it, so a draft
+   always outranks its own corrections and corrections of strong drafts displace the weakest
+   drafts. "marginal": the two-pass model as a mixture,
+   p(i) = sum_b p(b) [q_b 1(i = b) + (1 - q_b) p_cor(i | b, r_b)] with
    q_b = p(r_loc = L+1 | b), summed over the beams' candidates (log-sum-exp per item); every
    draft goes to correction, starting at score_b + log(1 - q_b) (+ alpha_e * H).
 Reflection budget (`reflect_width` R): only the best R drafts are reflected on and corrected;
@@ -55,6 +58,8 @@ the other drafts keep their place and score (the correction then costs R/B of a 
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -62,8 +67,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from grc_core.beam_search import BeamResult, beam_search
-from grc_core.model import BackboneStepper, Batch, DecodeState, Memory, ModelConfig, Seq2Seq, sequence_loss
+from grc_core.beam_search import BeamResult, BeamTrace, beam_search
+from grc_core.model import (BackboneStepper, Batch, DecodeState, Memory, ModelConfig, Seq2Seq, decoder_step,
+                            sequence_loss)
 from grc_core.trie import PrefixTrie
 
 NEG_INF = float("-inf")
@@ -245,7 +251,52 @@ def sft_loss(model: GRCModel, batch: Batch, draft: torch.Tensor, r_loc: torch.Te
     return loss, {"mle": float(mle.detach()), "reflect": float(refl.detach()), "correct": float(corr.detach())}
 
 
-# ---------------------------------------------------------------- inference
+RANK_RULES = ("joint", "union", "marginal")
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    width: int  # B, drafts per user and the final list length
+    correct_width: int = 0  # B_cor, beams of the correction pass (0: = width)
+    alpha_e: float = 0.0  # EGRS entropy coefficient (Eq. 25); 0: plain GRC inference
+    reflect_width: int = 0  # R, the best R drafts are reflected on and corrected, the rest kept as they are (0: all)
+    rank_rule: str = "joint"  # joint | union | marginal: how drafts and corrections merge (module docstring, step 4)
+
+    def __post_init__(self) -> None:
+        if not _is_int(self.width) or self.width < 1:
+            raise ValueError(f"DecodeConfig.width must be a positive int, got {self.width!r}")
+        for name in ("correct_width", "reflect_width"):
+            value = getattr(self, name)
+            if not _is_int(value) or value < 0:
+                raise ValueError(f"DecodeConfig.{name} must be an int >= 0, got {value!r}")
+        a = self.alpha_e
+        if isinstance(a, bool) or not isinstance(a, numbers.Real) or not math.isfinite(a) or a < 0:
+            raise ValueError(f"DecodeConfig.alpha_e must be a finite number >= 0, got {a!r}")
+        if self.rank_rule not in RANK_RULES:
+            raise ValueError(f"DecodeConfig.rank_rule must be {' | '.join(RANK_RULES)}, got {self.rank_rule!r}")
+
+
+class GRCResult(NamedTuple):
+    items: torch.Tensor  # (B, W) final ranking, -1 padding
+    scores: torch.Tensor  # (B, W) merge scores, -inf padding
+    drafts: BeamResult  # first pass, (B, W) items/scores, (B, W, L) codes
+    reflection: torch.Tensor  # (B, W, K+1) argmax labels per draft: r_loc in 1..L+1, then r_sem in {0, 1}
+    entropy: torch.Tensor  # (B, W) mean reflection-slot entropy (Eq. 24), 0 for GC
+    corrected: BeamResult  # correction pass, (B, W_cor)
+    source: torch.Tensor  # (B, W_cor) index of the draft each corrected item came from, -1 padding
+
+
+class Reflection(NamedTuple):
+    """What the reflection pass says about the R reflected drafts of each user (argmax of each slot)."""
+
+    labels: torch.Tensor  # (B, R, K+1) r_loc in 1..L+1, then r_sem in {0, 1}; (B, R, 0) for GC
+    logps: list[torch.Tensor]  # per slot t (B, R, |V_t^ref|) log-probs: L+1 for r_loc, 2 per r_sem; [] for GC
+    judged_correct: torch.Tensor  # (B, R) bool, r_loc = L+1: the draft is kept as it is (Sec. 4.3); False for GC
+    log_right: torch.Tensor  # (B, R) log p(r_loc = L+1 | draft); -inf for GC
 
 
 class _StartStepper(BackboneStepper):
@@ -257,37 +308,6 @@ class _StartStepper(BackboneStepper):
 
     def begin(self, batch) -> tuple[torch.Tensor, DecodeState]:
         return self._start
-
-
-def _chunk(seq: Seq2Seq, memory: Memory, keys: list[torch.Tensor], values: list[torch.Tensor],
-           x: torch.Tensor, pos: int, mask: torch.Tensor) -> tuple[torch.Tensor, list, list]:
-    """C new decoder positions for (B, W) beams on top of a KV cache.
-
-    keys/values: per layer (B, W, H, S, dh); x (B, W, C, D) at positions pos..pos+C-1;
-    mask (C, S+C) additive. Returns hidden (B, W, C, D) and the extended caches.
-    """
-    b, w, c, d = x.shape
-    x = x + seq.dec_pos.weight[pos : pos + c]
-    new_k, new_v = [], []
-    for i, layer in enumerate(seq.decoder):
-        att = layer.self_attn
-        h = layer.n1(x)  # (B, W, C, D)
-        k, v = att.kv(h).chunk(2, dim=-1)  # (B, W, C, D)
-        k = k.view(b, w, c, att.h, att.dh).transpose(2, 3)  # (B, W, H, C, dh)
-        v = v.view(b, w, c, att.h, att.dh).transpose(2, 3)
-        k = torch.cat([keys[i], k], dim=3)  # (B, W, H, S+C, dh)
-        v = torch.cat([values[i], v], dim=3)
-        q = att.q(h).view(b, w, c, att.h, att.dh).transpose(2, 3)  # (B, W, H, C, dh)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, W, H, C, dh)
-        x = x + att.o(y.transpose(2, 3).reshape(b, w, c, d))
-        ca = layer.cross_attn
-        q = ca.q(layer.n2(x)).view(b, w * c, ca.h, ca.dh).transpose(1, 2)  # (B, H, W*C, dh)
-        y = F.scaled_dot_product_attention(q, memory.keys[i], memory.values[i], attn_mask=memory.mask)
-        x = x + ca.o(y.transpose(1, 2).reshape(b, w, c, d))  # (B, W, C, D)
-        x = x + layer.ff(layer.n3(x))
-        new_k.append(k)
-        new_v.append(v)
-    return seq.dec_norm(x), new_k, new_v
 
 
 def reflect_on_cache(model: GRCModel, memory: Memory, keys: list[torch.Tensor], values: list[torch.Tensor],
@@ -302,7 +322,7 @@ def reflect_on_cache(model: GRCModel, memory: Memory, keys: list[torch.Tensor], 
                    model.eof1.expand(b, w, 1, -1),  # EOF1
                    model.slot_inputs((b, w))], dim=2)  # (B, W, 2+K+1, D)
     mask = chunk_mask(t, n_levels, x.shape[2], x.device, x.dtype)  # (C, L+C)
-    hidden, keys, values = _chunk(seq, memory, keys, values, x, n_levels, mask)
+    hidden, keys, values = decoder_step(seq, memory, keys, values, x, n_levels, mask)  # (B, W, C, D)
     return hidden[:, :, 2:], keys, values
 
 
@@ -312,28 +332,132 @@ def open_correction(model: GRCModel, memory: Memory, keys: list[torch.Tensor], v
     """EOF2 + the label embeddings at position L+K+3 for (B, W) beams: hidden (B, W, D) and the extended cache."""
     pos = model.template.eof2
     x = model.eof2_input(r_loc, r_sem).expand(*lead, -1)[:, :, None]  # (B, W, 1, D)
-    hidden, keys, values = _chunk(model.seq, memory, keys, values, x, pos,
-                                  torch.zeros(1, pos + 1, dtype=x.dtype, device=x.device))
+    hidden, keys, values = decoder_step(model.seq, memory, keys, values, x, pos,
+                                        torch.zeros(1, pos + 1, dtype=x.dtype, device=x.device))
     return hidden[:, :, 0], keys, values
 
 
-class GRCResult(NamedTuple):
-    items: torch.Tensor  # (B, W) final ranking, -1 padding
-    scores: torch.Tensor  # (B, W) merge scores, -inf padding
-    drafts: BeamResult  # first pass, (B, W) items/scores, (B, W, L) codes
-    reflection: torch.Tensor  # (B, W, K+1) argmax labels per draft: r_loc in 1..L+1, then r_sem in {0, 1}
-    entropy: torch.Tensor  # (B, W) mean reflection-slot entropy (Eq. 24), 0 for GC
-    corrected: BeamResult  # correction pass, (B, W_cor)
-    source: torch.Tensor  # (B, W_cor) index of the draft each corrected item came from, -1 padding
+def reflect(model: GRCModel, drafts: BeamResult, trace: BeamTrace, reflect_width: int
+            ) -> tuple[Reflection, DecodeState]:
+    """The reflection stage (Sec. 4.3; parallel slots, Eq. 8): the best R drafts of each user go on
+    from their own cached decoder states with [d_L, EOF1, slot_0..slot_K]; the labels are each
+    slot's argmax. R = `reflect_width` (0: every draft).
+
+    Returns the reflection and the decoder state through the slots (L+K+3 positions, (B, R) beams)
+    that the correction pass continues.
+    """
+    t, state = model.template, trace.state
+    n_beams = trace.parents.shape[1]
+    r = min(reflect_width, n_beams) if reflect_width > 0 else n_beams
+    idx = trace.parents[:, :r, None, None, None]  # (B, R, 1, 1, 1) each draft's row in the cache
+    keys = [k.gather(1, idx.expand(-1, -1, *k.shape[2:])) for k in state.keys]  # (B, R, H, L, dh)
+    values = [v.gather(1, idx.expand(-1, -1, *v.shape[2:])) for v in state.values]
+    codes = drafts.codes[:, :r].clamp_min(0)  # (B, R, L) padding drafts read code 0; they stay -inf
+    slots, keys, values = reflect_on_cache(model, state.memory, keys, values, codes)  # (B, R, K+1, D)
+    after = DecodeState(state.memory, keys, values, t.eof2)
+    b = codes.shape[0]
+    if not t.reflect:
+        labels = torch.zeros(b, r, 0, dtype=torch.long, device=codes.device)  # (B, R, 0)
+        log_right = torch.full((b, r), NEG_INF, dtype=slots.dtype, device=codes.device)
+        return Reflection(labels, [], torch.zeros_like(log_right, dtype=torch.bool), log_right), after
+    logits = model.reflection_logits(slots)  # per slot (B, R, C_t)
+    labels = torch.stack([lg.argmax(-1) for lg in logits], -1)  # (B, R, K+1)
+    labels[..., 0] += 1  # r_loc is 1-based
+    logps = [F.log_softmax(lg, -1) for lg in logits]
+    right = labels[..., 0] == t.num_levels + 1  # (B, R)
+    return Reflection(labels, logps, right, logps[0][..., t.num_levels]), after
 
 
-@dataclass(frozen=True)
-class DecodeConfig:
-    width: int  # B, drafts per user and the final list length
-    correct_width: int = 0  # B_cor, beams of the correction pass (0: = width)
-    alpha_e: float = 0.0  # EGRS entropy coefficient (Eq. 25); 0: plain GRC inference
-    reflect_width: int = 0  # R, the best R drafts are reflected on and corrected, the rest kept as they are (0: all)
-    rank_rule: str = "joint"  # joint: drafts judged wrong give way to their corrections | union: every draft stays
+def reflection_entropy(refl: Reflection) -> torch.Tensor:
+    """Eq. 24: H_b = (1 / T_r) sum_t -sum_v p_t(v) log p_t(v), the mean entropy of the T_r = K+1
+    reflection slots of each draft, (B, R); 0 for GC (no slots)."""
+    if not refl.logps:
+        return torch.zeros_like(refl.log_right)
+    return torch.stack([-(lp.exp() * lp).sum(-1) for lp in refl.logps], -1).mean(-1)  # (B, R)
+
+
+def correction_start_scores(draft_scores: torch.Tensor, refl: Reflection, entropy: torch.Tensor, alpha_e: float,
+                            rank_rule: str) -> torch.Tensor:
+    """Eq. 25: score_b^EGRS = score_b^base + alpha_e * H_b, the score the correction beams of draft b
+    start from (draft_scores (B, R) -> (B, R)).
+
+    joint | union: a draft the reflection judges correct starts at -inf, so it is kept as it is
+    and not regenerated (Sec. 4.3). marginal: every draft is corrected, weighted by the
+    probability that it is wrong, + log(1 - q_b) with q_b = p(r_loc = L+1 | b).
+    """
+    start = draft_scores + alpha_e * entropy  # (B, R) Eq. 25
+    if rank_rule == "marginal":
+        return start + torch.log1p(-refl.log_right.exp().clamp(max=1 - 1e-6))
+    return start.masked_fill(refl.judged_correct, NEG_INF)
+
+
+def correct(model: GRCModel, state: DecodeState, refl: Reflection, start: torch.Tensor, trie: PrefixTrie,
+            width: int, exclude: torch.Tensor | None) -> tuple[BeamResult, torch.Tensor]:
+    """The correction pass (Sec. 4.1 template, Sec. 4.3 fixed beam budget): EOF2 + the reflection
+    labels, then one constrained beam search whose start beams are the R reflected drafts at
+    `start` (B, R) (Eq. 25), keeping the best `width` (B_cor) continuations over all drafts.
+
+    Returns the corrections (B, B_cor) and the draft each descends from (B, B_cor), -1 padding.
+    """
+    t = model.template
+    b, r = start.shape
+    r_loc, r_sem = (refl.labels[..., 0], refl.labels[..., 1:]) if t.reflect else (None, None)
+    hidden, keys, values = open_correction(model, state.memory, state.keys, state.values, r_loc, r_sem, (b, r))
+    first_logp = F.log_softmax(model.seq.heads[0](hidden), -1)  # (B, R, V_0)
+    stepper = _StartStepper(model.seq, first_logp, DecodeState(state.memory, keys, values, t.eof2 + 1))
+    corrected, trace = beam_search(stepper, None, trie, width, initial_scores=start, return_trace=True,
+                                   exclude=exclude)
+    source = torch.full_like(corrected.items, -1)  # (B, B_cor)
+    source[:, : trace.origin.shape[1]] = trace.origin
+    return corrected, source.masked_fill(corrected.items < 0, -1)
+
+
+def listed_drafts(drafts: BeamResult, refl: Reflection, rank_rule: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The drafts that enter the final ranking, and their merge scores, (B, W) each (-1 / -inf: not listed).
+
+    joint: only the drafts judged correct, at their draft score; union: every draft, at its draft
+    score; marginal: every draft, at score_b + log q_b (kept with probability q_b). Drafts beyond
+    the reflection budget R are listed with their draft score under every rule.
+    """
+    b, w = drafts.items.shape
+    r = refl.judged_correct.shape[1]
+    listed = refl.judged_correct if rank_rule == "joint" else torch.ones_like(refl.judged_correct)  # (B, R)
+    score = drafts.scores[:, :r] + refl.log_right if rank_rule == "marginal" else drafts.scores[:, :r]
+    listed = torch.cat([listed, listed.new_ones(b, w - r)], 1)  # (B, W)
+    score = torch.cat([score, drafts.scores[:, r:]], 1)
+    return drafts.items.masked_fill(~listed, -1), score.masked_fill(~listed, NEG_INF)
+
+
+def merge_by_rule(drafts: BeamResult, refl: Reflection, corrected: BeamResult, rank_rule: str, n_items: int,
+                  width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Step 4, the merge (module docstring): the listed drafts and the corrections in one ranking,
+    (B, W) items and scores. joint | union: the best score of each item; marginal: the log-sum-exp
+    of its scores (the two-pass mixture)."""
+    kept_items, kept_scores = listed_drafts(drafts, refl, rank_rule)  # (B, W)
+    ranked = torch.cat([kept_items, corrected.items], 1)  # (B, W + B_cor)
+    ranked_scores = torch.cat([kept_scores, corrected.scores], 1)
+    if rank_rule == "marginal":
+        ranked_scores = _sum_per_item(ranked, ranked_scores, n_items)
+    return _merge(ranked, ranked_scores, width)
+
+
+def backfill(items: torch.Tensor, scores: torch.Tensor, drafts: BeamResult, width: int
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fill the padding of the merged list (B, W) with drafts not in it, in draft order (scores -inf),
+    so that the list stays full when corrections and kept drafts are fewer than W."""
+    missing = int((items < 0).sum(1).max()) if items.numel() else 0
+    if missing == 0:
+        return items, scores
+    b = items.shape[0]
+    present = (drafts.items[:, :, None] == items[:, None, :]).any(-1) | (drafts.items < 0)  # (B, W)
+    fill_order = torch.where(present, width + torch.arange(width, device=items.device),
+                             torch.arange(width, device=items.device)).sort(1).indices  # new drafts first
+    fill = drafts.items.gather(1, fill_order).masked_fill(present.gather(1, fill_order), -1)  # (B, W)
+    n_have = (items >= 0).sum(1, keepdim=True)  # (B, 1)
+    slot = torch.arange(width, device=items.device).expand(b, width)
+    take = (slot - n_have).clamp_min(0)  # (B, W) index into fill for padding slots
+    out = torch.where(slot < n_have, items, fill.gather(1, take))
+    return out, scores
 
 
 def _merge(cand_items: torch.Tensor, cand_scores: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -372,91 +496,27 @@ def _sum_per_item(items: torch.Tensor, scores: torch.Tensor, n_items: int) -> to
     return torch.where(top > NEG_INF, safe + tot.gather(1, idx).log(), top)
 
 
+def _pad_beams(x: torch.Tensor, width: int) -> torch.Tensor:
+    """(B, R, ...) -> (B, width, ...) with zeros for the drafts that were not reflected on."""
+    short = width - x.shape[1]
+    return torch.cat([x, x.new_zeros(x.shape[0], short, *x.shape[2:])], 1) if short > 0 else x
+
+
 @torch.inference_mode()
 def grc_decode(model: GRCModel, batch: Batch, trie: PrefixTrie, cfg: DecodeConfig,
                exclude: torch.Tensor | None = None) -> GRCResult:
-    """Two-pass GRC inference for B users (module docstring, steps 1-4).
+    """Two-pass GRC inference with EGRS for B users (Sec. 4.3; module docstring, steps 1-4).
 
     `exclude` (B, N) bool: items neither pass may return (e.g. the user's history).
     """
-    seq, t = model.seq, model.template
-    n_levels = t.num_levels
-    drafts, trace = beam_search(BackboneStepper(seq), batch, trie, cfg.width, return_trace=True, exclude=exclude)
-    state: DecodeState = trace.state
-    b, w_all = trace.parents.shape
-    w_last = min(cfg.reflect_width, w_all) if cfg.reflect_width > 0 else w_all  # drafts that get reflection
-    idx = trace.parents[:, :w_last, None, None, None]  # (B, R, 1, 1, 1)
-    keys = [k.gather(1, idx.expand(-1, -1, *k.shape[2:])) for k in state.keys]  # (B, W, H, L, dh)
-    values = [v.gather(1, idx.expand(-1, -1, *v.shape[2:])) for v in state.values]
-    codes = drafts.codes[:, :w_last].clamp_min(0)  # (B, W, L) padding drafts read code 0; they stay -inf
-    slots, keys, values = reflect_on_cache(model, state.memory, keys, values, codes)
-    if t.reflect:
-        logits = model.reflection_logits(slots)  # per slot (B, W, C_j)
-        labels = torch.stack([lg.argmax(-1) for lg in logits], -1)  # (B, W, K+1)
-        labels[..., 0] += 1  # r_loc is 1-based
-        logps = [F.log_softmax(lg, -1) for lg in logits]
-        entropy = torch.stack([-(lp.exp() * lp).sum(-1) for lp in logps], -1).mean(-1)  # (B, W) Eq. 24
-        r_loc, r_sem = labels[..., 0], labels[..., 1:]
-        log_right = logps[0][..., n_levels]  # (B, W) log p(r_loc = L+1)
-    else:
-        labels = torch.zeros(b, w_last, 0, dtype=torch.long, device=codes.device)
-        entropy = torch.zeros(b, w_last, dtype=slots.dtype, device=codes.device)
-        r_loc, r_sem = None, None
-        log_right = torch.full((b, w_last), NEG_INF, dtype=slots.dtype, device=codes.device)
-    if cfg.rank_rule not in ("joint", "union", "marginal"):
-        raise ValueError(f"rank_rule must be joint | union | marginal, got {cfg.rank_rule!r}")
-    hidden, keys, values = open_correction(model, state.memory, keys, values, r_loc, r_sem, (b, w_last))
-    pos = t.eof2
-    first_logp = F.log_softmax(seq.heads[0](hidden), -1)  # (B, W, V_0)
-    start = drafts.scores[:, :w_last] + cfg.alpha_e * entropy  # (B, W) Eq. 25
-    kept = (r_loc == n_levels + 1) if t.reflect else torch.zeros_like(start, dtype=torch.bool)
-    if cfg.rank_rule == "marginal":  # every draft is corrected, weighted by p(wrong)
-        start = start + torch.log1p(-log_right.exp().clamp(max=1 - 1e-6))
-    else:
-        start = start.masked_fill(kept, NEG_INF)
-    width_cor = cfg.correct_width or cfg.width
-    stepper = _StartStepper(seq, first_logp, DecodeState(state.memory, keys, values, pos + 1))
-    corrected, ctrace = beam_search(stepper, None, trie, width_cor, initial_scores=start, return_trace=True,
-                                    exclude=exclude)
-    source = torch.full_like(corrected.items, -1)  # (B, W_cor)
-    source[:, : ctrace.origin.shape[1]] = ctrace.origin
-    source = source.masked_fill(corrected.items < 0, -1)
-    listed = kept if cfg.rank_rule == "joint" else torch.ones_like(kept)
-    if cfg.rank_rule == "marginal":
-        listed_score = drafts.scores[:, :w_last] + log_right  # draft b kept with probability p(r_loc = L+1 | b)
-    else:
-        listed_score = drafts.scores[:, :w_last]
-    rest = w_all - w_last  # drafts beyond the reflection budget stay as they are
-    listed = torch.cat([listed, listed.new_ones(b, rest)], 1)  # (B, W)
-    listed_score = torch.cat([listed_score, drafts.scores[:, w_last:w_all]], 1)
-    kept_items = drafts.items[:, :w_all].masked_fill(~listed, -1)
-    kept_scores = listed_score.masked_fill(~listed, NEG_INF)
-    ranked = torch.cat([kept_items, corrected.items], 1)  # (B, W + W_cor)
-    ranked_scores = torch.cat([kept_scores, corrected.scores], 1)
-    if cfg.rank_rule == "marginal":
-        ranked_scores = _sum_per_item(ranked, ranked_scores, trie.ids.shape[0])
-    items, scores = _merge(ranked, ranked_scores, cfg.width)
-    items, scores = _backfill(items, scores, drafts, cfg.width)
-    if w_last < cfg.width:
-        pad = cfg.width - w_last  # drafts not reflected on (budget) and beam padding
-        labels = torch.cat([labels, labels.new_zeros(b, pad, labels.shape[2])], 1)
-        entropy = torch.cat([entropy, entropy.new_zeros(b, pad)], 1)
-    return GRCResult(items, scores, drafts, labels, entropy, corrected, source)
-
-
-def _backfill(items: torch.Tensor, scores: torch.Tensor, drafts: BeamResult, width: int
-              ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fill the padding of the merged list with drafts not in it, in draft order (scores -inf)."""
-    missing = int((items < 0).sum(1).max()) if items.numel() else 0
-    if missing == 0:
-        return items, scores
-    b = items.shape[0]
-    present = (drafts.items[:, :, None] == items[:, None, :]).any(-1) | (drafts.items < 0)  # (B, W)
-    fill_order = torch.where(present, width + torch.arange(width, device=items.device),
-                             torch.arange(width, device=items.device)).sort(1).indices  # new drafts first
-    fill = drafts.items.gather(1, fill_order).masked_fill(present.gather(1, fill_order), -1)  # (B, W)
-    n_have = (items >= 0).sum(1, keepdim=True)  # (B, 1)
-    slot = torch.arange(width, device=items.device).expand(b, width)
-    take = (slot - n_have).clamp_min(0)  # (B, W) index into fill for padding slots
-    out = torch.where(slot < n_have, items, fill.gather(1, take))
-    return out, scores
+    drafts, trace = beam_search(BackboneStepper(model.seq), batch, trie, cfg.width, return_trace=True,
+                                exclude=exclude)  # 1. generation: B drafts, (B, W)
+    refl, state = reflect(model, drafts, trace, cfg.reflect_width)  # 2. reflection of the best R
+    entropy = reflection_entropy(refl)  # (B, R) Eq. 24
+    r = entropy.shape[1]
+    start = correction_start_scores(drafts.scores[:, :r], refl, entropy, cfg.alpha_e, cfg.rank_rule)  # Eq. 25
+    corrected, source = correct(model, state, refl, start, trie, cfg.correct_width or cfg.width, exclude)  # 3.
+    items, scores = merge_by_rule(drafts, refl, corrected, cfg.rank_rule, trie.ids.shape[0], cfg.width)  # 4.
+    items, scores = backfill(items, scores, drafts, cfg.width)
+    return GRCResult(items, scores, drafts, _pad_beams(refl.labels, cfg.width), _pad_beams(entropy, cfg.width),
+                     corrected, source)

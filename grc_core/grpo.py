@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from grc_core import distributed
 from grc_core.data import Instances, ItemTable, to_batch
 from grc_core.grc import GRCModel, expand_memory, open_correction, reflect_on_cache, template_mask
-from grc_core.model import Batch, BackboneStepper, Memory
+from grc_core.model import Batch, Memory, decoder_step
 from grc_core.rewards import RewardConfig, first_divergence, group_advantages, grc_rewards
 from grc_core.train import TrainerState, load_checkpoint, make_optimizer, save_checkpoint
 from grc_core.trie import PrefixTrie
@@ -91,23 +91,29 @@ def _allowed(trie: PrefixTrie, level: int, nodes: torch.Tensor, exclude: torch.T
     return ok, child
 
 
+def _code_step(seq, memory: Memory, keys: list[torch.Tensor], values: list[torch.Tensor], x: torch.Tensor,
+               pos: int) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+    """One cached decoder position for the (B, G) episodes: x (B, G, D) -> hidden (B, G, D) and the caches."""
+    hidden, keys, values = decoder_step(seq, memory, keys, values, x[:, :, None], pos)  # (B, G, 1, D)
+    return hidden[:, :, 0], keys, values
+
+
 @torch.no_grad()
 def sample_episodes(model: GRCModel, batch: Batch, trie: PrefixTrie, cfg: GRPOConfig,
                     gen: torch.Generator | None = None, exclude: torch.Tensor | None = None) -> Episodes:
     """G episodes for each of the B users of `batch` with the KV cache (no teacher forcing)."""
     seq, t = model.seq, model.template
     n_levels, g = t.num_levels, cfg.group_size
-    stepper = BackboneStepper(seq)
     memory = seq.encode(batch)
     b = batch.history_codes.shape[0]
     x = seq.bos.expand(b, g, -1)  # (B, G, D)
     # Draft: level by level, G independent samples per user (each beam its own parent).
-    hidden, keys, values = stepper._step(memory, [], [], x, 0)
+    hidden, keys, values = _code_step(seq, memory, [], [], x, 0)
     nodes = torch.zeros(b, g, dtype=torch.long, device=x.device)  # (B, G)
     codes, logps = [], []
     for level in range(n_levels):
         if level > 0:
-            hidden, keys, values = stepper._step(memory, keys, values, seq.dec_codes[level - 1](codes[-1]), level)
+            hidden, keys, values = _code_step(seq, memory, keys, values, seq.dec_codes[level - 1](codes[-1]), level)
         ok, child = _allowed(trie, level, nodes, exclude)
         tok, lp = _sample(seq.heads[level](hidden), ok, cfg.temperature, gen)  # (B, G)
         nodes = child.gather(-1, tok[..., None])[..., 0]
@@ -131,8 +137,8 @@ def sample_episodes(model: GRCModel, batch: Batch, trie: PrefixTrie, cfg: GRPOCo
     codes = []
     for level in range(n_levels):
         if level > 0:
-            hidden, keys, values = stepper._step(memory, keys, values, seq.dec_codes[level - 1](codes[-1]),
-                                                 pos + level)
+            hidden, keys, values = _code_step(seq, memory, keys, values, seq.dec_codes[level - 1](codes[-1]),
+                                              pos + level)
         ok, child = _allowed(trie, level, nodes, exclude)
         tok, lp = _sample(seq.heads[level](hidden), ok, cfg.temperature, gen)
         nodes = child.gather(-1, tok[..., None])[..., 0]

@@ -9,6 +9,11 @@ TIGER's layout (each code its own position, with level and item-position embeddi
 Decoder: BOS then the target's codes; position t predicts level t's code from its own
 output head (each level has its own vocabulary). The decoder takes any sequence of input
 embeddings and an optional self-attention mask, so the GRC template (issue 5) reuses it.
+Every use of the decoder layers goes through one function, `decoder_step` (C new positions on
+top of a self-attention KV cache): teacher forcing (`Seq2Seq.decode`, empty cache), the beam
+search's `BackboneStepper`, GRC's reflection and correction passes and GRPO's sampler.
+`reference_decode` writes the same decoder out with explicit attention and no cache, for
+parity tests.
 
 Deviations from the paper / TIGER:
 - Pre-LayerNorm blocks with learned absolute positions instead of T5's relative bias.
@@ -169,21 +174,16 @@ class Seq2Seq(nn.Module):
 
     def decode(self, x: torch.Tensor, memory: Memory, self_mask: torch.Tensor | None = None,
                start: int = 0) -> torch.Tensor:
-        """Full-sequence decoder: inputs (B, S, D) -> hidden states (B, S, D).
+        """Full-sequence decoder (teacher forcing): inputs (B, S, D) -> hidden states (B, S, D).
 
         `self_mask` is an additive (S, S) mask; None means causal. `start` offsets positions.
+        This is `decoder_step` on an empty cache, and the reference the cached steps are tested
+        against (tests/grc_core/test_model.py).
         """
-        s = x.shape[1]
-        x = x + self.dec_pos.weight[start : start + s]
         if self_mask is None:
-            self_mask = causal_mask(s, x.device, x.dtype)
-        for i, layer in enumerate(self.decoder):
-            h = layer.n1(x)
-            k, v = layer.self_attn.keys_values(h)
-            x = x + layer.drop(layer.self_attn.attend(h, k, v, self_mask))
-            x = x + layer.drop(layer.cross_attn.attend(layer.n2(x), memory.keys[i], memory.values[i], memory.mask))
-            x = x + layer.drop(layer.ff(layer.n3(x)))
-        return self.dec_norm(x)
+            self_mask = causal_mask(x.shape[1], x.device, x.dtype)
+        hidden, _, _ = decoder_step(self, memory, [], [], x, start, self_mask)  # (B, S, D)
+        return hidden
 
     def level_logits(self, hidden: torch.Tensor) -> list[torch.Tensor]:
         """Hidden states (B, >=L, D) at BOS..code L-1 -> logits per level, each (B, V_l)."""
@@ -193,6 +193,75 @@ class Seq2Seq(nn.Module):
         memory = self.encode(batch)
         x = self.embed_decoder_codes(batch.target_codes[:, :-1])  # (B, L, D)
         return self.level_logits(self.decode(x, memory))
+
+
+def decoder_step(seq: Seq2Seq, memory: Memory, keys: list[torch.Tensor], values: list[torch.Tensor],
+                 x: torch.Tensor, pos: int, mask: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+    """C new decoder positions on top of a self-attention KV cache, through every decoder layer.
+
+    The one decoder-layer code path: the teacher-forced `Seq2Seq.decode` (lead (B,), empty
+    cache), the beam search's `BackboneStepper` (lead (B, W), C = 1), GRC's reflection and
+    correction chunks (`grc.reflect_on_cache`, `grc.open_correction`) and GRPO's sampler.
+
+    x (*lead, C, D) inputs at positions pos..pos+C-1, lead = (B,) or (B, W);
+    keys/values: per layer (*lead, H, S, dh), the cache of positions 0..S-1, or [] for none;
+    mask: additive (C, S+C) self-attention mask over cache and new positions, None: see all.
+    Cross-attention: the W*C queries of a user share that user's (B, H, T, dh) memory.
+    Returns hidden (*lead, C, D) after the final norm and the caches (*lead, H, S+C, dh).
+    """
+    lead, c, d = x.shape[:-2], x.shape[-2], x.shape[-1]
+    b = lead[0]
+    x = x + seq.dec_pos.weight[pos : pos + c]
+    new_k, new_v = [], []
+    for i, layer in enumerate(seq.decoder):
+        att = layer.self_attn
+        h = layer.n1(x)  # (*lead, C, D)
+        k, v = att.kv(h).chunk(2, dim=-1)  # (*lead, C, D)
+        k = k.view(*lead, c, att.h, att.dh).transpose(-3, -2)  # (*lead, H, C, dh)
+        v = v.view(*lead, c, att.h, att.dh).transpose(-3, -2)
+        if keys:
+            k = torch.cat([keys[i], k], dim=-2)  # (*lead, H, S+C, dh)
+            v = torch.cat([values[i], v], dim=-2)
+        q = att.q(h).view(*lead, c, att.h, att.dh).transpose(-3, -2)  # (*lead, H, C, dh)
+        p = att.p if att.training else 0.0
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)  # (*lead, H, C, dh)
+        x = x + layer.drop(att.o(y.transpose(-3, -2).reshape(*lead, c, d)))  # (*lead, C, D)
+        ca = layer.cross_attn
+        q = ca.q(layer.n2(x)).view(b, -1, ca.h, ca.dh).transpose(1, 2)  # (B, H, W*C, dh)
+        p = ca.p if ca.training else 0.0
+        y = F.scaled_dot_product_attention(q, memory.keys[i], memory.values[i], attn_mask=memory.mask,
+                                           dropout_p=p)  # (B, H, W*C, dh)
+        x = x + layer.drop(ca.o(y.transpose(1, 2).reshape(*lead, c, d)))  # (*lead, C, D)
+        x = x + layer.drop(layer.ff(layer.n3(x)))
+        new_k.append(k)
+        new_v.append(v)
+    return seq.dec_norm(x), new_k, new_v
+
+
+def reference_decode(seq: Seq2Seq, x: torch.Tensor, memory: Memory, self_mask: torch.Tensor | None = None,
+                     start: int = 0) -> torch.Tensor:
+    """`Seq2Seq.decode` written out: softmax(q k^T / sqrt(dh) + mask) v per head, the whole
+    sequence at once, no cache, no fused attention, no dropout. Slow and obvious, for parity tests
+    of `decoder_step`. x (B, S, D) -> hidden (B, S, D)."""
+    s = x.shape[1]
+    mask = causal_mask(s, x.device, x.dtype) if self_mask is None else self_mask  # (S, S)
+
+    def attention(att: Attention, q_in: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                  bias: torch.Tensor) -> torch.Tensor:
+        b, n, _ = q_in.shape
+        q = att.q(q_in).view(b, n, att.h, att.dh).transpose(1, 2)  # (B, H, S, dh)
+        weights = torch.softmax(q @ k.transpose(-1, -2) / att.dh**0.5 + bias, dim=-1)  # (B, H, S, S')
+        return att.o((weights @ v).transpose(1, 2).reshape(b, n, att.h * att.dh))  # (B, S, D)
+
+    x = x + seq.dec_pos.weight[start : start + s]
+    for i, layer in enumerate(seq.decoder):
+        h = layer.n1(x)
+        k, v = layer.self_attn.keys_values(h)  # (B, H, S, dh)
+        x = x + attention(layer.self_attn, h, k, v, mask)
+        x = x + attention(layer.cross_attn, layer.n2(x), memory.keys[i], memory.values[i], memory.mask)
+        x = x + layer.ff(layer.n3(x))
+    return seq.dec_norm(x)
 
 
 def causal_mask(s: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
@@ -229,40 +298,14 @@ class BackboneStepper:
     def __init__(self, model: Seq2Seq):
         self.model = model
 
-    def _step(self, memory: Memory, keys, values, x: torch.Tensor, pos: int):
-        """One decoder position for (B, W) beams: x (B, W, D) -> hidden (B, W, D)."""
-        m = self.model
-        b, w, d = x.shape
-        x = x + m.dec_pos.weight[pos]
-        new_k, new_v = [], []
-        for i, layer in enumerate(m.decoder):
-            att = layer.self_attn
-            h = layer.n1(x)  # (B, W, D)
-            k, v = att.kv(h).chunk(2, dim=-1)  # (B, W, D)
-            k = k.view(b, w, att.h, 1, att.dh)
-            v = v.view(b, w, att.h, 1, att.dh)
-            k = torch.cat([keys[i], k], dim=3) if keys else k  # (B, W, H, S, dh)
-            v = torch.cat([values[i], v], dim=3) if values else v
-            q = att.q(h).view(b, w, att.h, 1, att.dh)  # (B, W, H, 1, dh)
-            y = F.scaled_dot_product_attention(q, k, v)  # (B, W, H, 1, dh)
-            x = x + att.o(y.reshape(b, w, d))
-            ca = layer.cross_attn
-            q = ca.q(layer.n2(x)).view(b, w, ca.h, ca.dh).transpose(1, 2)  # (B, H, W, dh)
-            y = F.scaled_dot_product_attention(q, memory.keys[i], memory.values[i], attn_mask=memory.mask)
-            x = x + ca.o(y.transpose(1, 2).reshape(b, w, d))  # (B, W, D)
-            x = x + layer.ff(layer.n3(x))
-            new_k.append(k)
-            new_v.append(v)
-        return m.dec_norm(x), new_k, new_v
-
     @torch.inference_mode()
     def begin(self, batch: Batch) -> tuple[torch.Tensor, DecodeState]:
         m = self.model
         memory = m.encode(batch)
         b = batch.history_codes.shape[0]
         x = m.bos.expand(b, 1, -1)  # (B, 1, D)
-        hidden, k, v = self._step(memory, [], [], x, 0)
-        logp = F.log_softmax(m.heads[0](hidden), dim=-1)  # (B, 1, V_0)
+        hidden, k, v = decoder_step(m, memory, [], [], x[:, :, None], 0)  # (B, 1, 1, D)
+        logp = F.log_softmax(m.heads[0](hidden[:, :, 0]), dim=-1)  # (B, 1, V_0)
         return logp, DecodeState(memory, k, v, 1)
 
     @torch.inference_mode()
@@ -273,8 +316,8 @@ class BackboneStepper:
         keys = [k.gather(1, idx.expand(-1, -1, *k.shape[2:])) for k in state.keys]  # (B, W, H, S, dh)
         values = [v.gather(1, idx.expand(-1, -1, *v.shape[2:])) for v in state.values]
         x = m.dec_codes[level](tokens)  # (B, W, D)
-        hidden, k, v = self._step(state.memory, keys, values, x, state.hidden_len)
-        logp = F.log_softmax(m.heads[level + 1](hidden), dim=-1)  # (B, W, V_{level+1})
+        hidden, k, v = decoder_step(m, state.memory, keys, values, x[:, :, None], state.hidden_len)  # (B, W, 1, D)
+        logp = F.log_softmax(m.heads[level + 1](hidden[:, :, 0]), dim=-1)  # (B, W, V_{level+1})
         return logp, DecodeState(state.memory, k, v, state.hidden_len + 1)
 
 

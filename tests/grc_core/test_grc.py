@@ -5,8 +5,10 @@ import torch
 import torch.nn.functional as F
 
 from grc_core.beam_search import beam_search
-from grc_core.grc import (DecodeConfig, GRCModel, SFTLossConfig, Template, _merge, grc_decode,
-                          sft_loss, template_mask)
+from grc_core.beam_search import BeamResult
+from grc_core.grc import (DecodeConfig, GRCModel, Reflection, SFTLossConfig, Template, _merge, backfill,
+                          correction_start_scores, grc_decode, listed_drafts, reflection_entropy, sft_loss,
+                          template_mask)
 from grc_core.model import BackboneStepper, ModelConfig, Seq2Seq
 from grc_core.trie import PrefixTrie
 from tests.grc_core.test_model import LEVELS, batch_for, catalog
@@ -245,8 +247,6 @@ def test_union_rule_keeps_every_draft_that_outscores_the_list_tail():
         for i, sc in zip(res.drafts.items[u].tolist(), res.drafts.scores[u].tolist()):
             if i in res.items[u].tolist():
                 assert float(res.scores[u, res.items[u].tolist().index(i)]) >= sc - 1e-6
-    with pytest.raises(ValueError, match="rank_rule"):
-        grc_decode(model, batch, trie, DecodeConfig(width=4, rank_rule="bogus"))
 
 
 def test_egrs_gives_the_correction_budget_to_the_most_uncertain_drafts():
@@ -309,3 +309,78 @@ def test_reflection_budget_touches_only_the_best_drafts(rule):
         for i, sc in zip(part.drafts.items[u, 3:].tolist(), part.drafts.scores[u, 3:].tolist()):
             if i in listed and rule != "marginal":
                 assert listed[i] >= sc - 1e-6
+
+
+@pytest.mark.parametrize("field,value", [("width", 0), ("width", 2.0), ("width", True), ("correct_width", -1),
+                                         ("reflect_width", -2), ("reflect_width", 1.5), ("alpha_e", -0.1),
+                                         ("alpha_e", float("nan")), ("alpha_e", float("inf")),
+                                         ("rank_rule", "bogus"), ("rank_rule", "Joint")])
+def test_decode_config_rejects_bad_settings_at_construction(field, value):
+    kwargs = {"width": 4, field: value}
+    with pytest.raises(ValueError, match=f"DecodeConfig.{field} .*got {value!r}"):
+        DecodeConfig(**kwargs)
+
+
+def test_decode_config_accepts_the_edges():
+    for rule in ["joint", "union", "marginal"]:
+        DecodeConfig(width=1, correct_width=0, alpha_e=0, reflect_width=0, rank_rule=rule)
+    DecodeConfig(width=np.int64(3), correct_width=np.int64(2), alpha_e=np.float32(0.2))
+
+
+def _reflection(labels, logps, n_levels):
+    """A Reflection as `reflect` builds it from argmax labels and slot log-probs."""
+    return Reflection(labels, logps, labels[..., 0] == n_levels + 1, logps[0][..., n_levels])
+
+
+def test_reflection_entropy_by_hand():
+    # One draft, L = 3: r_loc uniform over L+1 = 4 classes (entropy log 4), r_sem (1/2, 1/2) (log 2);
+    # Eq. 24 averages the T_r = 2 slots: (log 4 + log 2) / 2 = 1.5 log 2.
+    loc = torch.full((1, 1, 4), 0.25).log()
+    sem = torch.full((1, 1, 2), 0.5).log()
+    refl = _reflection(torch.tensor([[[1, 0]]]), [loc, sem], n_levels=3)
+    assert float(reflection_entropy(refl)[0, 0]) == pytest.approx(1.5 * math.log(2), abs=1e-6)
+    gc = Reflection(torch.zeros(2, 3, 0, dtype=torch.long), [], torch.zeros(2, 3, dtype=torch.bool),
+                    torch.full((2, 3), float("-inf")))
+    assert torch.equal(reflection_entropy(gc), torch.zeros(2, 3))  # no slots: no entropy
+
+
+def test_correction_start_scores_by_hand():
+    # Two drafts, L = 1 (r_loc in {1, 2}, 2 = "correct"): draft 0 judged wrong with q = 0.25,
+    # draft 1 judged correct with q = 0.75; scores -1, -2; entropies 0.5, 0.1; alpha_e 2.
+    q = torch.tensor([[0.25, 0.75]])
+    logps = [torch.stack([1 - q, q], -1).log()]  # (1, 2, 2)
+    refl = _reflection(torch.tensor([[[1], [2]]]), logps, n_levels=1)
+    scores, entropy = torch.tensor([[-1.0, -2.0]]), torch.tensor([[0.5, 0.1]])
+    joint = correction_start_scores(scores, refl, entropy, 2.0, "joint")
+    # Eq. 25: -1 + 2 * 0.5 = 0; the draft judged correct does not go to correction
+    assert joint.tolist() == [[0.0, float("-inf")]]
+    assert torch.equal(correction_start_scores(scores, refl, entropy, 2.0, "union"), joint)
+    marginal = correction_start_scores(scores, refl, entropy, 2.0, "marginal")
+    # every draft goes, weighted by p(wrong): 0 + log 0.75 and -2 + 0.2 + log 0.25
+    torch.testing.assert_close(marginal, torch.tensor([[math.log(0.75), -1.8 + math.log(0.25)]]), atol=1e-6, rtol=0)
+
+
+def test_listed_drafts_by_hand():
+    # W = 3 drafts, R = 2 reflected: draft 0 judged wrong (q = 0.25), draft 1 judged correct
+    # (q = 0.75); draft 2 beyond the reflection budget.
+    q = torch.tensor([[0.25, 0.75]])
+    refl = _reflection(torch.tensor([[[1], [2]]]), [torch.stack([1 - q, q], -1).log()], n_levels=1)
+    drafts = BeamResult(torch.tensor([[7, 4, 9]]), torch.tensor([[-1.0, -2.0, -3.0]]), torch.zeros(1, 3, 1))
+    items, scores = listed_drafts(drafts, refl, "joint")
+    assert items.tolist() == [[-1, 4, 9]] and scores.tolist() == [[float("-inf"), -2.0, -3.0]]
+    items, scores = listed_drafts(drafts, refl, "union")
+    assert items.tolist() == [[7, 4, 9]] and scores.tolist() == [[-1.0, -2.0, -3.0]]
+    items, scores = listed_drafts(drafts, refl, "marginal")  # kept with probability q: score + log q
+    assert items.tolist() == [[7, 4, 9]]
+    torch.testing.assert_close(scores, torch.tensor([[-1 + math.log(0.25), -2 + math.log(0.75), -3.0]]),
+                               atol=1e-6, rtol=0)
+
+
+def test_backfill_appends_missing_drafts_in_draft_order():
+    drafts = BeamResult(torch.tensor([[5, 3, 8, -1]]), torch.tensor([[-1.0, -2.0, -3.0, float("-inf")]]),
+                        torch.zeros(1, 4, 1))
+    items = torch.tensor([[3, 6, -1, -1]])  # 3 is a draft already listed, 6 a correction
+    scores = torch.tensor([[-0.5, -0.7, float("-inf"), float("-inf")]])
+    out, out_scores = backfill(items, scores, drafts, 4)
+    assert out.tolist() == [[3, 6, 5, 8]]  # drafts 5 and 8, in draft order, fill the padding
+    assert torch.equal(out_scores, scores)  # backfilled drafts keep score -inf
