@@ -41,6 +41,7 @@ from grc_core.config import ModelConfig, TrainConfig
 from grc_core.model import Seq2Seq
 from grc_core.train import fit_seq2seq, format_record
 from grc_core.trie import PrefixTrie
+from tasks.checkpoints import Checkpointer
 
 
 def export(name: str, data: str, out: Path, overrides: list[str], with_test: bool) -> None:
@@ -97,7 +98,7 @@ def train(name: str, src: Path, out: Path, device: str, test_beam: int) -> None:
 
     work = out / name
     t0 = time.perf_counter()
-    state = fit_seq2seq(model, split["train"], split["valid"], table, trie, cfg, work / "ckpt", meta["fingerprint"],
+    state = fit_seq2seq(model, split["train"], split["valid"], table, trie, cfg, Checkpointer(work / "ckpt", meta["fingerprint"]),
                         meta["valid_beam"], meta["eval_batch_size"], meta["exclude_history"], log)
     wall = time.perf_counter() - t0
     info = {"name": name, "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor(),

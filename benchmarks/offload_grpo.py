@@ -41,8 +41,9 @@ from grc_core.evaluation import history_mask, rank_with_grc, ranking_metrics
 from grc_core.grc import DecodeConfig, GRCModel, grc_from_config
 from grc_core.grpo import GRPOConfig, LoopConfig, run_grpo
 from grc_core.rewards import RewardConfig
-from grc_core.train import format_record, load_weights
+from grc_core.train import format_record
 from grc_core.trie import PrefixTrie
+from tasks.checkpoints import Checkpointer
 
 ALPHAS = (0.0, 0.1, 0.2, 0.4, 0.8)
 
@@ -128,7 +129,7 @@ def train(name: str, src: Path, out: Path, device: str, keep_weights: bool) -> N
     work = out / name
     t0 = time.perf_counter()
     state = run_grpo(policy, ref, split["train"], table, trie, GRPOConfig(**meta["grpo"]), RewardConfig(**meta["rewards"]),
-                     LoopConfig(**meta["loop"]), validate, work / "ckpt", meta["fingerprint"],
+                     LoopConfig(**meta["loop"]), validate, Checkpointer(work / "ckpt", meta["fingerprint"]),
                      (lambda h: history_mask(h, n_items)) if excl else None, log)
     wall = time.perf_counter() - t0
     episodes = sum(r.get("episodes", 0) for r in state.history)
@@ -151,7 +152,7 @@ def train(name: str, src: Path, out: Path, device: str, keep_weights: bool) -> N
 
     full = DecodeConfig(width=meta["eval_beam"], rank_rule=meta["rank_rule"])
     last = copy.deepcopy(policy).eval()
-    load_weights(work / "ckpt" / "best", policy)
+    Checkpointer(work / "ckpt", meta["fingerprint"]).load_weights("best", policy)
     evaluate("best", policy.eval(), full)
     evaluate("last", last, full)
     if meta["egrs_sweep"]:

@@ -4,7 +4,9 @@
     .venv/bin/python -m benchmarks.sasrec_baseline --dataset instruments --repeat-bias false
 
 Every item is ranked (history items are not removed: a target may repeat an earlier item).
-Any SASRecConfig field can be overridden (--dropout 0.3 ...). Writes
+Any SASRecConfig field can be overridden (--dropout 0.3 ...); the defaults are the `sasrec` section
+of params.yaml. Until 2026-12-02 they were SASRecConfig's own defaults, which differed only in the
+seed (0): add `--seed 0` to reproduce the rows of benchmarks/RESULTS.md made before then. Writes
 benchmarks/results/sasrec_<dataset>.json unless --out says otherwise.
 """
 
@@ -27,6 +29,7 @@ import torch
 
 from grc_core.metrics import per_user_metrics, summarize, target_ranks
 from grc_core.sasrec import SASRecConfig, SeqRows, topk_items, train_sasrec
+from tasks.params import load_params
 
 ROOT = Path(__file__).resolve().parent.parent
 # cornac 3.0.1 SASRec defaults on the same split / GRC paper's SASRec row, for the report.
@@ -67,9 +70,11 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, SASRecConfig]:
     ap.add_argument("--out", type=Path, default=None)
     # One thread: on a shared 2-core machine OpenMP's second thread mostly waits, 3-10x slower.
     ap.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (0: torch's default)")
+    defaults = dataclasses.asdict(load_params().sasrec)  # the stage's settings, from params.yaml
     for f in dataclasses.fields(SASRecConfig):
-        kind = _bool if isinstance(f.default, bool) else type(f.default)
-        ap.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=f.default)
+        value = defaults[f.name]
+        kind = _bool if isinstance(value, bool) else type(value)
+        ap.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=value)
     args = ap.parse_args(argv)
     cfg = SASRecConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(SASRecConfig)})
     return args, cfg

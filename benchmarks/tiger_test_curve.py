@@ -34,6 +34,7 @@ from grc_core.data import to_batch
 from grc_core.evaluation import rank_with_backbone, ranking_metrics
 from grc_core.model import sequence_loss
 from grc_core.train import fit, format_record
+from tasks.checkpoints import Checkpointer
 from tasks.io import write_json
 from tasks.report import pyplot, save_png
 
@@ -87,8 +88,8 @@ def main(argv: list[str] | None = None) -> None:
     t0 = time.perf_counter()
     # The stage's fingerprint: the test ranking draws no random numbers and selects nothing, so the
     # weights and the kept epoch are the stage's own, and the checkpoint can be handed to it.
-    state = fit(model, len(split["train"]), loss_fn, evaluate, cfg, work / "ckpt", select="recall@10", log=log,
-                fingerprint=meta["fingerprint"])
+    state = fit(model, len(split["train"]), loss_fn, evaluate, cfg, Checkpointer(work / "ckpt", meta["fingerprint"]),
+                select="recall@10", log=log)
     # fit prefixes evaluate's keys with "valid_": the test ones arrive as "valid_test_...".
     records = [{k.replace("valid_test_", "test_"): v for k, v in r.items()} for r in state.history]
     report = dict(

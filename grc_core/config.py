@@ -56,7 +56,7 @@ class RQVAEConfig:
     gradient: Literal["ste", "rotation"]
     seed: int
     device: str  # "cpu", "cuda", "cuda:1", or "auto" (CUDA where present)
-    normalize_latent: bool = True  # L2-normalise the encoder output z
+    normalize_latent: bool  # L2-normalise the encoder output z
 
     def __post_init__(self) -> None:
         checks = [
@@ -79,19 +79,19 @@ class RQVAEConfig:
 
 @dataclass(frozen=True)
 class SASRecConfig:
-    hidden: int = 64  # D
-    layers: int = 2
-    heads: int = 1
-    dropout: float = 0.2
-    max_len: int = 20  # T, most recent items the model sees
-    lr: float = 1e-3
-    weight_decay: float = 0.1
-    epochs: int = 200
-    batch_size: int = 128  # training windows per step
-    seed: int = 0
-    device: str = "cpu"  # "cpu", "cuda", "cuda:1", or "auto" (CUDA where present)
-    patience: int = 6  # epochs without a better validation Recall@10 before stopping
-    repeat_bias: bool = True  # learn one logit offset for items already in the history
+    hidden: int  # D
+    layers: int
+    heads: int
+    dropout: float
+    max_len: int  # T, most recent items the model sees
+    lr: float
+    weight_decay: float
+    epochs: int
+    batch_size: int  # training windows per step
+    seed: int
+    device: str  # "cpu", "cuda", "cuda:1", or "auto" (CUDA where present)
+    patience: int  # epochs without a better validation Recall@10 before stopping
+    repeat_bias: bool  # learn one logit offset for items already in the history
 
     def __post_init__(self) -> None:
         checks = [

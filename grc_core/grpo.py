@@ -30,11 +30,8 @@ checkpoints), shared by the `grpo` stage (tasks/grpo.py) and by runs on other wo
 
 from __future__ import annotations
 
-import json
-import shutil
 import time
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import asdict, dataclass
 from typing import Any, Callable, NamedTuple
 
 import torch
@@ -45,7 +42,7 @@ from grc_core.data import Instances, ItemTable, to_batch
 from grc_core.grc import GRCModel, expand_memory, open_correction, reflect_on_cache, template_mask
 from grc_core.model import Batch, Memory, decoder_step
 from grc_core.rewards import RewardConfig, first_divergence, group_advantages, grc_rewards
-from grc_core.train import TrainerState, load_checkpoint, make_optimizer, save_checkpoint
+from grc_core.train import Checkpoints, TrainerState, make_optimizer
 from grc_core.trie import PrefixTrie
 
 NEG_INF = float("-inf")
@@ -235,7 +232,7 @@ def token_advantages(rewards: dict[str, torch.Tensor], groups: torch.Tensor, n_l
 
 def run_grpo(policy: GRCModel, ref: GRCModel, train: Instances, table: ItemTable, trie: PrefixTrie,
              cfg: GRPOConfig, rcfg: RewardConfig, loop: LoopConfig, validate: Callable[[GRCModel], dict[str, float]],
-             ckpt_dir: Path, fingerprint: str, exclude_mask: Callable[[torch.Tensor], torch.Tensor] | None = None,
+             ckpt: Checkpoints, exclude_mask: Callable[[torch.Tensor], torch.Tensor] | None = None,
              log: Callable[[dict[str, Any]], None] | None = None,
              on_iteration: Callable[[dict[str, Any]], None] | None = None) -> TrainerState:
     """GRPO from the SFT `policy` (frozen copy `ref`) for `loop.iterations`; the best validation is kept.
@@ -245,8 +242,8 @@ def run_grpo(policy: GRCModel, ref: GRCModel, train: Instances, table: ItemTable
     on the clipped surrogate with the KL penalty. `validate(policy)` returns metrics with
     "recall@10" (the SFT start is validated first and is the first "best"). `exclude_mask(history)`
     gives the (B, N_items) items never sampled (a user's history), or None.
-    Checkpoints: `ckpt_dir/last` (weights, optimizer, generator states, log) at every validation,
-    `ckpt_dir/best`; a run resumes from `last` when its fingerprint matches and gives the same result.
+    Checkpoints (through `ckpt`): `last` (weights, optimizer, generator states, log) at every
+    validation, `best`; a run resumes from `last` when `ckpt` has one and gives the same result.
     Under torchrun every rank samples the same episodes and computes the loss of its share of the
     users (tasks/grpo.py); rank 0 validates and writes checkpoints.
     """
@@ -254,15 +251,11 @@ def run_grpo(policy: GRCModel, ref: GRCModel, train: Instances, table: ItemTable
     opt = make_optimizer(policy, loop)  # reads loop.lr and loop.weight_decay
     rank, world = distributed.rank_world()
     trainer = distributed.wrap_for_loss(policy)
-    last, best = ckpt_dir / "last", ckpt_dir / "best"
     state, gen_states = TrainerState(), None
-    if (last / "trainer.json").exists():
-        meta = json.loads((last / "trainer.json").read_text())
-        if meta.get("fingerprint") == fingerprint:
-            state = load_checkpoint(last, policy, opt)
-            gen_states = meta["generator"], meta.get("sample_generator")
-        else:
-            shutil.rmtree(ckpt_dir)
+    meta = ckpt.resume(policy, opt)
+    if meta is not None:
+        state = TrainerState(**meta["state"])
+        gen_states = meta["generator"], meta.get("sample_generator")
     gen = torch.Generator().manual_seed(loop.seed)  # the instance stream (CPU)
     # Sampling runs where the model is; on CPU it shares the stream's generator (as it always has).
     sample_gen = gen if device.type == "cpu" else torch.Generator(device=device).manual_seed(loop.seed)
@@ -272,16 +265,15 @@ def run_grpo(policy: GRCModel, ref: GRCModel, train: Instances, table: ItemTable
             sample_gen.set_state(torch.tensor(gen_states[1], dtype=torch.uint8))
 
     def save_last() -> None:
-        extra = {"fingerprint": fingerprint, "generator": gen.get_state().tolist(),
-                 "sample_generator": None if sample_gen is gen else sample_gen.get_state().tolist()}
-        save_checkpoint(last, policy, opt, state, extra)
+        ckpt.save("last", policy, opt, {"state": asdict(state), "generator": gen.get_state().tolist(),
+                                        "sample_generator": None if sample_gen is gen else sample_gen.get_state().tolist()})
 
     if state.step == 0 and not state.history:  # the SFT starting point, for the log and as the first "best"
         metrics = validate(policy) if rank == 0 else {}
         state.best_metric = distributed.broadcast_float(metrics.get("recall@10", 0.0))
         state.best_epoch = 0
         if rank == 0:
-            save_checkpoint(best, policy, None, state, {"fingerprint": fingerprint})
+            ckpt.save("best", policy, None, {"state": asdict(state)})
         state.history.append({"iteration": 0, **{f"valid_{k}": v for k, v in metrics.items()}})
     g, n_levels = cfg.group_size, policy.template.num_levels
     while state.step < loop.iterations:
@@ -344,7 +336,7 @@ def run_grpo(policy: GRCModel, ref: GRCModel, train: Instances, table: ItemTable
             if value > state.best_metric:
                 state.best_metric, state.best_epoch = value, state.step
                 if rank == 0:
-                    save_checkpoint(best, policy, None, state, {"fingerprint": fingerprint})
+                    ckpt.save("best", policy, None, {"state": asdict(state)})
             if rank == 0 and log is not None:
                 log(record)
         state.history.append(record)

@@ -23,24 +23,15 @@ Deviations from the paper / TIGER:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal, NamedTuple, Sequence
+from typing import NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from grc_core.config import ModelConfig
 
-@dataclass(frozen=True)
-class ModelConfig:
-    d_model: int  # D
-    d_ff: int
-    n_heads: int
-    encoder_layers: int
-    decoder_layers: int
-    dropout: float
-    layout: Literal["item", "code"]
-    max_history: int  # T
+
 
 
 class Attention(nn.Module):

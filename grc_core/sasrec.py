@@ -50,6 +50,7 @@ from torch import nn
 
 from grc_core.config import SASRecConfig
 from grc_core.metrics import per_user_metrics, summarize, target_ranks
+from grc_core.train import Checkpoints
 from grc_core.device import resolve_device
 
 PAD = 0
@@ -349,12 +350,15 @@ def train_sasrec(
     n_items: int,
     cfg: SASRecConfig,
     progress: Callable[[int, dict[str, Any]], None] | None = None,
+    ckpt: Checkpoints | None = None,
 ) -> tuple[SASRec, list[dict[str, Any]]]:
     """Train on the training rows, keep the epoch with the best validation Recall@10 (then NDCG@10).
 
     Returns (model in eval mode with the best weights, one history record per epoch).
     `progress(epoch, record)` is called after each epoch. Deterministic on CPU for a given
-    cfg.seed; the global RNG state is left untouched.
+    cfg.seed; the global RNG state is left untouched. With `ckpt`, every epoch ends with a `last`
+    checkpoint (weights, optimizer, the shuffle and dropout generator states, the log) and each
+    better epoch with a `best` one; a run resumed from `last` ends with the same weights.
     """
     if n_items < 1:
         raise ValueError(f"train_sasrec: n_items must be >= 1, got {n_items}")
@@ -372,7 +376,15 @@ def train_sasrec(
         opt = _optimizer(model, cfg)
         best, best_state, since_best = (-1.0, -1.0), None, 0
         history: list[dict[str, Any]] = []
-        for epoch in range(cfg.epochs):
+        start = 0
+        meta = ckpt.resume(model, opt) if ckpt is not None else None
+        if meta is not None:
+            start, best, since_best, history = meta["epoch"], tuple(meta["best"]), meta["since_best"], meta["history"]
+            gen.set_state(torch.tensor(meta["generator"], dtype=torch.uint8))
+            torch.set_rng_state(torch.tensor(meta["torch_rng"], dtype=torch.uint8))  # dropout's
+            if since_best >= cfg.patience:
+                start = cfg.epochs  # it had stopped early
+        for epoch in range(start, cfg.epochs):
             t0 = time.perf_counter()
             loss = train_epoch(model, windows, opt, cfg.batch_size, gen)
             valid = evaluate(model, valid_rows)
@@ -382,13 +394,23 @@ def train_sasrec(
             if progress is not None:
                 progress(epoch, record)
             key = (valid["recall@10"], valid["ndcg@10"])
-            if key > best:
+            improved = key > best
+            if improved:
                 best, since_best = key, 0
                 best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
             else:
                 since_best += 1
-                if since_best >= cfg.patience:
-                    break
-    model.load_state_dict(best_state)
+            if ckpt is not None:
+                if improved:
+                    ckpt.save("best", model, None, {"epoch": epoch + 1})
+                ckpt.save("last", model, opt, {"epoch": epoch + 1, "best": list(best), "since_best": since_best,
+                                               "history": history, "generator": gen.get_state().tolist(),
+                                               "torch_rng": torch.get_rng_state().tolist()})
+            if since_best >= cfg.patience:
+                break
+    if ckpt is not None:
+        ckpt.load_weights("best", model)
+    else:
+        model.load_state_dict(best_state)
     model.eval()
     return model, history

@@ -10,24 +10,19 @@
   batch_size / W, so step i of every rank together covers exactly the single-process batch i,
   and the averaged gradient is the single-process gradient (up to float summation order).
   Rank 0 validates and writes checkpoints; the selection metric is broadcast to all ranks.
-- Checkpoints are safetensors (weights, optimizer moments) plus a JSON trainer state;
-  nothing is pickled. `last/` is written every epoch (atomically, by directory rename),
-  `best/` whenever the selection metric improves.
+- Checkpoints go through a `Checkpoints` object (tasks.artifacts.Checkpointer writes them as
+  safetensors plus a JSON trainer state, atomically; nothing is pickled): `last` every epoch,
+  `best` whenever the selection metric improves. The core itself writes no files.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from grc_core import distributed
@@ -100,40 +95,21 @@ def load_optimizer_tensors(opt: torch.optim.Optimizer, tensors: dict[str, torch.
     opt.load_state_dict(sd)
 
 
-def save_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer | None,
-                    state: TrainerState, extra: dict[str, Any] | None = None) -> None:
-    """Write `path/` atomically: weights, optimizer moments, trainer state (JSON)."""
-    tmp = path.with_name(path.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    weights = {k: v.detach().cpu().contiguous() for k, v in unwrap(model).state_dict().items()}
-    save_file(weights, str(tmp / "model.safetensors"))
-    if opt is not None:
-        save_file({k: v.cpu().contiguous() for k, v in optimizer_tensors(opt).items()},
-                  str(tmp / "optimizer.safetensors"))
-    (tmp / "trainer.json").write_text(json.dumps({"state": asdict(state), **(extra or {})}, indent=2, default=str))
-    old = path.with_name(path.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if path.exists():
-        os.replace(path, old)
-    os.replace(tmp, path)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def load_weights(path: Path, model: nn.Module) -> None:
-    unwrap(model).load_state_dict(load_file(str(path / "model.safetensors")))
-
-
-def load_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer | None) -> TrainerState:
-    load_weights(path, model)
-    if opt is not None and (path / "optimizer.safetensors").exists():
-        load_optimizer_tensors(opt, load_file(str(path / "optimizer.safetensors")))
-    raw = json.loads((path / "trainer.json").read_text())["state"]
-    return TrainerState(**raw)
-
-
 def unwrap(model: nn.Module) -> nn.Module:
     return model.module if hasattr(model, "module") else model
+
+
+class Checkpoints(Protocol):
+    """Where a training loop keeps its checkpoints `last` (resumable) and `best`."""
+
+    def resume(self, model: nn.Module, opt: torch.optim.Optimizer | None) -> dict[str, Any] | None:
+        """Load `last` into model and optimizer and return its metadata, or None to start afresh."""
+
+    def save(self, name: str, model: nn.Module, opt: torch.optim.Optimizer | None, meta: dict[str, Any]) -> None:
+        """Keep the model (and optimizer) as checkpoint `name` with JSON-able `meta`."""
+
+    def load_weights(self, name: str, model: nn.Module) -> None:
+        """Load checkpoint `name`'s weights into `model`."""
 
 
 def fit(
@@ -142,19 +118,16 @@ def fit(
     loss_fn: Callable[[nn.Module, torch.Tensor], torch.Tensor],
     evaluate: Callable[[nn.Module], dict[str, float]],
     cfg: TrainConfig,
-    ckpt_dir: Path,
+    ckpt: Checkpoints,
     select: str = "recall@10",
     log: Callable[[dict[str, Any]], None] | None = None,
     rank: int | None = None,
     world: int | None = None,
-    fingerprint: str = "",
     on_step: Callable[[int, int, float], None] | None = None,
 ) -> TrainerState:
-    """Train for cfg.epochs (resuming from `ckpt_dir/last` if present); keep the best on `select`.
+    """Train for cfg.epochs (resuming from `ckpt`'s `last` where it has one); keep the best on `select`.
 
     `loss_fn(model, index_batch)` returns the mean loss of the training instances `index_batch`.
-    A checkpoint resumes only if it was written under the same `fingerprint` (a hash of the
-    config and data); otherwise training starts afresh and the old checkpoints are replaced.
     `on_step(epoch, steps_per_epoch, loss)` is called after every step (progress bars).
     `rank`/`world` default to the process group's (see the module docstring), else (0, 1).
     """
@@ -166,15 +139,8 @@ def fit(
     set_threads(cfg.threads)
     trainer = distributed.wrap_for_loss(model)
     opt = make_optimizer(model, cfg)
-    state = TrainerState()
-    last, best = ckpt_dir / "last", ckpt_dir / "best"
-    if (last / "trainer.json").exists():
-        saved = json.loads((last / "trainer.json").read_text()).get("fingerprint", "")
-        if saved == fingerprint:
-            state = load_checkpoint(last, model, opt)
-        else:
-            shutil.rmtree(last)
-            shutil.rmtree(best, ignore_errors=True)
+    meta = ckpt.resume(model, opt)
+    state = TrainerState(**meta["state"]) if meta is not None else TrainerState()
     steps_per_epoch = math.ceil(n_train / cfg.batch_size)  # = rank 0's batch count; other ranks may have one fewer
     total = steps_per_epoch * cfg.epochs
     while state.epoch < cfg.epochs and not (cfg.patience and state.bad_evals >= cfg.patience):
@@ -222,24 +188,24 @@ def fit(
             if value > state.best_metric:
                 state.best_metric, state.best_epoch, state.bad_evals = value, state.epoch, 0
                 if rank == 0:
-                    save_checkpoint(best, model, None, state, {"fingerprint": fingerprint})
+                    ckpt.save("best", model, None, {"state": asdict(state)})
             else:
                 state.bad_evals += 1
         state.history.append(record)
         if rank == 0:
-            save_checkpoint(last, model, opt, state, {"fingerprint": fingerprint})
+            ckpt.save("last", model, opt, {"state": asdict(state)})
             if log is not None:
                 log(record)
         distributed.barrier()  # checkpoints are on disk before any rank reads them
     return state
 
 
-def fit_seq2seq(model: nn.Module, train: Instances, valid: Instances, table: ItemTable, trie: PrefixTrie, cfg: TrainConfig, ckpt_dir: Path, fingerprint: str,
+def fit_seq2seq(model: nn.Module, train: Instances, valid: Instances, table: ItemTable, trie: PrefixTrie, cfg: TrainConfig, ckpt: Checkpoints,
                 valid_beam: int, eval_batch_size: int, exclude_history: bool,
                 log: Callable[[dict[str, Any]], None] | None = None,
                 on_step: Callable[[int, int, float], None] | None = None) -> TrainerState:
     """The backbone's training: teacher-forced cross-entropy on every instance of `train`, selection on `valid` Recall@10 by beam search at `valid_beam`;
-    `fit` under `cfg`, resuming from `ckpt_dir`. Leaves the best checkpoint's weights in `model`."""
+    `fit` under `cfg`, resuming from `ckpt`. Leaves the best checkpoint's weights in `model`."""
     def loss_fn(m: nn.Module, idx: torch.Tensor) -> torch.Tensor:
         batch = to_batch(train.select(idx), table)
         return sequence_loss(m(batch), batch.target_codes)
@@ -249,7 +215,6 @@ def fit_seq2seq(model: nn.Module, train: Instances, valid: Instances, table: Ite
                                        exclude_history=exclude_history)
         return ranking_metrics(ranked, valid.target.numpy(), ks=(5, 10, 20))[0]
 
-    state = fit(model, len(train), loss_fn, evaluate, cfg, ckpt_dir, select="recall@10", log=log,
-                fingerprint=fingerprint, on_step=on_step)
-    load_weights(ckpt_dir / "best", model)
+    state = fit(model, len(train), loss_fn, evaluate, cfg, ckpt, select="recall@10", log=log, on_step=on_step)
+    ckpt.load_weights("best", model)
     return state

@@ -4,8 +4,7 @@ trained model is published. Stage modules share these instead of importing each 
 - splits and items: `load_split`, `load_rows` (SASRec's view), `load_item_table`, `load_semantic_ids`
 - models: `load_backbone`, `load_grc`, `load_baseline`, and `load_ranker(method)`, the one place
   that turns a method name into a ranking over test users (evaluate and candidates both use it)
-- training outputs: `Checkpointer` (atomic checkpoints that resume only under their fingerprint),
-  `promote_best` (the best checkpoint becomes `model.safetensors` beside its `config.json`),
+- training outputs (checkpoints are tasks/checkpoints.py's): `promote_best` (the best checkpoint becomes `model.safetensors` beside its `config.json`),
   `write_log` (the per-epoch CSV that `dvc plots` draws)
 """
 

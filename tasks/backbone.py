@@ -28,8 +28,6 @@ from tasks.training import fit_backbone
 def train_backbone(params: Params) -> dict:
     bb, out_dir = params.backbone, params.dataset_dir()
     device = resolve_device(bb.train.device)
-    if bb.model.max_history < params.data.max_history:
-        raise ValueError("backbone.model.max_history must be >= data.max_history")
     table, trie, level_sizes, attr_sizes = item_index(out_dir, params.dataset.attributes, device)
     train = load_split(out_dir, "train", params.data.max_history)
     valid = subset(load_split(out_dir, "valid", params.data.max_history), bb.valid_users, bb.train.seed)

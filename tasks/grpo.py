@@ -32,9 +32,10 @@ from grc_core.evaluation import history_mask, rank_with_grc, ranking_metrics
 from grc_core.grc import DecodeConfig
 from grc_core.grpo import GRPOConfig, LoopConfig, run_grpo
 from grc_core.rewards import RewardConfig
-from grc_core.train import format_record, load_weights
+from grc_core.train import format_record
 from tasks import io
 from tasks.artifacts import item_index, load_grc, load_split, promote_best, subset, write_log
+from tasks.checkpoints import Checkpointer
 from tasks.params import Params
 from tasks.stages import fingerprint
 
@@ -60,7 +61,6 @@ def train_grpo(params: Params) -> dict:
                       gp.draft_advantage)
     rank, _ = distributed.rank_world()
     work = out_dir / "grpo"
-    best = work / "ckpt" / "best"
 
     def validate(model) -> dict[str, float]:
         ranked, _ = rank_with_grc(model, valid, table, trie, DecodeConfig(width=gp.valid_beam, rank_rule=params.evaluate.rank_rule), gp.eval_batch_size,
@@ -81,12 +81,13 @@ def train_grpo(params: Params) -> dict:
 
     exclude_mask = (lambda hist: history_mask(hist, n_items)) if params.data.exclude_history else None
     t0 = time.perf_counter()
-    state = run_grpo(policy, ref, train, table, trie, cfg, rcfg, loop, validate, work / "ckpt", fingerprint(params, "grpo"),
+    ckpt = Checkpointer(work / "ckpt", fingerprint(params, "grpo"))
+    state = run_grpo(policy, ref, train, table, trie, cfg, rcfg, loop, validate, ckpt,
                      exclude_mask, log, on_iteration)
     bar.n = state.step
     bar.close()
     wall = time.perf_counter() - t0
-    load_weights(best, policy)
+    ckpt.load_weights("best", policy)
     if rank == 0:
         write_log(params.reports_dir() / "grpo_log.csv", state.history)
         promote_best(work, io.read_json(out_dir / "sft" / "grc" / "config.json"))

@@ -4,10 +4,14 @@
 syntax of `dvc exp run -S`: dotted key, YAML-typed value), and builds `Params`. An
 unknown key, a missing key (one whose field has no default) or a value of the wrong
 type raises `ParamsError` naming the dotted key. Stages read only their own section.
+
+A config field that states a fact declared elsewhere is not a key: `DERIVED` fills it from the
+key that declares it (the models' history length is `data.max_history`), and giving it is an error.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -26,6 +30,10 @@ from tasks.env import PROJECT_ROOT
 
 class ParamsError(ValueError):
     """A params.yaml key or a -S override is unknown, missing or of the wrong type."""
+
+
+# Config fields filled from the one key that declares them.
+DERIVED = {"backbone.model.max_history": "data.max_history", "sasrec.max_len": "data.max_history"}
 
 
 # A DuckDB memory size; checked here because it is spliced into a SET statement.
@@ -320,8 +328,27 @@ def load_params(path: str | Path | None = None, overrides: typing.Sequence[str] 
         raise ParamsError(f"{path}: top level must be a mapping")
     for text in overrides:
         apply_override(raw, text)
-    params = build(Params, {k: v for k, v in raw.items()}, "")
+    params = build(Params, with_derived(raw), "")
     return dataclasses.replace(params, raw=raw)
+
+
+def with_derived(raw: dict[str, Any]) -> dict[str, Any]:
+    """A copy of `raw` with the `DERIVED` fields filled in; naming one in params.yaml is an error."""
+    out = copy.deepcopy(raw)
+    for key, source in DERIVED.items():
+        *path, last = key.split(".")
+        node = out
+        for part in path:
+            node = node.get(part) if isinstance(node, dict) else None
+        if not isinstance(node, dict):
+            continue  # the section itself is missing: build() names it
+        if last in node:
+            raise ParamsError(f"{key}: not a key; it is {source}")
+        value: Any = out
+        for part in source.split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+        node[last] = value
+    return out
 
 
 def build(tp: Any, value: Any, where: str) -> Any:

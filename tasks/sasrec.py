@@ -15,7 +15,9 @@ from grc_core.sasrec import train_sasrec
 from grc_core.train import format_record
 from tasks import io
 from tasks.artifacts import load_rows, write_log
+from tasks.checkpoints import Checkpointer
 from tasks.params import Params
+from tasks.stages import fingerprint
 
 
 @task
@@ -26,10 +28,12 @@ def train_baseline(params: Params) -> dict:
     def progress(epoch: int, record: dict) -> None:
         print(format_record(record), flush=True)
 
-    model, history = train_sasrec(load_rows(out_dir, "train"), load_rows(out_dir, "valid"), n_items, cfg, progress)
     work = out_dir / "sasrec"
+    ckpt = Checkpointer(work / "ckpt", fingerprint(params, "sasrec"))
+    model, history = train_sasrec(load_rows(out_dir, "train"), load_rows(out_dir, "valid"), n_items, cfg, progress, ckpt)
     io.write_safetensors(work / "model.safetensors", {k: v.detach().cpu() for k, v in model.state_dict().items()})
     io.write_json(work / "config.json", {"config": asdict(cfg), "n_items": n_items})
     write_log(params.reports_dir() / "sasrec_log.csv", history)
-    best = max(history, key=lambda r: r.get("valid_recall@10", -1.0)) if history else {}
+    # The epoch whose weights train_sasrec keeps: the best (Recall@10, NDCG@10), the first on a tie.
+    best = max(history, key=lambda r: (r["valid_recall@10"], r["valid_ndcg@10"])) if history else {}
     return {"epochs_run": len(history), "best": best}

@@ -24,8 +24,9 @@ from grc_core.device import resolve_device
 from grc_core.evaluation import rank_with_grc, ranking_metrics
 from grc_core.grc import DecodeConfig, GRCModel, SFTLossConfig, sft_loss
 from grc_core.model import Seq2Seq
-from grc_core.train import fit, format_record, load_weights
+from grc_core.train import fit, format_record
 from tasks.artifacts import item_index, load_backbone, load_split, promote_best, subset, write_log
+from tasks.checkpoints import Checkpointer
 from tasks.params import Params
 from tasks.progress import epoch_progress
 from tasks.stages import fingerprint
@@ -87,11 +88,11 @@ def train_sft(params: Params, variant: str) -> dict:
 
     # Validation of the starting point: the backbone inside the template (the correction head is untrained).
     t0 = time.perf_counter()
-    state = fit(model, len(mined), loss_fn, evaluate, sf.train, work / "ckpt", select="recall@10", log=log,
-                fingerprint=fingerprint(params, "sft", extra={"variant": variant}), on_step=on_step)
+    ckpt = Checkpointer(work / "ckpt", fingerprint(params, "sft", extra={"variant": variant}))
+    state = fit(model, len(mined), loss_fn, evaluate, sf.train, ckpt, select="recall@10", log=log, on_step=on_step)
     bar.close()
     wall = time.perf_counter() - t0
-    load_weights(work / "ckpt" / "best", model)
+    ckpt.load_weights("best", model)
     if distributed.rank_world()[0] == 0:  # under torchrun (tasks/ddp.py) rank 0 alone writes
         write_log(params.reports_dir() / f"sft_{variant}_log.csv", state.history)
         promote_best(work, {"model": asdict(model.seq.cfg), "level_sizes": list(level_sizes),

@@ -139,10 +139,9 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
           metrics=("metrics.json",)),
     Stage("candidates",
           params=("data.max_history", "data.exclude_history", "datasets", "evaluate", "candidates.method",
-                  "candidates.top_n", "candidates.beam", "candidates.batch_size", "candidates.device",
-                  "candidates.threads"),
+                  "candidates.top_n", "candidates.beam", "candidates.batch_size", "candidates.device"),
           per_item=("candidates.users_per_shard", "candidates.users_file"),
-          runtime=("candidates.workers", "candidates.dask_address"),
+          runtime=("candidates.workers", "candidates.dask_address", "candidates.threads"),
           comment=("evaluate: the dump decodes under its rules; candidates.users_file is the path only: "
                    "after editing that file, `dvc repro -f -s candidates`"),
           inputs=("splits", "items.parquet", "tokenizer", *_MODEL_INPUTS),
@@ -221,10 +220,17 @@ def code_digest(stage: str) -> str:
 # Fingerprints
 
 
+# Where a dataset's source files live (and where to fetch them) is not what they hold: the ingest
+# hashes the files themselves, and a copy of the data elsewhere gives the same fingerprints.
+SOURCE_LOCATION = ("path", "fetch")
+
+
 def param_value(raw: dict[str, Any], key: str) -> Any:
-    """The value of a dotted key; `datasets` means the spec of the dataset in use, not every spec."""
+    """The value of a dotted key; `datasets` means the spec of the dataset in use, not every spec,
+    less its `SOURCE_LOCATION`."""
     if key == "datasets":
-        return raw["datasets"][raw["data"]["dataset"]]
+        spec = raw["datasets"][raw["data"]["dataset"]]
+        return {k: v for k, v in spec.items() if k not in SOURCE_LOCATION}
     node: Any = raw
     for part in key.split("."):
         node = node[part]

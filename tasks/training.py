@@ -12,6 +12,7 @@ from grc_core.data import Instances, ItemTable
 from grc_core.model import Seq2Seq
 from grc_core.train import TrainerState, fit_seq2seq, format_record
 from grc_core.trie import PrefixTrie
+from tasks.checkpoints import Checkpointer
 from tasks.params import Params
 from tasks.progress import epoch_progress
 
@@ -33,7 +34,7 @@ def fit_backbone(params: Params, train: Instances, valid: Instances, table: Item
         print(desc + format_record(record), flush=True)
 
     bar, on_step = epoch_progress(desc)
-    state = fit_seq2seq(model, train, valid, table, trie, cfg, ckpt_dir, fingerprint, bb.valid_beam,
+    state = fit_seq2seq(model, train, valid, table, trie, cfg, Checkpointer(ckpt_dir, fingerprint), bb.valid_beam,
                         bb.eval_batch_size, params.data.exclude_history, log, on_step)
     bar.close()
     return model.eval(), state

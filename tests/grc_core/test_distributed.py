@@ -21,7 +21,8 @@ from safetensors.torch import load_file
 
 from grc_core.data import make_instances, to_batch
 from grc_core.model import sequence_loss
-from grc_core.train import TrainConfig, fit, load_weights
+from grc_core.train import TrainConfig, fit
+from tasks.checkpoints import Checkpointer
 from tests.grc_core.test_model import catalog, tiny
 
 CFG = TrainConfig(epochs=3, batch_size=8, lr=0.01, weight_decay=0.01, warmup_steps=2, min_lr_ratio=0.1,
@@ -57,7 +58,7 @@ def _train(ckpt: Path, cfg: TrainConfig, crash_at: int = -1) -> None:
             batch = to_batch(inst, table)
             return {"recall@10": -float(sequence_loss(m(batch), batch.target_codes))}
 
-    fit(model, len(inst), loss_fn, evaluate, cfg, ckpt)
+    fit(model, len(inst), loss_fn, evaluate, cfg, Checkpointer(ckpt, ""))
 
 
 def _worker(rank: int, world: int, port: int, ckpt: str, cfg: TrainConfig, crash_at: int) -> None:
@@ -122,12 +123,12 @@ def test_ddp_resumes_from_its_checkpoint_to_the_same_weights(runs, tmp_path):
 def test_global_batch_must_divide_by_the_world_size(tmp_path):
     with pytest.raises(ValueError, match="must divide by the world size"):
         fit(tiny(), 10, lambda m, i: torch.zeros(()), lambda m: {"recall@10": 0.0}, replace(CFG, batch_size=7),
-            tmp_path, rank=0, world=2)
+            Checkpointer(tmp_path, ""), rank=0, world=2)
 
 
 @pytest.mark.slow
 def test_load_weights_of_a_ddp_checkpoint_into_a_plain_model(runs):
     model = tiny()
-    load_weights(runs / "ddp" / "last", model)  # rank 0 saved the unwrapped state dict (no "module." prefix)
+    Checkpointer(runs / "ddp", "").load_weights("last", model)  # rank 0 saved the unwrapped state dict (no "module." prefix)
     saved = _weights(runs / "ddp")
     assert all(torch.equal(v, saved[k]) for k, v in model.state_dict().items())

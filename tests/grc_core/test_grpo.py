@@ -7,6 +7,7 @@ from grc_core.grpo import (GRPOConfig, LoopConfig, episode_logprobs, grpo_loss, 
                            token_advantages)
 from grc_core.rewards import RewardConfig
 from grc_core.trie import PrefixTrie
+from tasks.checkpoints import Checkpointer
 from tests.grc_core.test_grc import LEVELS, tiny_grc
 from tests.grc_core.test_model import batch_for, catalog
 
@@ -125,7 +126,7 @@ def _run(tmp_path, iterations, draft_advantage="episode"):
         return {"recall@10": float(len(calls) % 2)}  # alternates, so "best" moves
 
     state = run_grpo(model, ref, train, table, trie, GRPOConfig(group_size=3), RewardConfig(), loop, validate,
-                     tmp_path / "ckpt", "fp")
+                     Checkpointer(tmp_path / "ckpt", "fp"))
     return model, state
 
 

@@ -35,6 +35,7 @@ TINY = RQVAEConfig(
     gradient="ste",
     seed=0,
     device="cpu",
+    normalize_latent=True,
 )
 
 

@@ -1,3 +1,5 @@
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -16,7 +18,15 @@ from grc_core.sasrec import (
     visible_prefixes,
 )
 
-TINY = SASRecConfig(hidden=16, layers=2, heads=2, dropout=0.0, max_len=6, epochs=1, batch_size=8)
+BASE = dict(hidden=64, layers=2, heads=1, dropout=0.2, max_len=20, lr=1e-3, weight_decay=0.1, epochs=200,
+            batch_size=128, seed=0, device="cpu", patience=6, repeat_bias=True)
+
+
+def sasrec_cfg(**changes) -> SASRecConfig:
+    return SASRecConfig(**{**BASE, **changes})
+
+
+TINY = sasrec_cfg(hidden=16, layers=2, heads=2, dropout=0.0, max_len=6, epochs=1, batch_size=8)
 
 
 @pytest.fixture(autouse=True)
@@ -54,9 +64,9 @@ def successor_sequences(n_items: int, n_users: int, length: int, seed: int) -> l
 
 def test_config_rejects_bad_values():
     with pytest.raises(ValueError, match="divisible"):
-        SASRecConfig(hidden=10, heads=3)
+        sasrec_cfg(hidden=10, heads=3)
     with pytest.raises(ValueError, match="dropout"):
-        SASRecConfig(dropout=1.0)
+        sasrec_cfg(dropout=1.0)
 
 
 def test_training_sequences_rebuilds_users_from_shuffled_rows():
@@ -128,7 +138,7 @@ def test_more_left_padding_changes_nothing():
 def test_repeat_bias_shifts_history_items_only():
     torch.manual_seed(0)
     model = SASRec(n_items=11, cfg=TINY).eval()
-    plain = SASRec(n_items=11, cfg=SASRecConfig(**{**TINY.__dict__, "repeat_bias": False})).eval()
+    plain = SASRec(n_items=11, cfg=sasrec_cfg(**{**TINY.__dict__, "repeat_bias": False})).eval()
     plain.load_state_dict({k: v for k, v in model.state_dict().items() if k != "repeat_bias"})
     with torch.no_grad():
         model.repeat_bias.fill_(-0.3)
@@ -157,7 +167,7 @@ def test_training_scores_match_inference_scores_at_every_position():
 def test_learns_the_successor_rule():
     # 100 items, item i always followed by i + 1 (mod 100): Recall@1 on held-out targets must be near 1.
     train, valid, test = split_rows(successor_sequences(100, 300, 8, seed=0))
-    cfg = SASRecConfig(hidden=32, layers=1, heads=1, dropout=0.0, max_len=8, lr=1e-2, epochs=10,
+    cfg = sasrec_cfg(hidden=32, layers=1, heads=1, dropout=0.0, max_len=8, lr=1e-2, epochs=10,
                        batch_size=64, patience=10)
     model, history = train_sasrec(train, valid, 100, cfg)
     assert history[-1]["loss"] < history[0]["loss"]
@@ -166,10 +176,10 @@ def test_learns_the_successor_rule():
 
 def test_same_seed_same_model_other_seed_differs():
     train, valid, _ = split_rows(successor_sequences(20, 40, 6, seed=1))
-    cfg = SASRecConfig(hidden=16, layers=1, heads=2, dropout=0.3, max_len=6, epochs=2, batch_size=16, seed=3)
+    cfg = sasrec_cfg(hidden=16, layers=1, heads=2, dropout=0.3, max_len=6, epochs=2, batch_size=16, seed=3)
     m1, h1 = train_sasrec(train, valid, 20, cfg)
     m2, h2 = train_sasrec(train, valid, 20, cfg)
-    m3, _ = train_sasrec(train, valid, 20, SASRecConfig(**{**cfg.__dict__, "seed": 4}))
+    m3, _ = train_sasrec(train, valid, 20, sasrec_cfg(**{**cfg.__dict__, "seed": 4}))
     assert [r["loss"] for r in h1] == [r["loss"] for r in h2]
     for k, v in m1.state_dict().items():
         assert torch.equal(v, m2.state_dict()[k]), k
@@ -178,9 +188,37 @@ def test_same_seed_same_model_other_seed_differs():
 
 def test_early_stopping_keeps_the_best_epoch():
     train, valid, _ = split_rows(successor_sequences(20, 40, 6, seed=2))
-    cfg = SASRecConfig(hidden=16, layers=1, heads=1, dropout=0.0, max_len=6, lr=1e-2, epochs=30,
+    cfg = sasrec_cfg(hidden=16, layers=1, heads=1, dropout=0.0, max_len=6, lr=1e-2, epochs=30,
                        batch_size=16, patience=2)
     model, history = train_sasrec(train, valid, 20, cfg)
     best = max(history, key=lambda r: (r["valid_recall@10"], r["valid_ndcg@10"]))
     assert len(history) == min(30, best["epoch"] + 1 + 2)  # stops `patience` epochs after the best
     assert evaluate(model, valid)["recall@10"] == pytest.approx(best["valid_recall@10"], abs=1e-12)
+
+
+def test_an_interrupted_run_resumes_to_the_same_weights(tmp_path):
+    from tasks.checkpoints import Checkpointer
+
+    train, valid, _ = split_rows(successor_sequences(20, 40, 6, seed=1))
+    cfg = sasrec_cfg(hidden=16, layers=1, heads=2, dropout=0.3, max_len=6, epochs=4, batch_size=16, seed=3)
+    straight, h_straight = train_sasrec(train, valid, 20, cfg)  # no checkpoints
+
+    class Killed(Exception):
+        pass
+
+    def kill_in_epoch_2(epoch, record):
+        if epoch == 1:
+            raise Killed  # progress runs before that epoch's save: only epoch 1's checkpoint exists
+
+    with pytest.raises(Killed):
+        train_sasrec(train, valid, 20, cfg, kill_in_epoch_2, Checkpointer(tmp_path, "fp"))
+    assert json.loads((tmp_path / "last" / "trainer.json").read_text())["epoch"] == 1
+    resumed, h_resumed = train_sasrec(train, valid, 20, cfg, None, Checkpointer(tmp_path, "fp"))
+    assert [r["loss"] for r in h_resumed] == [r["loss"] for r in h_straight]  # dropout and shuffles replayed
+    for k, v in straight.state_dict().items():
+        assert torch.equal(v, resumed.state_dict()[k]), k
+    again = []
+    train_sasrec(train, valid, 20, cfg, lambda e, r: again.append(e), Checkpointer(tmp_path, "fp"))
+    assert again == []  # finished: a rerun trains nothing
+    train_sasrec(train, valid, 20, cfg, lambda e, r: again.append(e), Checkpointer(tmp_path, "another fingerprint"))
+    assert again == [0, 1, 2, 3]  # another fingerprint: every epoch again

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from grc_core.train import TrainConfig, epoch_batches, fit, lr_at
+from tasks.checkpoints import Checkpointer
 
 CFG = TrainConfig(epochs=3, batch_size=4, lr=0.1, weight_decay=0.0, warmup_steps=2, min_lr_ratio=0.1,
                   grad_clip=1.0, eval_every=1, patience=0, seed=7, device="cpu", threads=0)
@@ -49,8 +50,8 @@ def test_epoch_batches_cover_every_index_once_and_split_across_ranks():
 
 def test_fit_is_deterministic_and_learns(tmp_path):
     a, b = fresh(), fresh()
-    sa = fit(a, 10, loss_fn, evaluate, CFG, tmp_path / "a")
-    fit(b, 10, loss_fn, evaluate, CFG, tmp_path / "b")
+    sa = fit(a, 10, loss_fn, evaluate, CFG, Checkpointer(tmp_path / "a", ""))
+    fit(b, 10, loss_fn, evaluate, CFG, Checkpointer(tmp_path / "b", ""))
     assert torch.equal(a.weight, b.weight) and torch.equal(a.bias, b.bias)
     assert sa.history[-1]["train_loss"] < sa.history[0]["train_loss"]
     assert (tmp_path / "a" / "best" / "model.safetensors").exists()
@@ -62,7 +63,7 @@ class Interrupt(Exception):
 
 def test_interrupted_run_resumes_to_identical_weights(tmp_path):
     ref = fresh()
-    fit(ref, 10, loss_fn, evaluate, CFG, tmp_path / "ref")
+    fit(ref, 10, loss_fn, evaluate, CFG, Checkpointer(tmp_path / "ref", ""))
     calls = {"n": 0}
 
     def flaky(model, idx):
@@ -73,23 +74,23 @@ def test_interrupted_run_resumes_to_identical_weights(tmp_path):
 
     model = fresh()
     with pytest.raises(Interrupt):
-        fit(model, 10, flaky, evaluate, CFG, tmp_path / "run")
+        fit(model, 10, flaky, evaluate, CFG, Checkpointer(tmp_path / "run", ""))
     state = json.loads((tmp_path / "run" / "last" / "trainer.json").read_text())["state"]
     assert state["epoch"] == 1
     resumed = nn.Linear(1, 1)  # different init: the weights must come from the checkpoint
-    out = fit(resumed, 10, loss_fn, evaluate, CFG, tmp_path / "run")
+    out = fit(resumed, 10, loss_fn, evaluate, CFG, Checkpointer(tmp_path / "run", ""))
     assert out.epoch == 3 and len(out.history) == 3
     assert torch.equal(resumed.weight, ref.weight) and torch.equal(resumed.bias, ref.bias)
 
 
 def test_checkpoint_of_another_config_is_not_resumed(tmp_path):
-    fit(fresh(), 10, loss_fn, evaluate, CFG, tmp_path / "c", fingerprint="one")
-    out = fit(fresh(), 10, loss_fn, evaluate, CFG, tmp_path / "c", fingerprint="two")
+    fit(fresh(), 10, loss_fn, evaluate, CFG, Checkpointer(tmp_path / "c", "one"))
+    out = fit(fresh(), 10, loss_fn, evaluate, CFG, Checkpointer(tmp_path / "c", "two"))
     assert len(out.history) == 3 and out.history[0]["epoch"] == 1
 
 
 def test_patience_stops_early(tmp_path):
     cfg = TrainConfig(**{**CFG.__dict__, "epochs": 10, "patience": 2})
-    out = fit(fresh(), 10, loss_fn, lambda m: {"recall@10": 0.0}, cfg, tmp_path / "p")
+    out = fit(fresh(), 10, loss_fn, lambda m: {"recall@10": 0.0}, cfg, Checkpointer(tmp_path / "p", ""))
     # first eval sets best (0 > -inf), the next two do not improve -> stop after 3 epochs
     assert out.epoch == 3 and math.isclose(out.best_metric, 0.0)

@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from grc_core.model import ModelConfig
-from grc_core.sasrec import SASRec, SASRecConfig, topk_items
+from grc_core.sasrec import SASRec, topk_items
 from tasks import io
 from tasks.artifacts import sasrec_top
 from tasks.candidates import MANIFEST, current_shard, gate_shard, plan_dump, read_users_file, top_lists
@@ -30,6 +30,7 @@ from tasks.env import PROJECT_ROOT
 from tasks.params import load_params
 from tasks.training import build_model
 from tasks.quality import QualityGateError
+from tests.grc_core.test_sasrec import sasrec_cfg
 from tests.flows.conftest import prefect_server  # noqa: F401  (the session's Prefect server)
 
 N_USERS, N_ITEMS, LEVELS = 120, 48, [6, 8]  # item i has semantic ID (i // 8, i % 8)
@@ -59,7 +60,7 @@ def write_tiny_data(root: Path, seed: int = 0) -> Path:
     io.write_json(ds / "backbone" / "config.json", {"model": asdict(cfg), "level_sizes": LEVELS, "attr_sizes": [7],
                                                     "attributes": ["category"]})
     torch.manual_seed(seed)
-    scfg = SASRecConfig(hidden=16, layers=1, dropout=0.0)
+    scfg = sasrec_cfg(hidden=16, layers=1, dropout=0.0)
     io.write_safetensors(ds / "sasrec" / "model.safetensors", SASRec(N_ITEMS, scfg).state_dict())
     io.write_json(ds / "sasrec" / "config.json", {"config": asdict(scfg), "n_items": N_ITEMS})
     return ds
@@ -189,7 +190,7 @@ def test_plan_with_a_users_file_shards_only_those_users(tmp_path):
 
 def test_sasrec_scores_are_sorted_and_agree_with_topk_items():
     torch.manual_seed(0)
-    model = SASRec(30, SASRecConfig(hidden=8, layers=1, dropout=0.0)).eval()
+    model = SASRec(30, sasrec_cfg(hidden=8, layers=1, dropout=0.0)).eval()
     histories = [[1, 2, 3], [4], [5, 6, 7, 8, 9, 10], [0, 29]]
     items, scores = sasrec_top(model, histories, 6, batch_size=3, exclude_history=True)
     assert np.array_equal(items, topk_items(model, histories, 6, histories))

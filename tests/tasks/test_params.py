@@ -223,3 +223,20 @@ def test_a_key_given_twice_in_params_yaml_is_an_error(tmp_path):
     path.write_text(text)
     with pytest.raises(ParamsError, match="key 'max_history' given twice"):
         load_params(path)
+
+
+def test_the_history_length_is_declared_once():
+    # The models' history length is data.max_history; it cannot be set a second time.
+    params = load_params(overrides=["data.max_history=7"])
+    assert params.backbone.model.max_history == 7 and params.sasrec.max_len == 7
+    with pytest.raises(ParamsError, match="unknown key 'backbone.model.max_history'"):
+        load_params(overrides=["backbone.model.max_history=7"])
+
+
+def test_a_derived_field_in_the_file_is_refused(tmp_path):
+    raw = yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text())
+    raw["sasrec"]["max_len"] = 20
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ParamsError, match="sasrec.max_len: not a key; it is data.max_history"):
+        load_params(path)

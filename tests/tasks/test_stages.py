@@ -214,7 +214,10 @@ def test_every_declared_param_changes_the_fingerprint(project, name):
     assert leaves
     for leaf in leaves:
         assert stages.fingerprint(_with(project, leaf), name) != base, f"{name}: {leaf} does not change it"
-    for leaf in st.runtime + st.per_item:
+    ds = project.raw["data"]["dataset"]
+    location = [f"datasets.{ds}.{k}" for k in stages.SOURCE_LOCATION if k in project.raw["datasets"][ds]]
+    assert location  # ml-100k has both
+    for leaf in st.runtime + st.per_item + tuple(location):
         assert stages.fingerprint(_with(project, leaf), name) == base, f"{name}: {leaf} changes it"
 
 

@@ -276,9 +276,6 @@ def test_sasrec_reports_its_log_and_saves_the_best_epoch(project):
     assert again["ndcg@10"] == pytest.approx(result["best"]["valid_ndcg@10"], abs=1e-6)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="tasks/sasrec.py reports the first epoch with the best Recall@10, while "
-                   "train_sasrec keeps the weights of the best (Recall@10, NDCG@10): on a Recall@10 tie the "
-                   "report names another epoch than the saved weights")
 def test_sasrec_report_names_the_epoch_whose_weights_it_saves_on_a_recall_tie(project, tmp_path, monkeypatch):
     import grc_core.sasrec
 
