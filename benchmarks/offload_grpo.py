@@ -4,7 +4,7 @@ The loop is `grc_core.grpo.run_grpo`, the one the `grpo` stage runs; only tensor
 
     # here: the stage's inputs for one config (the -S overrides of the run)
     python -m benchmarks.offload_grpo export --name sci_full --data sci0 -S data.dataset=scientific \
-        -S data.data_dir=data_s0 -S grpo.iterations=300 [--egrs-sweep]
+        -S data.data_dir=data_s0 -S grpo.loop.iterations=300 [--egrs-sweep]
     # on the worker (torch, numpy, safetensors, grc_core):
     python -m benchmarks.offload_grpo train --name sci_full --out $OUT --device cuda [--keep-weights]
     # here, for a run whose policy becomes the stage's output: unpack, then run the stage with the same -S
@@ -23,6 +23,7 @@ training log and the device.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import shutil
 import sys
@@ -60,7 +61,7 @@ def export(name: str, data: str, out: Path, overrides: list[str], egrs_sweep: bo
     if not (out / f"{data}.npz").exists():
         table, _, _ = load_item_table(data_dir, params.dataset.attributes)
         train = load_split(data_dir, "train", params.data.max_history)
-        valid = subset(load_split(data_dir, "valid", params.data.max_history), gp.valid_users, gp.seed)
+        valid = subset(load_split(data_dir, "valid", params.data.max_history), gp.valid_users, gp.loop.seed)
         test = subset(load_split(data_dir, "test", params.data.max_history), ev.users, ev.users_seed)
         arrays = {"codes": table.codes, "attrs": table.attrs}
         for split, inst in (("train", train), ("valid", valid), ("test", test)):
@@ -74,12 +75,7 @@ def export(name: str, data: str, out: Path, overrides: list[str], egrs_sweep: bo
             shutil.copyfile(data_dir / "sft" / "grc" / f, sft / f)
     cfg = json.loads((data_dir / "sft" / "grc" / "config.json").read_text())
     fingerprint = stage_fingerprint(params, "grpo")  # the stage's own: it resumes from what this trains
-    meta = {"grpo": asdict(GRPOConfig(gp.group_size, gp.clip_eps, gp.kl_beta, gp.ppo_epochs, gp.temperature,
-                               gp.advantage)),
-            "rewards": asdict(RewardConfig(gp.beta_cor, gp.beta_last, gp.beta_loc, gp.beta_sem, 1e-6, gp.use_task, gp.use_cor,
-                                    gp.use_loc, gp.use_sem, gp.use_delta)),
-            "loop": asdict(LoopConfig(gp.iterations, gp.users_per_step, gp.lr, gp.weight_decay, gp.grad_clip, gp.eval_every,
-                               gp.seed, gp.draft_advantage)),
+    meta = {"grpo": asdict(gp.rollout), "rewards": asdict(gp.reward), "loop": asdict(gp.loop),
             "level_sizes": cfg["level_sizes"], "valid_beam": gp.valid_beam, "grpo_batch": gp.eval_batch_size,
             "eval_beam": ev.beam, "eval_batch": ev.batch_size, "rank_rule": ev.rank_rule,
             "exclude_history": params.data.exclude_history, "fingerprint": fingerprint, "data": data,
@@ -113,13 +109,15 @@ def train(name: str, src: Path, out: Path, device: str, keep_weights: bool) -> N
         p.requires_grad_(False)
     excl = meta["exclude_history"]
 
+    def plain(width: int) -> DecodeConfig:  # as the stage validates (tasks.artifacts.selection_decode)
+        return DecodeConfig(width=width, correct_width=0, alpha_e=0.0, reflect_width=0, rank_rule=meta["rank_rule"])
+
     def rank(model: GRCModel, inst: Instances, cfg: DecodeConfig, batch: int) -> np.ndarray:
         ranked, _ = rank_with_grc(model, inst, table, trie, cfg, batch, exclude_history=excl)
         return ranked
 
     def validate(model: GRCModel) -> dict[str, float]:
-        ranked = rank(model, split["valid"], DecodeConfig(width=meta["valid_beam"], rank_rule=meta["rank_rule"]),
-                      meta["grpo_batch"])
+        ranked = rank(model, split["valid"], plain(meta["valid_beam"]), meta["grpo_batch"])
         return ranking_metrics(ranked, split["valid"].target.numpy(), ks=(5, 10, 20))[0]
 
     def log(record: dict) -> None:
@@ -150,7 +148,7 @@ def train(name: str, src: Path, out: Path, device: str, keep_weights: bool) -> N
                         "wall_s": time.perf_counter() - t1, "ranks": ranks.astype(int).tolist()}
         print(name, label, {k: round(v, 4) for k, v in evals[label]["metrics"].items()}, flush=True)
 
-    full = DecodeConfig(width=meta["eval_beam"], rank_rule=meta["rank_rule"])
+    full = plain(meta["eval_beam"])
     last = copy.deepcopy(policy).eval()
     Checkpointer(work / "ckpt", meta["fingerprint"]).load_weights("best", policy)
     evaluate("best", policy.eval(), full)
@@ -160,8 +158,7 @@ def train(name: str, src: Path, out: Path, device: str, keep_weights: bool) -> N
         for who, model in (("sft", sft), ("last", last)):
             for a in ALPHAS:
                 evaluate(f"{who}_budget_alpha{a}", model,
-                         DecodeConfig(width=meta["eval_beam"], rank_rule=meta["rank_rule"],
-                                      correct_width=meta["budget"], alpha_e=a))
+                         dataclasses.replace(full, correct_width=meta["budget"], alpha_e=a))
     info["test"] = {k: {kk: vv for kk, vv in v.items() if kk != "ranks"} for k, v in evals.items()}
     result = {**info, "test_users": test.user.numpy().astype(int).tolist(),
               "test_ranks": {k: v["ranks"] for k, v in evals.items()}, "log": state.history}

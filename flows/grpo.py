@@ -1,6 +1,6 @@
 """Stage `grpo`: GRPO on whole generate-reflect-correct episodes, from GRC-SFT (GRC-RL).
 
-    python -m flows.grpo [-S data.dataset=scientific] [-S grpo.group_size=8] [-S grpo.use_sem=false]
+    python -m flows.grpo [-S data.dataset=scientific] [-S grpo.rollout.group_size=8] [-S grpo.reward.use_sem=false]
 
 Resumes from `data/<dataset>/grpo/ckpt/last` after an interruption.
 """

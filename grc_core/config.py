@@ -108,3 +108,61 @@ class SASRecConfig:
         for ok, msg in checks:
             if not ok:
                 raise ValueError(f"SASRecConfig: {msg} ({self})")
+
+
+@dataclass(frozen=True)
+class GRPOConfig:
+    """GRPO's rollout and loss (grc_core/grpo.py): params.yaml `grpo.rollout`."""
+
+    group_size: int  # G episodes per user
+    clip_eps: float  # epsilon of the clipped surrogate
+    kl_beta: float  # beta of the KL penalty to the SFT policy
+    ppo_epochs: int  # optimisation steps per batch of episodes
+    temperature: float  # sampling temperature of every segment
+    advantage: Literal["zscore", "rank"]  # Eq. 22
+
+
+@dataclass(frozen=True)
+class LoopConfig:
+    """GRPO's outer loop (grc_core/grpo.py `run_grpo`): params.yaml `grpo.loop`."""
+
+    iterations: int  # rollout + update iterations
+    users_per_step: int  # training instances per iteration
+    lr: float  # AdamW learning rate (constant)
+    weight_decay: float
+    grad_clip: float  # gradient-norm clip (0: none)
+    eval_every: int  # iterations between validations (and checkpoints)
+    seed: int  # instance stream and sampling
+    draft_advantage: Literal["episode", "task"]  # the paper: episode; task: grc_core/grpo.py's docstring
+
+    def __post_init__(self) -> None:
+        if self.draft_advantage not in ("episode", "task"):
+            raise ValueError(f"draft_advantage must be episode | task, got {self.draft_advantage!r}")
+
+
+@dataclass(frozen=True)
+class RewardConfig:
+    """The weights and ablation switches of the GRC rewards (grc_core/rewards.py): params.yaml `grpo.reward`."""
+
+    beta_cor: float  # weight of R_cor in R (Eq. 13)
+    beta_last: float  # weight of l1 in R_task (Eq. 15)
+    beta_loc: float  # weight of R_loc in R_cor (Eq. 16)
+    beta_sem: float  # weight of R_sem in R_cor (Eq. 16)
+    eps: float  # Eq. 18 denominator guard
+    use_task: bool  # False: "w/o R_task" (Table 3)
+    use_cor: bool  # False: "w/o R_cor", the whole correction term
+    use_loc: bool  # False: "w/o R_loc"
+    use_sem: bool  # False: "w/o R_sem"
+    use_delta: bool  # False: "w/o R_delta"
+
+    def __post_init__(self) -> None:
+        if not self.eps > 0:
+            raise ValueError(f"RewardConfig.eps must be > 0, got {self.eps}")
+
+
+@dataclass(frozen=True)
+class SFTLossConfig:
+    """Eq. 10 (grc_core/grc.py `sft_loss`): params.yaml `sft.lambda_rc`, `sft.draft_loss`."""
+
+    lambda_rc: float  # weight of the reflection + correction loss
+    draft_loss: str  # what L_MLE supervises on the draft segment: target | draft | none

@@ -68,6 +68,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from grc_core.beam_search import BeamResult, BeamTrace, beam_search
+from grc_core.config import SFTLossConfig
 from grc_core.model import (BackboneStepper, Batch, DecodeState, Memory, ModelConfig, Seq2Seq, decoder_step,
                             sequence_loss)
 from grc_core.trie import PrefixTrie
@@ -215,10 +216,6 @@ def expand_memory(memory: Memory, repeats: int) -> Memory:
     return Memory([rep(k) for k in memory.keys], [rep(v) for v in memory.values], rep(memory.mask))
 
 
-@dataclass(frozen=True)
-class SFTLossConfig:
-    lambda_rc: float = 1.2
-    draft_loss: str = "target"  # target | draft | none
 
 
 def sft_loss(model: GRCModel, batch: Batch, draft: torch.Tensor, r_loc: torch.Tensor, r_sem: torch.Tensor,
@@ -261,10 +258,10 @@ def _is_int(value: object) -> bool:
 @dataclass(frozen=True)
 class DecodeConfig:
     width: int  # B, drafts per user and the final list length
-    correct_width: int = 0  # B_cor, beams of the correction pass (0: = width)
-    alpha_e: float = 0.0  # EGRS entropy coefficient (Eq. 25); 0: plain GRC inference
-    reflect_width: int = 0  # R, the best R drafts are reflected on and corrected, the rest kept as they are (0: all)
-    rank_rule: str = "joint"  # joint | union | marginal: how drafts and corrections merge (module docstring, step 4)
+    correct_width: int  # B_cor, beams of the correction pass (0: = width)
+    alpha_e: float  # EGRS entropy coefficient (Eq. 25); 0: plain GRC inference
+    reflect_width: int  # R, the best R drafts are reflected on and corrected, the rest kept as they are (0: all)
+    rank_rule: str  # joint | union | marginal: how drafts and corrections merge (module docstring, step 4)
 
     def __post_init__(self) -> None:
         if not _is_int(self.width) or self.width < 1:

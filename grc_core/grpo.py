@@ -31,31 +31,24 @@ checkpoints), shared by the `grpo` stage (tasks/grpo.py) and by runs on other wo
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import Any, Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
 
 from grc_core import distributed
+from grc_core.config import GRPOConfig, LoopConfig, RewardConfig
 from grc_core.data import Instances, ItemTable, to_batch
 from grc_core.grc import GRCModel, expand_memory, open_correction, reflect_on_cache, template_mask
 from grc_core.model import Batch, Memory, decoder_step
-from grc_core.rewards import RewardConfig, first_divergence, group_advantages, grc_rewards
+from grc_core.rewards import first_divergence, group_advantages, grc_rewards
 from grc_core.train import Checkpoints, TrainerState, make_optimizer
 from grc_core.trie import PrefixTrie
 
 NEG_INF = float("-inf")
 
 
-@dataclass(frozen=True)
-class GRPOConfig:
-    group_size: int = 8  # G episodes per user
-    clip_eps: float = 0.15  # epsilon of the clipped surrogate
-    kl_beta: float = 0.03  # beta of the KL penalty to the SFT policy
-    ppo_epochs: int = 2  # optimisation steps per batch of episodes
-    temperature: float = 1.0  # sampling temperature of every segment
-    advantage: str = "zscore"  # zscore | rank (Eq. 22)
 
 
 class Episodes(NamedTuple):
@@ -203,20 +196,6 @@ def grpo_loss(new_logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Te
     return loss, {"kl": float(kl.mean().detach()), "clip_frac": float(clipped), "ratio_mean": float(ratio.mean().detach())}
 
 
-@dataclass(frozen=True)
-class LoopConfig:
-    iterations: int  # rollout + update iterations
-    users_per_step: int  # training instances per iteration
-    lr: float  # AdamW learning rate (constant)
-    weight_decay: float
-    grad_clip: float  # gradient-norm clip (0: none)
-    eval_every: int  # iterations between validations (and checkpoints)
-    seed: int  # instance stream and sampling
-    draft_advantage: str = "episode"  # episode (the paper) | task (module docstring)
-
-    def __post_init__(self) -> None:
-        if self.draft_advantage not in ("episode", "task"):
-            raise ValueError(f"draft_advantage must be episode | task, got {self.draft_advantage!r}")
 
 
 def token_advantages(rewards: dict[str, torch.Tensor], groups: torch.Tensor, n_levels: int, n_tokens: int,

@@ -47,29 +47,12 @@ Where the paper is silent, this module chooses:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Literal
 
 import torch
 from torch import Tensor
 
-
-@dataclass(frozen=True)
-class RewardConfig:
-    beta_cor: float = 2.2  # weight of R_cor in R (Eq. 13)
-    beta_last: float = 2.0  # weight of l1 in R_task (Eq. 15)
-    beta_loc: float = 1.0  # weight of R_loc in R_cor (Eq. 16)
-    beta_sem: float = 0.8  # weight of R_sem in R_cor (Eq. 16)
-    eps: float = 1e-6  # Eq. 18 denominator guard
-    use_task: bool = True  # False: "w/o R_task" (Table 3)
-    use_cor: bool = True  # False: "w/o R_cor", the whole correction term
-    use_loc: bool = True  # False: "w/o R_loc"
-    use_sem: bool = True  # False: "w/o R_sem"
-    use_delta: bool = True  # False: "w/o R_delta"
-
-    def __post_init__(self) -> None:
-        if not self.eps > 0:
-            raise ValueError(f"RewardConfig.eps must be > 0, got {self.eps}")
+from grc_core.config import RewardConfig
 
 
 def _check_ids(name: str, x: Tensor, dim: int) -> None:
@@ -202,7 +185,7 @@ def total_reward(r_task: Tensor, r_cor: Tensor, beta_cor: float) -> Tensor:
 
 def grc_rewards(draft: Tensor, corrected: Tensor, target: Tensor, r_loc_pred: Tensor, r_sem_pred: Tensor,
                 attr_draft: Tensor, attr_corrected: Tensor, attr_target: Tensor,
-                cfg: RewardConfig = RewardConfig()) -> dict[str, Tensor]:
+                cfg: RewardConfig) -> dict[str, Tensor]:
     """Every reward component of Eqs. 13-21 per episode, each (B,), with cfg's ablation switches applied.
 
     draft, corrected, target: (B, L) semantic IDs z^(0), z^(1), z^gt. r_loc_pred: (B,) in 1..L+1.

@@ -148,6 +148,12 @@ def decode_config(ev, width: int) -> DecodeConfig:
                         reflect_width=ev.reflect_width)
 
 
+def selection_decode(width: int, rank_rule: str) -> DecodeConfig:
+    """Model selection (sft, grpo) decodes plainly: every draft reflected on, a full-width
+    correction, no EGRS; the merge rule is the test's (`evaluate.rank_rule`)."""
+    return DecodeConfig(width=width, correct_width=0, alpha_e=0.0, reflect_width=0, rank_rule=rank_rule)
+
+
 class Ranker(Protocol):
     def __call__(self, inst: Instances, progress: Callable[[int], None] | None = None,
                  stats: ReflectionStats | None = None) -> tuple[np.ndarray, np.ndarray]:

@@ -1,10 +1,10 @@
 """GRPO task (GRC paper Sec. 4.2): RL on whole GRC episodes, initialised from GRC-SFT.
 
-Each iteration samples `grpo.users_per_step` training instances (a fixed seeded stream), rolls
-out `grpo.group_size` episodes per user with the current policy (`grc_core.grpo`), scores them
-with the paper's rewards (`grc_core.rewards`, weights and ablation switches from params),
-computes group-relative advantages and takes `grpo.ppo_epochs` AdamW steps on the clipped
-surrogate with the KL penalty to the frozen SFT policy. Every `grpo.eval_every` iterations the
+Each iteration samples `grpo.loop.users_per_step` training instances (a fixed seeded stream), rolls
+out `grpo.rollout.group_size` episodes per user with the current policy (`grc_core.grpo`), scores them
+with the paper's rewards (`grc_core.rewards`, weights and ablation switches from `grpo.reward`),
+computes group-relative advantages and takes `grpo.rollout.ppo_epochs` AdamW steps on the clipped
+surrogate with the KL penalty to the frozen SFT policy. Every `grpo.loop.eval_every` iterations the
 policy is validated (two-pass decoding, Recall@10 at `grpo.valid_beam`); the best is kept.
 A checkpoint (`ckpt/last`: weights, optimizer, iteration, RNG state, log) is written at each
 validation, so an interrupted run resumes where it stopped and gives the same result.
@@ -29,12 +29,10 @@ from tqdm.auto import tqdm
 from grc_core import distributed
 from grc_core.device import resolve_device, set_threads
 from grc_core.evaluation import history_mask, rank_with_grc, ranking_metrics
-from grc_core.grc import DecodeConfig
-from grc_core.grpo import GRPOConfig, LoopConfig, run_grpo
-from grc_core.rewards import RewardConfig
+from grc_core.grpo import run_grpo
 from grc_core.train import format_record
 from tasks import io
-from tasks.artifacts import item_index, load_grc, load_split, promote_best, subset, write_log
+from tasks.artifacts import item_index, selection_decode, load_grc, load_split, promote_best, subset, write_log
 from tasks.checkpoints import Checkpointer
 from tasks.params import Params
 from tasks.stages import fingerprint
@@ -49,29 +47,24 @@ def train_grpo(params: Params) -> dict:
     table, trie, _, _ = item_index(out_dir, attributes, device)
     n_items = table.codes.shape[0]
     train = load_split(out_dir, "train", params.data.max_history)
-    valid = subset(load_split(out_dir, "valid", params.data.max_history), gp.valid_users, gp.seed)
+    valid = subset(load_split(out_dir, "valid", params.data.max_history), gp.valid_users, gp.loop.seed)
     policy = load_grc(out_dir, "grc_sft", device).train()
     ref = load_grc(out_dir, "grc_sft", device).eval()
     for p in ref.parameters():
         p.requires_grad_(False)
-    cfg = GRPOConfig(gp.group_size, gp.clip_eps, gp.kl_beta, gp.ppo_epochs, gp.temperature, gp.advantage)
-    rcfg = RewardConfig(gp.beta_cor, gp.beta_last, gp.beta_loc, gp.beta_sem, 1e-6, gp.use_task, gp.use_cor,
-                        gp.use_loc, gp.use_sem, gp.use_delta)
-    loop = LoopConfig(gp.iterations, gp.users_per_step, gp.lr, gp.weight_decay, gp.grad_clip, gp.eval_every, gp.seed,
-                      gp.draft_advantage)
     rank, _ = distributed.rank_world()
     work = out_dir / "grpo"
 
     def validate(model) -> dict[str, float]:
-        ranked, _ = rank_with_grc(model, valid, table, trie, DecodeConfig(width=gp.valid_beam, rank_rule=params.evaluate.rank_rule), gp.eval_batch_size,
-                               exclude_history=params.data.exclude_history)
+        ranked, _ = rank_with_grc(model, valid, table, trie, selection_decode(gp.valid_beam, params.evaluate.rank_rule),
+                                  gp.eval_batch_size, exclude_history=params.data.exclude_history)
         summary, _ = ranking_metrics(ranked, valid.target.numpy(), ks=(5, 10, 20))
         return summary
 
     def log(record: dict) -> None:
         print("grpo " + format_record(record), flush=True)
 
-    bar = tqdm(total=gp.iterations, unit="it", desc="grpo", mininterval=5, dynamic_ncols=True)
+    bar = tqdm(total=gp.loop.iterations, unit="it", desc="grpo", mininterval=5, dynamic_ncols=True)
     episodes = [0]
 
     def on_iteration(record: dict) -> None:
@@ -82,7 +75,7 @@ def train_grpo(params: Params) -> dict:
     exclude_mask = (lambda hist: history_mask(hist, n_items)) if params.data.exclude_history else None
     t0 = time.perf_counter()
     ckpt = Checkpointer(work / "ckpt", fingerprint(params, "grpo"))
-    state = run_grpo(policy, ref, train, table, trie, cfg, rcfg, loop, validate, ckpt,
+    state = run_grpo(policy, ref, train, table, trie, gp.rollout, gp.reward, gp.loop, validate, ckpt,
                      exclude_mask, log, on_iteration)
     bar.n = state.step
     bar.close()

@@ -24,7 +24,7 @@ from typing import Any, Literal
 
 import yaml
 
-from grc_core.config import ModelConfig, RQVAEConfig, SASRecConfig, TrainConfig
+from grc_core.config import GRPOConfig, LoopConfig, ModelConfig, RewardConfig, RQVAEConfig, SASRecConfig, TrainConfig
 from tasks.env import PROJECT_ROOT
 
 
@@ -159,32 +159,12 @@ class SFTConfig:
 
 @dataclass(frozen=True)
 class GRPOParams:
-    iterations: int
-    users_per_step: int
-    group_size: int
-    clip_eps: float
-    kl_beta: float
-    ppo_epochs: int
-    temperature: float
-    advantage: Literal["zscore", "rank"]
-    beta_cor: float
-    beta_last: float
-    beta_loc: float
-    beta_sem: float
-    use_task: bool
-    use_cor: bool
-    use_loc: bool
-    use_sem: bool
-    use_delta: bool
-    draft_advantage: Literal["episode", "task"]
-    lr: float
-    weight_decay: float
-    grad_clip: float
-    eval_every: int
+    rollout: GRPOConfig
+    reward: RewardConfig
+    loop: LoopConfig
     valid_beam: int
     valid_users: int
     eval_batch_size: int
-    seed: int
     device: str
     threads: int
 

@@ -89,7 +89,8 @@ TINY_OVERRIDES = [
     "mine.beam=10", "mine.top=2", "mine.sampled=2", "mine.batch_size=32", "mine.crossfit_folds=2",
     "sft.train.epochs=1", "sft.train.batch_size=8", "sft.train.warmup_steps=5", "sft.valid_beam=10",
     "sft.valid_users=0", "evaluate.correct_width=10",
-    "grpo.iterations=3", "grpo.users_per_step=8", "grpo.group_size=4", "grpo.eval_every=2", "grpo.valid_beam=10",
+    "grpo.loop.iterations=3", "grpo.loop.users_per_step=8", "grpo.rollout.group_size=4", "grpo.loop.eval_every=2",
+    "grpo.valid_beam=10",
     "grpo.valid_users=0", "candidates.top_n=10", "candidates.beam=20", "candidates.users_per_shard=16",
 ]
 COPIED = ["flows", "tasks", "grc_core", "dvc.yaml", "params.yaml"]

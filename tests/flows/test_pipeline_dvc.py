@@ -136,7 +136,7 @@ def test_grpo_killed_mid_run_resumes_to_the_same_weights(project, prefect_server
     env = {**os.environ, "PATH": f"{VENV_BIN}:{os.environ['PATH']}", "PREFECT_API_URL": prefect_server["url"],
            "PREFECT_HOME": str(prefect_server["home"])}
     work = root / "data" / "tiny" / "grpo"
-    args = [str(VENV_BIN / "python"), "-m", "flows.grpo", "-S", "grpo.iterations=6", "-S", "grpo.eval_every=2"]
+    args = [str(VENV_BIN / "python"), "-m", "flows.grpo", "-S", "grpo.loop.iterations=6", "-S", "grpo.loop.eval_every=2"]
 
     def run_clean() -> dict:
         shutil.rmtree(work, ignore_errors=True)
@@ -228,7 +228,7 @@ def test_torchrun_grpo_on_two_processes_matches_one_process(project):
         launch = ([str(VENV_BIN / "torchrun"), "--standalone", "--nproc_per_node=2", "-m", "tasks.ddp"] if world == 2
                   else [str(VENV_BIN / "python"), "-m", "tasks.ddp"])
         run = subprocess.run([*launch, "grpo", "-S", f"data.data_dir=data_grpo{world}", "-S",
-                              f"data.reports_dir=reports_grpo{world}", "-S", "grpo.threads=1", "-S", "grpo.lr=0.00005"],
+                              f"data.reports_dir=reports_grpo{world}", "-S", "grpo.threads=1", "-S", "grpo.loop.lr=0.00005"],
                              cwd=root, env=env, capture_output=True, text=True)
         assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
         assert json.loads((root / f"reports_grpo{world}" / "tiny" / "grpo.json").read_text())["world_size"] == world
@@ -257,7 +257,7 @@ def test_offloaded_backbone_and_grpo_runs_resume_as_the_stages_outputs(project):
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
     stages = {"backbone": (["-S", "backbone.train.epochs=3"], "backbone"),
-              "grpo": (["-S", "grpo.iterations=4"], "grpo")}
+              "grpo": (["-S", "grpo.loop.iterations=4"], "grpo")}
     for stage, (extra, out) in stages.items():
         tool = f"benchmarks.offload_{stage}"
         run(tool, "export", "--name", stage, "--data", f"d_{stage}", "--out", "off", *common, *extra)
@@ -282,13 +282,13 @@ def test_offloaded_backbone_and_grpo_runs_resume_as_the_stages_outputs(project):
 
 
 def test_dvc_exp_run_with_a_grpo_param_reruns_grpo_and_after_only(project):
-    """`dvc exp run -S grpo.group_size=2`: an experiment from the committed pipeline that re-runs
+    """`dvc exp run -S grpo.rollout.group_size=2`: an experiment from the committed pipeline that re-runs
     grpo and what depends on it, nothing upstream (last in this module: it changes outputs)."""
     root, env = project["root"], project["env"]
     git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.com"]
     subprocess.run([*git, "add", "-A"], cwd=root, check=True, env=env, capture_output=True)
     subprocess.run([*git, "commit", "-q", "-m", "baseline"], cwd=root, check=True, env=env, capture_output=True)
-    run = project["dvc"]("exp", "run", "-S", "grpo.group_size=2")
+    run = project["dvc"]("exp", "run", "-S", "grpo.rollout.group_size=2")
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
     ran = {line.split("'")[1] for line in run.stdout.splitlines() if line.startswith("Running stage '")}
     # grpo re-runs; evaluate and candidates only if the kept GRPO weights changed (DVC compares hashes)

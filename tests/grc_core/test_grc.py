@@ -16,6 +16,12 @@ from tests.grc_core.test_model import LEVELS, batch_for, catalog
 L = len(LEVELS)
 
 
+def decode(**changes) -> DecodeConfig:
+    """Plain two-pass decoding (every draft reflected on, a full correction, no EGRS, joint merge)
+    with `changes`."""
+    return DecodeConfig(**{"correct_width": 0, "alpha_e": 0.0, "reflect_width": 0, "rank_rule": "joint", **changes})
+
+
 def tiny_grc(num_attrs=1, reflect=True, seed=0):
     torch.manual_seed(seed)
     cfg = ModelConfig(d_model=16, d_ff=32, n_heads=2, encoder_layers=1, decoder_layers=2, dropout=0.0,
@@ -103,7 +109,7 @@ def test_sft_loss_modes_and_gradients():
         assert loss.item() == pytest.approx(parts["mle"] + 1.2 * (parts["reflect"] + parts["correct"]), rel=1e-5)
     assert losses["none"] < min(losses["target"], losses["draft"])
     assert losses["target"] != losses["draft"]
-    loss, _ = sft_loss(model, batch, draft, r_loc, r_sem, SFTLossConfig())
+    loss, _ = sft_loss(model, batch, draft, r_loc, r_sem, SFTLossConfig(1.2, "target"))
     loss.backward()
     assert model.loc_head.weight.grad.abs().sum() > 0 and model.slots.weight.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="draft_loss"):
@@ -133,7 +139,7 @@ def test_two_pass_matches_the_teacher_forced_template(reflect):
     # equal what one teacher-forced pass over the full template computes.
     model, table, trie, batch = _setup(num_attrs=1, reflect=reflect)
     width = 6
-    res = grc_decode(model, batch, trie, DecodeConfig(width=width, alpha_e=0.3))
+    res = grc_decode(model, batch, trie, decode(width=width, alpha_e=0.3))
     drafts = res.drafts
     assert torch.equal(drafts.items, beam_search(BackboneStepper(model.seq), batch, trie, width).items)
     memory = model.seq.encode(batch)
@@ -174,7 +180,7 @@ def test_drafts_judged_correct_are_kept_as_they_are():
     model, table, trie, batch = _setup(num_attrs=1)
     with torch.no_grad():
         model.loc_head.bias[L] = 1e4  # every draft's reflection says r_loc = L+1
-    res = grc_decode(model, batch, trie, DecodeConfig(width=5))
+    res = grc_decode(model, batch, trie, decode(width=5))
     assert (res.reflection[..., 0][res.drafts.items >= 0] == L + 1).all()
     assert (res.corrected.items == -1).all()
     assert torch.equal(res.items, res.drafts.items)
@@ -184,7 +190,7 @@ def test_drafts_judged_correct_are_kept_as_they_are():
 def test_final_list_is_distinct_valid_and_full():
     model, table, trie, batch = _setup(num_attrs=1, seed=3)
     width = 10
-    res = grc_decode(model, batch, trie, DecodeConfig(width=width, correct_width=4))
+    res = grc_decode(model, batch, trie, decode(width=width, correct_width=4))
     n_items = table.codes.shape[0]
     for row in res.items.tolist():
         real = [i for i in row if i >= 0]
@@ -198,9 +204,9 @@ def test_final_list_is_distinct_valid_and_full():
 
 def test_egrs_alpha_changes_only_the_correction_start():
     model, table, trie, batch = _setup(num_attrs=1, seed=4)
-    a = grc_decode(model, batch, trie, DecodeConfig(width=6, alpha_e=0.0))
-    b = grc_decode(model, batch, trie, DecodeConfig(width=6, alpha_e=0.0))
-    c = grc_decode(model, batch, trie, DecodeConfig(width=6, alpha_e=5.0))
+    a = grc_decode(model, batch, trie, decode(width=6, alpha_e=0.0))
+    b = grc_decode(model, batch, trie, decode(width=6, alpha_e=0.0))
+    c = grc_decode(model, batch, trie, decode(width=6, alpha_e=5.0))
     assert torch.equal(a.items, b.items) and torch.equal(a.scores, b.scores)
     assert torch.equal(a.drafts.items, c.drafts.items) and torch.equal(a.reflection, c.reflection)
     assert not torch.equal(a.corrected.scores, c.corrected.scores)
@@ -236,7 +242,7 @@ def test_reflection_stats_by_hand():
 
 def test_union_rule_keeps_every_draft_that_outscores_the_list_tail():
     model, table, trie, batch = _setup(num_attrs=1, seed=5)
-    res = grc_decode(model, batch, trie, DecodeConfig(width=8, rank_rule="union"))
+    res = grc_decode(model, batch, trie, decode(width=8, rank_rule="union"))
     for u in range(3):
         scores = res.scores[u][res.scores[u] > float("-inf")]
         assert torch.equal(scores, scores.sort(descending=True).values)
@@ -251,8 +257,8 @@ def test_union_rule_keeps_every_draft_that_outscores_the_list_tail():
 
 def test_egrs_gives_the_correction_budget_to_the_most_uncertain_drafts():
     model, table, trie, batch = _setup(num_attrs=1, seed=6)
-    plain = grc_decode(model, batch, trie, DecodeConfig(width=8, correct_width=3, alpha_e=0.0))
-    egrs = grc_decode(model, batch, trie, DecodeConfig(width=8, correct_width=3, alpha_e=1e4))
+    plain = grc_decode(model, batch, trie, decode(width=8, correct_width=3, alpha_e=0.0))
+    egrs = grc_decode(model, batch, trie, decode(width=8, correct_width=3, alpha_e=1e4))
     for u in range(3):
         open_ = (plain.reflection[u, :, 0] <= L) & (plain.drafts.items[u] >= 0)  # drafts that go to correction
         ent = plain.entropy[u].masked_fill(~open_, float("-inf"))
@@ -272,7 +278,7 @@ def test_marginal_rule_sums_the_mixture_over_the_beams():
     assert out[0, 3] == scores[0, 3]  # padding untouched
 
     model, table, trie, batch = _setup(num_attrs=1, seed=7)
-    res = grc_decode(model, batch, trie, DecodeConfig(width=6, rank_rule="marginal"))
+    res = grc_decode(model, batch, trie, decode(width=6, rank_rule="marginal"))
     # brute force from the returned pieces: p(i) = sum_b p(b) q_b 1(i=b) + sum over corrected beams
     with torch.inference_mode():
         for u in range(3):
@@ -297,10 +303,10 @@ def test_marginal_rule_sums_the_mixture_over_the_beams():
 @pytest.mark.parametrize("rule", ["joint", "union", "marginal"])
 def test_reflection_budget_touches_only_the_best_drafts(rule):
     model, table, trie, batch = _setup(num_attrs=1, seed=8)
-    full = grc_decode(model, batch, trie, DecodeConfig(width=8, rank_rule=rule))
-    same = grc_decode(model, batch, trie, DecodeConfig(width=8, rank_rule=rule, reflect_width=8))
+    full = grc_decode(model, batch, trie, decode(width=8, rank_rule=rule))
+    same = grc_decode(model, batch, trie, decode(width=8, rank_rule=rule, reflect_width=8))
     assert torch.equal(full.items, same.items) and torch.equal(full.scores, same.scores)
-    part = grc_decode(model, batch, trie, DecodeConfig(width=8, rank_rule=rule, reflect_width=3, correct_width=3))
+    part = grc_decode(model, batch, trie, decode(width=8, rank_rule=rule, reflect_width=3, correct_width=3))
     assert torch.equal(part.reflection[:, :3], full.reflection[:, :3])  # same reflection on the reflected drafts
     assert (part.reflection[:, 3:] == 0).all() and (part.entropy[:, 3:] == 0).all()
     assert (part.source < 3).all()  # corrections come only from the reflected drafts
@@ -316,15 +322,14 @@ def test_reflection_budget_touches_only_the_best_drafts(rule):
                                          ("alpha_e", float("nan")), ("alpha_e", float("inf")),
                                          ("rank_rule", "bogus"), ("rank_rule", "Joint")])
 def test_decode_config_rejects_bad_settings_at_construction(field, value):
-    kwargs = {"width": 4, field: value}
     with pytest.raises(ValueError, match=f"DecodeConfig.{field} .*got {value!r}"):
-        DecodeConfig(**kwargs)
+        decode(**{"width": 4, field: value})
 
 
 def test_decode_config_accepts_the_edges():
     for rule in ["joint", "union", "marginal"]:
         DecodeConfig(width=1, correct_width=0, alpha_e=0, reflect_width=0, rank_rule=rule)
-    DecodeConfig(width=np.int64(3), correct_width=np.int64(2), alpha_e=np.float32(0.2))
+    decode(width=np.int64(3), correct_width=np.int64(2), alpha_e=np.float32(0.2))
 
 
 def _reflection(labels, logps, n_levels):

@@ -5,11 +5,18 @@ from grc_core.data import make_instances
 from grc_core.grc import expand_memory
 from grc_core.grpo import (GRPOConfig, LoopConfig, episode_logprobs, grpo_loss, run_grpo, sample_episodes,
                            token_advantages)
-from grc_core.rewards import RewardConfig
 from grc_core.trie import PrefixTrie
 from tasks.checkpoints import Checkpointer
 from tests.grc_core.test_grc import LEVELS, tiny_grc
 from tests.grc_core.test_model import batch_for, catalog
+from tests.grc_core.test_rewards import paper_rewards
+
+
+def rollout(**changes) -> GRPOConfig:
+    """The paper's GRPO settings (params.yaml's grpo.rollout) with `changes`."""
+    return GRPOConfig(**{"group_size": 8, "clip_eps": 0.15, "kl_beta": 0.03, "ppo_epochs": 2, "temperature": 1.0,
+                         "advantage": "zscore", **changes})
+
 
 L = len(LEVELS)
 
@@ -24,7 +31,7 @@ def _setup(reflect=True):
 @pytest.mark.parametrize("reflect", [True, False])
 def test_sampled_episodes_are_valid_and_their_logprobs_match_teacher_forcing(reflect):
     model, table, trie, batch = _setup(reflect)
-    cfg = GRPOConfig(group_size=5)
+    cfg = rollout(group_size=5)
     exclude = torch.zeros(3, table.codes.shape[0], dtype=torch.bool)
     exclude[:, [0, 1, 2, 3]] = True
     ep = sample_episodes(model, batch, trie, cfg, torch.Generator().manual_seed(0), exclude)
@@ -46,15 +53,15 @@ def test_sampled_episodes_are_valid_and_their_logprobs_match_teacher_forcing(ref
 
 def test_sampling_is_seeded():
     model, table, trie, batch = _setup()
-    a = sample_episodes(model, batch, trie, GRPOConfig(group_size=4), torch.Generator().manual_seed(1))
-    b = sample_episodes(model, batch, trie, GRPOConfig(group_size=4), torch.Generator().manual_seed(1))
-    c = sample_episodes(model, batch, trie, GRPOConfig(group_size=4), torch.Generator().manual_seed(2))
+    a = sample_episodes(model, batch, trie, rollout(group_size=4), torch.Generator().manual_seed(1))
+    b = sample_episodes(model, batch, trie, rollout(group_size=4), torch.Generator().manual_seed(1))
+    c = sample_episodes(model, batch, trie, rollout(group_size=4), torch.Generator().manual_seed(2))
     assert torch.equal(a.draft, b.draft) and torch.equal(a.corrected, b.corrected)
     assert not (torch.equal(a.draft, c.draft) and torch.equal(a.corrected, c.corrected))
 
 
 def test_grpo_loss_by_hand():
-    cfg = GRPOConfig(clip_eps=0.2, kl_beta=0.5)
+    cfg = rollout(clip_eps=0.2, kl_beta=0.5)
     old = torch.zeros(2, 2)
     new = torch.log(torch.tensor([[1.5, 1.0], [0.5, 1.0]]))  # ratios 1.5, 1, 0.5, 1
     ref = new.clone()  # KL 0
@@ -72,7 +79,7 @@ def test_grpo_loss_by_hand():
 
 def test_a_grpo_step_moves_the_policy_towards_the_advantaged_episodes():
     model, table, trie, batch = _setup()
-    cfg = GRPOConfig(group_size=6, kl_beta=0.0)
+    cfg = rollout(group_size=6, kl_beta=0.0)
     ep = sample_episodes(model, batch, trie, cfg, torch.Generator().manual_seed(3))
     adv = torch.randn(18, generator=torch.Generator().manual_seed(4))
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
@@ -89,7 +96,7 @@ def test_a_grpo_step_moves_the_policy_towards_the_advantaged_episodes():
 
 
 def test_per_token_advantages_equal_to_the_episode_broadcast_give_the_same_loss():
-    cfg = GRPOConfig(clip_eps=0.2, kl_beta=0.1)
+    cfg = rollout(clip_eps=0.2, kl_beta=0.1)
     gen = torch.Generator().manual_seed(0)
     new, old, ref = (torch.randn(4, 5, generator=gen) * 0.3 for _ in range(3))
     adv = torch.tensor([1.0, -0.5, 0.0, 2.0])
@@ -110,7 +117,7 @@ def test_task_credit_gives_the_draft_tokens_r_task_advantage_and_the_rest_r():
     for row, expect in zip(task.tolist(), want):
         assert row == pytest.approx(expect, abs=1e-5)
     with pytest.raises(ValueError, match="draft_advantage"):
-        LoopConfig(1, 1, 1e-3, 0.0, 1.0, 1, 0, draft_advantage="draft")
+        LoopConfig(1, 1, 1e-3, 0.0, 1.0, 1, 0, "draft")
 
 
 def _run(tmp_path, iterations, draft_advantage="episode"):
@@ -125,7 +132,7 @@ def _run(tmp_path, iterations, draft_advantage="episode"):
         calls.append(1)
         return {"recall@10": float(len(calls) % 2)}  # alternates, so "best" moves
 
-    state = run_grpo(model, ref, train, table, trie, GRPOConfig(group_size=3), RewardConfig(), loop, validate,
+    state = run_grpo(model, ref, train, table, trie, rollout(group_size=3), paper_rewards(), loop, validate,
                      Checkpointer(tmp_path / "ckpt", "fp"))
     return model, state
 

@@ -22,6 +22,14 @@ from grc_core.rewards import (
     total_reward,
 )
 
+
+def paper_rewards(**changes) -> RewardConfig:
+    """The paper's weights (params.yaml's grpo.reward), every term on, with `changes`."""
+    return RewardConfig(**{"beta_cor": 2.2, "beta_last": 2.0, "beta_loc": 1.0, "beta_sem": 0.8, "eps": 1e-6,
+                           "use_task": True, "use_cor": True, "use_loc": True, "use_sem": True, "use_delta": True,
+                           **changes})
+
+
 ABS = 1e-5
 
 
@@ -147,13 +155,13 @@ def test_total_reward():
 
 
 def test_reward_config_defaults_and_guard():
-    cfg = RewardConfig()
+    cfg = paper_rewards()
     assert (cfg.beta_cor, cfg.beta_last, cfg.beta_loc, cfg.beta_sem, cfg.eps) == (2.2, 2.0, 1.0, 0.8, 1e-6)
     assert cfg.use_task and cfg.use_cor and cfg.use_loc and cfg.use_sem and cfg.use_delta
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.beta_cor = 1.0  # type: ignore[misc]
     with pytest.raises(ValueError, match="eps"):
-        RewardConfig(eps=0.0)
+        paper_rewards(eps=0.0)
 
 
 # Attributes for the three episodes (A = 2), target buckets (10, 20):
@@ -190,7 +198,7 @@ FULL = {
 
 
 def test_grc_rewards_by_hand():
-    out = episode_rewards(RewardConfig())
+    out = episode_rewards(paper_rewards())
     assert set(out) == set(FULL)
     for key, expected in FULL.items():
         close(out[key], expected)
@@ -214,7 +222,7 @@ def test_grc_rewards_by_hand():
     ],
 )
 def test_grc_rewards_ablations(switch, zeroed, cor, total):
-    cfg = RewardConfig(**{switch: False})
+    cfg = paper_rewards(**{switch: False})
     out = episode_rewards(cfg)
     for key, expected in FULL.items():
         if key not in ("cor", "total"):
@@ -229,7 +237,7 @@ def test_grc_rewards_ablations(switch, zeroed, cor, total):
 def test_grc_rewards_without_attributes():
     # A = 0: R_sem is 0, so cor = loc + delta = (2.5, 1, 1/3)
     empty = torch.zeros(3, 0, dtype=torch.long)
-    out = grc_rewards(DRAFT, CORRECTED, TARGET, R_LOC_PRED, empty, empty, empty, empty, RewardConfig())
+    out = grc_rewards(DRAFT, CORRECTED, TARGET, R_LOC_PRED, empty, empty, empty, empty, paper_rewards())
     close(out["sem"], [0.0, 0.0, 0.0])
     close(out["cor"], [2 + LOC_COR_0, 1.0, 1 / 3])
 

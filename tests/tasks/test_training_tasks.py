@@ -22,9 +22,8 @@ import torch
 from safetensors.torch import load_file
 
 from grc_core.evaluation import rank_with_backbone, rank_with_grc, ranking_metrics
-from grc_core.grc import DecodeConfig
 from tasks import io
-from tasks.artifacts import item_index, load_backbone, load_baseline, load_grc, load_rows, load_split
+from tasks.artifacts import item_index, load_backbone, load_baseline, load_grc, load_rows, load_split, selection_decode
 from tasks.backbone import train_backbone
 from tasks.embed import gate_embeddings
 from tasks.ingest import (build_splits, export_tables, fetch_source, gate_raw, gate_splits, read_source, source_hash,
@@ -128,7 +127,7 @@ def grc_valid_recall(params, method: str, beam: int, batch_size: int) -> float:
     table, trie, _, _ = item_index(out_dir, params.dataset.attributes, "cpu")
     valid = valid_instances(params)
     ranked, _ = rank_with_grc(load_grc(out_dir, method), valid, table, trie,
-                              DecodeConfig(width=beam, rank_rule=params.evaluate.rank_rule), batch_size,
+                              selection_decode(beam, params.evaluate.rank_rule), batch_size,
                               exclude_history=params.data.exclude_history)
     return ranking_metrics(ranked, valid.target.numpy(), ks=(5, 10, 20))[0]["recall@10"]
 
@@ -361,8 +360,8 @@ def test_grpo_reports_its_log_and_publishes_the_best_iteration(project, grpo):
     params = project["params"]
     out_dir = params.dataset_dir()
     rows = read_log(params.reports_dir() / "grpo_log.csv")
-    assert [int(r["iteration"]) for r in rows] == [0, 1, 2, 3] and grpo["iterations"] == 3  # grpo.iterations=3
-    # validated at the SFT start, every grpo.eval_every=2 iterations and at the last one
+    assert [int(r["iteration"]) for r in rows] == [0, 1, 2, 3] and grpo["iterations"] == 3  # grpo.loop.iterations=3
+    # validated at the SFT start, every grpo.loop.eval_every=2 iterations and at the last one
     assert [int(r["iteration"]) for r in rows if r["valid_recall@10"] is not None] == [0, 2, 3]
     top, iteration = best_in_log(rows, "iteration")
     assert (grpo["best_valid_recall@10"], grpo["best_iteration"]) == (top, iteration)
