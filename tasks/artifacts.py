@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 
 from grc_core.config import ModelConfig, SASRecConfig
 from grc_core.data import Instances, ItemTable, make_instances
-from grc_core.evaluation import ReflectionStats, rank_with_backbone, rank_with_grc
+from grc_core.evaluation import ReflectionStats, rank_with_backbone, rank_with_grc, ranking_metrics
 from grc_core.grc import DecodeConfig, GRCModel, grc_from_config
 from grc_core.model import Seq2Seq
 from grc_core.sasrec import SASRec, SeqRows, score_all
@@ -152,6 +152,15 @@ def selection_decode(width: int, rank_rule: str) -> DecodeConfig:
     """Model selection (sft, grpo) decodes plainly: every draft reflected on, a full-width
     correction, no EGRS; the merge rule is the test's (`evaluate.rank_rule`)."""
     return DecodeConfig(width=width, correct_width=0, alpha_e=0.0, reflect_width=0, rank_rule=rank_rule)
+
+
+def grc_selection_metrics(model: GRCModel, valid: Instances, table: ItemTable, trie: PrefixTrie, width: int,
+                          rank_rule: str, batch_size: int, exclude_history: bool) -> dict[str, float]:
+    """Validation Recall/NDCG@5/10/20 of a template model under `selection_decode`: what sft and
+    grpo select their checkpoints on."""
+    ranked, _ = rank_with_grc(model, valid, table, trie, selection_decode(width, rank_rule), batch_size,
+                              exclude_history=exclude_history)
+    return ranking_metrics(ranked, valid.target.numpy(), ks=(5, 10, 20))[0]
 
 
 class Ranker(Protocol):

@@ -28,11 +28,11 @@ from tqdm.auto import tqdm
 
 from grc_core import distributed
 from grc_core.device import resolve_device, set_threads
-from grc_core.evaluation import history_mask, rank_with_grc, ranking_metrics
+from grc_core.evaluation import history_mask
 from grc_core.grpo import run_grpo
 from grc_core.train import format_record
 from tasks import io
-from tasks.artifacts import item_index, selection_decode, load_grc, load_split, promote_best, subset, write_log
+from tasks.artifacts import grc_selection_metrics, item_index, load_grc, load_split, promote_best, subset, write_log
 from tasks.checkpoints import Checkpointer
 from tasks.params import Params
 from tasks.stages import fingerprint
@@ -56,10 +56,8 @@ def train_grpo(params: Params) -> dict:
     work = out_dir / "grpo"
 
     def validate(model) -> dict[str, float]:
-        ranked, _ = rank_with_grc(model, valid, table, trie, selection_decode(gp.valid_beam, params.evaluate.rank_rule),
-                                  gp.eval_batch_size, exclude_history=params.data.exclude_history)
-        summary, _ = ranking_metrics(ranked, valid.target.numpy(), ks=(5, 10, 20))
-        return summary
+        return grc_selection_metrics(model, valid, table, trie, gp.valid_beam, params.evaluate.rank_rule,
+                                     gp.eval_batch_size, params.data.exclude_history)
 
     def log(record: dict) -> None:
         print("grpo " + format_record(record), flush=True)

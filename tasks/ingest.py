@@ -38,10 +38,11 @@ import polars as pl
 from prefect import task
 
 from tasks import io, store
+from tasks.io import sha256_file
 from tasks.params import DatasetSpec, Params
 from tasks.quality import QualityGateError, gx_expectations, run_gate
 from tasks.readers import (InputError, RawDataset, dense_order, open_parquet_source, parquet_source_files,
-                           read_lcrec, read_recbole, sha256_file)
+                           read_lcrec, read_recbole)
 
 SPLITS = ("train", "valid", "test")
 GATE_SAMPLE_ROWS = 100_000  # interactions the row-level gate of the streaming path sees (a fixed sample)

@@ -16,7 +16,6 @@ the same id rule as above.
 from __future__ import annotations
 
 import codecs
-import hashlib
 import json
 import re
 from dataclasses import dataclass, field
@@ -26,6 +25,7 @@ from typing import Any
 import duckdb
 import polars as pl
 
+from tasks.io import sha256_file
 from tasks.store import sql_string
 
 TEXT_FIELDS = ("title", "description", "brand", "categories")
@@ -50,14 +50,6 @@ class RawDataset:
 
 class _Object(dict):
     duplicate: str | None = None
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _wide_encoding(data: bytes) -> str | None:

@@ -21,12 +21,11 @@ from prefect import task
 from grc_core import distributed
 from grc_core.data import to_batch
 from grc_core.device import resolve_device
-from grc_core.evaluation import rank_with_grc, ranking_metrics
 from grc_core.config import SFTLossConfig
 from grc_core.grc import GRCModel, sft_loss
 from grc_core.model import Seq2Seq
 from grc_core.train import fit, format_record
-from tasks.artifacts import item_index, selection_decode, load_backbone, load_split, promote_best, subset, write_log
+from tasks.artifacts import grc_selection_metrics, item_index, load_backbone, load_split, promote_best, subset, write_log
 from tasks.checkpoints import Checkpointer
 from tasks.params import Params
 from tasks.progress import epoch_progress
@@ -76,10 +75,8 @@ def train_sft(params: Params, variant: str) -> dict:
         return loss
 
     def evaluate(m: torch.nn.Module) -> dict[str, float]:
-        ranked, _ = rank_with_grc(m, valid, table, trie, selection_decode(sf.valid_beam, params.evaluate.rank_rule),
-                                  sf.eval_batch_size, exclude_history=params.data.exclude_history)
-        summary, _ = ranking_metrics(ranked, valid.target.numpy(), ks=(5, 10, 20))
-        return summary
+        return grc_selection_metrics(m, valid, table, trie, sf.valid_beam, params.evaluate.rank_rule,
+                                     sf.eval_batch_size, params.data.exclude_history)
 
     work = out_dir / "sft" / variant
     bar, on_step = epoch_progress(f"sft {variant} ")
