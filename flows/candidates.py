@@ -80,4 +80,6 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    from tasks.cli import run_main  # one message for an input error; main() itself raises (callers, tests)
+
+    run_main(main, sys.argv[1:])

@@ -11,7 +11,6 @@ the ingest of an unchanged source, cached embeddings) are quick, the others run 
 
 from __future__ import annotations
 
-import argparse
 import sys
 from typing import Sequence
 
@@ -27,6 +26,7 @@ from flows.mine import mine_flow
 from flows.sasrec import sasrec_flow
 from flows.sft import sft_flow
 from flows.tokenize import tokenize_flow
+from tasks.cli import parse_args, run_main
 from tasks.params import load_params
 
 STAGES = (("ingest", ingest_flow), ("embed", embed_flow), ("tokenize", tokenize_flow),
@@ -49,19 +49,11 @@ def pipeline_flow(overrides: list[str] | None = None, params_file: str | None = 
     return results
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("-P", "--params", default=None, help="params file (default: params.yaml at the project root)")
-    parser.add_argument("-S", "--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a params.yaml key, e.g. -S data.dataset=scientific (repeatable)")
-    return parser.parse_args(argv)
-
-
 def main(argv: Sequence[str] | None = None) -> dict[str, dict]:
-    args = parse_args(argv)
+    args = parse_args(argv, __doc__)
     load_params(args.params, args.set)  # a typo fails here, before any flow run starts
     return pipeline_flow(overrides=list(args.set), params_file=args.params)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_main(main, sys.argv[1:])

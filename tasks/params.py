@@ -264,7 +264,23 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     key, sep, value = text.partition("=")
     if not sep or not key.strip():
         raise ParamsError(f"override {text!r} is not of the form key.path=value")
-    return key.strip().split("."), yaml.safe_load(value) if value.strip() else ""
+    try:
+        return key.strip().split("."), yaml.safe_load(value) if value.strip() else ""
+    except (yaml.YAMLError, RecursionError) as exc:
+        shown = text if len(text) <= 80 else text[:77] + "..."
+        raise ParamsError(f"override {shown!r}: the value is not valid YAML ({_yaml_problem(exc)})") from None
+
+
+def _yaml_problem(exc: BaseException) -> str:
+    """A YAML error in one line (PyYAML's own spans several and quotes the source)."""
+    if isinstance(exc, RecursionError):
+        return "nested too deeply"
+    if isinstance(exc, yaml.reader.ReaderError):
+        char = exc.character if isinstance(exc.character, int) else ord(exc.character)
+        return f"character #x{char:04x} at offset {exc.position}: {exc.reason}"
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    return (f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else "") + problem
 
 
 def apply_override(raw: dict[str, Any], text: str) -> None:
@@ -300,8 +316,15 @@ def load_params(path: str | Path | None = None, overrides: typing.Sequence[str] 
         raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
     except FileNotFoundError:
         raise ParamsError(f"{path}: params file not found") from None
-    except yaml.YAMLError as exc:
-        raise ParamsError(f"{path}: not valid YAML: {exc}") from None
+    except IsADirectoryError:
+        raise ParamsError(f"{path}: params file is a directory; -P takes a YAML file such as params.yaml") from None
+    except UnicodeDecodeError as exc:
+        raise ParamsError(f"{path}: not a UTF-8 YAML file (byte {exc.start} is {exc.object[exc.start]:#04x}); "
+                          "-P takes a YAML file such as params.yaml") from None
+    except OSError as exc:
+        raise ParamsError(f"{path}: cannot read the params file ({exc.strerror})") from None
+    except (yaml.YAMLError, RecursionError) as exc:
+        raise ParamsError(f"{path}: not valid YAML: {_yaml_problem(exc)}") from None
     except ParamsError as exc:
         raise ParamsError(f"{path}: {exc}") from None
     if not isinstance(raw, dict):

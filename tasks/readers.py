@@ -101,6 +101,9 @@ def _load_json(path: Path) -> Any:
             f"{path}: line {exc.lineno} column {exc.colno}: invalid JSON ({exc.msg}); "
             "the file may be truncated or malformed"
         ) from None
+    except RecursionError:
+        # json.loads recurses once per nesting level; a source file nests a handful of levels.
+        raise InputError(f"{path}: invalid JSON (arrays or objects nested too deeply); the file is malformed") from None
 
 
 def _check_text(path: Path, row: str, name: str, value: Any, required: bool) -> str | None:
