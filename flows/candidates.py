@@ -52,7 +52,7 @@ def candidates_flow(params: Params) -> dict:
         records.update({s.name: r for s, r in zip(todo, done)})
     else:
         set_threads(cd.threads)
-        ranker = dump_ranker(params) if todo else None
+        ranker = dump_ranker(params, plan.method) if todo else None
         for shard in todo:
             frame = rank_shard(ranker, shard, plan.top_n)
             # The gate runs before the shard is written: a bad shard never reaches the folder.
@@ -64,7 +64,8 @@ def candidates_flow(params: Params) -> dict:
     stale = remove_stale_shards(plan.out_dir, {s.name for s in plan.shards})
     manifest = write_manifest(plan, records)
     wall = time.perf_counter() - t0
-    report = {"dataset": plan.dataset, "method": plan.method, "top_n": plan.top_n, "users": manifest["users"],
+    report = {"dataset": plan.dataset, "method": plan.method, "chosen_by": plan.chosen_by, "top_n": plan.top_n,
+              "users": manifest["users"],
               "rows": manifest["rows"], "shards": len(records), "shards_reused": reused,
               "workers": cd.workers, "dask_address": cd.dask_address,
               "users_per_s_decoded": round(sum(len(s.users) for s in todo) / max(wall, 1e-9), 2),

@@ -1,9 +1,14 @@
-"""Stage `evaluate`: leave-one-out test metrics of every method, full ranking over the catalog.
+"""Stage `evaluate`: every method ranked on the validation split (the leaderboard that picks the
+champion the candidate dump uses) and on the test split (the reported metrics), full ranking over
+the catalog.
 
     python -m flows.evaluate [-S data.dataset=instruments] [-S evaluate.beam=200]
 
-Writes `reports/<dataset>/metrics.json` (DVC metrics), per-user ranks under
-`data/<dataset>/eval/`, and appends one record per method to benchmarks/results/quality.jsonl.
+Writes `data/<dataset>/eval/leaderboard.json` (validation: the champion, every method's metrics,
+the champion's paired margin over the runner-up), `reports/<dataset>/metrics.json` (DVC
+metrics: test metrics and the leaderboard), per-user ranks under `data/<dataset>/eval/` (test)
+and `eval/valid/` (validation), and appends one record per method to
+benchmarks/results/quality.jsonl. The test split chooses nothing.
 """
 
 from __future__ import annotations
@@ -15,7 +20,8 @@ from prefect import flow, get_run_logger
 
 from tasks import io
 from tasks.cli import parse_cli
-from tasks.evaluate import append_quality_record, paired_against, rank_test_users, save_ranks, summarize_method
+from tasks.evaluate import (append_quality_record, leaderboard, paired_against, rank_users, save_ranks,
+                            summarize_method)
 from tasks.params import Params
 from tasks.report import write_report
 
@@ -25,9 +31,19 @@ def evaluate_flow(params: Params) -> dict:
     log = get_run_logger()
     out_dir, ev = params.dataset_dir(), params.evaluate
     seed = params.backbone.train.seed
+    valid_ranks = {}
+    for method in ev.methods:
+        users, ranks, _, _ = rank_users(params, method, "valid")
+        save_ranks(out_dir, method, users, ranks, "valid")
+        valid_ranks[method] = ranks
+    board = leaderboard(valid_ranks, ev.beam, ev.bootstrap, seed)
+    io.write_json(out_dir / "eval" / "leaderboard.json", board)
+    log.info("champion on %d validation users: %s (recall@10 %.4f)%s", board["users"], board["champion"],
+             board["methods"][0]["metrics"]["recall@10"],
+             f", {board['margin']['recall@10']['diff']:+.4f} over {board['runner_up']}" if "margin" in board else "")
     results = {}
     for method in ev.methods:
-        users, ranks, wall, extra = rank_test_users(params, method)
+        users, ranks, wall, extra = rank_users(params, method, "test")
         save_ranks(out_dir, method, users, ranks)
         results[method] = {**summarize_method(ranks, ev.beam, ev.bootstrap, seed), "wall_s": round(wall, 1), **extra}
         append_quality_record(params, method, results[method], wall, seed)
@@ -38,7 +54,7 @@ def evaluate_flow(params: Params) -> dict:
     for method in results:
         if base and method != base:
             results[method]["vs_" + base] = paired_against(out_dir, base, method, ev.bootstrap, seed)
-    report = {"dataset": params.data.dataset, "beam": ev.beam, "methods": results}
+    report = {"dataset": params.data.dataset, "beam": ev.beam, "methods": results, "leaderboard": board}
     io.write_json(params.reports_dir() / "metrics.json", report)
     log.info("run report: %s", write_report(params))
     return report

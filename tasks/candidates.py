@@ -74,7 +74,8 @@ class Shard(NamedTuple):
 
 @dataclass(frozen=True)
 class DumpPlan:
-    method: str
+    method: str  # the method dumped: candidates.method, or the validation champion where that is auto
+    chosen_by: dict | None  # with auto: the leaderboard's rule, users, champion metrics and margin
     dataset: str
     top_n: int
     beam: int
@@ -138,24 +139,44 @@ def users_digest(users: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(users, dtype=np.int64).tobytes()).hexdigest()
 
 
-def dump_fingerprint(params: Params, files: dict[str, str]) -> str:
+def dump_fingerprint(params: Params, method: str, files: dict[str, str]) -> str:
     """What the bytes of a shard depend on, besides its users: the stage's params and code
-    (tasks/stages.py), the files this method reads, and the torch and polars versions."""
+    (tasks/stages.py), the method dumped, the files it reads, and the torch and polars versions."""
     return fingerprint(params, "candidates", inputs=sorted(files),
-                       extra={"versions": {"torch": torch.__version__, "polars": pl.__version__}})
+                       extra={"method": method, "versions": {"torch": torch.__version__, "polars": pl.__version__}})
+
+
+def resolve_method(params: Params) -> tuple[str, dict | None]:
+    """The method to dump and, for `candidates.method: auto`, why: the champion of the validation
+    leaderboard that `evaluate` wrote (data/<dataset>/eval/leaderboard.json)."""
+    method = params.candidates.method
+    if method != "auto":
+        return method, None
+    path = params.dataset_dir() / "eval" / "leaderboard.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"candidates.method=auto: {path} does not exist; run the evaluate stage first "
+                                "(it ranks every method on the validation split), or name a method")
+    board = io.read_json(path)
+    top = board["methods"][0]
+    chosen = {"rule": board["rule"], "split": board["split"], "users": board["users"],
+              "champion_metrics": top["metrics"], "runner_up": board.get("runner_up"),
+              "margin": board.get("margin"), "leaderboard": {m["method"]: m["metrics"]["recall@10"]
+                                                             for m in board["methods"]}}
+    return board["champion"], chosen
 
 
 @task
 def plan_dump(params: Params) -> DumpPlan:
     """Users, shards and the fingerprint of this dump; fails early on a missing model or a bad users file."""
     cd, out_dir = params.candidates, params.dataset_dir()
-    model_paths = list(model_files(cd.method))
+    method, chosen_by = resolve_method(params)
+    model_paths = list(model_files(method))
     input_paths = ["splits/test.parquet"]
-    if cd.method != "sasrec":
+    if method != "sasrec":
         input_paths += ["items.parquet", "tokenizer/semantic_ids.parquet", "tokenizer/tokenizer.json"]
     for rel in model_paths + input_paths:
         if not (out_dir / rel).is_file():
-            raise FileNotFoundError(f"candidates.method={cd.method}: {out_dir / rel} does not exist; "
+            raise FileNotFoundError(f"candidates.method={method}: {out_dir / rel} does not exist; "
                                     "run the stage that makes it first")
     model_sha = {rel: sha256_file(out_dir / rel) for rel in model_paths}
     input_sha = {rel: sha256_file(out_dir / rel) for rel in input_paths}
@@ -164,14 +185,14 @@ def plan_dump(params: Params) -> DumpPlan:
              else np.unique(test_users))
     row_of = {int(u): i for i, u in enumerate(test_users)}
     rows = np.array([row_of[int(u)] for u in users], dtype=np.int64)
-    if cd.method == "sasrec":
+    if method == "sasrec":
         n_items = int(json.loads((out_dir / model_paths[1]).read_text())["n_items"])
     else:
         n_items = pl.scan_parquet(out_dir / "tokenizer" / "semantic_ids.parquet").select(pl.len()).collect().item()
-    return DumpPlan(method=cd.method, dataset=params.data.dataset, top_n=cd.top_n, beam=cd.beam,
+    return DumpPlan(method=method, chosen_by=chosen_by, dataset=params.data.dataset, top_n=cd.top_n, beam=cd.beam,
                     out_dir=out_dir / "candidates", n_items=n_items, model_sha256=model_sha,
                     input_sha256=input_sha, params_hash=params.section_hash("data", "evaluate", "candidates"),
-                    fingerprint=dump_fingerprint(params, {**model_sha, **input_sha}),
+                    fingerprint=dump_fingerprint(params, method, {**model_sha, **input_sha}),
                     shards=make_shards(users.astype(np.int64), rows, cd.users_per_shard))
 
 
@@ -197,11 +218,11 @@ def current_shard(out_dir: Path, shard: Shard, fingerprint: str) -> dict | None:
     return record if sha256_file(path) == record.get("sha256") else None
 
 
-def dump_ranker(params: Params) -> Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]:
-    """The chosen method's ranking of test-split rows: (U,) rows -> items, scores (U, W), best first."""
+def dump_ranker(params: Params, method: str) -> Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]:
+    """`method`'s ranking of test-split rows: (U,) rows -> items, scores (U, W), best first."""
     cd, out_dir = params.candidates, params.dataset_dir()
     test = load_split(out_dir, "test", params.data.max_history)
-    rank: Ranker = load_ranker(cd.method, out_dir, params.dataset.attributes, resolve_device(cd.device),
+    rank: Ranker = load_ranker(method, out_dir, params.dataset.attributes, resolve_device(cd.device),
                                decode_config(params.evaluate, cd.beam), cd.batch_size, params.data.exclude_history)
     return lambda rows: rank(test.select(torch.as_tensor(rows, dtype=torch.long)))
 
@@ -209,19 +230,19 @@ def dump_ranker(params: Params) -> Callable[[np.ndarray], tuple[np.ndarray, np.n
 _RANKERS: dict[str, Callable] = {}  # per process: the model of the dump in progress
 
 
-def cached_ranker(params: Params, key: str) -> Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]:
-    """The ranker of this dump, loaded once per (worker) process; `key` is the dump's fingerprint."""
-    if key not in _RANKERS:
+def cached_ranker(params: Params, plan: DumpPlan) -> Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]:
+    """The ranker of this dump, loaded once per (worker) process (keyed by the dump's fingerprint)."""
+    if plan.fingerprint not in _RANKERS:
         _RANKERS.clear()
-        _RANKERS[key] = dump_ranker(params)
-    return _RANKERS[key]
+        _RANKERS[plan.fingerprint] = dump_ranker(params, plan.method)
+    return _RANKERS[plan.fingerprint]
 
 
 @task(cache_policy=NO_CACHE)
 def dump_shard(params: Params, plan: DumpPlan, shard: Shard) -> dict:
     """Decode, gate and write one shard, in whatever process (a Dask worker) runs it."""
     set_threads(params.candidates.threads)
-    frame = rank_shard.fn(cached_ranker(params, plan.fingerprint), shard, plan.top_n)
+    frame = rank_shard.fn(cached_ranker(params, plan), shard, plan.top_n)
     gate_shard.fn(frame, len(shard.users), plan.top_n, plan.n_items, params.reports_dir(),
                   suite=f"candidates_{shard.name}")
     return write_shard.fn(plan.out_dir, shard, frame, plan.fingerprint)
@@ -308,7 +329,8 @@ def remove_stale_shards(out_dir: Path, names: set[str]) -> list[str]:
 @task(retries=2, retry_delay_seconds=2)
 def write_manifest(plan: DumpPlan, records: list[dict]) -> dict:
     manifest = {
-        "method": plan.method, "dataset": plan.dataset, "top_n": plan.top_n, "beam": plan.beam,
+        "method": plan.method, "chosen_by": plan.chosen_by, "dataset": plan.dataset, "top_n": plan.top_n,
+        "beam": plan.beam,
         "users": sum(r["users"] for r in records), "rows": sum(r["rows"] for r in records),
         "columns": {k: str(v) for k, v in SCHEMA.items()},
         "model_sha256": plan.model_sha256, "input_sha256": plan.input_sha256,

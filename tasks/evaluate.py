@@ -34,15 +34,17 @@ QUALITY_LOG = PROJECT_ROOT / "benchmarks" / "results" / "quality.jsonl"
 
 
 @task
-def rank_test_users(params: Params, method: str) -> tuple[np.ndarray, np.ndarray, float, dict]:
-    """(user ids (U,), 1-based target ranks (U,), wall seconds, extra stats) for one method."""
+def rank_users(params: Params, method: str, split: str = "test") -> tuple[np.ndarray, np.ndarray, float, dict]:
+    """(user ids (U,), 1-based target ranks (U,), wall seconds, extra stats) for one method on the
+    test split (`evaluate.users` of them) or the validation split (`evaluate.valid_users`)."""
     out_dir, ev = params.dataset_dir(), params.evaluate
-    test = subset(load_split(out_dir, "test", params.data.max_history), ev.users, ev.users_seed)
+    n_users = {"test": ev.users, "valid": ev.valid_users}[split]
+    test = subset(load_split(out_dir, split, params.data.max_history), n_users, ev.users_seed)
     t0 = time.perf_counter()
     rank = load_ranker(method, out_dir, params.dataset.attributes, resolve_device(ev.device), decode_config(ev, ev.beam),
                        ev.batch_size, params.data.exclude_history)
     stats = ReflectionStats() if method in GRC_METHODS else None
-    with tqdm(total=len(test), unit="user", desc=f"{method} beam {ev.beam}", mininterval=5) as bar:
+    with tqdm(total=len(test), unit="user", desc=f"{method} {split} beam {ev.beam}", mininterval=5) as bar:
         ranked, _ = rank(test, bar.update, stats)
     extra: dict = {}
     if stats is not None:
@@ -61,9 +63,37 @@ def summarize_method(ranks: np.ndarray, beam: int, n_boot: int, seed: int) -> di
     return {"metrics": summary, "ci95": intervals, "users": int(len(ranks))}
 
 
-def save_ranks(out_dir: Path, method: str, users: np.ndarray, ranks: np.ndarray) -> None:
-    io.write_parquet(out_dir / "eval" / f"{method}.parquet",
+def save_ranks(out_dir: Path, method: str, users: np.ndarray, ranks: np.ndarray, split: str = "test") -> None:
+    """Per-user target ranks: `eval/<method>.parquet` (test), `eval/valid/<method>.parquet` (validation)."""
+    where = out_dir / "eval" if split == "test" else out_dir / "eval" / split
+    io.write_parquet(where / f"{method}.parquet",
                      pl.DataFrame({"user_id": users.astype(np.int64), "rank": ranks.astype(np.int64)}))
+
+
+def leaderboard(ranks: dict[str, np.ndarray], beam: int, n_boot: int, seed: int) -> dict:
+    """Methods ordered by validation Recall@10, then NDCG@10 (a tie keeps `ranks`' order); the
+    first is the champion. `ranks[m]` are method m's 1-based target ranks of the same validation
+    users, in the same order. The margin is the paired bootstrap of the champion against the
+    runner-up on those users."""
+    if not ranks:
+        raise ValueError("leaderboard: no method was ranked on the validation split")
+    lengths = {m: len(r) for m, r in ranks.items()}
+    if len(set(lengths.values())) != 1:
+        raise ValueError(f"leaderboard: methods ranked different numbers of validation users: {lengths}")
+    rows = []
+    for method, r in ranks.items():
+        s = summarize_method(r, beam, n_boot, seed)
+        rows.append({"method": method, "metrics": s["metrics"], "ci95": s["ci95"]})
+    order = sorted(range(len(rows)), key=lambda i: (-rows[i]["metrics"]["recall@10"], -rows[i]["metrics"]["ndcg@10"], i))
+    rows = [rows[i] for i in order]
+    board = {"split": "valid", "rule": "highest validation recall@10, then ndcg@10", "champion": rows[0]["method"],
+             "users": next(iter(lengths.values())), "methods": rows}
+    if len(rows) > 1:
+        best, second = ranks[rows[0]["method"]], ranks[rows[1]["method"]]
+        pa, pb = M.per_user_metrics(second, (10,), (10,)), M.per_user_metrics(best, (10,), (10,))
+        board["runner_up"] = rows[1]["method"]
+        board["margin"] = {k: M.paired_bootstrap(pa[k], pb[k], n_boot, seed) for k in ("recall@10", "ndcg@10")}
+    return board
 
 
 def paired_against(out_dir: Path, base: str, method: str, n_boot: int, seed: int) -> dict:

@@ -182,11 +182,12 @@ class EvaluateConfig:
     reflect_width: int
     users: int
     users_seed: int
+    valid_users: int
 
 
 @dataclass(frozen=True)
 class CandidatesConfig:
-    method: Literal["tiger", "sasrec", "gc_sft", "grc_sft", "grc_rl"]
+    method: Literal["auto", "tiger", "sasrec", "gc_sft", "grc_sft", "grc_rl"]
     top_n: int
     beam: int
     users_per_shard: int

@@ -73,6 +73,25 @@ def _series(rows: list[dict], x: str, y: str) -> tuple[list[float], list[float]]
     return [p[0] for p in pts], [p[1] for p in pts]
 
 
+def leaderboard_lines(board: dict | None) -> list[str]:
+    """The validation leaderboard and its champion (the method the candidate dump uses by default)."""
+    if not board:
+        return []
+    lines = [f"## Champion on the validation split: {board['champion']}", "",
+             f"Rule: {board['rule']}, on {board['users']} validation users (the test split chooses nothing). "
+             "`candidates.method: auto` dumps this method.", "",
+             "| rank | method | valid R@10 [95% CI] | valid N@10 |", "|---|---|---|---|"]
+    for i, m in enumerate(board["methods"], 1):
+        lo, hi = m["ci95"]["recall@10"]
+        lines.append(f"| {i} | {m['method']} | {m['metrics']['recall@10']:.4f} [{lo:.4f}, {hi:.4f}] | "
+                     f"{m['metrics']['ndcg@10']:.4f} |")
+    if "margin" in board:
+        d = board["margin"]["recall@10"]
+        lines += ["", f"{board['champion']} − {board['runner_up']} (paired, validation R@10): {d['diff']:+.4f} "
+                      f"[{d['ci_low']:+.4f}, {d['ci_high']:+.4f}], p = {d['p_value']:.3f}"]
+    return lines + [""]
+
+
 def write_report(params: Params) -> Path:
     plt = pyplot()
     rep, out_dir = params.reports_dir(), params.dataset_dir()
@@ -82,6 +101,7 @@ def write_report(params: Params) -> Path:
     missing = []
     metrics_path = rep / "metrics.json"
     if metrics_path.exists():
+        lines += leaderboard_lines(json.loads(metrics_path.read_text()).get("leaderboard"))
         methods = json.loads(metrics_path.read_text())["methods"]
         keys = sorted({k for m in methods.values() for k in m["metrics"]})
         lines += ["## Test metrics (this evaluate run)", "", "| method | users | " + " | ".join(keys) + " |",

@@ -144,7 +144,7 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
           runtime=("candidates.workers", "candidates.dask_address", "candidates.threads"),
           comment=("evaluate: the dump decodes under its rules; candidates.users_file is the path only: "
                    "after editing that file, `dvc repro -f -s candidates`"),
-          inputs=("splits", "items.parquet", "tokenizer", *_MODEL_INPUTS),
+          inputs=("splits", "items.parquet", "tokenizer", *_MODEL_INPUTS, "eval/leaderboard.json"),
           outs=(Out("candidates", persist=True, why="a killed run resumes from the shards whose sidecars match"),),
           metrics=("candidates.json",)),
 )}

@@ -31,6 +31,13 @@ def main(argv: list[str]) -> None:
         print("\n  " + f"{'method':<10}" + "".join(f"{k:>12}" for k in keys))
         for name, m in methods.items():
             print("  " + f"{name:<10}" + "".join(f"{m['metrics'].get(k, float('nan')):>12.4f}" for k in keys))
+        board = json.loads(metrics.read_text()).get("leaderboard")
+        if board:
+            margin = board.get("margin", {}).get("recall@10")
+            print(f"\n  champion on {board['users']:,} validation users: {board['champion']} "
+                  f"(valid recall@10 {board['methods'][0]['metrics']['recall@10']:.4f}"
+                  + (f", {margin['diff']:+.4f} over {board['runner_up']}, p = {margin['p_value']:.3f}" if margin else "")
+                  + ")")
         print(f"  per-user ranks: {params.dataset_dir() / 'eval'}")
         print(f"  run report:     {reports / 'report.md'}")
     cand = reports / "candidates.json"

@@ -75,7 +75,14 @@ def test_repro_dumps_candidates_that_duckdb_and_polars_read(project):
     out = project["root"] / "data" / "tiny" / "candidates"
     manifest = json.loads((out / "manifest.json").read_text())
     users, top_n = project["counts"]["users"], 10  # candidates.top_n in TINY_OVERRIDES
-    assert manifest["method"] == "grc_rl" and manifest["top_n"] == top_n
+    # candidates.method auto: the dump is the validation champion of evaluate's leaderboard
+    board = json.loads((project["root"] / "data" / "tiny" / "eval" / "leaderboard.json").read_text())
+    assert manifest["method"] == board["champion"] == board["methods"][0]["method"] and manifest["top_n"] == top_n
+    assert manifest["chosen_by"]["users"] == board["users"] == users
+    assert [m["metrics"]["recall@10"] for m in board["methods"]] == sorted(
+        (m["metrics"]["recall@10"] for m in board["methods"]), reverse=True)
+    metrics = json.loads((project["root"] / "reports" / "tiny" / "metrics.json").read_text())
+    assert metrics["leaderboard"] == board
     assert [s["users"] for s in manifest["shards"]] == [16, 16, users - 32]  # users_per_shard=16
     [(rows, n_users, ranks_ok)] = duckdb.sql(
         f"SELECT count(*), count(DISTINCT user_id), bool_and(rank BETWEEN 1 AND {top_n}) "

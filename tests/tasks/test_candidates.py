@@ -172,6 +172,28 @@ def test_users_file_parquet_errors(tmp_path):
         read_users_file(tmp_path / "absent.txt", np.arange(10))
 
 
+def test_auto_dumps_the_validation_champion_and_says_why(tmp_path):
+    write_tiny_data(tmp_path / "data")
+    params = load_params(overrides=overrides(tmp_path, "candidates.method=auto"))
+    with pytest.raises(FileNotFoundError, match=r"eval/leaderboard.json does not exist; run the evaluate stage"):
+        plan_dump.fn(params)
+    board = {"split": "valid", "rule": "highest validation recall@10, then ndcg@10", "champion": "sasrec",
+             "users": 120, "runner_up": "tiger",
+             "margin": {"recall@10": {"diff": 0.05, "ci_low": 0.01, "ci_high": 0.09, "p_value": 0.01}},
+             "methods": [{"method": "sasrec", "metrics": {"recall@10": 0.3, "ndcg@10": 0.2}},
+                         {"method": "tiger", "metrics": {"recall@10": 0.25, "ndcg@10": 0.1}}]}
+    io.write_json(tmp_path / "data" / "tiny" / "eval" / "leaderboard.json", board)
+    plan = plan_dump.fn(params)
+    assert plan.method == "sasrec" and set(plan.model_sha256) == {"sasrec/model.safetensors", "sasrec/config.json"}
+    assert plan.chosen_by["users"] == 120 and plan.chosen_by["leaderboard"] == {"sasrec": 0.3, "tiger": 0.25}
+    assert plan.chosen_by["margin"]["recall@10"]["diff"] == 0.05
+    named = plan_dump.fn(load_params(overrides=overrides(tmp_path, "candidates.method=sasrec")))
+    assert named.method == "sasrec" and named.chosen_by is None
+    board["champion"], board["methods"] = "tiger", board["methods"][::-1]
+    io.write_json(tmp_path / "data" / "tiny" / "eval" / "leaderboard.json", board)
+    assert plan_dump.fn(params).method == "tiger"
+
+
 def test_plan_with_a_users_file_shards_only_those_users(tmp_path):
     write_tiny_data(tmp_path / "data")
     (tmp_path / "ids.txt").write_text("\n".join(str(u) for u in [30, 4, 100, 17, 5]) + "\n")

@@ -255,10 +255,15 @@ def test_backbone_restarts_when_a_param_it_reads_changes(project, backbone, tmp_
 # --- SASRec -------------------------------------------------------------------------------------
 
 
-def test_sasrec_reports_its_log_and_saves_the_best_epoch(project):
+@pytest.fixture(scope="module")
+def sasrec(project):
+    return body(train_baseline)(project["params"])
+
+
+def test_sasrec_reports_its_log_and_saves_the_best_epoch(project, sasrec):
     params = project["params"]
     out_dir = params.dataset_dir()
-    result = body(train_baseline)(params)
+    result = sasrec
     rows = read_log(params.reports_dir() / "sasrec_log.csv")
     assert result["epochs_run"] == len(rows) == 2  # sasrec.epochs=2, patience 6
     top, epoch = best_in_log(rows, "epoch")
@@ -372,3 +377,45 @@ def test_grpo_reports_its_log_and_publishes_the_best_iteration(project, grpo):
     same = all(torch.equal(rl[k], start[k]) for k in start)
     assert same == (iteration == 0)  # best at the start: the SFT weights themselves; later: updated weights
     assert grc_valid_recall(params, "grc_rl", params.grpo.valid_beam, params.grpo.eval_batch_size) == top
+
+
+# --- the champion ---------------------------------------------------------------------------------
+
+
+def test_a_deliberately_weak_method_never_becomes_champion(project, sasrec, grpo, monkeypatch):
+    # Every trained method is ranked on the validation split by evaluate's own task; gc_sft is
+    # replaced by a ranker that never lists the user's target (the weakest possible list).
+    import tasks.evaluate as ev_tasks
+    from tasks.evaluate import leaderboard, rank_users
+
+    params = project["params"]
+    real = ev_tasks.load_ranker
+    n_items = project["counts"]["items"]
+
+    def weak_or_real(method, *args):
+        if method != "gc_sft":
+            return real(method, *args)
+        def rank(inst, progress=None, stats=None):  # every item but the user's target, in id order
+            items = np.tile(np.arange(n_items), (len(inst), 1))
+            items = items[items != inst.target.numpy()[:, None]].reshape(len(inst), n_items - 1)
+            return items, np.zeros(items.shape, np.float32)
+        return rank
+
+    monkeypatch.setattr(ev_tasks, "load_ranker", weak_or_real)
+    ranks = {}
+    for method in ("gc_sft", "tiger", "sasrec", "grc_sft", "grc_rl"):  # the weak one first: order is no advantage
+        users, r, _, _ = body(rank_users)(params, method, "valid")
+        assert len(users) == len(valid_instances(params))  # evaluate.valid_users=0: every validation user
+        ranks[method] = r
+    board = leaderboard(ranks, params.evaluate.beam, 200, 0)
+    assert board["champion"] != "gc_sft" and board["methods"][-1]["method"] == "gc_sft"
+    assert board["methods"][-1]["metrics"]["recall@10"] == 0.0 < board["methods"][0]["metrics"]["recall@10"]
+    assert board["methods"][0]["metrics"]["recall@10"] == max(m["metrics"]["recall@10"] for m in board["methods"])
+    # the leaderboard's tiger figure is tiger's validation recall at the evaluate beam, computed independently
+    table, trie, _, _ = item_index(params.dataset_dir(), params.dataset.attributes, "cpu")
+    valid = valid_instances(params)
+    ranked, _ = rank_with_backbone(load_backbone(params.dataset_dir()), valid, table, trie, params.evaluate.beam,
+                                   64, exclude_history=params.data.exclude_history)
+    tiger = next(m for m in board["methods"] if m["method"] == "tiger")
+    assert tiger["metrics"]["recall@10"] == pytest.approx(
+        ranking_metrics(ranked, valid.target.numpy(), ks=(10,))[0]["recall@10"], abs=1e-12)
