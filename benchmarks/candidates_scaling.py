@@ -23,7 +23,7 @@ from pathlib import Path
 import polars as pl
 
 from benchmarks.common import run_flow, save, stamp
-from tasks.stages import MODEL_DIRS
+from tasks.stages import METHOD_MODELS
 from tasks.params import load_params
 
 
@@ -51,10 +51,10 @@ def main(argv: list[str] | None = None) -> dict:
         shutil.copy(src / "splits" / "test.parquet", dst / "splits" / "test.parquet")
         shutil.copy(src / "items.parquet", dst / "items.parquet")
         shutil.copytree(src / "tokenizer", dst / "tokenizer")
-        model_dir = MODEL_DIRS[args.method]
-        (dst / model_dir).mkdir(parents=True)
-        for f in ("model.safetensors", "config.json"):
-            shutil.copy(src / model_dir / f, dst / model_dir / f)
+        for model_dir in METHOD_MODELS[args.method]:
+            (dst / model_dir).mkdir(parents=True)
+            for f in ("model.safetensors", "config.json"):
+                shutil.copy(src / model_dir / f, dst / model_dir / f)
         overrides = [f"data.dataset={args.dataset}", f"data.data_dir={root / 'data'}",
                      f"data.reports_dir={root / 'reports'}", f"candidates.method={args.method}",
                      f"candidates.beam={args.beam}", f"candidates.top_n={args.top_n}",

@@ -25,7 +25,7 @@ only skips slots that would be padding.
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol, Sequence
 
 import torch
 
@@ -129,7 +129,8 @@ class BeamTrace(NamedTuple):
 @torch.inference_mode()
 def beam_search(model: StepModel, batch: Any, trie: PrefixTrie, width: int,
                 initial_scores: torch.Tensor | None = None, return_trace: bool = False,
-                exclude: torch.Tensor | None = None) -> BeamResult | tuple[BeamResult, BeamTrace]:
+                exclude: torch.Tensor | None = None, values: Sequence[torch.Tensor] | None = None,
+                value_weight: float = 0.0) -> BeamResult | tuple[BeamResult, BeamTrace]:
     """Batched trie-constrained beam search: a top-k over (beams x codes) per user and level.
 
     Python loops run over levels only. See the module docstring for scores, padding and ties.
@@ -139,6 +140,10 @@ def beam_search(model: StepModel, batch: Any, trie: PrefixTrie, width: int,
     even where their codes agree, so one item can come back more than once.
     `exclude` (B, N) bool: items a user must not get (e.g. their history); they are masked at
     the last level like invalid codes, so the beam fills up with the next-best allowed items.
+    `values` (shallow fusion with a prefix value, grc_core/cf_value.py): per level l a (B, M_l)
+    value of the node each code leads to (M_l nodes at level l+1; items at the last level); each
+    level keeps the beams with the best log pi(y<=l) + value_weight * value(y<=l), and the returned
+    scores are that sum at the last level. Without `values` (or at weight 0) the search is the plain one.
     """
     _check_width(width, "beam_search")
     logp, state = model.begin(batch)  # (B, W0, V_0)
@@ -163,7 +168,13 @@ def beam_search(model: StepModel, batch: Any, trie: PrefixTrie, width: int,
             banned = exclude.gather(1, child.clamp_min(0).view(b, -1)).view_as(child)  # (B, W', V_l)
             allowed &= ~banned
         cand = torch.where(allowed, scores[..., None] + logp, float("-inf"))  # (B, W', V_l)
-        scores, flat = _select(cand.view(b, -1), counts[level])  # (B, W)
+        if values is None or value_weight == 0:
+            scores, flat = _select(cand.view(b, -1), counts[level])  # (B, W)
+        else:
+            bonus = values[level].gather(1, child.clamp_min(0).view(b, -1)).view_as(child)  # (B, W', V_l)
+            key, flat = _select((cand + value_weight * bonus).view(b, -1), counts[level])  # (B, W)
+            last = level == trie.num_levels - 1
+            scores = key if last else cand.view(b, -1).gather(1, flat)  # (B, W) log pi, or the fused key
         parents, tokens = flat // size, flat % size  # (B, W)
         nodes = child.view(b, -1).gather(1, flat)  # (B, W) node at level+1, item index at the last
         kept = codes.gather(1, parents[..., None].expand(-1, -1, level))  # (B, W, level)

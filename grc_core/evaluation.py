@@ -10,6 +10,7 @@ import torch
 
 from grc_core import metrics as M
 from grc_core.beam_search import beam_search
+from grc_core.cf_value import item_prefix_nodes, prefix_values
 from grc_core.data import Instances, ItemTable, to_batch
 from grc_core.grc import DecodeConfig, GRCModel, GRCResult, grc_decode
 from grc_core.model import BackboneStepper, Seq2Seq
@@ -27,19 +28,26 @@ def history_mask(history: torch.Tensor, n_items: int) -> torch.Tensor:
 @torch.inference_mode()
 def rank_with_backbone(model: Seq2Seq, inst: Instances, table: ItemTable, trie: PrefixTrie, width: int,
                        batch_size: int = 256, progress: Callable[[int], None] | None = None,
-                       exclude_history: bool = False) -> tuple[np.ndarray, np.ndarray]:
+                       exclude_history: bool = False, item_logp: Callable[[Instances], torch.Tensor] | None = None,
+                       cf_weight: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
     """Top-`width` items (N, W) and their scores for every instance, by beam search.
 
     `exclude_history`: a user's history items are never returned (masked inside the search).
+    `item_logp(instances)` (B, N): a collaborative model's item log-probabilities; with it each
+    level prunes on log pi + cf_weight * V_cf (grc_core/cf_value.py), the method `tiger_cf`.
     """
     model.eval()
     stepper = BackboneStepper(model)
     items, scores = [], []
     n_items = table.codes.shape[0]
+    nodes = item_prefix_nodes(trie) if item_logp is not None else None
     for start in range(0, len(inst), batch_size):
         part = inst.select(torch.arange(start, min(start + batch_size, len(inst))))
         exclude = history_mask(part.history.to(table.codes.device), n_items) if exclude_history else None
-        res = beam_search(stepper, to_batch(part, table, with_target=False), trie, width, exclude=exclude)
+        values = (prefix_values(item_logp(part).to(table.codes.device), nodes, trie, exclude)
+                  if item_logp is not None else None)
+        res = beam_search(stepper, to_batch(part, table, with_target=False), trie, width, exclude=exclude,
+                          values=values, value_weight=cf_weight)
         items.append(res.items.cpu().numpy())
         scores.append(res.scores.float().cpu().numpy())
         if progress is not None:

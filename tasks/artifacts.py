@@ -29,9 +29,9 @@ from grc_core.model import Seq2Seq
 from grc_core.sasrec import SASRec, SeqRows, score_all
 from grc_core.trie import PrefixTrie
 from tasks import io
-from tasks.stages import MODEL_DIRS
+from tasks.stages import METHOD_MODELS
 
-METHODS = tuple(MODEL_DIRS)
+METHODS = tuple(METHOD_MODELS)
 GRC_METHODS = ("gc_sft", "grc_sft", "grc_rl")
 
 
@@ -87,14 +87,15 @@ def item_index(out_dir: Path, attributes: tuple[str, ...], device: torch.device 
 
 
 def model_dir(out_dir: Path, method: str) -> Path:
-    if method not in MODEL_DIRS:
-        raise ValueError(f"unknown method {method!r} (known: {list(MODEL_DIRS)})")
-    return out_dir / MODEL_DIRS[method]
+    """The folder of a method's (first) model."""
+    if method not in METHOD_MODELS:
+        raise ValueError(f"unknown method {method!r} (known: {list(METHOD_MODELS)})")
+    return out_dir / METHOD_MODELS[method][0]
 
 
-def model_files(method: str) -> tuple[str, str]:
-    """The weights and config of a method, relative to data/<dataset>/."""
-    return f"{MODEL_DIRS[method]}/model.safetensors", f"{MODEL_DIRS[method]}/config.json"
+def model_files(method: str) -> tuple[str, ...]:
+    """The weights and config of each model a method decodes with, relative to data/<dataset>/."""
+    return tuple(f"{d}/{f}" for d in METHOD_MODELS[method] for f in ("model.safetensors", "config.json"))
 
 
 def load_backbone(out_dir: Path, device: torch.device | str = "cpu", weights: Path | None = None) -> Seq2Seq:
@@ -169,11 +170,20 @@ class Ranker(Protocol):
         """Instances (U,) -> items and scores (U, W), best first; padding is item -1."""
 
 
+def sasrec_log_probs(model: SASRec) -> Callable[[Instances], torch.Tensor]:
+    """Instances (B,) -> SASRec's log-softmax over the catalog after each history, (B, N)."""
+    def item_logp(inst: Instances) -> torch.Tensor:
+        histories = [h[h >= 0].tolist() for h in inst.history.numpy()]
+        return torch.log_softmax(torch.as_tensor(score_all(model, histories)), -1)  # (B, N)
+    return item_logp
+
+
 def load_ranker(method: str, out_dir: Path, attributes: tuple[str, ...], device: torch.device | str,
-                decode: DecodeConfig, batch_size: int, exclude_history: bool) -> Ranker:
-    """One method's ranking of the catalog for any instances: the beam of `decode.width` (tiger),
-    two-pass GRC decoding under `decode` (gc_sft, grc_sft, grc_rl), SASRec's top `decode.width`
-    logits (sasrec). `stats` collects GRC's reflection statistics where given."""
+                decode: DecodeConfig, batch_size: int, exclude_history: bool, cf_weight: float) -> Ranker:
+    """One method's ranking of the catalog for any instances: the beam of `decode.width` (tiger;
+    tiger_cf with SASRec's prefix value at `cf_weight`, grc_core/cf_value.py), two-pass GRC
+    decoding under `decode` (gc_sft, grc_sft, grc_rl), SASRec's top `decode.width` logits
+    (sasrec). `stats` collects GRC's reflection statistics where given."""
     model_dir(out_dir, method)  # unknown method: a clear error before anything loads
     if method == "sasrec":
         model = load_baseline(out_dir, device)
@@ -187,10 +197,11 @@ def load_ranker(method: str, out_dir: Path, attributes: tuple[str, ...], device:
 
         return rank_sasrec
     table, trie, _, _ = item_index(out_dir, attributes, device)
-    if method == "tiger":
+    if method in ("tiger", "tiger_cf"):
         backbone = load_backbone(out_dir, device)
+        item_logp = sasrec_log_probs(load_baseline(out_dir, device)) if method == "tiger_cf" else None
         return lambda inst, progress=None, stats=None: rank_with_backbone(
-            backbone, inst, table, trie, decode.width, batch_size, progress, exclude_history)
+            backbone, inst, table, trie, decode.width, batch_size, progress, exclude_history, item_logp, cf_weight)
     grc = load_grc(out_dir, method, device)
     return lambda inst, progress=None, stats=None: rank_with_grc(
         grc, inst, table, trie, decode, batch_size, progress, stats, exclude_history)

@@ -186,7 +186,7 @@ def plan_dump(params: Params) -> DumpPlan:
     row_of = {int(u): i for i, u in enumerate(test_users)}
     rows = np.array([row_of[int(u)] for u in users], dtype=np.int64)
     if method == "sasrec":
-        n_items = int(json.loads((out_dir / model_paths[1]).read_text())["n_items"])
+        n_items = int(json.loads((out_dir / "sasrec" / "config.json").read_text())["n_items"])
     else:
         n_items = pl.scan_parquet(out_dir / "tokenizer" / "semantic_ids.parquet").select(pl.len()).collect().item()
     return DumpPlan(method=method, chosen_by=chosen_by, dataset=params.data.dataset, top_n=cd.top_n, beam=cd.beam,
@@ -223,7 +223,8 @@ def dump_ranker(params: Params, method: str) -> Callable[[np.ndarray], tuple[np.
     cd, out_dir = params.candidates, params.dataset_dir()
     test = load_split(out_dir, "test", params.data.max_history)
     rank: Ranker = load_ranker(method, out_dir, params.dataset.attributes, resolve_device(cd.device),
-                               decode_config(params.evaluate, cd.beam), cd.batch_size, params.data.exclude_history)
+                               decode_config(params.evaluate, cd.beam), cd.batch_size, params.data.exclude_history,
+                               params.evaluate.cf_weight)
     return lambda rows: rank(test.select(torch.as_tensor(rows, dtype=torch.long)))
 
 

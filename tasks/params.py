@@ -171,7 +171,7 @@ class GRPOParams:
 
 @dataclass(frozen=True)
 class EvaluateConfig:
-    methods: tuple[Literal["tiger", "sasrec", "gc_sft", "grc_sft", "grc_rl"], ...]
+    methods: tuple[Literal["tiger", "tiger_cf", "sasrec", "gc_sft", "grc_sft", "grc_rl"], ...]
     beam: int
     batch_size: int
     bootstrap: int
@@ -183,11 +183,12 @@ class EvaluateConfig:
     users: int
     users_seed: int
     valid_users: int
+    cf_weight: float
 
 
 @dataclass(frozen=True)
 class CandidatesConfig:
-    method: Literal["auto", "tiger", "sasrec", "gc_sft", "grc_sft", "grc_rl"]
+    method: Literal["auto", "tiger", "tiger_cf", "sasrec", "gc_sft", "grc_sft", "grc_rl"]
     top_n: int
     beam: int
     users_per_shard: int

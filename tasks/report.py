@@ -19,11 +19,12 @@ import polars as pl
 
 from tasks import io
 from tasks.params import Params
+from tasks.stages import RECALL_PLOT_METHODS
 
 KS = np.arange(1, 201)
 # Columns of reports/<dataset>/recall_at_k.csv, in this order, one per method (the y columns of
 # the `recall_at_k` plot in dvc.yaml); a method without a ranks file gets an empty column.
-CURVE_METHODS = ("tiger", "sasrec", "gc_sft", "grc_sft", "grc_rl")
+CURVE_METHODS = RECALL_PLOT_METHODS
 CURVE_KS = (1, 2, 3, 5, 10, 20, 50, 100, 150, 200)
 
 

@@ -73,8 +73,10 @@ class Stage:
         return f"flows.{self.name}"
 
 
-# Where each method's weights live under data/<dataset>/ (the stage that makes them is the first part).
-MODEL_DIRS = {"tiger": "backbone", "sasrec": "sasrec", "gc_sft": "sft/gc", "grc_sft": "sft/grc", "grc_rl": "grpo"}
+# Where each method's models live under data/<dataset>/ (the stage that makes them is the first part);
+# tiger_cf decodes the backbone with SASRec's prefix value (grc_core/cf_value.py).
+METHOD_MODELS = {"tiger": ("backbone",), "tiger_cf": ("backbone", "sasrec"), "sasrec": ("sasrec",),
+                 "gc_sft": ("sft/gc",), "grc_sft": ("sft/grc",), "grc_rl": ("grpo",)}
 _MODEL_INPUTS = ("backbone/model.safetensors", "sasrec/model.safetensors", "sft", "grpo/model.safetensors")
 
 STAGES: dict[str, Stage] = {s.name: s for s in (
@@ -151,7 +153,7 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
 
 # Outputs DVC tracks outside any stage's outs (drawn by the top-level plot below).
 EXTRA_METRICS_OUTS = {"evaluate": ("recall_at_k.csv",)}
-RECALL_PLOT_METHODS = ("tiger", "sasrec", "gc_sft", "grc_sft", "grc_rl")
+RECALL_PLOT_METHODS = tuple(METHOD_MODELS)  # the columns of recall_at_k.csv (tasks/report.py writes it)
 
 
 # ---------------------------------------------------------------------------------------------

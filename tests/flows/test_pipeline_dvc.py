@@ -39,7 +39,7 @@ def test_repro_gives_unique_ids_and_test_metrics(project):
     tok = json.loads((project["root"] / "reports" / "tiny" / "tokenize.json").read_text())
     assert tok["n_distinct_ids"] == tok["n_items"] == project["counts"]["items"]
     metrics = json.loads((project["root"] / "reports" / "tiny" / "metrics.json").read_text())
-    assert set(metrics["methods"]) == {"tiger", "sasrec", "gc_sft", "grc_sft", "grc_rl"}
+    assert set(metrics["methods"]) == {"tiger", "tiger_cf", "sasrec", "gc_sft", "grc_sft", "grc_rl"}
     for method in metrics["methods"].values():
         assert method["users"] == project["counts"]["users"]
         m = method["metrics"]
@@ -99,7 +99,7 @@ def test_dvc_metrics_and_plots_show_every_methods_results(project):
     assert shown.returncode == 0, shown.stderr
     [workspace] = json.loads(shown.stdout).values()  # keyed "workspace", or "" before the first commit
     metrics = workspace["data"]["reports/tiny/metrics.json"]["data"]["methods"]
-    assert set(metrics) == {"tiger", "sasrec", "gc_sft", "grc_sft", "grc_rl"}
+    assert set(metrics) == {"tiger", "tiger_cf", "sasrec", "gc_sft", "grc_sft", "grc_rl"}
     plots = project["dvc"]("plots", "show", "--json")
     assert plots.returncode == 0, plots.stderr
     data = json.loads(plots.stdout)["data"]
@@ -107,7 +107,7 @@ def test_dvc_metrics_and_plots_show_every_methods_results(project):
     curves: dict[str, list[tuple[int, float]]] = {}
     for r in rows:
         curves.setdefault(r["field"], []).append((int(r["k"]), float(r["dvc_inferred_y_value"])))
-    assert set(curves) == {"tiger", "sasrec", "gc_sft", "grc_sft", "grc_rl"}
+    assert set(curves) == {"tiger", "tiger_cf", "sasrec", "gc_sft", "grc_sft", "grc_rl"}
     for name, pts in curves.items():
         ys = [y for _, y in sorted(pts)]
         assert ys == sorted(ys) and 0.0 <= ys[0] <= ys[-1] <= 1.0, name  # Recall@K never falls with K

@@ -1,0 +1,75 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from grc_core.beam_search import beam_search, exhaustive_scores
+from grc_core.cf_value import item_prefix_nodes, prefix_values, segment_logsumexp
+from grc_core.trie import PrefixTrie
+from tests.grc_core.test_beam_search import TableStub
+
+NEG_INF = float("-inf")
+
+
+def test_segment_logsumexp_by_hand():
+    # segment 0 holds e^0 + e^ln2 = 3; segment 1 only -inf (no mass); segment 2 holds 3; segment 3 is empty
+    values = torch.tensor([[0.0, math.log(2), NEG_INF, math.log(3)]])
+    out = segment_logsumexp(values, torch.tensor([0, 0, 1, 2]), 4)
+    assert out[0, 0].item() == pytest.approx(math.log(3)) and out[0, 2].item() == pytest.approx(math.log(3))
+    assert out[0, 1].item() == NEG_INF and out[0, 3].item() == NEG_INF
+    # large values do not overflow: log(e^1000 + e^1000) = 1000 + ln 2
+    big = segment_logsumexp(torch.tensor([[1000.0, 1000.0]]), torch.tensor([0, 0]), 1)
+    assert big[0, 0].item() == pytest.approx(1000 + math.log(2))
+
+
+def tiny_trie():
+    # items 0..4 with IDs (0,0) (0,1) (1,0) (2,0) (2,1): three first-level prefixes
+    return PrefixTrie.from_ids(np.array([[0, 0], [0, 1], [1, 0], [2, 0], [2, 1]]), [3, 2])
+
+
+def test_prefix_values_are_the_mass_under_each_prefix():
+    trie = tiny_trie()
+    nodes = item_prefix_nodes(trie)
+    assert len(nodes) == 1 and nodes[0][0] == nodes[0][1] and len(set(nodes[0].tolist())) == 3
+    p = torch.tensor([[0.1, 0.2, 0.3, 0.15, 0.25]])
+    values = prefix_values(p.log(), nodes, trie)
+    first = {code: values[0][0, trie.next_nodes(0, torch.tensor(0), torch.tensor(code))].exp().item()
+             for code in range(3)}
+    assert first == pytest.approx({0: 0.3, 1: 0.3, 2: 0.4})  # 0.1 + 0.2, 0.3, 0.15 + 0.25
+    assert torch.equal(values[1], p.log())  # the last level is the items' own log-probabilities
+    # excluded items carry no mass: without item 3, prefix 2 holds 0.25 and item 3 is -inf
+    masked = prefix_values(p.log(), nodes, trie, exclude=torch.tensor([[False, False, False, True, False]]))
+    assert masked[0][0, trie.next_nodes(0, torch.tensor(0), torch.tensor(2))].exp().item() == pytest.approx(0.25)
+    assert masked[1][0, 3].item() == NEG_INF
+
+
+def test_a_wide_fused_search_is_the_exhaustive_fused_ranking():
+    # With a beam as wide as the catalog nothing is pruned: the result must be every item ordered
+    # by log pi(item) + w * log p_cf(item), the score it reports.
+    trie, model = tiny_trie(), TableStub([3, 2], users=2, seed=3)
+    users = torch.arange(2)
+    cf = torch.log_softmax(torch.randn(2, 5, generator=torch.Generator().manual_seed(1)), -1)
+    values = prefix_values(cf, item_prefix_nodes(trie), trie)
+    res = beam_search(model, users, trie, 5, values=values, value_weight=0.7)
+    fused = exhaustive_scores(model, users, trie) + 0.7 * cf  # (2, 5)
+    expected = torch.sort(fused, dim=1, descending=True)
+    assert torch.equal(res.items, expected.indices)
+    assert torch.allclose(res.scores, expected.values, atol=1e-6)
+
+
+def test_the_value_keeps_a_prefix_the_model_alone_prunes():
+    # The model prefers first code 0 (p 0.84 against 0.13 for code 1); a beam of 1 then never reaches item 2. A value that
+    # puts all the collaborative mass on item 2 keeps prefix 1 and returns item 2.
+    trie, model = tiny_trie(), TableStub([3, 2], users=1, seed=0)
+    users = torch.zeros(1, dtype=torch.long)
+    level0 = model.begin(users)[0][0, 0]  # (3,) log-probs of the first codes
+    plain = beam_search(model, users, trie, 1)
+    cf = torch.full((1, 5), -30.0)
+    cf[0, 2] = 0.0
+    fused = beam_search(model, users, trie, 1, values=prefix_values(cf, item_prefix_nodes(trie), trie), value_weight=1.0)
+    assert level0.exp().tolist() == pytest.approx([0.8446, 0.1349, 0.0205], abs=1e-4)  # seed 0: code 0 first
+    assert plain.items.tolist() != [[2]] and fused.items.tolist() == [[2]]
+    # weight 0 is the plain search exactly
+    zero = beam_search(model, users, trie, 1, values=prefix_values(cf, item_prefix_nodes(trie), trie), value_weight=0.0)
+    assert torch.equal(zero.items, plain.items) and torch.equal(zero.scores, plain.scores)
