@@ -305,7 +305,9 @@ def test_dvc_exp_run_with_a_grpo_param_reruns_grpo_and_after_only(project):
 
     def group_sizes(node) -> list:
         if isinstance(node, dict):
-            here = [node["grpo"]["group_size"]] if isinstance(node.get("grpo"), dict) and "group_size" in node["grpo"] else []
+            grpo = node.get("grpo")
+            rollout = grpo.get("rollout") if isinstance(grpo, dict) else None
+            here = [rollout["group_size"]] if isinstance(rollout, dict) and "group_size" in rollout else []
             return here + [v for child in node.values() for v in group_sizes(child)]
         return [v for child in node for v in group_sizes(child)] if isinstance(node, list) else []
 
