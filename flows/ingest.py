@@ -4,6 +4,10 @@
 
 LC-Rec and RecBole sources go through polars in memory; `format: parquet` sources stream
 through DuckDB with bounded memory (`ingest_parquet`, tasks/ingest.py).
+
+One ingest of a dataset runs at a time (a second fails at once, naming the first); the store
+and the files it writes (items.parquet, splits/) change together: the files are staged, the
+store names their version in its transaction, then they are moved in (docs/DESIGN.md, "Data").
 """
 
 from __future__ import annotations
@@ -16,13 +20,22 @@ from prefect import flow, get_run_logger
 
 from tasks import io, store
 from tasks.cli import parse_cli
-from tasks.ingest import (build_splits, drop_short_users, export_tables, fetch_source, gate_raw, gate_splits,
-                          ingest_parquet, read_source, source_hash, with_buckets, write_store)
+from tasks.ingest import (build_splits, commit_and_publish, drop_short_users, fault, fetch_source, gate_raw,
+                          gate_splits, ingest_lock, ingest_parquet, read_source, recover, source_hash, stage_tables,
+                          with_buckets)
 from tasks.params import Params
 
 
 @flow(name="ingest")
 def ingest_flow(params: Params) -> dict:
+    out_dir = params.dataset_dir()
+    with ingest_lock(out_dir, params.data.dataset):
+        recover(out_dir, out_dir / "interactions.duckdb")
+        fault("locked")
+        return ingest(params)
+
+
+def ingest(params: Params) -> dict:
     log = get_run_logger()
     spec, out_dir, report_dir = params.dataset, params.dataset_dir(), params.reports_dir()
     db_path = out_dir / "interactions.duckdb"
@@ -49,9 +62,12 @@ def ingest_flow(params: Params) -> dict:
     # Every gate runs before anything is written, so a failure leaves the store as it was.
     gates = gate_raw(items, interactions, params, report_dir)
     gates += gate_splits(splits, items.height, n_users, params.data.max_history, report_dir)
+    version = stage_tables(out_dir, items, splits)
     if changed:
-        write_store(db_path, items, interactions, src_hash, raw.source_files)
-    rows = export_tables(out_dir, items, splits)
+        commit_and_publish(out_dir, db_path, version, items, interactions, src_hash, raw.source_files)
+    else:
+        commit_and_publish(out_dir, db_path, version)
+    rows = {name: frame.height for name, frame in splits.items()}
     result = {"dataset": params.data.dataset, **store.counts(db_path), "changed": changed,
               "split_rows": rows, "source_hash": src_hash, "gates": gates}
     return finish(result, report_dir)

@@ -30,6 +30,7 @@ from grc_core.sasrec import SASRec, SeqRows, score_all
 from grc_core.trie import PrefixTrie
 from tasks import io
 from tasks.stages import METHOD_MODELS
+from tasks.store import published_paths  # the files of the version the store names
 
 METHODS = tuple(METHOD_MODELS)
 GRC_METHODS = ("gc_sft", "grc_sft", "grc_rl")
@@ -39,12 +40,12 @@ GRC_METHODS = ("gc_sft", "grc_sft", "grc_rl")
 
 
 def load_split(out_dir: Path, name: str, max_len: int) -> Instances:
-    frame = pl.read_parquet(out_dir / "splits" / f"{name}.parquet")
+    frame = pl.read_parquet(published_paths(out_dir)[f"splits/{name}.parquet"])
     return make_instances(frame["user_id"].to_list(), frame["history"].to_list(), frame["target"].to_list(), max_len)
 
 
 def load_rows(out_dir: Path, name: str) -> SeqRows:
-    f = pl.read_parquet(out_dir / "splits" / f"{name}.parquet")
+    f = pl.read_parquet(published_paths(out_dir)[f"splits/{name}.parquet"])
     return SeqRows(f["history"].to_list(), f["target"].to_numpy().astype(np.int64),
                    f["user_id"].to_numpy(), f["target_pos"].to_numpy())
 
@@ -67,7 +68,7 @@ def load_semantic_ids(tokenizer_dir: Path) -> tuple[np.ndarray, list[int]]:
 
 def load_item_table(out_dir: Path, attributes: tuple[str, ...]) -> tuple[ItemTable, list[int], list[int]]:
     ids, level_sizes = load_semantic_ids(out_dir / "tokenizer")
-    items = pl.read_parquet(out_dir / "items.parquet").sort("item_id")
+    items = pl.read_parquet(published_paths(out_dir)["items.parquet"]).sort("item_id")
     cols = [items[f"{a}_bucket"].to_numpy().astype(np.int64) for a in attributes]
     attrs = np.stack(cols, 1) if cols else np.zeros((items.height, 0), np.int64)  # (N, A)
     attr_sizes = [int(c.max()) + 1 for c in cols]

@@ -11,27 +11,40 @@ polars (`read_source`, `build_splits`, `gate_raw`, `gate_splits`). Parquet sourc
 (`format: parquet`, logs larger than memory) stream through DuckDB (`ingest_parquet`): the
 partitions go straight into the store inside one transaction, ids are made dense and
 sequences ordered (timestamp, then file and row in the file) in SQL, the splits are built
-with window functions and written by `COPY ... TO` into temp files renamed only after the
-store commits. DuckDB runs under `data.ingest_memory_limit` and spills to
+with window functions and written by `COPY ... TO` into the staging folder, inside the
+transaction that then names their version. DuckDB runs under `data.ingest_memory_limit` and spills to
 `data/<dataset>/.duckdb_tmp`. Its gates see the full data as SQL aggregates, and the row-level
 interaction checks see a bounded sample (`GATE_SAMPLE_ROWS`).
 
 On both paths the gate reports in `reports/<dataset>/gates/` describe the stored data: a run's
 reports are staged and replace them only when all its gates pass; a rejected run's go to
 `gates/rejected/`. Each report carries the `source_hash` it checked (`begin_gates`).
+
+The store and the files are one versioned unit (docs/DESIGN.md, "Data"). One ingest of a dataset
+runs at a time (`ingest_lock`); it first finishes or discards what a stopped one left (`recover`),
+writes its files into a staging folder (`new_staging`, `seal`: fsynced, named by their hashes),
+names that version in the store transaction, and only then moves them into place (`publish`).
+`fault(point)` is the one place a test can stop the ingest (`GRC_FAULT=<point>`: SIGKILL, or
+`<point>:stop`: SIGSTOP, a paused writer).
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
+import os
 import shutil
+import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import zipfile
-from contextlib import ExitStack, nullcontext
+from contextlib import contextmanager
+from datetime import datetime, timezone
 from pathlib import Path
+from typing import Iterator
 
 import duckdb
 import polars as pl
@@ -47,6 +60,132 @@ from tasks.readers import (InputError, RawDataset, dense_order, open_parquet_sou
 SPLITS = ("train", "valid", "test")
 GATE_SAMPLE_ROWS = 100_000  # interactions the row-level gate of the streaming path sees (a fixed sample)
 STAGED_GATES = ".gates_pending"  # under reports/<dataset>/: this run's gate reports until it is accepted
+LOCK = ".ingest.lock"  # under data/<dataset>/: held (flock) by the one ingest of the dataset that runs
+FAULT_ENV = "GRC_FAULT"
+
+
+class IngestRunning(RuntimeError):
+    """Another ingest of the same dataset holds its lock."""
+
+
+def fault(point: str) -> None:
+    """Stop here if `GRC_FAULT` names this point: `<point>` kills the process (SIGKILL, nothing
+    runs after it), `<point>:stop` pauses it (SIGSTOP) with its lock held. For fault tests."""
+    wanted = os.environ.get(FAULT_ENV)
+    if wanted == point:
+        os.kill(os.getpid(), signal.SIGKILL)
+    elif wanted == f"{point}:stop":
+        os.kill(os.getpid(), signal.SIGSTOP)
+
+
+@contextmanager
+def ingest_lock(out_dir: Path, dataset: str) -> Iterator[None]:
+    """Hold `data/<dataset>/.ingest.lock` (flock) for the whole ingest; fail at once if another holds it.
+
+    The lock dies with its process, so a file left by a killed ingest is harmless; the file is
+    never removed (removing it would let a second opener lock an orphaned inode beside a third).
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / LOCK
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "holder unknown"
+            raise IngestRunning(f"another ingest of {dataset} is running ({holder}); wait for it or remove {path} "
+                                "if that process is gone") from None
+        since = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {since}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def new_staging(out_dir: Path) -> Path:
+    """An empty folder for this run's files (`.staging-tmp-*`, until `seal` names it by its version)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{store.STAGING}tmp-", dir=out_dir))
+    (tmp / "splits").mkdir()
+    return tmp
+
+
+def seal(tmp: Path, out_dir: Path) -> store.Version:
+    """fsync the staged files, write their manifest and rename the folder to `.staging-<version>`.
+
+    The version is the sha256 of the files' hashes, so the same data gives the same version and
+    the same bytes (the manifest included) however often it is rebuilt.
+    """
+    files = {}
+    for rel in store.OUTPUTS:
+        _fsync(tmp / rel)
+        files[rel] = sha256_file(tmp / rel)
+    version = store.Version(hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest(), files)
+    manifest = json.dumps({"version": version.version, "files": files}, indent=2, sort_keys=True) + "\n"
+    (tmp / store.MANIFEST).write_text(manifest)
+    for path in (tmp / store.MANIFEST, tmp / "splits", tmp):
+        _fsync(path)
+    staged = out_dir / f"{store.STAGING}{version.version}"
+    shutil.rmtree(staged, ignore_errors=True)  # a copy of the same bytes left by a stopped run
+    os.rename(tmp, staged)
+    _fsync(out_dir)
+    fault("sealed")
+    return version
+
+
+def publish(out_dir: Path, version: str) -> None:
+    """Move the staged files of `version` (which the store already names) into place, manifest last.
+
+    Idempotent: a file already moved is no longer staged, so a stopped move is finished by
+    running it again (`recover`).
+    """
+    fault("committed")
+    staged = out_dir / f"{store.STAGING}{version}"
+    (out_dir / "splits").mkdir(parents=True, exist_ok=True)
+    for rel in (*store.OUTPUTS, store.MANIFEST):
+        if (staged / rel).exists():
+            os.replace(staged / rel, out_dir / rel)
+            fault(f"published_{Path(rel).stem}")
+    _fsync(out_dir / "splits")
+    _fsync(out_dir)
+    shutil.rmtree(staged)
+    fault("done")
+
+
+def recover(out_dir: Path, db_path: Path) -> None:
+    """Finish or discard what a stopped ingest left; call it holding the lock, before anything else.
+
+    A staged version that the store names was committed but not all moved: the move is finished.
+    Any other staged folder never committed: it is removed, with temp files of interrupted writes
+    (`.*.tmp`) and DuckDB's spill folder.
+    """
+    named = store.published_version(db_path)
+    for leftover in sorted(out_dir.glob(f"{store.STAGING}*")):
+        if named is not None and leftover.name == f"{store.STAGING}{named.version}":
+            publish(out_dir, named.version)
+        else:
+            shutil.rmtree(leftover)
+    for tmp in [*out_dir.glob(".*.tmp"), *out_dir.glob("splits/.*.tmp")]:
+        tmp.unlink()
+    shutil.rmtree(out_dir / ".duckdb_tmp", ignore_errors=True)
+
+
+def recover_after(exc: BaseException, out_dir: Path, db_path: Path) -> None:
+    """`recover` after a failed run: the unit is the old version if the store did not commit, the
+    new one if it did. A failure here is noted on `exc`, which stays the error raised."""
+    try:
+        recover(out_dir, db_path)
+    except Exception as again:
+        exc.add_note(f"(recovering the ingest's files afterwards failed as well: {again})")
 
 
 @task(retries=2, retry_delay_seconds=5)
@@ -311,17 +450,44 @@ def split_gates(splits: dict[str, pl.DataFrame], n_items: int, n_users: int, max
 
 
 @task(retries=2, retry_delay_seconds=2)
-def write_store(db_path: Path, items: pl.DataFrame, interactions: pl.DataFrame,
-                src_hash: str, files: dict[str, str]) -> int:
-    return store.replace_dataset(db_path, items, interactions, src_hash, files)
+def stage_tables(out_dir: Path, items: pl.DataFrame, splits: dict[str, pl.DataFrame]) -> store.Version:
+    """Write items.parquet and the splits into a staging folder; nothing in place changes yet."""
+    tmp = new_staging(out_dir)
+    try:
+        io.write_parquet(tmp / "items.parquet", items)
+        fault("staged_items")
+        for name, frame in splits.items():
+            io.write_parquet(tmp / "splits" / f"{name}.parquet", frame)
+            fault(f"staged_{name}")
+        return seal(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
-@task(retries=2, retry_delay_seconds=2)
-def export_tables(out_dir: Path, items: pl.DataFrame, splits: dict[str, pl.DataFrame]) -> dict[str, int]:
-    io.write_parquet(out_dir / "items.parquet", items)
-    for name, frame in splits.items():
-        io.write_parquet(out_dir / "splits" / f"{name}.parquet", frame)
-    return {name: frame.height for name, frame in splits.items()}
+def write_store(db_path: Path, version: store.Version, items: pl.DataFrame | None = None,
+                interactions: pl.DataFrame | None = None, src_hash: str | None = None,
+                files: dict[str, str] | None = None) -> None:
+    """Name the staged `version` in the store; with new data (a changed source) replace the tables
+    and append its `ingests` row in the same transaction."""
+    if items is None:
+        store.publish_version(db_path, version)
+    else:
+        store.replace_dataset(db_path, items, interactions, src_hash, files, version)
+
+
+@task
+def commit_and_publish(out_dir: Path, db_path: Path, version: store.Version, items: pl.DataFrame | None = None,
+                       interactions: pl.DataFrame | None = None, src_hash: str | None = None,
+                       files: dict[str, str] | None = None) -> None:
+    """The in-memory path's commit (`write_store`) and then the move (`publish`); a failure of either
+    leaves the unit as `recover` makes it: the old version if the commit failed, the new if not."""
+    try:
+        write_store(db_path, version, items, interactions, src_hash, files)
+        publish(out_dir, version.version)
+    except BaseException as exc:
+        recover_after(exc, out_dir, db_path)
+        raise
 
 
 def stream_interactions(con: duckdb.DuckDBPyConnection, drop_short: bool, min_len: int) -> None:
@@ -447,24 +613,21 @@ def ingest_parquet(spec: DatasetSpec, params: Params, db_path: Path, out_dir: Pa
     """Stream a Parquet source into the store and the splits (see the module docstring).
 
     A changed source is staged, gated, exported and recorded in one transaction; the output
-    files are temp files until it commits, then renamed, and so are the gate reports (a failed
-    gate's go to `gates/rejected/`, see `begin_gates`). An unchanged source only rebuilds the
-    splits from the store. Returns counts, split rows, gate reports and whether it changed.
+    files are written into a staging folder (`new_staging`, `seal`) whose version that
+    transaction names, and moved into place after it commits (`publish`); the gate reports are
+    staged too (a failed gate's go to `gates/rejected/`, see `begin_gates`). An unchanged source
+    only rebuilds the splits from the store. Returns counts, split rows, gate reports and
+    whether it changed.
     """
     temp_dir = out_dir / ".duckdb_tmp"
-    targets = {"items": out_dir / "items.parquet", **{n: out_dir / "splits" / f"{n}.parquet" for n in SPLITS}}
     changed = not (db_path.exists() and store.latest_source_hash(db_path) == src_hash)
     staging = begin_gates(report_dir, src_hash)
+    tmp = new_staging(out_dir)
     try:
-        # Exits in reverse: the store commits (or rolls back) first, then the temp files are
-        # renamed into place (or deleted, on any error).
-        with ExitStack() as outputs:
-            tmp = {name: outputs.enter_context(io.atomic_path(path)) for name, path in targets.items()}
-            con = outputs.enter_context(store.connect(db_path, memory_limit=params.data.ingest_memory_limit,
-                                                      temp_dir=temp_dir))
+        with store.connect(db_path, memory_limit=params.data.ingest_memory_limit, temp_dir=temp_dir) as con:
             if changed:
                 con.execute(store.INGESTS_DDL)
-            with store.transaction(con) if changed else nullcontext():
+            with store.transaction(con):
                 if changed:
                     source = open_parquet_source(con, spec.root(), spec.hive_partitioning)
                     items = with_buckets(source.items)
@@ -473,20 +636,28 @@ def ingest_parquet(spec: DatasetSpec, params: Params, db_path: Path, out_dir: Pa
                 else:
                     items = con.sql("SELECT * FROM items ORDER BY item_id").pl()
                 gates, counts = gate_stored(con, items, params, staging)
-                copy_parquet(con, "SELECT * FROM items ORDER BY item_id", tmp["items"])
+                copy_parquet(con, "SELECT * FROM items ORDER BY item_id", tmp / "items.parquet")
+                fault("staged_items")
                 rows = {}
                 for name, query in split_queries(params.data.max_history).items():
-                    copy_parquet(con, query, tmp[name])
-                    report, rows[name] = gate_split_file(con, name, tmp[name], counts["items"], counts["users"],
+                    path = tmp / "splits" / f"{name}.parquet"
+                    copy_parquet(con, query, path)
+                    fault(f"staged_{name}")
+                    report, rows[name] = gate_split_file(con, name, path, counts["items"], counts["users"],
                                                          params.data.max_history, staging)
                     gates.append(report)
+                version = seal(tmp, out_dir)
                 if changed:
                     store.record_ingest(con, src_hash, source.source_files, counts["users"], counts["items"],
                                         counts["interactions"])
-    except QualityGateError:
+                store.record_version(con, version)
+        publish(out_dir, version.version)
+    except QualityGateError as exc:
+        recover_after(exc, out_dir, db_path)
         settle_gates(report_dir, accepted=False)
         raise
-    except BaseException:
+    except BaseException as exc:
+        recover_after(exc, out_dir, db_path)
         settle_gates(report_dir, accepted=None)
         raise
     finally:

@@ -3,8 +3,15 @@
 Tables: `items` (item_id, source_item_id, title, description, brand, categories,
 category, category_bucket, brand_bucket), `interactions` (user_id, source_user_id,
 item_id, position, timestamp) and `ingests` (one row per ingest that changed the data:
-source hash, file hashes, counts, time). A changed source replaces `items` and
-`interactions` in one transaction; a failure rolls back and the previous content stays.
+source hash, file hashes, counts, time) and `exports` (one row per published version of the
+ingest's files, `items.parquet` and `splits/`: the version and each file's sha256). A changed
+source replaces `items` and `interactions`, appends to `ingests` and names the new files'
+version in `exports`, all in one transaction; a failure rolls back and the previous content stays.
+
+The store is the one pointer to the current version (docs/DESIGN.md, "Data"): the files of
+version v are staged complete in `data/<dataset>/.staging-<v>/` before the transaction that names
+v commits, and moved into place after it. `published_paths` is how readers find the files of the
+version the store names, wherever the move stands.
 
 `replace_dataset` stores frames already in memory; the streaming ingest (`format: parquet`)
 opens the store with a memory limit and a spill folder (`connect`), and fills the tables with
@@ -17,7 +24,7 @@ import json
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 import duckdb
 import polars as pl
@@ -33,6 +40,27 @@ CREATE TABLE IF NOT EXISTS ingests (
     n_interactions BIGINT NOT NULL
 )
 """
+
+EXPORTS_DDL = """
+CREATE TABLE IF NOT EXISTS exports (
+    export_id INTEGER PRIMARY KEY,
+    created_at TIMESTAMPTZ NOT NULL,
+    version VARCHAR NOT NULL,
+    files JSON NOT NULL
+)
+"""
+
+# The ingest's files, relative to data/<dataset>/, and the manifest that names their version.
+# The manifest is moved into place last, so it names v only once every file of v is there.
+OUTPUTS = ("items.parquet", "splits/train.parquet", "splits/valid.parquet", "splits/test.parquet")
+MANIFEST = "splits/MANIFEST.json"
+STAGING = ".staging-"  # data/<dataset>/.staging-<version>/: a version's files before they are moved in
+
+
+class Version(NamedTuple):
+    """A version of the ingest's files: the sha256 of its manifest, and each file's sha256."""
+    version: str
+    files: dict[str, str]
 
 
 def connect(path: Path, read_only: bool = False, memory_limit: str | None = None,
@@ -90,6 +118,70 @@ def record_ingest(con: duckdb.DuckDBPyConnection, source_hash: str, files: dict[
     return next_id
 
 
+def record_version(con: duckdb.DuckDBPyConnection, version: Version) -> bool:
+    """Name `version` as the current one (inside the caller's transaction); no row when it already is."""
+    con.execute(EXPORTS_DDL)
+    if current_version(con) == version:
+        return False
+    next_id = con.execute("SELECT coalesce(max(export_id), 0) + 1 FROM exports").fetchall()[0][0]
+    con.execute("INSERT INTO exports VALUES (?, ?, ?, ?)",
+                [next_id, datetime.now(timezone.utc), version.version, json.dumps(version.files, sort_keys=True)])
+    return True
+
+
+def current_version(con: duckdb.DuckDBPyConnection) -> Version | None:
+    """The version the store names, or None (no `exports` table: a store from before versions)."""
+    has = con.execute("SELECT count(*) FROM information_schema.tables WHERE table_name = 'exports'").fetchall()[0][0]
+    if not has:
+        return None
+    rows = con.execute("SELECT version, files FROM exports ORDER BY export_id DESC LIMIT 1").fetchall()
+    return Version(rows[0][0], json.loads(rows[0][1])) if rows else None
+
+
+def published_version(path: Path) -> Version | None:
+    if not path.exists():
+        return None
+    with connect(path, read_only=True) as con:
+        return current_version(con)
+
+
+def publish_version(path: Path, version: Version) -> bool:
+    """Name `version` in its own transaction (an unchanged source whose files changed, e.g. max_history)."""
+    with connect(path) as con, transaction(con):
+        return record_version(con, version)
+
+
+def published_paths(out_dir: Path) -> dict[str, Path]:
+    """Where to read each of the ingest's files (`OUTPUTS`) in the version the store names.
+
+    After an ingest stopped between its commit and the end of the move, the files not yet
+    moved are still in `.staging-<v>/`: they are read from there, so a reader never pairs the
+    store with older splits. Without a store, or with one from before versions, the files in
+    place are read as they are. An ingest running beside a reader is out of scope (the stages
+    that read run after it).
+    """
+    visible = {rel: out_dir / rel for rel in OUTPUTS}
+    try:
+        named = published_version(out_dir / "interactions.duckdb")
+    except duckdb.IOException as exc:  # a writer holds the store
+        raise RuntimeError(f"{out_dir / 'interactions.duckdb'}: cannot read the store ({exc}); is an ingest "
+                           "running?") from exc
+    if named is None:
+        return visible
+    staged = out_dir / f"{STAGING}{named.version}"
+    if staged.is_dir():
+        return {rel: staged / rel if (staged / rel).exists() else path for rel, path in visible.items()}
+    manifest = out_dir / MANIFEST
+    if not manifest.exists():
+        raise FileNotFoundError(f"{manifest} is missing: the store names version {named.version[:12]}, whose "
+                                "files are not in place; run the ingest")
+    found = json.loads(manifest.read_text())["version"]
+    if found != named.version:
+        raise ValueError(f"{out_dir}: the files in place are version {found[:12]}, the store names "
+                         f"{named.version[:12]}; run the ingest, which restores the named version")
+    return visible
+
+
 def latest_source_hash(path: Path) -> str | None:
     if not path.exists():
         return None
@@ -104,8 +196,9 @@ def latest_source_hash(path: Path) -> str | None:
 
 
 def replace_dataset(path: Path, items: pl.DataFrame, interactions: pl.DataFrame,
-                    source_hash: str, files: dict[str, str]) -> int:
-    """Replace items and interactions and append an ingest record, all in one transaction."""
+                    source_hash: str, files: dict[str, str], version: Version | None = None) -> int:
+    """Replace items and interactions, append an ingest record and name `version` (the staged
+    files of this data), all in one transaction."""
     with connect(path) as con:
         con.execute(INGESTS_DDL)
         con.register("new_interactions", interactions.to_arrow())
@@ -117,16 +210,18 @@ def replace_dataset(path: Path, items: pl.DataFrame, interactions: pl.DataFrame,
             )
             next_id = record_ingest(con, source_hash, files, interactions["user_id"].n_unique(),
                                     items.height, interactions.height)
+            if version is not None:
+                record_version(con, version)
     return next_id
 
 
 def read_table(path: Path, table: str) -> pl.DataFrame:
-    if table not in {"items", "interactions", "ingests"}:
+    order = {"items": "item_id", "interactions": "user_id, position", "ingests": "ingest_id", "exports": "export_id"}
+    if table not in order:
         raise ValueError(f"unknown table {table!r}")
-    order = {"items": "item_id", "interactions": "user_id, position", "ingests": "ingest_id"}[table]
     with connect(path, read_only=True) as con:
         # DuckDB 2.0 dropped `.pl()` on the connection (execute() results); relations keep it.
-        return con.sql(f"SELECT * FROM {table} ORDER BY {order}").pl()
+        return con.sql(f"SELECT * FROM {table} ORDER BY {order[table]}").pl()
 
 
 def counts(path: Path) -> dict[str, int]:

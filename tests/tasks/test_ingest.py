@@ -10,8 +10,8 @@ from hypothesis import strategies as st
 from polars.testing import assert_frame_equal
 
 from tasks import store
-from tasks.ingest import (build_splits, bucketize, drop_short_users, export_tables, fetch_source, gate_raw,
-                          gate_splits, read_source, source_hash, with_buckets, write_store)
+from tasks.ingest import (build_splits, bucketize, commit_and_publish, drop_short_users, fetch_source, gate_raw,
+                          gate_splits, read_source, source_hash, stage_tables, with_buckets)
 from tasks.quality import QualityGateError
 from tasks.readers import InputError
 
@@ -153,9 +153,12 @@ def ingest(params) -> dict:
     n_users = inter["user_id"].n_unique()
     gates = gate_raw.fn(items, inter, params, report_dir)
     gates += gate_splits.fn(splits, items.height, n_users, params.data.max_history, report_dir)
+    version = stage_tables.fn(out_dir, items, splits)
     if changed:
-        write_store.fn(db_path, items, inter, src_hash, raw.source_files)
-    split_rows = export_tables.fn(out_dir, items, splits)
+        commit_and_publish.fn(out_dir, db_path, version, items, inter, src_hash, raw.source_files)
+    else:
+        commit_and_publish.fn(out_dir, db_path, version)
+    split_rows = {name: frame.height for name, frame in splits.items()}
     return {**store.counts(db_path), "changed": changed, "split_rows": split_rows, "source_hash": src_hash,
             "gates": gates, "db": db_path}
 

@@ -10,8 +10,8 @@ import pytest
 from polars.testing import assert_frame_equal
 
 from tasks import store
-from tasks.ingest import (SPLITS, build_splits, drop_short_users, export_tables, gate_raw, gate_splits,
-                          ingest_parquet, read_source, source_hash, with_buckets, write_store)
+from tasks.ingest import (SPLITS, build_splits, commit_and_publish, drop_short_users, gate_raw, gate_splits,
+                          ingest_parquet, read_source, source_hash, stage_tables, with_buckets)
 from tasks.params import ParamsError
 from tasks.quality import QualityGateError
 from tasks.readers import InputError
@@ -68,8 +68,9 @@ def polars_ingest(params) -> dict:
     splits = build_splits(inter, params.data.max_history)
     gate_raw.fn(items, inter, params, report_dir)
     gate_splits.fn(splits, items.height, inter["user_id"].n_unique(), params.data.max_history, report_dir)
-    write_store.fn(out_dir / "interactions.duckdb", items, inter, source_hash(spec, params), raw.source_files)
-    export_tables.fn(out_dir, items, splits)
+    version = stage_tables.fn(out_dir, items, splits)
+    commit_and_publish.fn(out_dir, out_dir / "interactions.duckdb", version, items, inter, source_hash(spec, params),
+                          raw.source_files)
     return {"dir": out_dir}
 
 
