@@ -33,6 +33,7 @@ HINTS = {
     ("tasks.readers", "InputError"): "fix the source file, or point the dataset's path in params.yaml at a good copy",
     ("tasks.quality", "QualityGateError"): "fix the data or the params the gate checks; its report is under "
                                            "reports/<dataset>/gates/",
+    ("tasks.ingest", "IngestRunning"): "wait for the other ingest of this dataset to finish",
     ("builtins", "FileNotFoundError"): "run the stage that makes it first (`dvc repro` runs every stage this one "
                                        "needs), or fix its path in params.yaml",
 }
