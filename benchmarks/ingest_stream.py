@@ -12,7 +12,7 @@ allocates outside Python, so RSS is the measure) is its own:
   - stream at the full size (`ingest_parquet`: store + gates + splits), once per DuckDB
     memory_limit in `--memory-limit` (comma-separated), in a fresh output folder each time,
   - stream (under the first limit) and polars (RecBole atomic files of the same interactions: read_recbole,
-    build_splits, gate_raw, gate_splits, write_store, export_tables) at `--compare-users`;
+    build_splits, gate_raw, gate_splits, stage_tables, commit_and_publish) at `--compare-users`;
     the two must give identical splits, which the benchmark checks.
 Writes benchmarks/results/ingest_stream[_<tag>].json.
 """
@@ -113,8 +113,11 @@ class Sampler(threading.Thread):
 
 def worker(path: str, root: Path, out: Path, memory_limit: str, max_history: int) -> dict:
     """One measured ingest in this process; returns its figures."""
-    from tasks.ingest import (build_splits, export_tables, gate_raw, gate_splits, ingest_parquet, read_source,
-                              source_hash, with_buckets, write_store)
+    from tasks.ingest import (build_splits, commit_and_publish, gate_raw, gate_splits, ingest_parquet, read_source,
+                              source_hash, stage_tables, with_buckets)
+
+    def body(fn):  # the plain function under a Prefect task
+        return getattr(fn, "fn", fn)
     from tasks.params import load_params
     from tasks.quality import _context
 
@@ -141,8 +144,9 @@ def worker(path: str, root: Path, out: Path, memory_limit: str, max_history: int
         splits = build_splits(inter, params.data.max_history)
         gate_raw.fn(items, inter, params, report_dir)
         gate_splits.fn(splits, items.height, inter["user_id"].n_unique(), params.data.max_history, report_dir)
-        write_store.fn(db, items, inter, h, raw.source_files)
-        rows = export_tables.fn(out_dir, items, splits)
+        version = body(stage_tables)(out_dir, items, splits)
+        body(commit_and_publish)(out_dir, db, version, items, inter, h, raw.source_files)
+        rows = {name: frame.height for name, frame in splits.items()}
         n_inter = inter.height
     wall = time.perf_counter() - t0
     sampler.stop.set()

@@ -26,8 +26,8 @@ from tasks import io
 from tasks.artifacts import item_index, load_backbone, load_baseline, load_grc, load_rows, load_split, selection_decode
 from tasks.backbone import train_backbone
 from tasks.embed import gate_embeddings
-from tasks.ingest import (build_splits, export_tables, fetch_source, gate_raw, gate_splits, read_source, source_hash,
-                          with_buckets, write_store)
+from tasks.ingest import (build_splits, commit_and_publish, fetch_source, gate_raw, gate_splits, read_source,
+                          source_hash, stage_tables, with_buckets)
 from tasks.grpo import train_grpo
 from tasks.mine import mine_labels
 from tasks.params import load_params
@@ -68,8 +68,9 @@ def ingest(params) -> None:
     splits = body(build_splits)(raw.interactions, params.data.max_history)
     body(gate_raw)(items, raw.interactions, params, report_dir)
     body(gate_splits)(splits, items.height, raw.interactions["user_id"].n_unique(), params.data.max_history, report_dir)
-    body(write_store)(out_dir / "interactions.duckdb", items, raw.interactions, src_hash, raw.source_files)
-    body(export_tables)(out_dir, items, splits)
+    version = body(stage_tables)(out_dir, items, splits)
+    body(commit_and_publish)(out_dir, out_dir / "interactions.duckdb", version, items, raw.interactions, src_hash,
+                             raw.source_files)
 
 
 def fake_embed(params) -> None:
