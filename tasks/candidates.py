@@ -142,7 +142,7 @@ def users_digest(users: np.ndarray) -> str:
 def dump_fingerprint(params: Params, method: str, files: dict[str, str]) -> str:
     """What the bytes of a shard depend on, besides its users: the stage's params and code
     (tasks/stages.py), the method dumped, the files it reads, and the torch and polars versions."""
-    return fingerprint(params, "candidates", inputs=sorted(files),
+    return fingerprint(params, "candidates", inputs=files,
                        extra={"method": method, "versions": {"torch": torch.__version__, "polars": pl.__version__}})
 
 

@@ -51,7 +51,7 @@ from tasks import io
 from tasks.artifacts import item_index, load_backbone, load_split, subset
 from tasks.io import sha256_file
 from tasks.params import Params
-from tasks.stages import fingerprint
+from tasks.stages import fingerprint, input_digests
 from tasks.training import fit_backbone
 from tasks.quality import gx_expectations, run_gate
 
@@ -256,6 +256,7 @@ def mine_crossfit(params: Params, train: Instances, chosen: Instances, table, tr
     chosen_folds = user_folds(chosen.user.numpy(), mn.crossfit_folds, mn.seed)
     valid_all = load_split(out_dir, "valid", params.data.max_history)
     valid_folds = user_folds(valid_all.user.numpy(), mn.crossfit_folds, mn.seed)
+    fold_inputs = input_digests(params, "mine", ("splits", "items.parquet", "tokenizer"))  # hashed once, not per fold
     parts, info = [], []
     for f in range(mn.crossfit_folds):
         fit_idx = torch.from_numpy(np.flatnonzero(folds != f))
@@ -264,7 +265,7 @@ def mine_crossfit(params: Params, train: Instances, chosen: Instances, table, tr
         work = out_dir / "mine" / "folds" / f"f{f}"
         fold_model, state = fit_backbone(params, train.select(fit_idx), held_valid, table, trie, level_sizes,
                                          attr_sizes, cfg, work / "ckpt",
-                                         fingerprint(params, "mine", inputs=("splits", "items.parquet", "tokenizer"),
+                                         fingerprint(params, "mine", inputs=fold_inputs,
                                                      extra={"fold": f, "epochs": epochs}),
                                          desc=f"fold {f + 1}/{mn.crossfit_folds} ")
         mine_idx = np.flatnonzero(chosen_folds == f)

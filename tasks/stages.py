@@ -244,14 +244,21 @@ def param_values(params, stage: str) -> dict[str, Any]:
     return {key: param_value(raw, key) for key in ("data.dataset", *STAGES[stage].params)}
 
 
-def fingerprint(params, stage: str, inputs: Iterable[str] | None = None, extra: dict | None = None) -> str:
-    """What a stage's outputs depend on: its params' values, its input artifacts' bytes (`inputs`
-    narrows them, e.g. to the one method a dump reads) and its code. `extra` adds what only the
-    caller knows (a variant, a fold)."""
+def input_digests(params, stage: str, inputs: Iterable[str] | None = None) -> dict[str, str]:
+    """sha256 of each input artifact of a stage (`inputs` narrows them), by relative path."""
     out_dir = params.dataset_dir()
+    return {rel: tree_sha256(out_dir / rel) for rel in (STAGES[stage].inputs if inputs is None else inputs)}
+
+
+def fingerprint(params, stage: str, inputs: Iterable[str] | dict[str, str] | None = None,
+                extra: dict | None = None) -> str:
+    """What a stage's outputs depend on: its params' values, its input artifacts' bytes (`inputs`
+    narrows them, e.g. to the one method a dump reads; a dict gives digests already computed by
+    `input_digests` or `sha256_file`) and its code. `extra` adds what only the caller knows (a
+    variant, a fold)."""
+    digests = inputs if isinstance(inputs, dict) else input_digests(params, stage, inputs)
     spec = {"stage": stage, "params": param_values(params, stage), "code": code_digest(stage),
-            "inputs": {rel: tree_sha256(out_dir / rel) for rel in (STAGES[stage].inputs if inputs is None else inputs)},
-            "extra": extra or {}}
+            "inputs": digests, "extra": extra or {}}
     return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()
 
 
