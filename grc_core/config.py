@@ -166,3 +166,84 @@ class SFTLossConfig:
 
     lambda_rc: float  # weight of the reflection + correction loss
     draft_loss: str  # what L_MLE supervises on the draft segment: target | draft | none
+
+
+@dataclass(frozen=True)
+class ValueConfig:
+    """V-STAR's prefix value model and its TD(0) training (grc_core/value.py): params.yaml `vstar.value`."""
+
+    d_ff: int  # feed-forward width of the head's Transformer block and its MLP
+    n_heads: int  # attention heads of that block (divides the policy's d_model)
+    level_weights: tuple[float, ...]  # w_l of the dense semantic step reward, one per level, increasing
+    gamma: float  # TD discount
+    steps: int  # pretraining steps on the frozen backbone, before RL
+    users_per_step: int  # training instances per value step
+    samples: int  # candidates sampled from the policy per user (the set C(x) of Eq. 6)
+    lr: float  # AdamW learning rate of the head
+
+    def __post_init__(self) -> None:
+        w = self.level_weights
+        checks = [
+            (len(w) >= 1 and all(x > 0 for x in w), "level_weights must be positive"),
+            (all(a <= b for a, b in zip(w, w[1:])), "level_weights must not decrease"),
+            (0.0 < self.gamma <= 1.0, "gamma must be in (0, 1]"),
+            (self.d_ff >= 1 and self.n_heads >= 1, "d_ff and n_heads must be >= 1"),
+            (self.steps >= 0 and self.users_per_step >= 1 and self.samples >= 1,
+             "steps >= 0, users_per_step >= 1 and samples >= 1"),
+            (self.lr > 0, "lr must be > 0"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise ValueError(f"ValueConfig: {msg} ({self})")
+
+
+@dataclass(frozen=True)
+class VEDConfig:
+    """Value-guided efficient decoding (grc_core/ved.py): params.yaml `vstar.ved` and `vstar.ved_test`."""
+
+    init_beam: int  # width of the probability-guided beam that seeds the tree
+    candidates: int  # items returned per user (top-valued leaves, then filled from cached policy rows)
+    budget: int  # backbone forward tokens per user, the initial tree included
+    entropy_weight: float  # lambda of G = V + lambda H (Eq. 11)
+    ucb_beta: float  # beta of the UCB selection (Eq. 13)
+    expand: Literal["sample", "greedy"]  # the new child: sampled from the policy over unexpanded children, or its argmax
+    max_iters: int  # cap on selection rounds (a round that expands nothing costs no forward token)
+
+    def __post_init__(self) -> None:
+        if self.init_beam < 1 or self.candidates < 1 or self.budget < 1 or self.max_iters < 0:
+            raise ValueError(f"VEDConfig: init_beam, candidates, budget must be >= 1 and max_iters >= 0 ({self})")
+        if self.expand not in ("sample", "greedy"):
+            raise ValueError(f"VEDConfig: expand must be sample | greedy, got {self.expand!r}")
+
+
+@dataclass(frozen=True)
+class SiblingConfig:
+    """Sibling-GRPO's loss and reward (grc_core/sibling_grpo.py): params.yaml `vstar.rl`."""
+
+    sibling_weight: float  # eta: loss = (1 - eta) GRPO + eta Sibling-GRPO (0: plain GRPO)
+    dense_weight: float  # R(x, y) = 1[y = target] + dense_weight * sum_l r_l (0: the paper's exact-match reward)
+    clip_eps: float  # epsilon of the clipped surrogate
+    kl_beta: float  # k3 KL penalty to the backbone
+    ppo_epochs: int  # optimisation steps per batch of candidates
+    eps: float  # sigma guard of the sibling advantage (Eq. 18)
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.sibling_weight <= 1.0 or self.ppo_epochs < 1 or self.eps <= 0 or self.clip_eps <= 0:
+            raise ValueError(f"SiblingConfig: need sibling_weight in [0, 1], ppo_epochs >= 1, eps > 0, clip_eps > 0 ({self})")
+
+
+@dataclass(frozen=True)
+class VStarLoopConfig:
+    """The RL loop of the `vstar` stage (grc_core/sibling_grpo.py `run_vstar`): params.yaml `vstar.loop`."""
+
+    iterations: int  # candidate construction + update iterations
+    users_per_step: int  # training instances per iteration
+    lr: float  # AdamW learning rate of the policy (constant)
+    weight_decay: float
+    grad_clip: float  # gradient-norm clip (0: none)
+    eval_every: int  # iterations between validations (and checkpoints)
+    seed: int  # instance stream, sampling
+
+    def __post_init__(self) -> None:
+        if self.iterations < 0 or self.users_per_step < 1 or self.eval_every < 1:
+            raise ValueError(f"VStarLoopConfig: need iterations >= 0, users_per_step >= 1, eval_every >= 1 ({self})")
