@@ -3,7 +3,8 @@
     python -m flows.ingest [-S data.dataset=scientific]
 
 LC-Rec and RecBole sources go through polars in memory; `format: parquet` sources stream
-through DuckDB with bounded memory (`ingest_parquet`, tasks/ingest.py).
+through DuckDB with bounded memory (`ingest_parquet`, tasks/ingest.py); a Parquet log that only
+gained partitions since the last ingest is appended, keeping every stored id.
 
 One ingest of a dataset runs at a time (a second fails at once, naming the first); the store
 and the files it writes (items.parquet, splits/) change together: the files are staged, the
@@ -43,9 +44,17 @@ def ingest(params: Params) -> dict:
     src_hash = source_hash(spec, params)
     if spec.format == "parquet":
         streamed = ingest_parquet(spec, params, db_path, out_dir, report_dir, src_hash)
-        if not streamed["changed"]:
+        appended = streamed["appended"] or {}
+        if appended.get("duplicates_skipped"):
+            log.info("skipped %d file(s) whose bytes were ingested before: %s", len(appended["duplicates_skipped"]),
+                     ", ".join(appended["duplicates_skipped"]))
+        if streamed["mode"] == "append":
+            log.info("appended %d new partition file(s) to the store; stored ids and positions are unchanged",
+                     len(appended["files"]))
+        elif not streamed["changed"]:
             log.info("source unchanged since the last ingest: only the splits were rebuilt from the store")
         result = {"dataset": params.data.dataset, **store.counts(db_path), "changed": streamed["changed"],
+                  "mode": streamed["mode"], "appended": streamed["appended"],
                   "split_rows": streamed["split_rows"], "source_hash": src_hash, "gates": streamed["gates"]}
         return finish(result, report_dir)
     if db_path.exists() and store.latest_source_hash(db_path) == src_hash:

@@ -12,7 +12,9 @@ polars (`read_source`, `build_splits`, `gate_raw`, `gate_splits`). Parquet sourc
 partitions go straight into the store inside one transaction, ids are made dense and
 sequences ordered (timestamp, then file and row in the file) in SQL, the splits are built
 with window functions and written by `COPY ... TO` into the staging folder, inside the
-transaction that then names their version. DuckDB runs under `data.ingest_memory_limit` and spills to
+transaction that then names their version. A log that grows by new partitions is appended:
+only the new files are read, stored ids and positions stay, and the splits are rebuilt from the
+store (`plan_append`). DuckDB runs under `data.ingest_memory_limit` and spills to
 `data/<dataset>/.duckdb_tmp`. Its gates see the full data as SQL aggregates, and the row-level
 interaction checks see a bounded sample (`GATE_SAMPLE_ROWS`).
 
@@ -44,7 +46,7 @@ import zipfile
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 import duckdb
 import polars as pl
@@ -54,8 +56,8 @@ from tasks import io, store
 from tasks.io import sha256_file
 from tasks.params import DatasetSpec, Params
 from tasks.quality import QualityGateError, gx_expectations, run_gate
-from tasks.readers import (InputError, RawDataset, dense_order, open_parquet_source, parquet_source_files,
-                           read_lcrec, read_recbole)
+from tasks.readers import (TEXT_FIELDS, InputError, RawDataset, _parquet_items, dense_order, open_parquet_source,
+                           parquet_source_files, read_lcrec, read_recbole)
 
 SPLITS = ("train", "valid", "test")
 GATE_SAMPLE_ROWS = 100_000  # interactions the row-level gate of the streaming path sees (a fixed sample)
@@ -231,11 +233,7 @@ def source_hash(spec: DatasetSpec, params: Params) -> str:
     """A hash of the source files' hashes and the settings that shape what is stored."""
     root = spec.root()
     if spec.format == "parquet":
-        files = {Path(p).relative_to(root).as_posix(): h for p, h in parquet_source_files(root).items()}
-        settings = {"format": spec.format, "hive_partitioning": spec.hive_partitioning,
-                    "min_sequence_length": params.data.min_sequence_length,
-                    "drop_short_users": params.data.drop_short_users, "files": files}
-        return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+        return parquet_hash(spec, params, parquet_source_files(root))
     names = [f"{spec.prefix}.inter.json", f"{spec.prefix}.item.json", f"{spec.prefix}.inter", f"{spec.prefix}.item"]
     if spec.index:
         names.append(spec.index)
@@ -243,6 +241,140 @@ def source_hash(spec: DatasetSpec, params: Params) -> str:
     settings = {"format": spec.format, "min_sequence_length": params.data.min_sequence_length,
                 "drop_short_users": params.data.drop_short_users, "files": files}
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+
+
+def parquet_hash(spec: DatasetSpec, params: Params, files: dict[str, str]) -> str:
+    """`source_hash` of a Parquet source whose files (path -> sha256) are `files`."""
+    root = spec.root()
+    rel = {Path(p).relative_to(root).as_posix(): h for p, h in files.items()}
+    settings = {"format": spec.format, "hive_partitioning": spec.hive_partitioning,
+                "min_sequence_length": params.data.min_sequence_length,
+                "drop_short_users": params.data.drop_short_users, "files": rel}
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+
+
+class AppendPlan(NamedTuple):
+    """What a grown Parquet log adds to the store (`plan_append`)."""
+    fresh: list[Path]  # interaction files not in the store yet, in path order
+    duplicates: list[Path]  # new files with the bytes of a file already ingested: skipped
+    ingested: list[Path]  # the files already in the store, one per content
+    items_changed: bool  # items.parquet gained rows (the stored rows are unchanged)
+    files: dict[str, str]  # every source file now, path -> sha256 (the ingest record)
+
+
+def plan_append(spec: DatasetSpec, params: Params, db_path: Path) -> AppendPlan | None:
+    """The partitions a Parquet log gained since the last ingest, or None where it must be
+    ingested whole: no earlier ingest, other settings, or a file that was ingested has changed
+    or gone (items.parquet may only gain rows). Appending keeps every stored id and position."""
+    if not db_path.exists():
+        return None
+    with store.connect(db_path, read_only=True) as con:
+        has = con.execute("SELECT count(*) FROM information_schema.tables WHERE table_name = 'ingests'").fetchall()
+        rows = con.execute("SELECT source_hash, files FROM ingests ORDER BY ingest_id DESC LIMIT 1").fetchall() \
+            if has[0][0] else []
+        stored_items = con.sql("SELECT * FROM items ORDER BY item_id").pl() if rows else None
+    if not rows:
+        return None
+    recorded: dict[str, str] = json.loads(rows[0][1])
+    root = spec.root()
+    try:
+        if parquet_hash(spec, params, recorded) != rows[0][0]:
+            return None  # the settings changed (or the store was filled another way)
+    except ValueError:  # a recorded path outside the source folder: it moved
+        return None
+    now = parquet_source_files(root)
+    items_key = str(root / "items.parquet")
+    old = {p: h for p, h in recorded.items() if p != items_key}
+    if any(now.get(p) != h for p, h in old.items()):
+        return None
+    items_changed = now.get(items_key) != recorded.get(items_key)
+    if items_changed and not catalog_only_grew(stored_items, root / "items.parquet"):
+        return None
+    seen, fresh, duplicates = set(old.values()), [], []
+    for path in sorted(p for p in now if p != items_key and p not in old):
+        (duplicates if now[path] in seen else fresh).append(Path(path))
+        seen.add(now[path])
+    firsts: dict[str, str] = {}
+    for path in sorted(old):
+        firsts.setdefault(old[path], path)
+    return AppendPlan(fresh, duplicates, [Path(p) for p in sorted(firsts.values())], items_changed, now)
+
+
+def catalog_only_grew(stored: pl.DataFrame, items_path: Path) -> bool:
+    """Whether items.parquet still has every stored item with the same text (it may add items)."""
+    if not items_path.exists():
+        return False
+    with duckdb.connect() as con:
+        catalog = _parquet_items(con, items_path)
+    text = ["source_item_id", *TEXT_FIELDS]
+    both = stored.select(text).join(catalog.select(text), on="source_item_id", how="left", suffix="_new",
+                                    nulls_equal=True)
+    if both.height != stored.height or both["title_new"].is_null().sum() > stored["title"].is_null().sum():
+        return False
+    return all(both[c].eq_missing(both[f"{c}_new"]).all() for c in TEXT_FIELDS)
+
+
+def grow_catalog(stored: pl.DataFrame, catalog: pl.DataFrame) -> pl.DataFrame:
+    """The items of `catalog` not in `stored`, with ids after the stored ones (in the catalog's
+    order) and attribute buckets: a value already stored keeps its bucket, new values get the next
+    ones by descending frequency among the new items (ties by value)."""
+    new = catalog.filter(~pl.col("source_item_id").is_in(stored["source_item_id"].implode()))
+    new = new.with_columns(pl.int_range(pl.len(), dtype=pl.Int64).add(stored.height).alias("item_id"))
+    for attr in ("category", "brand"):
+        pairs = stored.select(attr, f"{attr}_bucket").drop_nulls(attr).unique(attr)
+        mapping = dict(zip(pairs[attr].to_list(), pairs[f"{attr}_bucket"].to_list()))
+        unseen = new[attr].drop_nulls().filter(~new[attr].drop_nulls().is_in(list(mapping)))
+        freq = unseen.value_counts().sort(["count", attr], descending=[True, False])
+        top = int(stored[f"{attr}_bucket"].max() or 0)
+        mapping |= {v: top + 1 + i for i, v in enumerate(freq[attr].to_list())}
+        new = new.with_columns(pl.col(attr).replace_strict(mapping, default=0, return_dtype=pl.Int64)
+                               .alias(f"{attr}_bucket"))
+    return new.select([pl.col(c).cast(t) for c, t in stored.schema.items()])
+
+
+def append_source(con: duckdb.DuckDBPyConnection, spec: DatasetSpec, params: Params, plan: AppendPlan) -> pl.DataFrame:
+    """Add the fresh partitions' interactions to the store (inside the caller's transaction);
+    return the grown item table. Stored rows are not touched: new items and users get ids after
+    the stored ones, a known user's new interactions positions after its last (in timestamp, then
+    file, then row order), and a new user all of its interactions. With `data.drop_short_users`
+    a new user's earlier rows (below the threshold before) are read from the ingested files too."""
+    drop_short, min_len = params.data.drop_short_users, params.data.min_sequence_length
+    read = [*plan.ingested, *plan.fresh] if drop_short else plan.fresh
+    source = open_parquet_source(con, spec.root(), spec.hive_partitioning, only=read)
+    stored = con.sql("SELECT * FROM items ORDER BY item_id").pl()
+    new_items = grow_catalog(stored, source.items)  # items.parquet, or the items of the rows read
+    con.register("new_items", new_items.to_arrow())
+    con.execute("INSERT INTO items SELECT * FROM new_items")
+    con.unregister("new_items")
+    con.execute("CREATE OR REPLACE TEMP TABLE item_map AS SELECT source_item_id AS item_key, item_id FROM items")
+    fresh = "(" + ", ".join(store.sql_string(p.as_posix()) for p in plan.fresh) + ")"
+    con.execute(f"CREATE OR REPLACE TEMP TABLE fresh_rows AS SELECT * FROM source_interactions "
+                f"WHERE filename IN {fresh}")
+    con.execute("""CREATE OR REPLACE TEMP TABLE known_users AS
+        SELECT source_user_id AS user_key, any_value(user_id) AS user_id, max(position) AS last_pos
+        FROM interactions GROUP BY source_user_id""")
+    having = f"HAVING count(*) >= {int(min_len)}" if drop_short else ""
+    con.execute(f"""CREATE OR REPLACE TEMP TABLE new_users AS
+        SELECT user_key FROM source_interactions
+        WHERE user_key IN (SELECT user_key FROM fresh_rows) AND user_key NOT IN (SELECT user_key FROM known_users)
+        GROUP BY user_key {having}""")
+    order = dense_order(con, "SELECT user_key FROM new_users", "user_key")
+    con.execute(f"""CREATE OR REPLACE TEMP TABLE new_user_map AS
+        SELECT user_key, (SELECT coalesce(max(user_id), -1) FROM interactions) + row_number() OVER (ORDER BY {order})
+               AS user_id FROM new_users""")
+    con.execute("""
+        INSERT INTO interactions
+        SELECT u.user_id, s.user_key, m.item_id,
+               u.last_pos + row_number() OVER (PARTITION BY u.user_id ORDER BY s.ts, s.filename, s.file_row_number),
+               s.timestamp
+        FROM fresh_rows s JOIN known_users u USING (user_key) JOIN item_map m USING (item_key)
+        UNION ALL
+        SELECT u.user_id, s.user_key, m.item_id,
+               row_number() OVER (PARTITION BY u.user_id ORDER BY s.ts, s.filename, s.file_row_number) - 1,
+               s.timestamp
+        FROM source_interactions s JOIN new_user_map u USING (user_key) JOIN item_map m USING (item_key)
+        ORDER BY 1, 4""")
+    return con.sql("SELECT * FROM items ORDER BY item_id").pl()
 
 
 @task
@@ -615,12 +747,17 @@ def ingest_parquet(spec: DatasetSpec, params: Params, db_path: Path, out_dir: Pa
     A changed source is staged, gated, exported and recorded in one transaction; the output
     files are written into a staging folder (`new_staging`, `seal`) whose version that
     transaction names, and moved into place after it commits (`publish`); the gate reports are
-    staged too (a failed gate's go to `gates/rejected/`, see `begin_gates`). An unchanged source
-    only rebuilds the splits from the store. Returns counts, split rows, gate reports and
-    whether it changed.
+    staged too (a failed gate's go to `gates/rejected/`, see `begin_gates`). A log that only
+    gained partitions since the last ingest is appended (`plan_append`, `append_source`): the
+    stored rows stay as they are. An unchanged source (or one that only gained copies of ingested
+    partitions) only rebuilds the splits from the store. Returns counts, split rows, gate
+    reports, whether it changed and how (`mode`: full, append or unchanged).
     """
     temp_dir = out_dir / ".duckdb_tmp"
     changed = not (db_path.exists() and store.latest_source_hash(db_path) == src_hash)
+    plan = plan_append(spec, params, db_path) if changed else None
+    if plan is not None and not plan.fresh and not plan.items_changed:
+        changed = False  # only copies of partitions already ingested: nothing to add
     staging = begin_gates(report_dir, src_hash)
     tmp = new_staging(out_dir)
     try:
@@ -628,11 +765,15 @@ def ingest_parquet(spec: DatasetSpec, params: Params, db_path: Path, out_dir: Pa
             if changed:
                 con.execute(store.INGESTS_DDL)
             with store.transaction(con):
-                if changed:
+                if changed and plan is not None:
+                    items = append_source(con, spec, params, plan)
+                    files = plan.files
+                elif changed:
                     source = open_parquet_source(con, spec.root(), spec.hive_partitioning)
                     items = with_buckets(source.items)
                     store.create_items(con, items)
                     stream_interactions(con, params.data.drop_short_users, params.data.min_sequence_length)
+                    files = source.source_files
                 else:
                     items = con.sql("SELECT * FROM items ORDER BY item_id").pl()
                 gates, counts = gate_stored(con, items, params, staging)
@@ -648,7 +789,7 @@ def ingest_parquet(spec: DatasetSpec, params: Params, db_path: Path, out_dir: Pa
                     gates.append(report)
                 version = seal(tmp, out_dir)
                 if changed:
-                    store.record_ingest(con, src_hash, source.source_files, counts["users"], counts["items"],
+                    store.record_ingest(con, src_hash, files, counts["users"], counts["items"],
                                         counts["interactions"])
                 store.record_version(con, version)
         publish(out_dir, version.version)
@@ -663,4 +804,7 @@ def ingest_parquet(spec: DatasetSpec, params: Params, db_path: Path, out_dir: Pa
     finally:
         shutil.rmtree(temp_dir, ignore_errors=True)
     settle_gates(report_dir, accepted=True)
-    return {**counts, "changed": changed, "split_rows": rows, "gates": gates}
+    mode = ("append" if plan is not None else "full") if changed else "unchanged"
+    appended = {"files": [p.as_posix() for p in plan.fresh], "duplicates_skipped": [p.as_posix() for p in plan.duplicates]} \
+        if plan is not None else None
+    return {**counts, "changed": changed, "mode": mode, "appended": appended, "split_rows": rows, "gates": gates}

@@ -466,11 +466,18 @@ def _types(con: duckdb.DuckDBPyConnection, relation: str) -> dict[str, str]:
     return {r[0]: r[1] for r in con.execute(f"DESCRIBE SELECT * FROM {relation}").fetchall()}
 
 
-def open_parquet_source(con: duckdb.DuckDBPyConnection, root: Path, hive_partitioning: bool) -> ParquetSource:
-    """Check `<root>/interactions/**/*.parquet` and `<root>/items.parquet` in SQL; set up the views."""
+def open_parquet_source(con: duckdb.DuckDBPyConnection, root: Path, hive_partitioning: bool,
+                        only: list[Path] | None = None) -> ParquetSource:
+    """Check `<root>/interactions/**/*.parquet` and `<root>/items.parquet` in SQL; set up the views.
+
+    `only`: the view reads just these interaction files (the new partitions of an append); the
+    item catalog is still the whole source's.
+    """
     files = parquet_source_files(root)
     pattern = (root / "interactions").as_posix() + "/**/*.parquet"
-    raw = (f"read_parquet({sql_string(pattern)}, union_by_name = true, filename = true, "
+    read = (sql_string(pattern) if only is None
+            else "[" + ", ".join(sql_string(Path(p).as_posix()) for p in only) + "]")
+    raw = (f"read_parquet({read}, union_by_name = true, filename = true, "
            f"file_row_number = true, hive_partitioning = {str(hive_partitioning).lower()})")
     try:
         types_ = _types(con, raw)
