@@ -2,7 +2,7 @@
 fusions of their finished lists; every weight chosen on the validation split, the test split read
 once per chosen configuration.
 
-    python -m benchmarks.cf_fusion [-S data.dataset=ml-100k] [-S data.data_dir=...] [--weights 0 0.5 1 2 4]
+    python -m benchmarks.cf_fusion [-S data.dataset=ml-100k] [-S data.data_dir=...] [--weights 0 0.5 1 2 4] [--tag _cf]
 
 Reads the stage outputs under data/<dataset>/ (backbone, sasrec, tokenizer, splits). Methods:
 - `sasrec`: SASRec's top `--beam` logits; `tiger`: the backbone's beam of `--beam`;
@@ -15,7 +15,7 @@ smaller weight) is kept; the test split then ranks sasrec, tiger, tiger_cf, rrf 
 those weights, with paired bootstrap tests against SASRec and against the better late fusion
 (chosen on validation). Also: the share of users whose top item shares the target's first code
 (TIGER's "first-code hit rate"), and users/s of tiger_cf against tiger in the same run.
-Writes benchmarks/results/cf_fusion_<dataset>.json.
+Writes benchmarks/results/cf_fusion_<dataset><tag>.json.
 """
 
 from __future__ import annotations
@@ -113,6 +113,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--valid-users", type=int, default=0, help="validation users (0: all)")
     ap.add_argument("--test-users", type=int, default=0, help="test users (0: all)")
     ap.add_argument("--bootstrap", type=int, default=1000)
+    ap.add_argument("--tag", default="", help="suffix of the JSON's name")
     args = ap.parse_args(argv)
     params = load_params(overrides=args.set)
     weights = [w for w in args.weights if w > 0]
@@ -155,8 +156,8 @@ def main(argv: list[str] | None = None) -> dict:
                                          for label in ("tiger", "tiger_cf", "sasrec")}}
     report["cost"] = {"users": test["users"], "beam": args.beam, "tiger_users_per_s": test["users"] / test["tiger_s"],
                       "tiger_cf_users_per_s": test["users"] / test[f"tiger_cf@{w_cf}_s"]}
-    save(f"cf_fusion_{params.data.dataset}", report)
-    return report
+    save(f"cf_fusion_{params.data.dataset}{args.tag}", report)
+    return {**report, "_tiger_test_per_user": per_user["tiger"]}  # for callers' paired tests; not in the JSON
 
 
 if __name__ == "__main__":

@@ -64,7 +64,8 @@ def main(argv: list[str] | None = None) -> dict:
                 else:
                     frac = float(name.split("@")[1])
                     cfg = DecodeConfig(width=beam, correct_width=max(1, int(round(frac * beam))), rank_rule=args.rule,
-                                       alpha_e=args.alpha_e, reflect_width=max(1, int(round(args.reflect_frac * beam))))
+                                       alpha_e=args.alpha_e, reflect_width=max(1, int(round(args.reflect_frac * beam))),
+                                       verify_gamma=0.0, cf_weight=0.0)
                     rank_with_grc(grc, users, table, trie, cfg, args.batch, exclude_history=excl)
                 best[name] = min(best[name], time.perf_counter() - t0)
         for name in names[1:]:

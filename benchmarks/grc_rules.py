@@ -54,7 +54,8 @@ def main(argv: list[str] | None = None) -> dict:
                 for frac in args.correct_fracs:
                     cw = max(1, int(round(frac * args.beam)))
                     rw = max(1, int(round(args.reflect_frac * args.beam)))
-                    cfg = DecodeConfig(width=args.beam, correct_width=cw, alpha_e=alpha, rank_rule=rule, reflect_width=rw)
+                    cfg = DecodeConfig(width=args.beam, correct_width=cw, alpha_e=alpha, rank_rule=rule, reflect_width=rw,
+                                       verify_gamma=0.0, cf_weight=0.0)
                     ranked, _ = rank_with_grc(model, valid, table, trie, cfg, 128, exclude_history=excl)
                     rows.append({"method": f"{variant}_{args.stage}", "rule": rule, "alpha_e": alpha,
                                  "correct_width": cw, **ranking_metrics(ranked, valid.target.numpy(), ks=ks)[0]})

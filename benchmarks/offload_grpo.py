@@ -110,7 +110,8 @@ def train(name: str, src: Path, out: Path, device: str, keep_weights: bool) -> N
     excl = meta["exclude_history"]
 
     def plain(width: int) -> DecodeConfig:  # as the stage validates (tasks.artifacts.selection_decode)
-        return DecodeConfig(width=width, correct_width=0, alpha_e=0.0, reflect_width=0, rank_rule=meta["rank_rule"])
+        return DecodeConfig(width=width, correct_width=0, alpha_e=0.0, reflect_width=0, rank_rule=meta["rank_rule"],
+                            verify_gamma=0.0, cf_weight=0.0)
 
     def rank(model: GRCModel, inst: Instances, cfg: DecodeConfig, batch: int) -> np.ndarray:
         ranked, _ = rank_with_grc(model, inst, table, trie, cfg, batch, exclude_history=excl)

@@ -101,6 +101,8 @@ class ReflectionStats:
                     same = table.attrs[drafts.items.clamp_min(0), 0] == table.attrs[target, 0][:, None]  # (B, W)
                     self._add(f"acc_cat@{k}", res.reflection[..., 1] == same.long(), top)
         cor, src = res.corrected.items, res.source  # (B, Wc)
+        if cor.shape[1] == 0:  # rank_rule "verify": no correction pass
+            return
         live = cor >= 0
         draft_of = drafts.items.gather(1, src.clamp_min(0))  # (B, Wc)
         self._add("copy_rate", cor == draft_of, live)
@@ -128,16 +130,18 @@ class ReflectionStats:
 @torch.inference_mode()
 def rank_with_grc(model: GRCModel, inst: Instances, table: ItemTable, trie: PrefixTrie, cfg: DecodeConfig,
                   batch_size: int = 64, progress: Callable[[int], None] | None = None,
-                  stats: ReflectionStats | None = None, exclude_history: bool = False
-                  ) -> tuple[np.ndarray, np.ndarray]:
-    """Top-`cfg.width` items (N, W) of two-pass GRC decoding for every instance, and their merge scores."""
+                  stats: ReflectionStats | None = None, exclude_history: bool = False,
+                  item_logp: Callable[[Instances], torch.Tensor] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Top-`cfg.width` items (N, W) of two-pass GRC decoding for every instance, and their merge scores.
+    `item_logp`: a collaborative model's item log-probabilities, used where cfg.cf_weight > 0."""
     model.eval()
     items, scores = [], []
     n_items = table.codes.shape[0]
     for start in range(0, len(inst), batch_size):
         part = inst.select(torch.arange(start, min(start + batch_size, len(inst))))
         exclude = history_mask(part.history.to(table.codes.device), n_items) if exclude_history else None
-        res = grc_decode(model, to_batch(part, table, with_target=False), trie, cfg, exclude)
+        logp = item_logp(part).to(table.codes.device) if item_logp is not None and cfg.cf_weight > 0 else None
+        res = grc_decode(model, to_batch(part, table, with_target=False), trie, cfg, exclude, logp)
         if stats is not None:
             stats.update(res, part.target.to(res.items.device), table)
         items.append(res.items.cpu().numpy())

@@ -52,8 +52,17 @@ Two-pass inference (`grc_decode`, Sec. 4.3), one function per step:
    p(i) = sum_b p(b) [q_b 1(i = b) + (1 - q_b) p_cor(i | b, r_b)] with
    q_b = p(r_loc = L+1 | b), summed over the beams' candidates (log-sum-exp per item); every
    draft goes to correction, starting at score_b + log(1 - q_b) (+ alpha_e * H).
+   "verify" (not in the paper: the reflection as a verifier): no correction pass; the R reflected
+   drafts are re-ordered among themselves by score_b + gamma * log q_b (`verify_gamma`), the
+   rest follow in draft order. gamma = 0 is the backbone's own ranking.
 Reflection budget (`reflect_width` R): only the best R drafts are reflected on and corrected;
 the other drafts keep their place and score (the correction then costs R/B of a full pass).
+
+A collaborative prefix value (not in the paper; grc_core/cf_value.py), `cf_weight` w > 0 with
+the item log-probabilities of a collaborative model passed to `grc_decode`: the draft beam
+prunes on log pi + w V_cf like `tiger_cf`, so the drafts' scores, and with them the correction
+start scores of Eq. 25, carry w log p_cf(draft); the correction beam prunes on the same fused
+key, so a correction ends at start + log pi_cor(g) + w log p_cf(g).
 """
 
 from __future__ import annotations
@@ -68,6 +77,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from grc_core.beam_search import BeamResult, BeamTrace, beam_search
+from grc_core.cf_value import item_prefix_nodes, prefix_values
 from grc_core.config import SFTLossConfig
 from grc_core.model import (BackboneStepper, Batch, DecodeState, Memory, ModelConfig, Seq2Seq, decoder_step,
                             sequence_loss)
@@ -248,7 +258,7 @@ def sft_loss(model: GRCModel, batch: Batch, draft: torch.Tensor, r_loc: torch.Te
     return loss, {"mle": float(mle.detach()), "reflect": float(refl.detach()), "correct": float(corr.detach())}
 
 
-RANK_RULES = ("joint", "union", "marginal")
+RANK_RULES = ("joint", "union", "marginal", "verify")
 
 
 def _is_int(value: object) -> bool:
@@ -261,7 +271,9 @@ class DecodeConfig:
     correct_width: int  # B_cor, beams of the correction pass (0: = width)
     alpha_e: float  # EGRS entropy coefficient (Eq. 25); 0: plain GRC inference
     reflect_width: int  # R, the best R drafts are reflected on and corrected, the rest kept as they are (0: all)
-    rank_rule: str  # joint | union | marginal: how drafts and corrections merge (module docstring, step 4)
+    rank_rule: str  # joint | union | marginal | verify: how drafts and corrections merge (module docstring, step 4)
+    verify_gamma: float  # verify: weight gamma of log p(r_loc = L+1 | draft) in the drafts' order
+    cf_weight: float  # w of the collaborative prefix value in both passes (0: off; module docstring)
 
     def __post_init__(self) -> None:
         if not _is_int(self.width) or self.width < 1:
@@ -273,6 +285,10 @@ class DecodeConfig:
         a = self.alpha_e
         if isinstance(a, bool) or not isinstance(a, numbers.Real) or not math.isfinite(a) or a < 0:
             raise ValueError(f"DecodeConfig.alpha_e must be a finite number >= 0, got {a!r}")
+        for name in ("verify_gamma", "cf_weight"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v) or v < 0:
+                raise ValueError(f"DecodeConfig.{name} must be a finite number >= 0, got {v!r}")
         if self.rank_rule not in RANK_RULES:
             raise ValueError(f"DecodeConfig.rank_rule must be {' | '.join(RANK_RULES)}, got {self.rank_rule!r}")
 
@@ -283,8 +299,9 @@ class GRCResult(NamedTuple):
     drafts: BeamResult  # first pass, (B, W) items/scores, (B, W, L) codes
     reflection: torch.Tensor  # (B, W, K+1) argmax labels per draft: r_loc in 1..L+1, then r_sem in {0, 1}
     entropy: torch.Tensor  # (B, W) mean reflection-slot entropy (Eq. 24), 0 for GC
-    corrected: BeamResult  # correction pass, (B, W_cor)
+    corrected: BeamResult  # correction pass, (B, W_cor); W_cor = 0 under rank_rule "verify"
     source: torch.Tensor  # (B, W_cor) index of the draft each corrected item came from, -1 padding
+    log_right: torch.Tensor  # (B, W) log p(r_loc = L+1 | draft), the verifier's score; -inf where not reflected
 
 
 class Reflection(NamedTuple):
@@ -389,11 +406,13 @@ def correction_start_scores(draft_scores: torch.Tensor, refl: Reflection, entrop
 
 
 def correct(model: GRCModel, state: DecodeState, refl: Reflection, start: torch.Tensor, trie: PrefixTrie,
-            width: int, exclude: torch.Tensor | None) -> tuple[BeamResult, torch.Tensor]:
+            width: int, exclude: torch.Tensor | None, prefix_values: list[torch.Tensor] | None = None,
+            value_weight: float = 0.0) -> tuple[BeamResult, torch.Tensor]:
     """The correction pass (Sec. 4.1 template, Sec. 4.3 fixed beam budget): EOF2 + the reflection
     labels, then one constrained beam search whose start beams are the R reflected drafts at
     `start` (B, R) (Eq. 25), keeping the best `width` (B_cor) continuations over all drafts.
 
+    `prefix_values`, `value_weight`: the collaborative prefix value the search prunes on (module docstring).
     Returns the corrections (B, B_cor) and the draft each descends from (B, B_cor), -1 padding.
     """
     t = model.template
@@ -403,7 +422,7 @@ def correct(model: GRCModel, state: DecodeState, refl: Reflection, start: torch.
     first_logp = F.log_softmax(model.seq.heads[0](hidden), -1)  # (B, R, V_0)
     stepper = _StartStepper(model.seq, first_logp, DecodeState(state.memory, keys, values, t.eof2 + 1))
     corrected, trace = beam_search(stepper, None, trie, width, initial_scores=start, return_trace=True,
-                                   exclude=exclude)
+                                   exclude=exclude, values=prefix_values, value_weight=value_weight)
     source = torch.full_like(corrected.items, -1)  # (B, B_cor)
     source[:, : trace.origin.shape[1]] = trace.origin
     return corrected, source.masked_fill(corrected.items < 0, -1)
@@ -436,6 +455,19 @@ def merge_by_rule(drafts: BeamResult, refl: Reflection, corrected: BeamResult, r
     if rank_rule == "marginal":
         ranked_scores = _sum_per_item(ranked, ranked_scores, n_items)
     return _merge(ranked, ranked_scores, width)
+
+
+def verify_order(drafts: BeamResult, refl: Reflection, gamma: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """rank_rule "verify": the R reflected drafts re-ordered by score_b + gamma * log q_b, q_b =
+    p(r_loc = L+1 | b), then the other drafts in draft order; (B, W) items and scores (the
+    verify score for the first R, the draft score after). Padding drafts (-inf) stay last."""
+    r = refl.log_right.shape[1]
+    key = drafts.scores[:, :r] + gamma * refl.log_right.clamp_min(-1e4)  # (B, R) a sure "wrong" is finite
+    key = key.masked_fill(drafts.items[:, :r] < 0, NEG_INF)
+    order = key.sort(dim=1, descending=True, stable=True).indices  # (B, R)
+    items = torch.cat([drafts.items[:, :r].gather(1, order), drafts.items[:, r:]], 1)  # (B, W)
+    scores = torch.cat([key.gather(1, order), drafts.scores[:, r:]], 1)
+    return items, scores
 
 
 def backfill(items: torch.Tensor, scores: torch.Tensor, drafts: BeamResult, width: int
@@ -499,21 +531,41 @@ def _pad_beams(x: torch.Tensor, width: int) -> torch.Tensor:
     return torch.cat([x, x.new_zeros(x.shape[0], short, *x.shape[2:])], 1) if short > 0 else x
 
 
+def _pad_log_right(refl: Reflection, width: int) -> torch.Tensor:
+    """(B, R) -> (B, width), -inf for the drafts that were not reflected on."""
+    lr = refl.log_right
+    short = width - lr.shape[1]
+    return torch.cat([lr, lr.new_full((lr.shape[0], short), NEG_INF)], 1) if short > 0 else lr
+
+
 @torch.inference_mode()
 def grc_decode(model: GRCModel, batch: Batch, trie: PrefixTrie, cfg: DecodeConfig,
-               exclude: torch.Tensor | None = None) -> GRCResult:
+               exclude: torch.Tensor | None = None, item_logp: torch.Tensor | None = None) -> GRCResult:
     """Two-pass GRC inference with EGRS for B users (Sec. 4.3; module docstring, steps 1-4).
 
     `exclude` (B, N) bool: items neither pass may return (e.g. the user's history).
+    `item_logp` (B, N): a collaborative model's item log-probabilities, read when cfg.cf_weight > 0.
     """
+    v_cf = None
+    if cfg.cf_weight > 0:
+        if item_logp is None:
+            raise ValueError("grc_decode: cf_weight > 0 needs the collaborative model's item_logp")
+        v_cf = prefix_values(item_logp, item_prefix_nodes(trie), trie, exclude)  # per level (B, M_l)
     drafts, trace = beam_search(BackboneStepper(model.seq), batch, trie, cfg.width, return_trace=True,
-                                exclude=exclude)  # 1. generation: B drafts, (B, W)
+                                exclude=exclude, values=v_cf, value_weight=cfg.cf_weight)  # 1. B drafts, (B, W)
     refl, state = reflect(model, drafts, trace, cfg.reflect_width)  # 2. reflection of the best R
     entropy = reflection_entropy(refl)  # (B, R) Eq. 24
     r = entropy.shape[1]
+    if cfg.rank_rule == "verify":  # the reflection as a verifier: re-order, no correction pass
+        items, scores = verify_order(drafts, refl, cfg.verify_gamma)
+        none = BeamResult(items.new_full((items.shape[0], 0), -1), scores.new_zeros(items.shape[0], 0),
+                          drafts.codes[:, :0])
+        return GRCResult(items, scores, drafts, _pad_beams(refl.labels, cfg.width), _pad_beams(entropy, cfg.width),
+                         none, items.new_full((items.shape[0], 0), -1), _pad_log_right(refl, cfg.width))
     start = correction_start_scores(drafts.scores[:, :r], refl, entropy, cfg.alpha_e, cfg.rank_rule)  # Eq. 25
-    corrected, source = correct(model, state, refl, start, trie, cfg.correct_width or cfg.width, exclude)  # 3.
+    corrected, source = correct(model, state, refl, start, trie, cfg.correct_width or cfg.width, exclude,
+                                v_cf, cfg.cf_weight)  # 3.
     items, scores = merge_by_rule(drafts, refl, corrected, cfg.rank_rule, trie.ids.shape[0], cfg.width)  # 4.
     items, scores = backfill(items, scores, drafts, cfg.width)
     return GRCResult(items, scores, drafts, _pad_beams(refl.labels, cfg.width), _pad_beams(entropy, cfg.width),
-                     corrected, source)
+                     corrected, source, _pad_log_right(refl, cfg.width))

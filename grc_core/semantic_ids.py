@@ -15,6 +15,12 @@ Choices:
   index then code) instead of an optimal (Hungarian) or Sinkhorn assignment.
 - `semantic_coherence` breaks a tie between most common level-1 codes toward the smaller
   code and returns NaN when no item has a known category.
+- `tokenizer_inputs` (`tokenize.embedding`): what the quantiser sees. `text` is the text
+  embedding; `cf` a collaborative model's item embeddings (SASRec's), so the first code groups
+  items users consume together rather than items described alike (LETTER's collaborative
+  alignment, without its joint training); `text_cf` both, each block L2-normalised per item and
+  scaled by sqrt(1 - s) and sqrt(s) (s = `tokenize.cf_share`), so the concatenation is unit-norm
+  and s is the share of the squared distance that comes from the collaborative block.
 """
 
 from __future__ import annotations
@@ -148,6 +154,41 @@ class LookupTable(NamedTuple):
     radices: np.ndarray  # (L',) one past the largest code per level
     keys: np.ndarray  # (N,) sorted
     items: np.ndarray  # (N,) item index of each key
+
+
+EMBEDDINGS = ("text", "cf", "text_cf")
+
+
+def _unit_rows(x: np.ndarray) -> np.ndarray:
+    norm = np.linalg.norm(x, axis=1, keepdims=True)  # (N, 1)
+    return x / np.where(norm > 0, norm, 1.0)
+
+
+def tokenizer_inputs(kind: str, text: np.ndarray | None, cf: np.ndarray | None, cf_share: float) -> np.ndarray:
+    """The vectors the RQ-VAE (or rk-means) quantises, (N, D'), float32 (module docstring).
+
+    text (N, D_t) item text embeddings; cf (N, D_c) collaborative item embeddings, row i = item i.
+    """
+    if kind not in EMBEDDINGS:
+        raise ValueError(f"tokenize.embedding must be {' | '.join(EMBEDDINGS)}, got {kind!r}")
+    needed = {"text": ("text",), "cf": ("cf",), "text_cf": ("text", "cf")}[kind]
+    given = {"text": text, "cf": cf}
+    for name in needed:
+        x = given[name]
+        if x is None or x.ndim != 2 or x.shape[0] == 0:
+            raise ValueError(f"tokenize.embedding={kind}: the {name} embeddings are missing or empty "
+                             f"(shape {None if x is None else x.shape})")
+    if kind == "text_cf":
+        if text.shape[0] != cf.shape[0]:
+            raise ValueError(f"tokenize.embedding=text_cf: {text.shape[0]} text rows for {cf.shape[0]} cf rows")
+        if not 0.0 < cf_share < 1.0:
+            raise ValueError(f"tokenize.cf_share must be in (0, 1) for text_cf, got {cf_share}")
+        out = np.concatenate([np.sqrt(1.0 - cf_share) * _unit_rows(text), np.sqrt(cf_share) * _unit_rows(cf)], 1)
+    elif kind == "cf":
+        out = _unit_rows(cf)  # (N, D_c) the text embeddings are unit-norm too
+    else:
+        out = text
+    return np.ascontiguousarray(out, dtype=np.float32)
 
 
 def _keys(ids: np.ndarray, radices: np.ndarray) -> np.ndarray:

@@ -147,20 +147,23 @@ def sasrec_top(model: SASRec, histories: list[list[int]], k: int, batch_size: in
 def decode_config(ev, width: int) -> DecodeConfig:
     """Two-pass GRC decoding under the `evaluate` section's rules at beam `width` (test ranking, dumps)."""
     return DecodeConfig(width=width, correct_width=ev.correct_width, alpha_e=ev.alpha_e, rank_rule=ev.rank_rule,
-                        reflect_width=ev.reflect_width)
+                        reflect_width=ev.reflect_width, verify_gamma=ev.verify_gamma, cf_weight=ev.grc_cf_weight)
 
 
-def selection_decode(width: int, rank_rule: str) -> DecodeConfig:
+def selection_decode(width: int, rank_rule: str, verify_gamma: float) -> DecodeConfig:
     """Model selection (sft, grpo) decodes plainly: every draft reflected on, a full-width
-    correction, no EGRS; the merge rule is the test's (`evaluate.rank_rule`)."""
-    return DecodeConfig(width=width, correct_width=0, alpha_e=0.0, reflect_width=0, rank_rule=rank_rule)
+    correction, no EGRS, no collaborative value; the merge rule is the test's (`evaluate.rank_rule`,
+    and `evaluate.verify_gamma` under `verify`)."""
+    return DecodeConfig(width=width, correct_width=0, alpha_e=0.0, reflect_width=0, rank_rule=rank_rule,
+                        verify_gamma=verify_gamma, cf_weight=0.0)
 
 
 def grc_selection_metrics(model: GRCModel, valid: Instances, table: ItemTable, trie: PrefixTrie, width: int,
-                          rank_rule: str, batch_size: int, exclude_history: bool) -> dict[str, float]:
+                          rank_rule: str, verify_gamma: float, batch_size: int, exclude_history: bool
+                          ) -> dict[str, float]:
     """Validation Recall/NDCG@5/10/20 of a template model under `selection_decode`: what sft and
     grpo select their checkpoints on."""
-    ranked, _ = rank_with_grc(model, valid, table, trie, selection_decode(width, rank_rule), batch_size,
+    ranked, _ = rank_with_grc(model, valid, table, trie, selection_decode(width, rank_rule, verify_gamma), batch_size,
                               exclude_history=exclude_history)
     return ranking_metrics(ranked, valid.target.numpy(), ks=(5, 10, 20))[0]
 
@@ -183,8 +186,9 @@ def load_ranker(method: str, out_dir: Path, attributes: tuple[str, ...], device:
                 decode: DecodeConfig, batch_size: int, exclude_history: bool, cf_weight: float) -> Ranker:
     """One method's ranking of the catalog for any instances: the beam of `decode.width` (tiger;
     tiger_cf with SASRec's prefix value at `cf_weight`, grc_core/cf_value.py), two-pass GRC
-    decoding under `decode` (gc_sft, grc_sft, grc_rl), SASRec's top `decode.width` logits
-    (sasrec). `stats` collects GRC's reflection statistics where given."""
+    decoding under `decode` (gc_sft, grc_sft, grc_rl; with SASRec's prefix value in both passes
+    where `decode.cf_weight` > 0), SASRec's top `decode.width` logits (sasrec). `stats` collects
+    GRC's reflection statistics where given."""
     model_dir(out_dir, method)  # unknown method: a clear error before anything loads
     if method == "sasrec":
         model = load_baseline(out_dir, device)
@@ -204,8 +208,9 @@ def load_ranker(method: str, out_dir: Path, attributes: tuple[str, ...], device:
         return lambda inst, progress=None, stats=None: rank_with_backbone(
             backbone, inst, table, trie, decode.width, batch_size, progress, exclude_history, item_logp, cf_weight)
     grc = load_grc(out_dir, method, device)
+    grc_logp = sasrec_log_probs(load_baseline(out_dir, device)) if decode.cf_weight > 0 else None
     return lambda inst, progress=None, stats=None: rank_with_grc(
-        grc, inst, table, trie, decode, batch_size, progress, stats, exclude_history)
+        grc, inst, table, trie, decode, batch_size, progress, stats, exclude_history, grc_logp)
 
 
 # --- training outputs --------------------------------------------------------------------------

@@ -57,7 +57,7 @@ def train_grpo(params: Params) -> dict:
 
     def validate(model) -> dict[str, float]:
         return grc_selection_metrics(model, valid, table, trie, gp.valid_beam, params.evaluate.rank_rule,
-                                     gp.eval_batch_size, params.data.exclude_history)
+                                     params.evaluate.verify_gamma, gp.eval_batch_size, params.data.exclude_history)
 
     def log(record: dict) -> None:
         print("grpo " + format_record(record), flush=True)

@@ -103,6 +103,8 @@ class EmbedConfig:
 class TokenizeConfig:
     source: Literal["auto", "train", "prebuilt"]
     method: Literal["rqvae", "rkmeans"]
+    embedding: Literal["text", "cf", "text_cf"]
+    cf_share: float
     dedup_last_level: bool
     rqvae: RQVAEConfig
 
@@ -178,12 +180,14 @@ class EvaluateConfig:
     device: str
     alpha_e: float
     correct_width: int
-    rank_rule: Literal["joint", "union", "marginal"]
+    rank_rule: Literal["joint", "union", "marginal", "verify"]
     reflect_width: int
     users: int
     users_seed: int
     valid_users: int
     cf_weight: float
+    grc_cf_weight: float
+    verify_gamma: float
 
 
 @dataclass(frozen=True)
@@ -198,15 +202,23 @@ class CandidatesConfig:
     workers: int
     dask_address: str
     threads: int
+    promotion_tolerance: float  # tasks/publish.py: how far below the published model's recall@10 may still publish
 
     def __post_init__(self) -> None:
         if self.workers < 1 or self.threads < 0:
             raise ParamsError(f"candidates: need workers >= 1 and threads >= 0, got {self.workers}, {self.threads}")
+        if not 0.0 <= self.promotion_tolerance <= 1.0:
+            raise ParamsError(f"candidates.promotion_tolerance: need 0 <= value <= 1, got {self.promotion_tolerance}")
         if not 1 <= self.top_n <= self.beam:
             raise ParamsError(f"candidates: need 1 <= top_n <= beam, got top_n={self.top_n} beam={self.beam}")
         if self.users_per_shard < 1 or self.batch_size < 1:
             raise ParamsError(f"candidates: users_per_shard and batch_size must be >= 1, got "
                               f"{self.users_per_shard} and {self.batch_size}")
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    executor: Literal["inprocess", "deployments"]  # flows/pipeline.py: each stage in this process, or on its work pool
 
 
 @dataclass(frozen=True)
@@ -222,6 +234,7 @@ class Params:
     grpo: GRPOParams
     evaluate: EvaluateConfig
     candidates: CandidatesConfig
+    pipeline: PipelineConfig
     raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:

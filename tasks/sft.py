@@ -76,7 +76,7 @@ def train_sft(params: Params, variant: str) -> dict:
 
     def evaluate(m: torch.nn.Module) -> dict[str, float]:
         return grc_selection_metrics(m, valid, table, trie, sf.valid_beam, params.evaluate.rank_rule,
-                                     sf.eval_batch_size, params.data.exclude_history)
+                                     params.evaluate.verify_gamma, sf.eval_batch_size, params.data.exclude_history)
 
     work = out_dir / "sft" / variant
     bar, on_step = epoch_progress(f"sft {variant} ")

@@ -30,7 +30,7 @@ import sys
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Literal
 
 from tasks.env import PROJECT_ROOT
 from tasks.io import tree_sha256, write_text
@@ -67,6 +67,7 @@ class Stage:
     runtime: tuple[str, ...] = ()
     per_item: tuple[str, ...] = ()  # params checked item by item (a shard's user list), not by the fingerprint
     comment: str = ""  # a comment on the params list in dvc.yaml
+    pool: Literal["cpu", "gpu"] = "gpu"  # the Prefect work pool its deployment runs on (prefect.yaml)
 
     @property
     def module(self) -> str:
@@ -86,19 +87,21 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
           outs=(Out("interactions.duckdb", persist=True,
                     why="the store keeps its ingest history; the flow itself skips unchanged sources"),
                 Out("items.parquet"), Out("splits")),
-          metrics=("ingest.json",)),
+          metrics=("ingest.json",), pool="cpu"),
     Stage("embed",
-          params=("datasets", "embed", "tokenize.source"),
+          params=("datasets", "embed", "tokenize.source", "tokenize.embedding"),
           inputs=("items.parquet",),
           outs=(Out("embeddings.safetensors"),
                 Out("embeddings_cache.parquet", persist=True, cache=False,
                     why="texts already embedded are not embedded again")),
-          metrics=("embed.json",)),
+          metrics=("embed.json",), pool="cpu"),
     Stage("tokenize",
           params=("datasets", "tokenize"),
-          inputs=("items.parquet", "embeddings.safetensors"),
+          comment=("sasrec: read only when tokenize.embedding is cf or text_cf; with text, a new SASRec re-runs "
+                   "this stage, which rebuilds the same IDs, so nothing downstream re-runs"),
+          inputs=("items.parquet", "embeddings.safetensors", "sasrec/model.safetensors"),
           outs=(Out("tokenizer"),),
-          metrics=("tokenize.json",)),
+          metrics=("tokenize.json",), pool="cpu"),
     Stage("backbone",
           params=("data.max_history", "data.exclude_history", "datasets", "backbone"),
           inputs=("splits", "items.parquet", "tokenizer"),
@@ -121,7 +124,7 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
           outs=(Out("mine"),),
           metrics=("mine.json",)),
     Stage("sft",
-          params=("data.max_history", "data.exclude_history", "datasets", "sft", "evaluate.rank_rule"),
+          params=("data.max_history", "data.exclude_history", "datasets", "sft", "evaluate.rank_rule", "evaluate.verify_gamma"),
           inputs=("splits", "items.parquet", "tokenizer", "backbone/model.safetensors", "backbone/config.json",
                   "mine/train.parquet"),
           outs=(Out("sft", persist=True, why="keeps ckpt/last so an interrupted run resumes"),),
@@ -129,7 +132,7 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
           plots=(Plot("sft_grc_log.csv", "epoch", "valid_recall@10"),
                  Plot("sft_gc_log.csv", "epoch", "valid_recall@10"))),
     Stage("grpo",
-          params=("data.max_history", "data.exclude_history", "datasets", "grpo", "evaluate.rank_rule"),
+          params=("data.max_history", "data.exclude_history", "datasets", "grpo", "evaluate.rank_rule", "evaluate.verify_gamma"),
           inputs=("splits", "items.parquet", "tokenizer", "sft/grc/model.safetensors", "sft/grc/config.json"),
           outs=(Out("grpo", persist=True, why="keeps ckpt/last so an interrupted run resumes"),),
           metrics=("grpo.json",),
@@ -142,7 +145,7 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("candidates",
           params=("data.max_history", "data.exclude_history", "datasets", "evaluate", "candidates.method",
                   "candidates.top_n", "candidates.beam", "candidates.batch_size", "candidates.device"),
-          per_item=("candidates.users_per_shard", "candidates.users_file"),
+          per_item=("candidates.users_per_shard", "candidates.users_file", "candidates.promotion_tolerance"),
           runtime=("candidates.workers", "candidates.dask_address", "candidates.threads"),
           comment=("evaluate: the dump decodes under its rules; candidates.users_file is the path only: "
                    "after editing that file, `dvc repro -f -s candidates`"),

@@ -1,5 +1,9 @@
 """Tokenize tasks: embeddings (or a prebuilt index) -> unique semantic IDs, the prefix trie, metrics.
 
+What is quantised is `tokenize.embedding` (grc_core/semantic_ids.py `tokenizer_inputs`): the
+text embeddings of the `embed` stage, SASRec's item embeddings (`sasrec_item_embeddings`, the
+`sasrec` stage's weights), or both.
+
 Outputs under `data/<dataset>/tokenizer/`:
 - `semantic_ids.parquet`: item_id, codes (list of L' ints, the disambiguation level last if any)
 - `tokenizer.json`: level sizes (vocabulary of each level), method, source, base levels
@@ -36,6 +40,22 @@ class Tokenization:
     extra_level_size: int
     weights: dict[str, torch.Tensor]
     metrics: dict
+
+
+SASREC_ITEM_WEIGHTS = "item_emb.weight"  # grc_core/sasrec.py SASRec.item_emb; row 0 is padding
+
+
+@task
+def sasrec_item_embeddings(weights: Path, n_items: int) -> np.ndarray:
+    """SASRec's input/output item embeddings (N, D) in item_id order, read from its weights file."""
+    tensors, _ = io.read_safetensors(weights)
+    if SASREC_ITEM_WEIGHTS not in tensors:
+        raise ValueError(f"{weights}: no tensor {SASREC_ITEM_WEIGHTS!r}; is it a SASRec model?")
+    table = np.asarray(tensors[SASREC_ITEM_WEIGHTS], dtype=np.float32)[1:]  # (N, D) without the padding row
+    if table.shape[0] != n_items:
+        raise ValueError(f"{weights}: {table.shape[0]} item embeddings for {n_items} items in items.parquet; "
+                         "re-run the sasrec stage")
+    return table
 
 
 @task

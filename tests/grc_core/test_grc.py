@@ -19,7 +19,8 @@ L = len(LEVELS)
 def decode(**changes) -> DecodeConfig:
     """Plain two-pass decoding (every draft reflected on, a full correction, no EGRS, joint merge)
     with `changes`."""
-    return DecodeConfig(**{"correct_width": 0, "alpha_e": 0.0, "reflect_width": 0, "rank_rule": "joint", **changes})
+    return DecodeConfig(**{"correct_width": 0, "alpha_e": 0.0, "reflect_width": 0, "rank_rule": "joint", "verify_gamma": 0.0,
+                            "cf_weight": 0.0, **changes})
 
 
 def tiny_grc(num_attrs=1, reflect=True, seed=0):
@@ -228,7 +229,7 @@ def test_reflection_stats_by_hand():
                            table.codes[torch.tensor([[0, 1, 3]])])
     source = torch.tensor([[0, 1, 1]])  # draft 0 (item 1) -> item 0: a fix; draft 1 (item 2) -> item 1 then 3
     res = GRCResult(torch.tensor([[0, 1, 3]]), torch.zeros(1, 3), drafts, reflection, torch.zeros(1, 3),
-                    corrected, source)
+                    corrected, source, torch.zeros(1, 3))
     stats = ReflectionStats(ks=(2, 3))
     stats.update(res, torch.tensor([0]), table)
     s = stats.summary()
@@ -327,8 +328,9 @@ def test_decode_config_rejects_bad_settings_at_construction(field, value):
 
 
 def test_decode_config_accepts_the_edges():
-    for rule in ["joint", "union", "marginal"]:
-        DecodeConfig(width=1, correct_width=0, alpha_e=0, reflect_width=0, rank_rule=rule)
+    for rule in ["joint", "union", "marginal", "verify"]:
+        DecodeConfig(width=1, correct_width=0, alpha_e=0, reflect_width=0, rank_rule=rule, verify_gamma=0.0,
+                     cf_weight=0.0)
     decode(width=np.int64(3), correct_width=np.int64(2), alpha_e=np.float32(0.2))
 
 
@@ -389,3 +391,58 @@ def test_backfill_appends_missing_drafts_in_draft_order():
     out, out_scores = backfill(items, scores, drafts, 4)
     assert out.tolist() == [[3, 6, 5, 8]]  # drafts 5 and 8, in draft order, fill the padding
     assert torch.equal(out_scores, scores)  # backfilled drafts keep score -inf
+
+
+def test_verify_order_by_hand():
+    from grc_core.grc import verify_order
+
+    # one user, W = 4 drafts, R = 3 reflected; draft scores -1, -2, -3, -4; log q = log .1, log .9, log .5
+    drafts = BeamResult(torch.tensor([[10, 11, 12, 13]]), torch.tensor([[-1.0, -2.0, -3.0, -4.0]]),
+                        torch.zeros(1, 4, L, dtype=torch.long))
+    log_right = torch.log(torch.tensor([[0.1, 0.9, 0.5]]))
+    refl = Reflection(torch.zeros(1, 3, 2, dtype=torch.long), [], torch.zeros(1, 3, dtype=torch.bool), log_right)
+    # gamma 2: keys -1 + 2 ln .1 = -5.605, -2 + 2 ln .9 = -2.211, -3 + 2 ln .5 = -4.386 -> 11, 12, 10; 13 stays last
+    items, scores = verify_order(drafts, refl, gamma=2.0)
+    assert items.tolist() == [[11, 12, 10, 13]]
+    torch.testing.assert_close(scores, torch.tensor([[-2.0 + 2 * math.log(0.9), -3.0 + 2 * math.log(0.5),
+                                                      -1.0 + 2 * math.log(0.1), -4.0]]))
+    items0, scores0 = verify_order(drafts, refl, gamma=0.0)  # gamma 0: the backbone's order
+    assert items0.tolist() == [[10, 11, 12, 13]] and torch.equal(scores0, drafts.scores)
+
+
+def test_verify_rule_reorders_the_drafts_and_skips_correction():
+    model, table, trie, batch = _setup(num_attrs=1, seed=5)
+    res = grc_decode(model, batch, trie, decode(width=8, rank_rule="verify", verify_gamma=3.0))
+    assert res.corrected.items.shape[1] == 0
+    for u in range(3):
+        assert sorted(res.items[u].tolist()) == sorted(res.drafts.items[u].tolist())  # a permutation of the drafts
+        key = res.drafts.scores[u] + 3.0 * res.log_right[u]
+        live = res.drafts.items[u] >= 0
+        expected = res.drafts.items[u][live][key[live].sort(descending=True, stable=True).indices]
+        assert res.items[u][: int(live.sum())].tolist() == expected.tolist()
+
+
+def test_grc_with_a_collaborative_value_fuses_both_passes():
+    from grc_core.cf_value import item_prefix_nodes, prefix_values
+
+    model, table, trie, batch = _setup(num_attrs=1, seed=7)
+    n_items = trie.ids.shape[0]
+    gen = torch.Generator().manual_seed(3)
+    item_logp = torch.log_softmax(torch.randn(3, n_items, generator=gen) * 3, -1)  # (B, N)
+    plain = grc_decode(model, batch, trie, decode(width=6, rank_rule="union"))
+    fused = grc_decode(model, batch, trie, decode(width=6, rank_rule="union", cf_weight=2.0), item_logp=item_logp)
+    # the drafts are tiger_cf's beam
+    values = prefix_values(item_logp, item_prefix_nodes(trie), trie)
+    cf_beam = beam_search(BackboneStepper(model.seq), batch, trie, 6, values=values, value_weight=2.0)
+    assert torch.equal(fused.drafts.items, cf_beam.items)
+    torch.testing.assert_close(fused.drafts.scores, cf_beam.scores)
+    assert not torch.equal(fused.items, plain.items)
+    # every correction ends at its start + log pi_cor + 2 log p_cf(item): its fused score minus
+    # 2 log p_cf is the unfused correction score, below the draft's fused score it started from
+    live = fused.corrected.items >= 0
+    rows = torch.arange(3)[:, None].expand_as(live)
+    cf_part = 2.0 * item_logp[rows[live], fused.corrected.items[live]]
+    start = fused.drafts.scores.gather(1, fused.source.clamp_min(0))[live]
+    assert bool(((fused.corrected.scores[live] - cf_part) <= start + 1e-5).all())
+    with pytest.raises(ValueError, match="needs the collaborative model's item_logp"):
+        grc_decode(model, batch, trie, decode(width=6, cf_weight=2.0))

@@ -16,6 +16,7 @@ from grc_core.semantic_ids import (
     prefix_edges,
     reassign_last_level,
     semantic_coherence,
+    tokenizer_inputs,
 )
 
 
@@ -182,3 +183,32 @@ def test_semantic_coherence_tie_and_unknown():
     assert math.isnan(semantic_coherence(np.array([1, 2]), np.array([0, 0])))
     with pytest.raises(ValueError, match=r"must be \(N,\)"):
         semantic_coherence(np.array([1, 2]), np.array([1]))
+
+
+def test_tokenizer_inputs_text_cf_blocks_are_unit_and_weighted():
+    text = np.array([[3.0, 4.0], [0.0, 2.0]])  # unit rows: (0.6, 0.8), (0, 1)
+    cf = np.array([[0.0, 0.0, 5.0], [1.0, 0.0, 0.0]])  # unit rows: (0, 0, 1), (1, 0, 0)
+    out = tokenizer_inputs("text_cf", text, cf, cf_share=0.36)
+    # sqrt(1 - 0.36) = 0.8 on the text block, sqrt(0.36) = 0.6 on the cf block
+    expected = np.array([[0.48, 0.64, 0.0, 0.0, 0.6], [0.0, 0.8, 0.6, 0.0, 0.0]], np.float32)
+    np.testing.assert_allclose(out, expected, atol=1e-6)
+    np.testing.assert_allclose(np.linalg.norm(out, axis=1), 1.0, atol=1e-6)
+    assert out.dtype == np.float32
+
+
+def test_tokenizer_inputs_cf_alone_and_text_alone():
+    cf = np.array([[0.0, 2.0], [3.0, 0.0]])
+    np.testing.assert_allclose(tokenizer_inputs("cf", None, cf, 0.5), [[0.0, 1.0], [1.0, 0.0]])
+    text = np.array([[0.6, 0.8]], np.float32)
+    assert np.array_equal(tokenizer_inputs("text", text, None, 0.5), text)  # unchanged: the default IDs stay as they were
+
+
+@pytest.mark.parametrize("kind, text, cf, share, match", [
+    ("cf", np.ones((2, 2)), None, 0.5, "cf embeddings are missing"),
+    ("text_cf", np.ones((2, 2)), np.ones((3, 2)), 0.5, "2 text rows for 3 cf rows"),
+    ("text_cf", np.ones((2, 2)), np.ones((2, 2)), 1.0, "cf_share must be in"),
+    ("both", np.ones((2, 2)), np.ones((2, 2)), 0.5, "tokenize.embedding must be"),
+])
+def test_tokenizer_inputs_errors(kind, text, cf, share, match):
+    with pytest.raises(ValueError, match=match):
+        tokenizer_inputs(kind, text, cf, share)

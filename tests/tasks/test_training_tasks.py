@@ -128,7 +128,7 @@ def grc_valid_recall(params, method: str, beam: int, batch_size: int) -> float:
     table, trie, _, _ = item_index(out_dir, params.dataset.attributes, "cpu")
     valid = valid_instances(params)
     ranked, _ = rank_with_grc(load_grc(out_dir, method), valid, table, trie,
-                              selection_decode(beam, params.evaluate.rank_rule), batch_size,
+                              selection_decode(beam, params.evaluate.rank_rule, params.evaluate.verify_gamma), batch_size,
                               exclude_history=params.data.exclude_history)
     return ranking_metrics(ranked, valid.target.numpy(), ks=(5, 10, 20))[0]["recall@10"]
 

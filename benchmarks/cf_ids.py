@@ -1,0 +1,99 @@
+"""Collaborative semantic IDs (`tokenize.embedding`): TIGER trained on IDs quantised from the text
+embeddings, from SASRec's item embeddings, and from both, each with and without SASRec's prefix
+value in the beam (`tiger_cf`); every weight chosen on the validation split.
+
+    python -m benchmarks.cf_ids --base data [--kinds text cf text_cf] [--weights 1 2 4 8] [-S ...]
+
+`--base` is a finished run's data folder (its `<dataset>/` holds the splits, items, text
+embeddings and the SASRec the IDs are built from). For each kind the script copies those inputs
+into `<work>/<kind>/<dataset>/`, runs `flows.tokenize` and `flows.backbone` there with
+`tokenize.embedding=<kind>` (the backbone's settings are params.yaml's), then
+`benchmarks.cf_fusion` (validation choices, test once, paired tests against SASRec, first-code
+hit rate of the top item) with `--tag _ids_<kind>`. Writes benchmarks/results/cf_ids_<dataset>.json:
+per kind the tokenizer's metrics, the backbone's wall time and best epoch, and the cf_fusion
+figures; kinds are compared on validation Recall@10 of TIGER (the choice of the default), and
+the test paired difference of each kind's TIGER against the text IDs' TIGER is reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks import cf_fusion
+from benchmarks.common import run_flow, save, stamp
+from grc_core import metrics as M
+from tasks.env import PROJECT_ROOT
+from tasks.params import load_params
+
+# What a kind's run needs from the base run: the ingest's outputs, the text embeddings, SASRec.
+# Everything the tokenizer shapes (tokenizer, backbone and what follows) is rebuilt.
+REBUILT = ("tokenizer", "backbone", "mine", "sft", "grpo", "eval", "candidates", "vstar")
+
+
+def prepare(base: Path, work: Path, dataset: str) -> None:
+    src, dst = base / dataset, work / dataset
+    if dst.exists():
+        return  # a resumed run keeps what it built (the flows resume or skip themselves)
+    dst.mkdir(parents=True)
+    for entry in src.iterdir():
+        if entry.name in REBUILT:
+            continue
+        (shutil.copytree if entry.is_dir() else shutil.copy2)(entry, dst / entry.name)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("-S", "--set", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--base", type=Path, required=True, help="a finished run's data folder")
+    ap.add_argument("--work", type=Path, default=PROJECT_ROOT / "data_alt" / "cf_ids")
+    ap.add_argument("--kinds", nargs="+", default=["text", "cf", "text_cf"])
+    ap.add_argument("--weights", type=float, nargs="+", default=[1.0, 2.0, 4.0, 8.0])
+    ap.add_argument("--bootstrap", type=int, default=1000)
+    args = ap.parse_args(argv)
+    params = load_params(overrides=args.set)
+    dataset = params.data.dataset
+    report = stamp({"base": str(args.base), "kinds": args.kinds, "weights": args.weights, "overrides": args.set,
+                    "cf_share": params.tokenize.cf_share})
+    report["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=PROJECT_ROOT, capture_output=True,
+                                      text=True).stdout.strip()
+    report["params_hash"] = params.section_hash("data", "tokenize", "backbone", "sasrec", "evaluate")
+    runs, ranks = {}, {}
+    for kind in args.kinds:
+        work = args.work / kind
+        prepare(args.base.resolve(), work / "data", dataset)
+        where = [f"data.data_dir={work / 'data'}", f"data.reports_dir={work / 'reports'}",
+                 f"tokenize.embedding={kind}", *args.set]
+        tokenize_s = run_flow("tokenize", where)
+        backbone_s = run_flow("backbone", where)
+        reports = work / "reports" / dataset
+        fusion = cf_fusion.main([*[a for o in where for a in ("-S", o)], "--weights", *map(str, args.weights),
+                                 "--bootstrap", str(args.bootstrap), "--tag", f"_ids_{kind}"])
+        runs[kind] = {"tokenize": json.loads((reports / "tokenize.json").read_text()),
+                      "backbone": json.loads((reports / "backbone.json").read_text()),
+                      "tokenize_s": round(tokenize_s, 1), "backbone_s": round(backbone_s, 1),
+                      "valid": fusion["valid"], "test": fusion["test"], "cost": fusion["cost"]}
+        ranks[kind] = fusion.pop("_tiger_test_per_user", None)
+        print(f"{kind}: valid TIGER R@10 {fusion['valid']['metrics']['tiger']['recall@10']:.4f}, "
+              f"test {fusion['test']['metrics']['tiger']['recall@10']:.4f}", flush=True)
+    report["runs"] = runs
+    valid_r10 = {k: (r["valid"]["metrics"]["tiger"]["recall@10"], r["valid"]["metrics"]["tiger"]["ndcg@10"])
+                 for k, r in runs.items()}
+    report["chosen_on_validation"] = max(valid_r10, key=valid_r10.get)
+    if "text" in ranks and ranks["text"] is not None:
+        report["test_vs_text"] = {
+            kind: {k: M.paired_bootstrap(ranks["text"][k], per_user[k], args.bootstrap, 0)
+                   for k in ("recall@10", "ndcg@10")}
+            for kind, per_user in ranks.items() if kind != "text" and per_user is not None}
+    save(f"cf_ids_{dataset}", report)
+    return report
+
+
+if __name__ == "__main__":
+    main()
