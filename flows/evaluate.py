@@ -24,6 +24,7 @@ from tasks.evaluate import (append_quality_record, leaderboard, paired_against, 
                             summarize_method)
 from tasks.params import Params
 from tasks.report import write_report
+from tasks.ui import publish_leaderboard, publish_report
 
 
 @flow(name="evaluate")
@@ -56,7 +57,10 @@ def evaluate_flow(params: Params) -> dict:
             results[method]["vs_" + base] = paired_against(out_dir, base, method, ev.bootstrap, seed)
     report = {"dataset": params.data.dataset, "beam": ev.beam, "methods": results, "leaderboard": board}
     io.write_json(params.reports_dir() / "metrics.json", report)
-    log.info("run report: %s", write_report(params))
+    path = write_report(params)
+    log.info("run report: %s", path)
+    publish_leaderboard(params.data.dataset, board, results)
+    publish_report(params.data.dataset, path)
     return report
 
 

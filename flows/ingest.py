@@ -25,6 +25,7 @@ from tasks.ingest import (build_splits, commit_and_publish, drop_short_users, fa
                           gate_splits, ingest_lock, ingest_parquet, read_source, recover, source_hash, stage_tables,
                           with_buckets)
 from tasks.params import Params
+from tasks.ui import publish_gates
 
 
 @flow(name="ingest")
@@ -84,6 +85,7 @@ def ingest(params: Params) -> dict:
 
 def finish(result: dict, report_dir: Path) -> dict:
     io.write_json(report_dir / "ingest.json", result)
+    publish_gates(result["dataset"], result["gates"], "ingest")
     get_run_logger().info("%s: %d users, %d items, %d interactions", result["dataset"],
                           result["users"], result["items"], result["interactions"])
     return result
