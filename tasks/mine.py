@@ -19,6 +19,12 @@ epoch), on the other folds' users only. Validation instances are always drafted 
 backbone, the model that drafts at test time. Fold backbones are kept in `mine/folds/f<k>/`
 and resume from their checkpoints when the stage is re-run after an interruption.
 
+Positives for the verifier (`mine.include_target`, not in the paper): the backbone's top drafts
+are rarely the target (on ml-100k the share of drafts with r_loc = L+1 is about 5%), so the
+reflection's r_loc head learns the base rate. With the flag, each training instance whose M drafts
+miss the target has its last draft replaced by the target itself (r_loc = L+1, every r_sem 1,
+beam_rank -1, score NaN). Validation drafts stay as the backbone made them.
+
 Outputs `data/<dataset>/mine/{train,valid}.parquet`, one row per (instance, candidate):
 instance (row in the split), user_id, target, cand (0..M-1), beam_rank, item, score, codes
 (list), r_loc, and r_sem_<attribute> per attribute. `reports/<dataset>/mine.json` compares
@@ -131,6 +137,27 @@ def mine_split(model, inst: Instances, table, trie: PrefixTrie, beam: int, top: 
                                          pl.col("cand", "r_loc").cast(pl.Int32))
 
 
+def include_target(frame: pl.DataFrame, codes: np.ndarray, attributes: tuple[str, ...]) -> pl.DataFrame:
+    """Each instance whose drafts miss its target gets the target as its last candidate (module
+    docstring); `codes` (N, L) the semantic IDs of all items. Rows stay in (instance, cand) order."""
+    n_levels = codes.shape[1]
+    hit = frame.group_by("instance").agg((pl.col("item") == pl.col("target")).any().alias("hit"))
+    last = frame.group_by("instance").agg(pl.col("cand").max().alias("last"))
+    swap = (frame.join(hit, on="instance").join(last, on="instance")
+            .select((~pl.col("hit") & (pl.col("cand") == pl.col("last"))).alias("swap"))["swap"])
+    target = frame["target"].to_numpy()
+    new_codes = pl.Series("codes", codes[target].tolist(), dtype=pl.List(pl.Int64))
+    out = frame.with_columns(
+        pl.when(swap).then(pl.col("target")).otherwise(pl.col("item")).alias("item"),
+        pl.when(swap).then(pl.lit(n_levels + 1, pl.Int32)).otherwise(pl.col("r_loc")).alias("r_loc"),
+        pl.when(swap).then(pl.lit(-1, pl.Int64)).otherwise(pl.col("beam_rank")).alias("beam_rank"),
+        pl.when(swap).then(pl.lit(float("nan"), pl.Float32)).otherwise(pl.col("score")).alias("score"),
+        pl.when(swap).then(new_codes).otherwise(pl.col("codes")).alias("codes"),
+        *[pl.when(swap).then(pl.lit(1, frame[f"r_sem_{a}"].dtype)).otherwise(pl.col(f"r_sem_{a}")).alias(f"r_sem_{a}")
+          for a in attributes])
+    return out
+
+
 def label_distribution(frame: pl.DataFrame, n_levels: int, attributes: tuple[str, ...]) -> dict:
     """Share of each r_loc value (1..L+1), overall and for the top draft; attribute agreement rates."""
     n = frame.height
@@ -177,6 +204,8 @@ def mine_labels(params: Params, map_chunks: MapChunks | None = None) -> dict:
             frame = draft(params, model, out_dir / "backbone" / "model.safetensors", chosen, table, trie, seed,
                           f"mine {split}", map_chunks)
         frame = frame.with_columns(pl.Series("instance", rows[frame["instance"].to_numpy()]))  # rows of the full split
+        if split == "train" and mn.include_target:
+            frame = include_target(frame, table.codes.cpu().numpy(), attributes)
         cost[split] = {"instances": len(chosen), "wall_s": round(time.perf_counter() - t0, 1),
                        "instances_per_s": round(len(chosen) / max(time.perf_counter() - t0, 1e-9), 1)}
         gate_labels(params, frame, split, n_levels, len(chosen), mn.top + mn.sampled, attributes)

@@ -130,6 +130,7 @@ class MineConfig:
     device: str
     crossfit_folds: int
     crossfit_epochs: int
+    include_target: bool
     workers: int
     dask_address: str
     threads: int

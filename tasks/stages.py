@@ -117,7 +117,7 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("mine",
           params=("data.max_history", "data.exclude_history", "datasets", "mine.beam", "mine.top", "mine.sampled",
                   "mine.max_instances", "mine.valid_instances", "mine.batch_size", "mine.seed", "mine.device",
-                  "mine.crossfit_folds", "mine.crossfit_epochs", "mine.threads", "backbone"),
+                  "mine.crossfit_folds", "mine.crossfit_epochs", "mine.include_target", "mine.threads", "backbone"),
           runtime=("mine.workers", "mine.dask_address", "mine.shard_batches"),
           comment="backbone: the cross-fitted fold backbones train with these settings",
           inputs=("splits", "items.parquet", "tokenizer", "backbone/model.safetensors", "backbone/config.json"),

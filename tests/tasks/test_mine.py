@@ -69,3 +69,28 @@ def test_user_folds_are_a_fixed_balanced_function_of_the_user_id():
     assert np.array_equal(user_folds(perm, 2, seed=7), folds[perm])
     assert not np.array_equal(user_folds(users, 2, seed=8), folds)  # the seed matters
     assert np.bincount(user_folds(users, 5, seed=7)).min() > 3700
+
+
+def test_include_target_replaces_the_last_draft_of_instances_that_miss_it():
+    import polars as pl
+
+    from tasks.mine import include_target
+
+    codes = np.array([[0, 1], [0, 2], [1, 0], [1, 1]])  # (N=4, L=2)
+    frame = pl.DataFrame({
+        "instance": [0, 0, 0, 1, 1, 1], "target": [3, 3, 3, 1, 1, 1], "cand": [0, 1, 2, 0, 1, 2],
+        "beam_rank": [0, 1, 7, 0, 1, 4], "item": [0, 2, 1, 1, 0, 2], "score": [-1.0, -2.0, -3.0, -1.0, -2.0, -3.0],
+        "r_loc": [1, 2, 1, 3, 2, 1], "r_sem_brand": [0, 1, 0, 1, 1, 0],
+        "codes": [[0, 1], [1, 0], [0, 2], [0, 2], [0, 1], [1, 0]],
+    }, schema_overrides={"r_loc": pl.Int32, "cand": pl.Int32, "score": pl.Float32, "codes": pl.List(pl.Int64)})
+    out = include_target(frame, codes, ("brand",))
+    # instance 0 misses item 3: its last draft (cand 2, item 1) becomes item 3, r_loc L+1 = 3, r_sem 1
+    assert out["item"].to_list() == [0, 2, 3, 1, 0, 2]
+    assert out["r_loc"].to_list() == [1, 2, 3, 3, 2, 1]
+    assert out["r_sem_brand"].to_list() == [0, 1, 1, 1, 1, 0]
+    assert out["beam_rank"].to_list() == [0, 1, -1, 0, 1, 4]
+    assert out["codes"].to_list()[2] == [1, 1]
+    assert np.isnan(out["score"][2]) and out["score"][0] == -1.0
+    # instance 1 already holds its target (cand 0): unchanged
+    assert out.filter(pl.col("instance") == 1).equals(frame.filter(pl.col("instance") == 1))
+    assert out.schema == frame.schema
