@@ -2,12 +2,13 @@
 embeddings, from SASRec's item embeddings, and from both, each with and without SASRec's prefix
 value in the beam (`tiger_cf`); every weight chosen on the validation split.
 
-    python -m benchmarks.cf_ids --base data [--kinds text cf text_cf] [--weights 1 2 4 8] [-S ...]
+    python -m benchmarks.cf_ids --base data [--base-reports reports] [--kinds text cf text_cf] [--weights 1 2 4 8]
 
 `--base` is a finished run's data folder (its `<dataset>/` holds the splits, items, text
 embeddings and the SASRec the IDs are built from). For each kind the script copies those inputs
 into `<work>/<kind>/<dataset>/`, runs `flows.tokenize` and `flows.backbone` there with
-`tokenize.embedding=<kind>` (the backbone's settings are params.yaml's), then
+`tokenize.embedding=<kind>` (the backbone's settings are params.yaml's; with `--base-reports`, the
+kind params.yaml uses is the base run's own tokenizer and backbone, copied), then
 `benchmarks.cf_fusion` (validation choices, test once, paired tests against SASRec, first-code
 hit rate of the top item) with `--tag _ids_<kind>`. Writes benchmarks/results/cf_ids_<dataset>.json:
 per kind the tokenizer's metrics, the backbone's wall time and best epoch, and the cf_fusion
@@ -37,13 +38,14 @@ from tasks.params import load_params
 REBUILT = ("tokenizer", "backbone", "mine", "sft", "grpo", "eval", "candidates", "vstar")
 
 
-def prepare(base: Path, work: Path, dataset: str) -> None:
+def prepare(base: Path, work: Path, dataset: str, keep: tuple[str, ...] = ()) -> None:
+    """Copy the base run's inputs (and the `keep` folders it already built) into `work/<dataset>/`."""
     src, dst = base / dataset, work / dataset
     if dst.exists():
         return  # a resumed run keeps what it built (the flows resume or skip themselves)
     dst.mkdir(parents=True)
     for entry in src.iterdir():
-        if entry.name in REBUILT:
+        if entry.name in REBUILT and entry.name not in keep:
             continue
         (shutil.copytree if entry.is_dir() else shutil.copy2)(entry, dst / entry.name)
 
@@ -52,6 +54,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("-S", "--set", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--base", type=Path, required=True, help="a finished run's data folder")
+    ap.add_argument("--base-reports", type=Path, default=None,
+                    help="its reports folder: with it, the kind params.yaml already uses reuses the run's tokenizer "
+                         "and backbone instead of rebuilding them")
     ap.add_argument("--work", type=Path, default=PROJECT_ROOT / "data_alt" / "cf_ids")
     ap.add_argument("--kinds", nargs="+", default=["text", "cf", "text_cf"])
     ap.add_argument("--weights", type=float, nargs="+", default=[1.0, 2.0, 4.0, 8.0])
@@ -65,19 +70,28 @@ def main(argv: list[str] | None = None) -> dict:
                                       text=True).stdout.strip()
     report["params_hash"] = params.section_hash("data", "tokenize", "backbone", "sasrec", "evaluate")
     runs, ranks = {}, {}
+    base_reports = args.base_reports.resolve() / dataset if args.base_reports else None
     for kind in args.kinds:
         work = args.work / kind
-        prepare(args.base.resolve(), work / "data", dataset)
         where = [f"data.data_dir={work / 'data'}", f"data.reports_dir={work / 'reports'}",
                  f"tokenize.embedding={kind}", *args.set]
-        tokenize_s = run_flow("tokenize", where)
-        backbone_s = run_flow("backbone", where)
         reports = work / "reports" / dataset
+        reuse = kind == params.tokenize.embedding and base_reports is not None
+        if reuse:  # the base run built these IDs and this backbone with the same settings
+            prepare(args.base.resolve(), work / "data", dataset, keep=("tokenizer", "backbone"))
+            reports.mkdir(parents=True, exist_ok=True)
+            for name in ("tokenize.json", "backbone.json"):
+                shutil.copy2(base_reports / name, reports / name)
+            tokenize_s = backbone_s = None
+        else:
+            prepare(args.base.resolve(), work / "data", dataset)
+            tokenize_s = run_flow("tokenize", where)
+            backbone_s = run_flow("backbone", where)
         fusion = cf_fusion.main([*[a for o in where for a in ("-S", o)], "--weights", *map(str, args.weights),
                                  "--bootstrap", str(args.bootstrap), "--tag", f"_ids_{kind}"])
         runs[kind] = {"tokenize": json.loads((reports / "tokenize.json").read_text()),
                       "backbone": json.loads((reports / "backbone.json").read_text()),
-                      "tokenize_s": round(tokenize_s, 1), "backbone_s": round(backbone_s, 1),
+                      "tokenize_s": tokenize_s and round(tokenize_s, 1), "backbone_s": backbone_s and round(backbone_s, 1),
                       "valid": fusion["valid"], "test": fusion["test"], "cost": fusion["cost"]}
         ranks[kind] = fusion.pop("_tiger_test_per_user", None)
         print(f"{kind}: valid TIGER R@10 {fusion['valid']['metrics']['tiger']['recall@10']:.4f}, "
