@@ -46,5 +46,16 @@ bench: setup
 ui: setup
 	prefect server start --host 127.0.0.1 --port 4200
 
+# Stages on work pools (prefect.yaml, README "GPU workers"): `make deploy` once against the server in
+# PREFECT_API_URL; `make worker POOL=gpu` in a checkout on each machine runs the stages sent to that pool.
+.PHONY: deploy worker
+POOL ?= cpu
+deploy: setup
+	for pool in cpu gpu; do prefect work-pool inspect $$pool >/dev/null 2>&1 || prefect work-pool create $$pool --type process; done
+	prefect --no-prompt deploy --all
+
+worker: setup
+	prefect worker start --pool $(POOL) --limit 1
+
 clean:
 	rm -rf data reports .prefect

@@ -7,6 +7,11 @@ sasrec -> mine -> sft -> grpo -> evaluate -> candidates. Unlike `dvc repro` it s
 whose inputs are unchanged: stages that resume (training from `ckpt/last`, candidate shards,
 the ingest of an unchanged source, cached embeddings) are quick, the others run again.
 `flows/serve.py` serves this flow on a cron schedule.
+
+`pipeline.executor: deployments` runs each stage instead as a run of the deployment
+`run-stage/<stage>` on its work pool (prefect.yaml, flows/run_stage.py), one at a time, each after
+the stages that make its declared inputs; outputs travel through the DVC remote, and this
+checkout's dvc.lock records every stage's outputs.
 """
 
 from __future__ import annotations
@@ -23,10 +28,13 @@ from flows.evaluate import evaluate_flow
 from flows.grpo import grpo_flow
 from flows.ingest import ingest_flow
 from flows.mine import mine_flow
+from flows.run_stage import run_on_pool
 from flows.sasrec import sasrec_flow
 from flows.sft import sft_flow
 from flows.tokenize import tokenize_flow
 from tasks.cli import parse_args, run_main
+from tasks.deployments import dependency_order
+from tasks.dvc_remote import merge_lock
 from tasks.params import load_params
 
 STAGES = (("ingest", ingest_flow), ("embed", embed_flow), ("tokenize", tokenize_flow),
@@ -40,11 +48,21 @@ def pipeline_flow(overrides: list[str] | None = None, params_file: str | None = 
     log = get_run_logger()
     params = load_params(params_file, overrides or [])
     results: dict[str, dict] = {}
-    for name, stage in STAGES:
-        if name == "embed" and params.id_source == "prebuilt":
+    on_pools = params.pipeline.executor == "deployments"
+    locks: dict[str, dict] = {}  # on pools: the dvc.lock entry of each stage run, handed to the next ones
+    flows = dict(STAGES)
+    for name in dependency_order(list(flows)) if on_pools else flows:
+        stage = flows[name]
+        # on pools embed runs anyway: its (empty) table is a DVC dep of tokenize, which the worker commits
+        if name == "embed" and params.id_source == "prebuilt" and not on_pools:
             log.info("embed: skipped, %s has prebuilt semantic IDs", params.data.dataset)
             continue
-        results[name] = stage(params)
+        if on_pools:
+            record = run_on_pool(name, params.raw, locks)
+            locks[name], results[name] = record["lock"], record["result"]
+            merge_lock({name: record["lock"]})  # this checkout's dvc.lock: `dvc pull` fetches the run's outputs
+        else:
+            results[name] = stage(params)
     log.info("%s: ran %s", params.data.dataset, " -> ".join(results))
     return results
 
