@@ -43,10 +43,13 @@ from __future__ import annotations
 import math
 from typing import NamedTuple, Protocol, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from grc_core.config import VEDConfig
+from grc_core.data import to_batch
+from grc_core.evaluation import history_mask
 from grc_core.model import Batch, Seq2Seq, decoder_step
 from grc_core.trie import PrefixTrie
 from grc_core.value import ValueHead
@@ -520,3 +523,23 @@ def reference_ved(seq: Seq2Seq, batch: Batch, trie: PrefixTrie, cfg: VEDConfig, 
     codes = trie.ids[items.clamp_min(0)].masked_fill((items < 0)[..., None], -1)
     return VEDResult(items, codes, torch.tensor(out_scores), torch.tensor(out_leaf), torch.tensor(costs),
                      torch.tensor(leaves_n))
+
+
+@torch.no_grad()
+def rank_with_ved(seq: Seq2Seq, inst, table, trie: PrefixTrie, cfg: VEDConfig, value_for, batch_size: int = 64,
+                  progress=None, exclude_history: bool = False):
+    """VED's ranking for every instance, (N, C) items and scores, batch by batch (the method vstar_ved).
+    `value_for(instances, exclude)` gives the `PrefixValue` of one batch of users (V_cf is per user)."""
+    seq.eval()
+    items, scores = [], []
+    n_items = table.codes.shape[0]
+    gen = torch.Generator(device=table.codes.device).manual_seed(0)  # used by expand="sample" only
+    for start in range(0, len(inst), batch_size):
+        part = inst.select(torch.arange(start, min(start + batch_size, len(inst))))
+        exclude = history_mask(part.history.to(table.codes.device), n_items) if exclude_history else None
+        res = ved_decode(seq, to_batch(part, table, with_target=False), trie, cfg, value_for(part, exclude), exclude, gen)
+        items.append(res.items.cpu().numpy())
+        scores.append(res.scores.float().cpu().numpy())
+        if progress is not None:
+            progress(len(part))
+    return np.concatenate(items), np.concatenate(scores)

@@ -21,13 +21,16 @@ import polars as pl
 import torch
 from safetensors.torch import load_file
 
-from grc_core.config import ModelConfig, SASRecConfig
+from grc_core.cf_value import item_prefix_nodes, prefix_values
+from grc_core.config import ModelConfig, SASRecConfig, ValueConfig, VEDConfig
 from grc_core.data import Instances, ItemTable, make_instances
 from grc_core.evaluation import ReflectionStats, rank_with_backbone, rank_with_grc, ranking_metrics
 from grc_core.grc import DecodeConfig, GRCModel, grc_from_config
 from grc_core.model import Seq2Seq
 from grc_core.sasrec import SASRec, SeqRows, score_all
 from grc_core.trie import PrefixTrie
+from grc_core.value import ValueHead
+from grc_core.ved import CFValue, LearnedValue, WeightedValue, rank_with_ved
 from tasks import io
 from tasks.stages import METHOD_MODELS
 from tasks.store import published_paths  # the files of the version the store names
@@ -202,6 +205,12 @@ def load_ranker(method: str, out_dir: Path, attributes: tuple[str, ...], device:
 
         return rank_sasrec
     table, trie, _, _ = item_index(out_dir, attributes, device)
+    if method in ("tiger_rl", "vstar"):  # RL-tuned backbones, decoded by the plain beam
+        policy = load_backbone(out_dir, device, model_dir(out_dir, method) / "model.safetensors")
+        return lambda inst, progress=None, stats=None: rank_with_backbone(
+            policy, inst, table, trie, decode.width, batch_size, progress, exclude_history)
+    if method == "vstar_ved":
+        return vstar_ved_ranker(out_dir, table, trie, device, batch_size, exclude_history)
     if method in ("tiger", "tiger_cf"):
         backbone = load_backbone(out_dir, device)
         item_logp = sasrec_log_probs(load_baseline(out_dir, device)) if method == "tiger_cf" else None
@@ -211,6 +220,30 @@ def load_ranker(method: str, out_dir: Path, attributes: tuple[str, ...], device:
     grc_logp = sasrec_log_probs(load_baseline(out_dir, device)) if decode.cf_weight > 0 else None
     return lambda inst, progress=None, stats=None: rank_with_grc(
         grc, inst, table, trie, decode, batch_size, progress, stats, exclude_history, grc_logp)
+
+
+def vstar_ved_ranker(out_dir: Path, table: ItemTable, trie: PrefixTrie, device: torch.device | str, batch_size: int,
+                     exclude_history: bool) -> Ranker:
+    """The V-STAR policy decoded by VED (grc_core/ved.py) under the `vstar.ved_test` config and value
+    source that the vstar stage wrote into vstar/value/config.json."""
+    policy = load_backbone(out_dir, device, out_dir / "vstar" / "policy" / "model.safetensors")
+    meta = json.loads((out_dir / "vstar" / "value" / "config.json").read_text())
+    vcfg = meta["value"]
+    head = ValueHead(meta["d_model"], ValueConfig(**{**vcfg, "level_weights": tuple(vcfg["level_weights"])}))
+    head.load_state_dict(load_file(str(out_dir / "vstar" / "value" / "model.safetensors")))
+    head = head.to(device).eval()
+    cfg, source, w = VEDConfig(**meta["ved_test"]), meta["ved_value"], float(meta["ved_cf_weight"])
+    item_logp = sasrec_log_probs(load_baseline(out_dir, device)) if source != "learned" else None
+    nodes = item_prefix_nodes(trie) if item_logp is not None else None
+
+    def value_for(part: Instances, exclude):
+        if item_logp is None:
+            return LearnedValue(head)
+        cf = CFValue(prefix_values(item_logp(part).to(table.codes.device), nodes, trie, exclude))
+        return cf if source == "cf" else WeightedValue([(LearnedValue(head), 1.0), (cf, w)])
+
+    return lambda inst, progress=None, stats=None: rank_with_ved(
+        policy, inst, table, trie, cfg, value_for, batch_size, progress, exclude_history)
 
 
 # --- training outputs --------------------------------------------------------------------------

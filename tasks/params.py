@@ -24,7 +24,8 @@ from typing import Any, Literal
 
 import yaml
 
-from grc_core.config import GRPOConfig, LoopConfig, ModelConfig, RewardConfig, RQVAEConfig, SASRecConfig, TrainConfig
+from grc_core.config import (GRPOConfig, LoopConfig, ModelConfig, RewardConfig, RQVAEConfig, SASRecConfig, SiblingConfig,
+                             TrainConfig, ValueConfig, VEDConfig, VStarLoopConfig)
 from tasks.env import PROJECT_ROOT
 
 
@@ -173,8 +174,29 @@ class GRPOParams:
 
 
 @dataclass(frozen=True)
+class VStarParams:
+    """The `vstar` stage: value model, VED, Sibling-GRPO, and the plain-GRPO control (tiger_rl)."""
+
+    value: ValueConfig
+    ved: VEDConfig  # candidate sets during RL
+    ved_test: VEDConfig  # the method vstar_ved at test
+    ved_value: Literal["learned", "cf", "sum"]  # vstar_ved's value: V_phi, SASRec's V_cf, or V_phi + ved_cf_weight V_cf
+    ved_cf_weight: float
+    rl: SiblingConfig
+    loop: VStarLoopConfig
+    control_beam: int  # tiger_rl: candidates per user from the policy's beam
+    embedding: Literal["text", "sasrec"]  # item embeddings of the semantic step rewards
+    valid_beam: int
+    valid_users: int
+    eval_batch_size: int
+    device: str
+    threads: int
+
+
+@dataclass(frozen=True)
 class EvaluateConfig:
-    methods: tuple[Literal["tiger", "tiger_cf", "sasrec", "gc_sft", "grc_sft", "grc_rl"], ...]
+    methods: tuple[Literal["tiger", "tiger_cf", "sasrec", "gc_sft", "grc_sft", "grc_rl", "tiger_rl", "vstar",
+                           "vstar_ved"], ...]
     beam: int
     batch_size: int
     bootstrap: int
@@ -193,7 +215,7 @@ class EvaluateConfig:
 
 @dataclass(frozen=True)
 class CandidatesConfig:
-    method: Literal["auto", "tiger", "tiger_cf", "sasrec", "gc_sft", "grc_sft", "grc_rl"]
+    method: Literal["auto", "tiger", "tiger_cf", "sasrec", "gc_sft", "grc_sft", "grc_rl", "tiger_rl", "vstar", "vstar_ved"]
     top_n: int
     beam: int
     users_per_shard: int
@@ -233,6 +255,7 @@ class Params:
     mine: MineConfig
     sft: SFTConfig
     grpo: GRPOParams
+    vstar: VStarParams
     evaluate: EvaluateConfig
     candidates: CandidatesConfig
     pipeline: PipelineConfig

@@ -77,8 +77,11 @@ class Stage:
 # Where each method's models live under data/<dataset>/ (the stage that makes them is the first part);
 # tiger_cf decodes the backbone with SASRec's prefix value (grc_core/cf_value.py).
 METHOD_MODELS = {"tiger": ("backbone",), "tiger_cf": ("backbone", "sasrec"), "sasrec": ("sasrec",),
-                 "gc_sft": ("sft/gc",), "grc_sft": ("sft/grc",), "grc_rl": ("grpo",)}
-_MODEL_INPUTS = ("backbone/model.safetensors", "sasrec/model.safetensors", "sft", "grpo/model.safetensors")
+                 "gc_sft": ("sft/gc",), "grc_sft": ("sft/grc",), "grc_rl": ("grpo",),
+                 "tiger_rl": ("vstar/tiger_rl",), "vstar": ("vstar/policy",),
+                 "vstar_ved": ("vstar/policy", "vstar/value", "sasrec")}
+_MODEL_INPUTS = ("backbone/model.safetensors", "sasrec/model.safetensors", "sft", "grpo/model.safetensors",
+                 "vstar/policy/model.safetensors", "vstar/value/model.safetensors", "vstar/tiger_rl/model.safetensors")
 
 STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("ingest",
@@ -137,6 +140,14 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
           outs=(Out("grpo", persist=True, why="keeps ckpt/last so an interrupted run resumes"),),
           metrics=("grpo.json",),
           plots=(Plot("grpo_log.csv", "iteration", "reward_total"),)),
+    Stage("vstar",
+          params=("data.max_history", "data.exclude_history", "datasets", "vstar"),
+          inputs=("splits", "items.parquet", "tokenizer", "embeddings.safetensors", "backbone/model.safetensors",
+                  "backbone/config.json", "sasrec/model.safetensors"),
+          outs=(Out("vstar", persist=True, why="keeps ckpt_*/last so an interrupted run resumes"),),
+          metrics=("vstar.json",),
+          plots=(Plot("vstar_log.csv", "iteration", "reward_mean"),
+                 Plot("tiger_rl_log.csv", "iteration", "reward_mean"))),
     Stage("evaluate",
           params=("data.max_history", "data.exclude_history", "datasets", "evaluate", "backbone.train.seed"),
           inputs=("splits", "items.parquet", "tokenizer", *_MODEL_INPUTS),
