@@ -17,7 +17,7 @@ export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup run test test-fast bench ui clean
+.PHONY: setup run test test-fast bench ui browser clean
 
 setup: $(STAMP)
 
@@ -56,6 +56,10 @@ deploy: setup
 
 worker: setup
 	prefect worker start --pool $(POOL) --limit 1
+
+# Debian's chromium for the browser test of the UI (root or password-less sudo; else it skips).
+browser:
+	.ci/install-chromium
 
 clean:
 	rm -rf data reports .prefect

@@ -19,7 +19,7 @@ from __future__ import annotations
 import sys
 from typing import Sequence
 
-from prefect import flow, get_run_logger
+from prefect import flow, get_run_logger, tags
 
 from flows.backbone import backbone_flow
 from flows.candidates import candidates_flow
@@ -36,14 +36,23 @@ from tasks.cli import parse_args, run_main
 from tasks.deployments import dependency_order
 from tasks.dvc_remote import merge_lock
 from tasks.params import load_params
+from tasks.ui import run_name
 
 STAGES = (("ingest", ingest_flow), ("embed", embed_flow), ("tokenize", tokenize_flow),
           ("backbone", backbone_flow), ("sasrec", sasrec_flow), ("mine", mine_flow), ("sft", sft_flow),
           ("grpo", grpo_flow), ("evaluate", evaluate_flow), ("candidates", candidates_flow))
 
 
+def pipeline_run_name() -> str:
+    """`pipeline-<dataset>-<params hash>` (tasks/ui.py), from this run's parameters."""
+    from prefect.runtime import flow_run
+
+    args = flow_run.parameters
+    return run_name("pipeline", load_params(args.get("params_file"), args.get("overrides") or []))
+
+
 # Plain JSON parameters, not a Params object: a deployment's runs get their parameters from the API.
-@flow(name="pipeline")
+@flow(name="pipeline", flow_run_name=pipeline_run_name)
 def pipeline_flow(overrides: list[str] | None = None, params_file: str | None = None) -> dict[str, dict]:
     log = get_run_logger()
     params = load_params(params_file, overrides or [])
@@ -62,7 +71,9 @@ def pipeline_flow(overrides: list[str] | None = None, params_file: str | None = 
             locks[name], results[name] = record["lock"], record["result"]
             merge_lock({name: record["lock"]})  # this checkout's dvc.lock: `dvc pull` fetches the run's outputs
         else:
-            results[name] = stage(params)
+            # Each stage a child run named like this one and tagged with its stage and dataset.
+            with tags("stage", name, params.data.dataset):
+                results[name] = stage.with_options(flow_run_name=run_name(name, params))(params)
     log.info("%s: ran %s", params.data.dataset, " -> ".join(results))
     return results
 

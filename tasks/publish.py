@@ -125,7 +125,7 @@ def promotion_decision(params: Params, method: str, incumbent: Path | None) -> d
     old_r, new_r = recall_at_10(a), recall_at_10(b)
     paired = M.paired_bootstrap(M.per_user_metrics(a, (10,), ())["recall@10"],
                                 M.per_user_metrics(b, (10,), ())["recall@10"], params.evaluate.bootstrap,
-                                params.backbone.train.seed)
+                                params.evaluate.users_seed)
     promoted = new_r >= old_r - tol
     verdict = "not below" if new_r >= old_r else ("within" if promoted else "below")
     reason = (f"validation recall@10 of {method} {new_r:.4f} against the published {published['method']} "

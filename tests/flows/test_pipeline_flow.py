@@ -13,7 +13,7 @@ from flows.pipeline import STAGES
 from flows.pipeline import main as pipeline_main
 from flows.serve import DEFAULT_CRON, serve_arguments
 from tasks.params import ParamsError, load_params
-from tests.flows.conftest import VENV_BIN
+from tests.flows.conftest import PROJECT_ROOT, VENV_BIN
 
 
 def client_for(url: str):
@@ -97,6 +97,38 @@ def test_served_deployment_has_the_cron_schedule_and_its_runs_start(tiny_project
     finally:
         proc.terminate()
         proc.wait(timeout=60)
+
+
+@pytest.mark.slow
+def test_the_ui_shows_the_run_its_stage_runs_and_the_leaderboard(pipeline_run, prefect_server, tiny_project):
+    """Headless Chromium on the test server's UI after the tiny pipeline run: the run page lists
+    its stage sub-runs by name, the leaderboard artifact shows every method. Screenshots go to
+    reports/ui-test/ for a person to look at."""
+    from tests.flows.browser import Browser, chromium_path
+
+    executable = chromium_path()
+    if executable is None:
+        pytest.skip("chromium is not installed: `.ci/install-chromium` (or `make browser`) installs Debian's package")
+    base = prefect_server["url"].removesuffix("/api")
+    parent = pipeline_run["parent"]
+    stage_names = [run.name for _, run in pipeline_run["children"]]
+    assert parent.name.startswith("pipeline-tiny-") and all(n.endswith(parent.name[len("pipeline"):])
+                                                             for n in stage_names)  # named by dataset and hash
+    assert all("stage" in run.tags and name in run.tags for name, run in pipeline_run["children"])
+    methods = json.loads((tiny_project["root"] / "reports" / "tiny" / "metrics.json").read_text())["methods"]
+    shots = PROJECT_ROOT / "reports" / "ui-test"
+    with Browser(executable) as browser:
+        text = browser.route(base, f"/runs/flow-run/{parent.id}?tab=Subflow%20Runs", [parent.name, *stage_names[:3]])
+        browser.screenshot(shots / "pipeline-run.png")
+        assert parent.name in text and "Completed" in text, text[:2000]
+        missing = [n for n in stage_names if n not in text]
+        if missing:  # the sub-runs list is paged: the rest on the runs page
+            text += browser.route(base, "/runs", missing)
+            browser.screenshot(shots / "runs.png")
+        assert not [n for n in stage_names if n not in text], text[:2000]
+        text = browser.route(base, "/artifacts/key/leaderboard-tiny", list(methods))
+        browser.screenshot(shots / "leaderboard-artifact.png")
+        assert all(m in text for m in methods) and "valid recall@10" in text, text[:2000]
 
 
 def test_serve_defaults_to_three_am_and_the_params_yaml_dataset():
