@@ -35,7 +35,7 @@ def prefect_server(tmp_path_factory):
     proc = subprocess.Popen([str(VENV_BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
                             env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}/api"
-    deadline = time.time() + 120
+    deadline = time.time() + 300  # a first start migrates the database: 30-40 s idle, over 120 s beside other jobs
     while time.time() < deadline:
         try:
             with urllib.request.urlopen(url + "/health", timeout=2) as r:
