@@ -33,7 +33,7 @@ from tasks.artifacts import item_index, load_backbone, load_baseline, load_split
 from tasks.checkpoints import Checkpointer
 from tasks.params import Params
 from tasks.quality import gx_expectations, run_gate
-from tasks.stages import fingerprint
+from tasks.stages import STAGES, fingerprint
 
 
 def item_embeddings(params: Params, n_items: int, device) -> torch.Tensor:
@@ -93,7 +93,9 @@ def train_variant(params: Params, variant: str) -> dict:
 
     excl = (lambda hist: history_mask(hist, n_items)) if params.data.exclude_history else None
     t0 = time.perf_counter()
-    ckpt = Checkpointer(out_dir / "vstar" / f"ckpt_{variant}", fingerprint(params, "vstar", extra={"variant": variant}))
+    inputs = [rel for rel in STAGES["vstar"].inputs if vp.embedding == "sasrec" or not rel.startswith("sasrec/")]
+    ckpt = Checkpointer(out_dir / "vstar" / f"ckpt_{variant}",
+                        fingerprint(params, "vstar", inputs, extra={"variant": variant}))
     state = run_vstar(mods, ref, train, table, trie, emb, vp.value if with_value else None, rl, vp.loop, candidates,
                       validate, ckpt, excl, lambda r: print(f"{variant} " + format_record(r), flush=True), on_iteration)
     bar.close()
