@@ -321,8 +321,8 @@ def ved_decode(seq: Seq2Seq, batch: Batch, trie: PrefixTrie, cfg: VEDConfig, val
     n_levels, v_max = trie.num_levels, max(trie.level_sizes)
     memory = seq.encode(batch)
     b, dev = batch.history_codes.shape[0], batch.history_codes.device
-    init_cost = 1 + sum(min(cfg.init_beam, trie.num_nodes(level + 1)) for level in range(n_levels))
-    m = max(cfg.budget, init_cost) + 1
+    seed_slots = 1 + sum(min(cfg.init_beam, trie.num_nodes(level + 1)) for level in range(n_levels))
+    m = seed_slots + cfg.budget  # seed slots (some may stay empty) + at most `budget` expansions
     att = seq.decoder[0].self_attn
     tree = _Tree(b, m, n_levels, v_max, seq.cfg.d_model, len(seq.decoder), att.h, att.dh, dev, seq.bos.dtype)
     cost, free = _init_tree(tree, seq, memory, trie, value, cfg, exclude, v_max)

@@ -103,3 +103,17 @@ def test_forward_tokens_of_beam_by_hand():
     # BOS, then min(width, prefixes) at levels 1 and 2: 4 first codes exist, and at least 10 two-code prefixes
     assert forward_tokens_of_beam(trie, 3) == 1 + 3 + 3
     assert forward_tokens_of_beam(trie, 1) == 3
+
+
+def test_a_seed_with_empty_slots_leaves_room_for_the_whole_budget():
+    # A seed beam wider than the valid (non-excluded) items leaves empty seed slots: the cost counts
+    # live nodes only, so the expansions may go past the seed's slot count without running out of room.
+    seq, head, trie, table, inst = setup(4)
+    batch = to_batch(inst, table, with_target=False)
+    exclude = history_mask(inst.history, table.codes.shape[0])
+    cfg = cfg_of(init_beam=20, budget=80, candidates=30)
+    res = ved_decode(seq, batch, trie, cfg, LearnedValue(head), exclude)
+    assert (res.cost <= 80).all()
+    for u in range(len(inst)):
+        got = res.items[u][res.items[u] >= 0]
+        assert len(set(got.tolist())) == len(got) and not exclude[u, got].any()
