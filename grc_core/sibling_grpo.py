@@ -123,7 +123,11 @@ def vstar_loss(new_lp: torch.Tensor, old_lp: torch.Tensor, ref_lp: torch.Tensor,
                cfg: SiblingConfig) -> tuple[torch.Tensor, dict[str, float]]:
     """Eq. 19 blended with GRPO: (1 - eta) L_GRPO + eta L_sib + beta KL, each a mean over its tokens.
     Log-probs (N, L); seq_adv (N,); sib_adv, branching (N, L); live (N,)."""
-    tokens = live[:, None].expand_as(new_lp).to(new_lp.dtype)  # (N, L)
+    keep = live[:, None].expand_as(new_lp)  # (N, L)
+    # A padded candidate's path may hold an invalid code (log-prob -inf): mask by selection, not by
+    # multiplication, so that -inf * 0 does not turn the loss into NaN.
+    new_lp, old_lp, ref_lp = (torch.where(keep, x, torch.zeros_like(x)) for x in (new_lp, old_lp, ref_lp))
+    tokens = keep.to(new_lp.dtype)
     ratio = (new_lp - old_lp).exp()
     grpo = -(_clipped(ratio, seq_adv[:, None], cfg.clip_eps) * tokens).sum() / tokens.sum().clamp_min(1)
     mask = (branching & live[:, None]).to(new_lp.dtype)
@@ -257,7 +261,8 @@ def run_vstar(mods: VStarModules, ref: Seq2Seq, train: Instances, table: ItemTab
                 head.eval()
             cs = candidates(policy, head, batch, exclude, gen)
             b, c, n_levels = cs.codes.shape
-            cand = Prefixes(cs.codes.clamp_min(0), cs.items.clamp_min(0), cs.live)
+            filler = torch.where(cs.live[:, :1, None], cs.codes[:, :1], table.codes[:1][None])  # (B, 1, L) a valid ID
+            cand = Prefixes(torch.where(cs.live[..., None], cs.codes, filler), cs.items.clamp_min(0), cs.live)
             r_steps = semantic_step_rewards(cand, batch.target_codes, item_emb, target, weights)  # (B, C, L)
             rewards = exact_match_reward(cs.items, target, r_steps, scfg.dense_weight) * cs.live
             seq_adv = sequence_advantages(rewards, cs.live, scfg.eps)  # (B, C)

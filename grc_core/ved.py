@@ -201,7 +201,7 @@ def _add_nodes(tree: _Tree, seq: Seq2Seq, memory, trie: PrefixTrie, value: Prefi
     depth = _take(tree.depth, parent) + 1  # (B, K)
     code = code.clamp_min(0)
     tnode = torch.zeros_like(code)
-    x = None
+    x = torch.zeros(*code.shape, seq.cfg.d_model, dtype=tree.hidden.dtype, device=code.device)  # (B, K, D)
     for level in range(n_levels):
         at = depth == level + 1
         if not bool(at.any()):
@@ -211,7 +211,7 @@ def _add_nodes(tree: _Tree, seq: Seq2Seq, memory, trie: PrefixTrie, value: Prefi
         tnode = torch.where(at, tn.clamp_min(0), tnode)
         # Positions differ per node: decoder_step adds dec_pos[0]; the difference to dec_pos[depth] goes in here.
         e = seq.dec_codes[level](torch.where(at, code, 0).clamp_max(trie.level_sizes[level] - 1))  # (B, K, D)
-        x = torch.where(at[..., None], e, x if x is not None else torch.zeros_like(e))
+        x = torch.where(at[..., None], e, x)
     x = x + seq.dec_pos.weight[depth] - seq.dec_pos.weight[0]  # (B, K, D)
     anc = _take(tree.anc, parent)  # (B, K, L+1) the parent's path
     cache = anc[..., :n_levels]  # (B, K, L) positions 0..L-1

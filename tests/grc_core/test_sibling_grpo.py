@@ -155,3 +155,15 @@ def test_run_vstar_trains_value_then_policy_and_resumes():
                    SiblingConfig(**{**scfg.__dict__, "sibling_weight": 0.0}), loop, beam_candidates(trie, 4),
                    validate, MemoryCkpt(), excl)
     assert [r["phase"] for r in st.history] == ["start", "rl", "rl", "rl"]
+
+
+def test_a_padded_candidate_with_minus_inf_logprobs_leaves_the_loss_finite():
+    adv, branching = sibling_advantages(CODES, R, LIVE, EPS)
+    seq = sequence_advantages(R, LIVE, EPS)
+    lp = torch.zeros(4, 2, requires_grad=True)
+    bad = torch.where(torch.tensor([[False, False]] * 3 + [[True, True]]), float("-inf"), lp)  # row 3 padded
+    live = torch.tensor([True, True, True, False])
+    loss, info = vstar_loss(bad, bad.detach(), bad.detach(), seq.view(4), adv.view(4, 2), branching.view(4, 2), live,
+                            cfg(0.5))
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(lp.grad).all() and math.isfinite(info["kl"])
