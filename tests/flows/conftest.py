@@ -1,14 +1,11 @@
-"""Fixtures for flow tests: a real Prefect server on 127.0.0.1 and a tiny synthetic dataset."""
+"""Fixtures for flow tests: a tiny synthetic dataset and a copy of the project that runs against the
+session's Prefect server (`prefect_server`, tests/conftest.py)."""
 
 from __future__ import annotations
 
 import json
 import os
-import socket
-import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -18,41 +15,13 @@ PROJECT_ROOT = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="session")
-def prefect_server(tmp_path_factory):
-    """`prefect server start` on a free loopback port; yields its API URL."""
-    home = tmp_path_factory.mktemp("prefect-home")
-    port = _free_port()
-    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-           "DO_NOT_TRACK": "1", "PREFECT_UI_API_URL": f"http://127.0.0.1:{port}/api"}  # the UI's calls
-    log = open(home / "server.log", "w")
-    proc = subprocess.Popen([str(VENV_BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}/api"
-    deadline = time.time() + 300  # a first start migrates the database: 30-40 s idle, over 120 s beside other jobs
-    while time.time() < deadline:
-        try:
-            with urllib.request.urlopen(url + "/health", timeout=2) as r:
-                if r.status == 200:
-                    break
-        except OSError:
-            time.sleep(1)
-    else:
-        proc.kill()
-        pytest.fail(f"prefect server did not start; log: {(home / 'server.log').read_text()[-2000:]}")
-    yield {"url": url, "home": home}
-    proc.terminate()
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-    log.close()
+def __getattr__(name: str):
+    # The session's Prefect server is one fixture of tests/conftest.py, for tests/flows and tests/tasks alike.
+    # A module that imports it from here still works, but defines a fixture of its own: a second server.
+    if name == "prefect_server":
+        from tests.conftest import prefect_server
+        return prefect_server
+    raise AttributeError(name)
 
 
 def write_synthetic_lcrec(root: Path, prefix: str = "Tiny", n_users: int = 40, n_cats: int = 5,

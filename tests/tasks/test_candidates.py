@@ -31,7 +31,6 @@ from tasks.params import load_params
 from tasks.training import build_model
 from tasks.quality import QualityGateError
 from tests.grc_core.test_sasrec import sasrec_cfg
-from tests.flows.conftest import prefect_server  # noqa: F401  (the session's Prefect server)
 
 N_USERS, N_ITEMS, LEVELS = 120, 48, [6, 8]  # item i has semantic ID (i // 8, i % 8)
 TINY = ["candidates.method=tiger", "candidates.top_n=5", "candidates.beam=10", "candidates.users_per_shard=10",
@@ -234,7 +233,7 @@ def _sha(path: Path) -> str:
 
 
 @pytest.fixture(scope="module")
-def killed_and_straight(tmp_path_factory, prefect_server):  # noqa: F811
+def killed_and_straight(tmp_path_factory, prefect_server):
     """The same dump twice: once straight through, once SIGKILLed after its first shard and rerun."""
     straight, killed = tmp_path_factory.mktemp("straight"), tmp_path_factory.mktemp("killed")
     for root in (straight, killed):
@@ -301,7 +300,7 @@ def test_a_shard_of_another_model_or_with_other_bytes_is_not_kept(killed_and_str
 
 @pytest.mark.slow
 def test_a_dump_sharded_over_two_dask_workers_equals_the_single_process_dump(killed_and_straight, tmp_path,
-                                                                              prefect_server):  # noqa: F811
+                                                                              prefect_server):
     """prefect-dask: a local cluster of 2 worker processes decodes the shards; same bytes, same manifest."""
     write_tiny_data(tmp_path / "data")
     args = [sys.executable, "-m", "flows.candidates",

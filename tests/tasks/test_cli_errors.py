@@ -23,7 +23,7 @@ from tasks.env import PROJECT_ROOT
 from tasks.params import ParamsError
 from tasks.quality import QualityGateError
 from tasks.readers import InputError, read_lcrec
-from tests.flows.conftest import prefect_server, write_synthetic_lcrec  # noqa: F401  (the session's Prefect server)
+from tests.flows.conftest import write_synthetic_lcrec
 
 PREFECT_LOG_LINE = re.compile(r"^\d\d:\d\d:\d\d\.\d{3} \| ")
 NO_SERVER = {"PREFECT_API_URL": "http://127.0.0.1:9/api"}  # set, so no temporary server; never contacted
@@ -144,7 +144,7 @@ def _tiny(tmp_path: Path, source: Path) -> list[str]:
 
 
 @pytest.mark.slow
-def test_a_missing_upstream_artifact(tmp_path, prefect_server):  # noqa: F811
+def test_a_missing_upstream_artifact(tmp_path, prefect_server):
     args = _tiny(tmp_path, tmp_path / "source")
     done = stage("flows.embed", *args, env=_server_env(prefect_server))
     missing = str(tmp_path / "data" / "tiny" / "items.parquet")
@@ -157,7 +157,7 @@ def test_a_missing_upstream_artifact(tmp_path, prefect_server):  # noqa: F811
 
 
 @pytest.mark.slow
-def test_a_source_nested_200000_deep_inside_a_flow_run(tmp_path, prefect_server):  # noqa: F811
+def test_a_source_nested_200000_deep_inside_a_flow_run(tmp_path, prefect_server):
     write_synthetic_lcrec(tmp_path / "source")
     (tmp_path / "source" / "Tiny.inter.json").write_text("[" * DEEP + "]" * DEEP)
     done = stage("flows.ingest", *_tiny(tmp_path, tmp_path / "source"), env=_server_env(prefect_server))
@@ -165,7 +165,7 @@ def test_a_source_nested_200000_deep_inside_a_flow_run(tmp_path, prefect_server)
 
 
 @pytest.mark.slow
-def test_a_failed_quality_gate_is_said_once(tmp_path, prefect_server):  # noqa: F811
+def test_a_failed_quality_gate_is_said_once(tmp_path, prefect_server):
     """Was 129 lines with the message three times (the task's log, the flow's log, the traceback)."""
     write_synthetic_lcrec(tmp_path / "source")  # 5 to 8 interactions per user
     done = stage("flows.ingest", *_tiny(tmp_path, tmp_path / "source"), "-S", "data.min_sequence_length=20",
