@@ -6,6 +6,11 @@ functions, no server): killed by SIGKILL at every named point (`GRC_FAULT`, task
 each, what a reader gets (the store, and the files of the version it names: `published_paths`,
 which tasks/artifacts.py reads through) is wholly the old ingest or wholly the new one, and a
 rerun leaves the bytes of an uninterrupted run with nothing of the stopped run behind.
+
+The runs that are killed or paused are forks of one warm process (`ForkServer`) that has imported
+prefect and great_expectations, so each costs its ingest rather than those imports. The starting
+state of each test (a dataset ingested from source A, a reference ingested from A then B) is
+built once per module and copied into the test's own folder.
 """
 
 from __future__ import annotations
@@ -14,10 +19,13 @@ import errno
 import json
 import logging
 import os
+import select
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import duckdb
@@ -29,7 +37,7 @@ import flows.ingest
 from tasks import store
 from tasks.ingest import FAULT_ENV, IngestRunning
 from tasks.params import load_params
-from tests.conftest import LCREC_INTER, PROJECT_ROOT
+from tests.conftest import LCREC_INTER, LCREC_ITEMS, PROJECT_ROOT, _write
 from tests.tasks.test_ingest_stream import as_rows, write_parquet_source
 
 # The flow body in a process of its own, without a Prefect server: tasks run as plain functions.
@@ -43,6 +51,105 @@ from tasks.params import load_params
 flows.ingest.get_run_logger = lambda: logging.getLogger("ingest")
 flows.ingest.ingest_flow.fn(load_params(Path(sys.argv[1]), json.loads(sys.argv[2])))
 """
+
+# Imports what every RUNNER imports first, then forks once per request line (JSON: argv for RUNNER,
+# the fault, a log file); the fork sets GRC_FAULT, sends its output to the log and runs RUNNER.
+# Replies: the fork's pid, then its exit code once it ends (-9: SIGKILL). Neither polars nor DuckDB
+# is loaded before a fork, so no thread pool of theirs is copied mid-use.
+FORK_SERVER = """
+import json, os, sys, traceback
+import great_expectations, great_expectations.expectations
+import prefect
+assert "polars" not in sys.modules and "duckdb" not in sys.modules
+fault_env, runner = sys.argv[1], sys.argv[2]
+print("ready", flush=True)
+while line := sys.stdin.readline():
+    argv, fault, log = json.loads(line)
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            out = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            os.dup2(out, 1)
+            os.dup2(out, 2)
+            os.environ.pop(fault_env, None)
+            if fault is not None:
+                os.environ[fault_env] = fault
+            sys.argv = ["-c", *argv]
+            exec(compile(runner, "<runner>", "exec"), {"__name__": "__main__"})
+            code = 0
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+    print(pid, flush=True)
+    print(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]), flush=True)
+"""
+
+
+class Forked:
+    """A run forked by the server, with the parts of Popen the tests use."""
+
+    def __init__(self, server: "ForkServer", pid: int, log: Path):
+        self.server, self.pid, self.log, self.returncode = server, pid, log, None
+
+    def poll(self) -> int | None:
+        if self.returncode is None and select.select([self.server.proc.stdout], [], [], 0)[0]:
+            self.returncode = self.server.reply()
+        return self.returncode
+
+    def send_signal(self, sig: int) -> None:
+        os.kill(self.pid, sig)
+
+    def output(self) -> bytes:
+        return self.log.read_bytes()
+
+    def communicate(self, timeout: float) -> tuple[bytes, None]:
+        if self.returncode is None:
+            if not select.select([self.server.proc.stdout], [], [], timeout)[0]:
+                os.kill(self.pid, signal.SIGKILL)  # so the server takes the next request
+                self.returncode = self.server.reply()
+                raise subprocess.TimeoutExpired(f"ingest fork {self.pid}", timeout, self.output())
+            self.returncode = self.server.reply()
+        return self.output(), None
+
+
+class ForkServer:
+    def __init__(self, folder: Path):
+        self.folder, self.count = folder, 0
+        self.log = open(folder / "server.log", "wb")
+        self.proc = subprocess.Popen([sys.executable, "-c", FORK_SERVER, FAULT_ENV, RUNNER], cwd=PROJECT_ROOT,
+                                     env={k: v for k, v in os.environ.items() if k != FAULT_ENV},
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, bufsize=0)
+        ready = self.proc.stdout.readline()
+        assert ready == b"ready\n", (folder / "server.log").read_text()[-2000:]
+
+    def reply(self) -> int:
+        line = self.proc.stdout.readline()
+        assert line, f"the fork server died: {(self.folder / 'server.log').read_text()[-2000:]}"
+        return int(line)
+
+    def start(self, ds: "Dataset", fault: str | None = None) -> Forked:
+        self.count += 1
+        log = self.folder / f"run-{self.count}.log"
+        self.proc.stdin.write((json.dumps([[str(ds.params_file), json.dumps(ds.overrides)], fault, str(log)])
+                               + "\n").encode())
+        return Forked(self, self.reply(), log)
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(timeout=60)
+        self.log.close()
+
+
+@pytest.fixture(scope="module")
+def forks(tmp_path_factory):
+    server = ForkServer(tmp_path_factory.mktemp("forks"))
+    yield server
+    server.close()
+
 
 # Source B: source A plus user 3 (its first ingest gives the "new" unit).
 NEW_USER = {"3": [9, 9, 9]}
@@ -64,13 +171,6 @@ class Dataset:
         self.params = load_params(self.params_file, self.overrides)
         self.out = self.params.dataset_dir()
         self.db = self.out / "interactions.duckdb"
-
-    def child(self, fault: str | None = None) -> subprocess.Popen:
-        env = {k: v for k, v in os.environ.items() if k != FAULT_ENV}
-        if fault is not None:
-            env[FAULT_ENV] = fault
-        return subprocess.Popen([sys.executable, "-c", RUNNER, str(self.params_file), json.dumps(self.overrides)],
-                                cwd=PROJECT_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
 
 @pytest.fixture
@@ -114,27 +214,79 @@ def assert_like_uninterrupted(ds: Dataset, ref: Dataset, new: dict) -> None:
     assert leftovers(ds) == []
 
 
-@pytest.fixture
-def lcrec_pair(write_lcrec, tmp_path, run_flow):
-    """(dataset ingested from source A, reference: A then B uninterrupted, old unit, new unit);
-    the dataset's source is then B."""
-    ref = Dataset(tmp_path, write_lcrec(folder="ref_src"), name="ref")
-    run_flow(ref)
-    write_lcrec({**LCREC_INTER, **NEW_USER}, folder="ref_src")
-    ds = Dataset(tmp_path, write_lcrec(folder="src"))
-    run_flow(ds)
-    old = unit(ds)
-    run_flow(ref)
-    new = unit(ref)
-    assert old != new and old["ingests"] == new["ingests"][:1]
-    write_lcrec({**LCREC_INTER, **NEW_USER}, folder="src")
+@contextmanager
+def flow_in_process():
+    """`run_flow` for the module's fixtures: the patches last only while they build."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(prefect.Task, "__call__", lambda self, *args, **kwargs: self.fn(*args, **kwargs))
+        patch.setattr(flows.ingest, "get_run_logger", lambda: logging.getLogger("ingest"))
+        yield lambda ds: flows.ingest.ingest_flow.fn(ds.params)
+
+
+def write_lcrec_source(root: Path, inter: dict) -> Path:
+    """The files `write_lcrec(inter, folder=...)` writes (tests/conftest.py)."""
+    root.mkdir(parents=True, exist_ok=True)
+    _write(root / "Tiny.inter.json", inter)
+    _write(root / "Tiny.item.json", LCREC_ITEMS)
+    return root
+
+
+def copy_start(start: tuple[Path, dict, dict], tmp: Path, src: str, ref_src: str, fmt: str = "lcrec"):
+    """(dataset, reference, old unit, new unit) in a copy of a starting state made once per module."""
+    folder, old, new = start
+    shutil.copytree(folder, tmp, dirs_exist_ok=True)  # copy2: bytes and mtimes
+    ds, ref = Dataset(tmp, tmp / src, fmt=fmt), Dataset(tmp, tmp / ref_src, fmt=fmt, name="ref")
+    assert unit(ds) == old and unit(ref) == new  # the copy holds what it was made from
     return ds, ref, old, new
 
 
+@pytest.fixture(scope="module")
+def lcrec_start(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("lcrec_start")
+    with flow_in_process() as run:
+        ref = Dataset(tmp, write_lcrec_source(tmp / "ref_src", LCREC_INTER), name="ref")
+        run(ref)
+        write_lcrec_source(tmp / "ref_src", {**LCREC_INTER, **NEW_USER})
+        ds = Dataset(tmp, write_lcrec_source(tmp / "src", LCREC_INTER))
+        run(ds)
+        old = unit(ds)
+        run(ref)
+        new = unit(ref)
+    assert old != new and old["ingests"] == new["ingests"][:1]
+    write_lcrec_source(tmp / "src", {**LCREC_INTER, **NEW_USER})
+    return tmp, old, new
+
+
+@pytest.fixture
+def lcrec_pair(lcrec_start, tmp_path):
+    """(dataset ingested from source A, reference: A then B uninterrupted, old unit, new unit);
+    the dataset's source is then B."""
+    return copy_start(lcrec_start, tmp_path, "src", "ref_src")
+
+
+@pytest.fixture(scope="module")
+def parquet_start(tmp_path_factory):
+    """The streaming path's pair, as lcrec_start: user 3 is new in source B."""
+    tmp = tmp_path_factory.mktemp("parquet_start")
+    seqs = {1: [10, 11, 12, 13], 2: [11, 12, 13]}
+    with flow_in_process() as run:
+        ref = Dataset(tmp, write_parquet_source(tmp / "ref_pq", as_rows(seqs)), fmt="parquet", name="ref")
+        ds = Dataset(tmp, write_parquet_source(tmp / "pq", as_rows(seqs)), fmt="parquet")
+        run(ref)
+        run(ds)
+        old = unit(ds)
+        for root in (tmp / "ref_pq", tmp / "pq"):
+            write_parquet_source(root, as_rows({3: [10, 10, 10, 11]}, seed=2))
+        run(ref)
+        new = unit(ref)
+    assert old != new and old["ingests"] == new["ingests"][:1]
+    return tmp, old, new
+
+
 @pytest.mark.parametrize("point", POINTS)
-def test_a_kill_at_any_point_leaves_old_or_new_and_a_rerun_finishes_it(lcrec_pair, run_flow, point):
+def test_a_kill_at_any_point_leaves_old_or_new_and_a_rerun_finishes_it(lcrec_pair, run_flow, forks, point):
     ds, ref, old, new = lcrec_pair
-    child = ds.child(fault=point)
+    child = forks.start(ds, fault=point)
     out, _ = child.communicate(timeout=300)
     assert child.returncode == -signal.SIGKILL, f"never reached {point}: {out.decode()[-2000:]}"
 
@@ -149,19 +301,9 @@ def test_a_kill_at_any_point_leaves_old_or_new_and_a_rerun_finishes_it(lcrec_pai
 
 
 @pytest.mark.parametrize("point", ["sealed", "committed", "published_valid"])
-def test_a_kill_of_the_streaming_ingest_leaves_old_or_new(tmp_path, run_flow, point):
-    seqs = {1: [10, 11, 12, 13], 2: [11, 12, 13]}
-    ref = Dataset(tmp_path, write_parquet_source(tmp_path / "ref_pq", as_rows(seqs)), fmt="parquet", name="ref")
-    ds = Dataset(tmp_path, write_parquet_source(tmp_path / "pq", as_rows(seqs)), fmt="parquet")
-    run_flow(ref)
-    run_flow(ds)
-    old = unit(ds)
-    for root in (tmp_path / "ref_pq", tmp_path / "pq"):
-        write_parquet_source(root, as_rows({3: [10, 10, 10, 11]}, seed=2))
-    run_flow(ref)
-    new = unit(ref)
-
-    child = ds.child(fault=point)
+def test_a_kill_of_the_streaming_ingest_leaves_old_or_new(parquet_start, tmp_path, run_flow, forks, point):
+    ds, ref, old, new = copy_start(parquet_start, tmp_path, "pq", "ref_pq", fmt="parquet")
+    child = forks.start(ds, fault=point)
     out, _ = child.communicate(timeout=300)
     assert child.returncode == -signal.SIGKILL, f"never reached {point}: {out.decode()[-2000:]}"
     assert assert_old_or_new(ds, old, new) == ("old" if point == "sealed" else "new")
@@ -224,14 +366,14 @@ def test_a_full_disk_while_the_streaming_ingest_copies_leaves_the_old_unit(tmp_p
 
 
 @pytest.mark.parametrize("point", ["sealed", "committed"])
-def test_an_overlapping_writer_is_refused_and_the_paused_one_finishes(lcrec_pair, run_flow, point):
+def test_an_overlapping_writer_is_refused_and_the_paused_one_finishes(lcrec_pair, run_flow, forks, point):
     ds, ref, old, new = lcrec_pair
-    first = ds.child(fault=f"{point}:stop")  # paused before (sealed) or after (committed) its store commit
+    first = forks.start(ds, fault=f"{point}:stop")  # paused before (sealed) or after (committed) its store commit
     try:
         deadline = time.time() + 300
         while time.time() < deadline and first.poll() is None and stopped(first.pid) is False:
             time.sleep(0.1)
-        assert stopped(first.pid), (first.stdout.read().decode()[-2000:] if first.poll() is not None else "")
+        assert stopped(first.pid), (first.output().decode()[-2000:] if first.poll() is not None else "")
         assert assert_old_or_new(ds, old, new) == ("old" if point == "sealed" else "new")
 
         with pytest.raises(IngestRunning, match=rf"another ingest of tiny is running \(pid {first.pid} on .* since "
@@ -249,7 +391,10 @@ def test_an_overlapping_writer_is_refused_and_the_paused_one_finishes(lcrec_pair
 
 
 def stopped(pid: int) -> bool:
-    text = Path(f"/proc/{pid}/stat").read_text()
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:  # ended, and reaped by the fork server
+        return False
     return text[text.rindex(")") + 2:].split()[0] == "T"
 
 
