@@ -2,9 +2,9 @@
 
     python -m flows.embed [-S data.dataset=scientific]
 
-Datasets with prebuilt semantic IDs (tokenize.source=prebuilt), and IDs quantised from SASRec's
-item embeddings alone (tokenize.embedding=cf), skip the encoder: the stage writes an empty
-embedding table and says so in its report.
+Where no stage reads text vectors (`Params.needs_text_embeddings`: prebuilt semantic IDs, or IDs
+quantised from SASRec's item embeddings alone with V-STAR's rewards on SASRec's table too) the
+stage skips the encoder, writes an empty embedding table and says so in its report.
 """
 
 from __future__ import annotations
@@ -29,10 +29,10 @@ def embed_flow(params: Params) -> dict:
     out_dir, report_dir = params.dataset_dir(), params.reports_dir()
     items = pl.read_parquet(out_dir / "items.parquet")
     start = time.perf_counter()
-    if params.id_source == "prebuilt" or params.tokenize.embedding == "cf":
+    if not params.needs_text_embeddings:
         emb, counts = np.zeros((0, 0), np.float32), {"items": items.height, "embedded": 0, "cached": 0}
-        log.info("tokenize.source=%s, tokenize.embedding=%s: no text embeddings needed, writing an empty table",
-                 params.tokenize.source, params.tokenize.embedding)
+        log.info("tokenize.source=%s, tokenize.embedding=%s, vstar.embedding=%s: no text embeddings needed, "
+                 "writing an empty table", params.tokenize.source, params.tokenize.embedding, params.vstar.embedding)
         skipped = True
     else:
         emb, counts = embed_items(items, params.embed, out_dir / "embeddings_cache.parquet")

@@ -2,45 +2,39 @@
 
     python -m flows.pipeline [-P params.yaml] [-S data.dataset=scientific] [-S key=value ...]
 
-ingest -> embed (skipped where the dataset has prebuilt semantic IDs) -> tokenize -> backbone ->
-sasrec -> mine -> sft -> grpo -> evaluate -> candidates. Unlike `dvc repro` it skips no stage
+ingest -> embed (skipped where the dataset has prebuilt semantic IDs) -> sasrec -> tokenize ->
+backbone -> mine -> sft -> grpo -> vstar -> evaluate -> candidates (tasks/stages.py declares them
+and their inputs; this order follows). Unlike `dvc repro` it skips no stage
 whose inputs are unchanged: stages that resume (training from `ckpt/last`, candidate shards,
 the ingest of an unchanged source, cached embeddings) are quick, the others run again.
 `flows/serve.py` serves this flow on a cron schedule.
 
 `pipeline.executor: deployments` runs each stage instead as a run of the deployment
 `run-stage/<stage>` on its work pool (prefect.yaml, flows/run_stage.py), one at a time, each after
-the stages that make its declared inputs; outputs travel through the DVC remote, and this
+the stages that make its declared inputs (the same order); outputs travel through the DVC remote, and this
 checkout's dvc.lock records every stage's outputs.
 """
 
 from __future__ import annotations
 
 import sys
+from importlib import import_module
 from typing import Sequence
 
 from prefect import flow, get_run_logger, tags
 
-from flows.backbone import backbone_flow
-from flows.candidates import candidates_flow
-from flows.embed import embed_flow
-from flows.evaluate import evaluate_flow
-from flows.grpo import grpo_flow
-from flows.ingest import ingest_flow
-from flows.mine import mine_flow
 from flows.run_stage import run_on_pool
-from flows.sasrec import sasrec_flow
-from flows.sft import sft_flow
-from flows.tokenize import tokenize_flow
 from tasks.cli import parse_args, run_main
 from tasks.deployments import dependency_order
 from tasks.dvc_remote import merge_lock
-from tasks.params import load_params
+from tasks.params import ParamsError, load_params
+from tasks.stages import STAGES as DECLARED
 from tasks.ui import run_name
 
-STAGES = (("ingest", ingest_flow), ("embed", embed_flow), ("tokenize", tokenize_flow),
-          ("backbone", backbone_flow), ("sasrec", sasrec_flow), ("mine", mine_flow), ("sft", sft_flow),
-          ("grpo", grpo_flow), ("evaluate", evaluate_flow), ("candidates", candidates_flow))
+# The stages declared in tasks/stages.py, each after the stages that make its inputs (sasrec before
+# tokenize, which reads SASRec's item table for collaborative IDs), with its flow `flows.<stage>.<stage>_flow`.
+STAGES = tuple((name, getattr(import_module(DECLARED[name].module), f"{name}_flow"))
+               for name in dependency_order(list(DECLARED)))
 
 
 def pipeline_run_name() -> str:
@@ -48,7 +42,11 @@ def pipeline_run_name() -> str:
     from prefect.runtime import flow_run
 
     args = flow_run.parameters
-    return run_name("pipeline", load_params(args.get("params_file"), args.get("overrides") or []))
+    try:
+        params = load_params(args.get("params_file"), args.get("overrides") or [])
+    except ParamsError:  # the flow body raises it again, so the run fails with its message
+        return "pipeline-invalid-params"
+    return run_name("pipeline", params)
 
 
 # Plain JSON parameters, not a Params object: a deployment's runs get their parameters from the API.
@@ -60,7 +58,7 @@ def pipeline_flow(overrides: list[str] | None = None, params_file: str | None = 
     on_pools = params.pipeline.executor == "deployments"
     locks: dict[str, dict] = {}  # on pools: the dvc.lock entry of each stage run, handed to the next ones
     flows = dict(STAGES)
-    for name in dependency_order(list(flows)) if on_pools else flows:
+    for name in flows:
         stage = flows[name]
         # on pools embed runs anyway: its (empty) table is a DVC dep of tokenize, which the worker commits
         if name == "embed" and params.id_source == "prebuilt" and not on_pools:

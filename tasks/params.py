@@ -281,6 +281,12 @@ class Params:
             raise ParamsError(f"tokenize.source: prebuilt, but datasets.{self.data.dataset}.index is empty")
         return self.tokenize.source
 
+    @property
+    def needs_text_embeddings(self) -> bool:
+        """Whether a stage reads the embed stage's text vectors: IDs trained on text (`text`,
+        `text_cf`) or V-STAR's step rewards (`vstar.embedding: text`). Prebuilt IDs come with no text."""
+        return self.id_source == "train" and (self.tokenize.embedding != "cf" or self.vstar.embedding == "text")
+
     def dataset_dir(self) -> Path:
         return resolve_path(self.data.data_dir) / self.data.dataset
 

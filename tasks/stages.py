@@ -74,12 +74,15 @@ class Stage:
         return f"flows.{self.name}"
 
 
-# Where each method's models live under data/<dataset>/ (the stage that makes them is the first part);
-# tiger_cf decodes the backbone with SASRec's prefix value (grc_core/cf_value.py).
+# Every model folder under data/<dataset>/ a method's ranking reads (its own model first; the
+# stage that makes it is the first part): what a candidate dump is fingerprinted with and what a
+# published version bundles. tiger_cf decodes the backbone with SASRec's prefix value
+# (grc_core/cf_value.py), the GRC methods too where evaluate.grc_cf_weight > 0; the RL-tuned
+# policies (tiger_rl, vstar) take their architecture from backbone/config.json.
 METHOD_MODELS = {"tiger": ("backbone",), "tiger_cf": ("backbone", "sasrec"), "sasrec": ("sasrec",),
-                 "gc_sft": ("sft/gc",), "grc_sft": ("sft/grc",), "grc_rl": ("grpo",),
-                 "tiger_rl": ("vstar/tiger_rl",), "vstar": ("vstar/policy",),
-                 "vstar_ved": ("vstar/policy", "vstar/value", "sasrec")}
+                 "gc_sft": ("sft/gc", "sasrec"), "grc_sft": ("sft/grc", "sasrec"), "grc_rl": ("grpo", "sasrec"),
+                 "tiger_rl": ("vstar/tiger_rl", "backbone"), "vstar": ("vstar/policy", "backbone"),
+                 "vstar_ved": ("vstar/policy", "vstar/value", "sasrec", "backbone")}
 _MODEL_INPUTS = ("backbone/model.safetensors", "sasrec/model.safetensors", "sft", "grpo/model.safetensors",
                  "vstar/policy/model.safetensors", "vstar/value/model.safetensors", "vstar/tiger_rl/model.safetensors")
 
@@ -92,7 +95,7 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
                 Out("items.parquet"), Out("splits")),
           metrics=("ingest.json",), pool="cpu"),
     Stage("embed",
-          params=("datasets", "embed", "tokenize.source", "tokenize.embedding"),
+          params=("datasets", "embed", "tokenize.source", "tokenize.embedding", "vstar.embedding"),
           inputs=("items.parquet",),
           outs=(Out("embeddings.safetensors"),
                 Out("embeddings_cache.parquet", persist=True, cache=False,

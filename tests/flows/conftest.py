@@ -60,7 +60,9 @@ TINY_OVERRIDES = [
     "sft.valid_users=0", "evaluate.correct_width=10",
     "grpo.loop.iterations=3", "grpo.loop.users_per_step=8", "grpo.rollout.group_size=4", "grpo.loop.eval_every=2",
     "grpo.valid_beam=10",
-    "grpo.valid_users=0", "candidates.top_n=10", "candidates.beam=20", "candidates.users_per_shard=16",
+    "grpo.valid_users=0", "vstar.value.level_weights=[0.3, 0.5, 1.0]", "vstar.value.steps=2",
+    "vstar.loop.iterations=3", "vstar.loop.eval_every=2", "vstar.valid_beam=10", "vstar.valid_users=0",
+    "vstar.ved_test.candidates=20", "candidates.top_n=10", "candidates.beam=20", "candidates.users_per_shard=16",
 ]
 COPIED = ["flows", "tasks", "grc_core", "dvc.yaml", "params.yaml"]
 

@@ -117,6 +117,14 @@ def test_the_ui_shows_the_run_its_stage_runs_and_the_leaderboard(pipeline_run, p
     assert all("stage" in run.tags and name in run.tags for name, run in pipeline_run["children"])
     methods = json.loads((tiny_project["root"] / "reports" / "tiny" / "metrics.json").read_text())["methods"]
     shots = PROJECT_ROOT / "reports" / "ui-test"
+    [evaluate_run] = [run for name, run in pipeline_run["children"] if name == "evaluate"]
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
+
+    stack, client = client_for(prefect_server["url"])
+    with stack:
+        [artifact] = client.read_artifacts(artifact_filter=ArtifactFilter(
+            key=ArtifactFilterKey(any_=["leaderboard-tiny"]), flow_run_id=ArtifactFilterFlowRunId(any_=[evaluate_run.id])))
+    assert artifact.type == "table"
     with Browser(executable) as browser:
         text = browser.route(base, f"/runs/flow-run/{parent.id}?tab=Subflow%20Runs", [parent.name, *stage_names[:3]])
         browser.screenshot(shots / "pipeline-run.png")
@@ -126,7 +134,11 @@ def test_the_ui_shows_the_run_its_stage_runs_and_the_leaderboard(pipeline_run, p
             text += browser.route(base, "/runs", missing)
             browser.screenshot(shots / "runs.png")
         assert not [n for n in stage_names if n not in text], text[:2000]
-        text = browser.route(base, "/artifacts/key/leaderboard-tiny", list(methods))
+        # /artifacts/key/<key> lists the versions; the table is on the page of this run's version
+        text = browser.route(base, "/artifacts/key/leaderboard-tiny", ["leaderboard-tiny", evaluate_run.name])
+        browser.screenshot(shots / "leaderboard-versions.png")
+        assert evaluate_run.name in text, text[:2000]
+        text = browser.route(base, f"/artifacts/artifact/{artifact.id}", [*methods, "valid recall@10"])
         browser.screenshot(shots / "leaderboard-artifact.png")
         assert all(m in text for m in methods) and "valid recall@10" in text, text[:2000]
 

@@ -62,6 +62,10 @@ def write_tiny_data(root: Path, seed: int = 0) -> Path:
     scfg = sasrec_cfg(hidden=16, layers=1, dropout=0.0)
     io.write_safetensors(ds / "sasrec" / "model.safetensors", SASRec(N_ITEMS, scfg).state_dict())
     io.write_json(ds / "sasrec" / "config.json", {"config": asdict(scfg), "n_items": N_ITEMS})
+    # evaluate's validation ranks of the dumped method, which the promotion gate reads (0 = a miss)
+    io.write_parquet(ds / "eval" / "valid" / "tiger.parquet", pl.DataFrame(
+        {"user_id": np.arange(N_USERS), "rank": rng.integers(0, 30, N_USERS)},
+        schema={"user_id": pl.Int64, "rank": pl.Int64}))
     return ds
 
 
