@@ -18,8 +18,7 @@ import sys
 from typing import Any
 
 from tasks.env import PROJECT_ROOT
-from tasks.io import write_text
-from tasks.stages import STAGES
+from tasks.stages import STAGES, write_rendered
 
 FLOW_NAME = "run-stage"  # the flow of flows/run_stage.py
 ENTRYPOINT = "flows.run_stage.run_stage_flow"  # a module path: `flows/tokenize.py` must not shadow the stdlib's
@@ -117,14 +116,7 @@ def render_prefect_yaml() -> str:
 
 
 def main(argv: list[str]) -> int:
-    text = render_prefect_yaml()
-    if argv == ["--check"]:
-        same = PREFECT_YAML.exists() and PREFECT_YAML.read_text(encoding="utf-8") == text
-        print("prefect.yaml is up to date" if same else "prefect.yaml differs from tasks/stages.py: run `python -m tasks.deployments`")
-        return 0 if same else 1
-    write_text(PREFECT_YAML, text)
-    print(f"wrote {PREFECT_YAML}")
-    return 0
+    return write_rendered(PREFECT_YAML, render_prefect_yaml(), "python -m tasks.deployments", argv)
 
 
 if __name__ == "__main__":

@@ -105,14 +105,6 @@ def ingest_lock(out_dir: Path, dataset: str) -> Iterator[None]:
         os.close(fd)
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def new_staging(out_dir: Path) -> Path:
     """An empty folder for this run's files (`.staging-tmp-*`, until `seal` names it by its version)."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -129,17 +121,17 @@ def seal(tmp: Path, out_dir: Path) -> store.Version:
     """
     files = {}
     for rel in store.OUTPUTS:
-        _fsync(tmp / rel)
+        io.fsync_path(tmp / rel)
         files[rel] = sha256_file(tmp / rel)
     version = store.Version(hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest(), files)
     manifest = json.dumps({"version": version.version, "files": files}, indent=2, sort_keys=True) + "\n"
     (tmp / store.MANIFEST).write_text(manifest)
     for path in (tmp / store.MANIFEST, tmp / "splits", tmp):
-        _fsync(path)
+        io.fsync_path(path)
     staged = out_dir / f"{store.STAGING}{version.version}"
     shutil.rmtree(staged, ignore_errors=True)  # a copy of the same bytes left by a stopped run
     os.rename(tmp, staged)
-    _fsync(out_dir)
+    io.fsync_path(out_dir)
     fault("sealed")
     return version
 
@@ -157,8 +149,8 @@ def publish(out_dir: Path, version: str) -> None:
         if (staged / rel).exists():
             os.replace(staged / rel, out_dir / rel)
             fault(f"published_{Path(rel).stem}")
-    _fsync(out_dir / "splits")
-    _fsync(out_dir)
+    io.fsync_path(out_dir / "splits")
+    io.fsync_path(out_dir)
     shutil.rmtree(staged)
     fault("done")
 

@@ -145,21 +145,13 @@ def _link_or_copy(src: Path, dst: Path) -> None:
         shutil.copy2(src, dst)
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def switch_current(root: Path, version: str) -> None:
     """Point `current` at `version`: a new symlink renamed over the old one (atomic on POSIX)."""
     tmp = root / f".{CURRENT}.tmp"
     tmp.unlink(missing_ok=True)
     os.symlink(version, tmp)
     os.replace(tmp, root / CURRENT)
-    _fsync_dir(root)
+    io.fsync_path(root)
 
 
 def record_decision(root: Path, decision: dict) -> None:
@@ -183,7 +175,7 @@ def publish_dump(params: Params, manifest: dict, decision: dict) -> Path:
         _link_or_copy(sources.get(rel, out_dir / rel), tmp / "model" / rel)
     io.write_json(tmp / PROMOTION, {**decision, "version": version})
     shutil.copy2(dump / "manifest.json", tmp / "manifest.json")  # last: a version with a manifest is whole
-    _fsync_dir(tmp)
+    io.fsync_path(tmp)
     os.rename(tmp, root / version)
     switch_current(root, version)
     return root / version

@@ -340,15 +340,21 @@ def render_dvc_yaml() -> str:
 DVC_YAML = PROJECT_ROOT / "dvc.yaml"
 
 
-def main(argv: list[str]) -> int:
-    text = render_dvc_yaml()
+def write_rendered(path: Path, text: str, command: str, argv: list[str]) -> int:
+    """Write a file rendered from the declarations above, or with `--check` only say whether the
+    committed one is up to date (exit 1 if not)."""
     if argv == ["--check"]:
-        same = DVC_YAML.read_text(encoding="utf-8") == text
-        print("dvc.yaml is up to date" if same else "dvc.yaml differs from tasks/stages.py: run `python -m tasks.stages`")
+        same = path.exists() and path.read_text(encoding="utf-8") == text
+        print(f"{path.name} is up to date" if same else
+              f"{path.name} differs from tasks/stages.py: run `{command}`")
         return 0 if same else 1
-    write_text(DVC_YAML, text)
-    print(f"wrote {DVC_YAML}")
+    write_text(path, text)
+    print(f"wrote {path}")
     return 0
+
+
+def main(argv: list[str]) -> int:
+    return write_rendered(DVC_YAML, render_dvc_yaml(), "python -m tasks.stages", argv)
 
 
 if __name__ == "__main__":

@@ -66,6 +66,10 @@ class Browser:
         """Navigate to `url` and wait until the page text holds every string of `expect`;
         returns the text (whatever it is at the timeout)."""
         self.call("Page.navigate", url=url)
+        return self.wait_for(expect, timeout)
+
+    def wait_for(self, expect: list[str], timeout: float) -> str:
+        """Poll the page text until it holds every string of `expect`; the text at that time or at the timeout."""
         deadline, text = time.time() + timeout, ""
         while time.time() < deadline:
             text = self.text()
@@ -81,13 +85,7 @@ class Browser:
         self.open(base + "/", ["Runs"], timeout)
         self.call("Runtime.evaluate", expression=(f"history.pushState({{}}, '', {json.dumps(path)}); "
                                                   "dispatchEvent(new PopStateEvent('popstate'))"))
-        deadline, text = time.time() + timeout, ""
-        while time.time() < deadline:
-            text = self.text()
-            if all(e in text for e in expect):
-                break
-            time.sleep(0.5)
-        return text
+        return self.wait_for(expect, timeout)
 
     def screenshot(self, path: Path) -> None:
         data = self.call("Page.captureScreenshot", format="png")["data"]
