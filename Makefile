@@ -33,8 +33,11 @@ run: setup
 	dvc repro
 	$(PY) -m tasks.summary
 
+# The suite on TEST_WORKERS pytest-xdist processes, each test file on one of them (its module
+# fixtures, a tiny pipeline run, are built once); much of the suite waits on subprocesses.
+TEST_WORKERS ?= 2
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 # The suite without the end-to-end tests marked `slow` (Prefect, DVC, multi-process runs).
 test-fast: setup

@@ -7,12 +7,7 @@ their own data through the same factories, so the expected values sit next to th
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 from typing import Any, Callable
 
@@ -125,39 +120,15 @@ def make_params(tmp_path: Path) -> Callable[..., Any]:
     return make
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def prefect_server(tmp_path_factory):
-    """`prefect server start` on a free loopback port; yields its API URL. One per session, for every
-    test directory: a start costs 10 s on a quiet machine, minutes beside other jobs."""
-    home = tmp_path_factory.mktemp("prefect-home")
-    port = _free_port()
-    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-           "DO_NOT_TRACK": "1", "PREFECT_UI_API_URL": f"http://127.0.0.1:{port}/api"}  # the UI's calls
-    log = open(home / "server.log", "w")
-    proc = subprocess.Popen([str(VENV_BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}/api"
-    deadline = time.time() + 300  # a first start migrates the database: 30-40 s idle, over 120 s beside other jobs
-    while time.time() < deadline:
-        try:
-            with urllib.request.urlopen(url + "/health", timeout=2) as r:
-                if r.status == 200:
-                    break
-        except OSError:
-            time.sleep(1)
-    else:
-        proc.kill()
-        pytest.fail(f"prefect server did not start; log: {(home / 'server.log').read_text()[-2000:]}")
-    yield {"url": url, "home": home}
-    proc.terminate()
+    """`prefect server start` on a free loopback port (benchmarks/common.py); yields its API URL and
+    home. One per session, for every test directory: a start costs 10 s on a quiet machine,
+    minutes beside other jobs."""
+    from benchmarks.common import prefect_server as server
+
     try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-    log.close()
+        with server(tmp_path_factory.mktemp("prefect-home")) as running:
+            yield running
+    except RuntimeError as exc:
+        pytest.fail(str(exc))

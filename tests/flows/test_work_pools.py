@@ -102,6 +102,10 @@ def two_pools(tiny_project, prefect_server, tmp_path_factory):
         wall = time.perf_counter() - t0
         worker_logs = "".join((base / f"worker-{p}.log").read_text()[-3000:] for p in ("cpu", "gpu"))
         assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:] + worker_logs
+        # a run whose first stage fails on its worker: the source folder does not exist there
+        failing = subprocess.run([str(VENV_BIN / "python"), "-m", "flows.pipeline", "-S", "pipeline.executor=deployments",
+                                  "-S", f"datasets.tiny.path={json.dumps(str(base / 'absent'))}"],
+                                 cwd=checkouts["starter"], env=env, capture_output=True, text=True)
     finally:
         for proc in workers:
             proc.terminate()
@@ -114,7 +118,7 @@ def two_pools(tiny_project, prefect_server, tmp_path_factory):
             log.close()
     out, _ = inprocess.communicate(timeout=1800)
     assert inprocess.returncode == 0, out[-3000:]
-    return {"checkouts": checkouts, "reference": root, "wall_s": wall}
+    return {"checkouts": checkouts, "reference": root, "wall_s": wall, "failing": failing, "base": base}
 
 
 def test_each_stage_ran_on_its_pool_as_a_child_of_the_pipeline_run(two_pools, prefect_server):
@@ -125,9 +129,12 @@ def test_each_stage_ran_on_its_pool_as_a_child_of_the_pipeline_run(two_pools, pr
         deployments = client.read_deployments(deployment_filter=DeploymentFilter(
             name=DeploymentFilterName(any_=list(STAGES))))
         by_id = {d.id: d for d in deployments if d.work_pool_name in ("cpu", "gpu")}
-        runs = [r for r in client.read_flow_runs(flow_run_filter=FlowRunFilter()) if r.deployment_id in by_id]
-        parents = {client.read_task_run(r.parent_task_run_id).flow_run_id for r in runs}
-        [parent] = [client.read_flow_run(p) for p in parents]
+        every = [r for r in client.read_flow_runs(flow_run_filter=FlowRunFilter()) if r.deployment_id in by_id]
+        parent_of = {r.id: client.read_flow_run(client.read_task_run(r.parent_task_run_id).flow_run_id) for r in every}
+        # the pipeline run of the fixture's good run (the failing run's overrides name another source)
+        [parent] = {p.id: p for p in parent_of.values()
+                    if p.parameters["overrides"] == ["pipeline.executor=deployments"]}.values()
+        runs = [r for r in every if parent_of[r.id].id == parent.id]
     ran = {by_id[r.deployment_id].name: r for r in runs}
     assert sorted(ran) == sorted(name for name, _ in PIPELINE) and len(runs) == len(ran)  # each stage once
     for name, r in ran.items():
@@ -136,6 +143,14 @@ def test_each_stage_ran_on_its_pool_as_a_child_of_the_pipeline_run(two_pools, pr
     assert parent.state.is_completed() and parent.parameters["overrides"] == ["pipeline.executor=deployments"]
     gpu = {d.name: d.job_variables for d in deployments}["backbone"]
     assert gpu["env"] == {"GRC_DEVICE": "cpu"}  # this test's prefect.yaml; the committed one says cuda
+
+
+def test_a_stage_that_fails_on_its_worker_fails_the_pipeline_with_its_error(two_pools):
+    failing, missing = two_pools["failing"], str(two_pools["base"] / "absent")
+    out = failing.stdout + failing.stderr
+    assert failing.returncode != 0
+    assert "ingest (run " in out and "on pool cpu) ended FAILED" in out, out[-3000:]
+    assert missing in out, out[-3000:]  # the child's own message, carried up
 
 
 def test_the_checkouts_share_nothing_but_the_remote(two_pools):
