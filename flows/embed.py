@@ -14,7 +14,6 @@ import time
 from typing import Sequence
 
 import numpy as np
-import polars as pl
 from prefect import flow, get_run_logger
 
 from tasks import io
@@ -27,7 +26,7 @@ from tasks.params import Params
 def embed_flow(params: Params) -> dict:
     log = get_run_logger()
     out_dir, report_dir = params.dataset_dir(), params.reports_dir()
-    items = pl.read_parquet(out_dir / "items.parquet")
+    items = io.read_parquet(out_dir / "items.parquet")
     start = time.perf_counter()
     if not params.needs_text_embeddings:
         emb, counts = np.zeros((0, 0), np.float32), {"items": items.height, "embedded": 0, "cached": 0}

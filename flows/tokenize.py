@@ -12,7 +12,6 @@ import sys
 from typing import Sequence
 
 import numpy as np
-import polars as pl
 from prefect import flow, get_run_logger
 
 from tasks import io
@@ -26,7 +25,7 @@ from tasks.tokenize import gate_ids, sasrec_item_embeddings, save_tokenizer, tok
 def tokenize_flow(params: Params) -> dict:
     log = get_run_logger()
     cfg, out_dir, report_dir = params.tokenize, params.dataset_dir(), params.reports_dir()
-    items = pl.read_parquet(out_dir / "items.parquet")
+    items = io.read_parquet(out_dir / "items.parquet")
     embeddings = np.zeros((0, 0), np.float32)
     if params.id_source == "train":
         text = cf = None

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Callable, Protocol
 
 import numpy as np
-import polars as pl
 import torch
 from safetensors.torch import load_file
 
@@ -43,12 +42,12 @@ GRC_METHODS = ("gc_sft", "grc_sft", "grc_rl")
 
 
 def load_split(out_dir: Path, name: str, max_len: int) -> Instances:
-    frame = pl.read_parquet(published_paths(out_dir)[f"splits/{name}.parquet"])
+    frame = io.read_parquet(published_paths(out_dir)[f"splits/{name}.parquet"])
     return make_instances(frame["user_id"].to_list(), frame["history"].to_list(), frame["target"].to_list(), max_len)
 
 
 def load_rows(out_dir: Path, name: str) -> SeqRows:
-    f = pl.read_parquet(published_paths(out_dir)[f"splits/{name}.parquet"])
+    f = io.read_parquet(published_paths(out_dir)[f"splits/{name}.parquet"])
     return SeqRows(f["history"].to_list(), f["target"].to_numpy().astype(np.int64),
                    f["user_id"].to_numpy(), f["target_pos"].to_numpy())
 
@@ -64,14 +63,14 @@ def subset(inst: Instances, n: int, seed: int) -> Instances:
 
 def load_semantic_ids(tokenizer_dir: Path) -> tuple[np.ndarray, list[int]]:
     """(N, L') IDs in item_id order and the vocabulary size of each level."""
-    frame = pl.read_parquet(tokenizer_dir / "semantic_ids.parquet").sort("item_id")
+    frame = io.read_parquet(tokenizer_dir / "semantic_ids.parquet").sort("item_id")
     meta = json.loads((tokenizer_dir / "tokenizer.json").read_text())
     return np.asarray(frame["codes"].to_list(), dtype=np.int64), list(meta["level_sizes"])
 
 
 def load_item_table(out_dir: Path, attributes: tuple[str, ...]) -> tuple[ItemTable, list[int], list[int]]:
     ids, level_sizes = load_semantic_ids(out_dir / "tokenizer")
-    items = pl.read_parquet(published_paths(out_dir)["items.parquet"]).sort("item_id")
+    items = io.read_parquet(published_paths(out_dir)["items.parquet"]).sort("item_id")
     cols = [items[f"{a}_bucket"].to_numpy().astype(np.int64) for a in attributes]
     attrs = np.stack(cols, 1) if cols else np.zeros((items.height, 0), np.int64)  # (N, A)
     attr_sizes = [int(c.max()) + 1 for c in cols]

@@ -97,7 +97,7 @@ def read_users_file(path: Path, known: np.ndarray) -> np.ndarray:
     if not path.is_file():
         raise FileNotFoundError(f"candidates.users_file: {path} does not exist")
     if path.suffix == ".parquet":
-        frame = pl.read_parquet(path)
+        frame = io.read_parquet(path)
         if "user_id" not in frame.columns:
             raise ValueError(f"{path}: no column user_id (columns: {frame.columns})")
         col = frame["user_id"]
@@ -180,7 +180,7 @@ def plan_dump(params: Params) -> DumpPlan:
                                     "run the stage that makes it first")
     model_sha = {rel: sha256_file(out_dir / rel) for rel in model_paths}
     input_sha = {rel: sha256_file(out_dir / rel) for rel in input_paths}
-    test_users = pl.read_parquet(out_dir / "splits" / "test.parquet", columns=["user_id"])["user_id"].to_numpy()
+    test_users = io.read_parquet(out_dir / "splits" / "test.parquet", columns=["user_id"])["user_id"].to_numpy()
     users = (read_users_file(resolve_path(cd.users_file), test_users) if cd.users_file
              else np.unique(test_users))
     row_of = {int(u): i for i, u in enumerate(test_users)}
@@ -188,7 +188,7 @@ def plan_dump(params: Params) -> DumpPlan:
     if method == "sasrec":
         n_items = int(json.loads((out_dir / "sasrec" / "config.json").read_text())["n_items"])
     else:
-        n_items = pl.scan_parquet(out_dir / "tokenizer" / "semantic_ids.parquet").select(pl.len()).collect().item()
+        n_items = io.parquet_rows(out_dir / "tokenizer" / "semantic_ids.parquet")
     return DumpPlan(method=method, chosen_by=chosen_by, dataset=params.data.dataset, top_n=cd.top_n, beam=cd.beam,
                     out_dir=out_dir / "candidates", n_items=n_items, model_sha256=model_sha,
                     input_sha256=input_sha, params_hash=params.section_hash("data", "evaluate", "candidates"),

@@ -102,8 +102,8 @@ def paired_against(out_dir: Path, base: str, method: str, n_boot: int, seed: int
     Also gives `base`'s metrics on exactly those users (`base_metrics`), for tables where a
     method was evaluated on a subset (`evaluate.users`).
     """
-    a = pl.read_parquet(out_dir / "eval" / f"{base}.parquet")
-    b = pl.read_parquet(out_dir / "eval" / f"{method}.parquet")
+    a = io.read_parquet(out_dir / "eval" / f"{base}.parquet")
+    b = io.read_parquet(out_dir / "eval" / f"{method}.parquet")
     both = b.join(a, on="user_id", how="inner", suffix="_base").sort("user_id")
     if both.height == 0:
         raise ValueError(f"no user in common between the {base} and {method} rank files under {out_dir / 'eval'}")

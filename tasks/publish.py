@@ -70,7 +70,7 @@ def known_items(bundle: Path, method: str) -> int:
     """How many items (ids 0 .. n-1) the bundled model knows."""
     if method == "sasrec":
         return int(io.read_json(bundle / "sasrec" / "config.json")["n_items"])
-    return pl.scan_parquet(bundle / "tokenizer" / "semantic_ids.parquet").select(pl.len()).collect().item()
+    return io.parquet_rows(bundle / "tokenizer" / "semantic_ids.parquet")
 
 
 def valid_ranks(params: Params, method: str) -> pl.DataFrame:
@@ -78,7 +78,7 @@ def valid_ranks(params: Params, method: str) -> pl.DataFrame:
     path = params.dataset_dir() / "eval" / "valid" / f"{method}.parquet"
     if not path.is_file():
         raise FileNotFoundError(f"promotion gate: {path} does not exist; run the evaluate stage first")
-    return pl.read_parquet(path)
+    return io.read_parquet(path)
 
 
 @task
@@ -86,7 +86,7 @@ def score_published(params: Params, bundle: Path, method: str) -> pl.DataFrame:
     """The bundled model's 1-based validation ranks (user_id, rank; 0 = miss) on this run's
     validation split, the users evaluate ranked (`evaluate.valid_users`, same subset)."""
     ev, out_dir = params.evaluate, params.dataset_dir()
-    frame = pl.read_parquet(published_paths(out_dir)["splits/valid.parquet"])
+    frame = io.read_parquet(published_paths(out_dir)["splits/valid.parquet"])
     n_known = known_items(bundle, method)
     histories = [[i for i in h if i < n_known] for h in frame["history"].to_list()]  # items it never saw dropped
     inst = subset(make_instances(frame["user_id"].to_list(), histories, frame["target"].to_list(),

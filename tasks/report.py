@@ -15,7 +15,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
-import polars as pl
 
 from tasks import io
 from tasks.params import Params
@@ -56,7 +55,7 @@ def recall_curves(eval_dir: Path) -> dict[str, np.ndarray]:
     """Recall@K for K = 1..200 of every method with a ranks file (rank 0 = not retrieved)."""
     out = {}
     for f in sorted(eval_dir.glob("*.parquet")):
-        ranks = pl.read_parquet(f)["rank"].to_numpy()
+        ranks = io.read_parquet(f)["rank"].to_numpy()
         hit = (ranks[:, None] >= 1) & (ranks[:, None] <= KS[None, :])  # (U, 200)
         out[f.stem] = hit.mean(0)
     return out

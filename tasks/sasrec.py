@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from dataclasses import asdict
 
-import polars as pl
 from prefect import task
 
 from grc_core.sasrec import train_sasrec
@@ -23,7 +22,7 @@ from tasks.stages import fingerprint
 @task
 def train_baseline(params: Params) -> dict:
     out_dir, cfg = params.dataset_dir(), params.sasrec
-    n_items = pl.read_parquet(out_dir / "items.parquet").height
+    n_items = io.read_parquet(out_dir / "items.parquet").height
 
     def progress(epoch: int, record: dict) -> None:
         print(format_record(record), flush=True)

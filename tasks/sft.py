@@ -25,6 +25,7 @@ from grc_core.config import SFTLossConfig
 from grc_core.grc import GRCModel, sft_loss
 from grc_core.model import Seq2Seq
 from grc_core.train import fit, format_record
+from tasks import io
 from tasks.artifacts import grc_selection_metrics, item_index, load_backbone, load_split, promote_best, subset, write_log
 from tasks.checkpoints import Checkpointer
 from tasks.params import Params
@@ -62,7 +63,7 @@ def train_sft(params: Params, variant: str) -> dict:
     device = resolve_device(sf.train.device)
     attributes = params.dataset.attributes
     table, trie, level_sizes, _ = item_index(out_dir, attributes, device)
-    mined = MinedDrafts(pl.read_parquet(out_dir / "mine" / "train.parquet"), attributes)
+    mined = MinedDrafts(io.read_parquet(out_dir / "mine" / "train.parquet"), attributes)
     train = load_split(out_dir, "train", params.data.max_history).select(mined.instance)
     valid = subset(load_split(out_dir, "valid", params.data.max_history), sf.valid_users, sf.train.seed)
     model = build_grc(load_backbone(out_dir, device), len(attributes), variant, sf.train.seed).to(device)
