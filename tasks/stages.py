@@ -187,11 +187,25 @@ def module_file(module: str) -> Path | None:
     return None
 
 
+def parse_source(text: str, attempts: int = 5) -> ast.Module:
+    """`ast.parse`, again on CPython 3.11's spurious "AST constructor recursion depth mismatch"
+    SystemError (gh-106905: the AST validator's depth counter is not per thread, so a compile()
+    in another thread, e.g. a lazy import in one of Prefect's threads, can trip it; it broke a
+    stage's code check on a worker once in the suite)."""
+    for attempt in range(attempts):
+        try:
+            return ast.parse(text)
+        except SystemError as exc:
+            if "recursion depth mismatch" not in str(exc) or attempt == attempts - 1:
+                raise
+    raise AssertionError("unreachable")
+
+
 def _imports(path: Path, module: str) -> set[str]:
     """Project modules imported anywhere in `path` (top level or inside functions)."""
     found: set[str] = set()
     package = module if path.name == "__init__.py" else module.rpartition(".")[0]
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+    for node in ast.walk(parse_source(path.read_text(encoding="utf-8"))):
         if isinstance(node, ast.Import):
             names = [a.name for a in node.names]
         elif isinstance(node, ast.ImportFrom):

@@ -262,3 +262,26 @@ def test_a_missing_input_is_named(tmp_path):
     params = load_params(overrides=[f"data.data_dir={tmp_path}"])
     with pytest.raises(FileNotFoundError, match="splits does not exist"):
         stages.fingerprint(params, "backbone")
+
+
+def test_parse_source_retries_cpythons_spurious_recursion_depth_error(monkeypatch):
+    """CPython 3.11 (gh-106905) can raise this SystemError from ast.parse when another thread
+    compiles at the same time; parse_source retries it, and only it."""
+    import ast
+
+    from tasks import stages
+
+    real, calls = ast.parse, []
+
+    def flaky(text, *args, **kwargs):
+        calls.append(text)
+        if len(calls) < 3:
+            raise SystemError("AST constructor recursion depth mismatch (before=45, after=72)")
+        return real(text, *args, **kwargs)
+
+    monkeypatch.setattr(stages.ast, "parse", flaky)
+    assert isinstance(stages.parse_source("import os"), ast.Module) and len(calls) == 3
+    calls.clear()
+    monkeypatch.setattr(stages.ast, "parse", lambda text: (_ for _ in ()).throw(SystemError("another")))
+    with pytest.raises(SystemError, match="another"):
+        stages.parse_source("import os")
