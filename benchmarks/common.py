@@ -95,3 +95,42 @@ def prefect_server(home: Path, wait_s: float = 300.0) -> Iterator[dict]:
         except subprocess.TimeoutExpired:
             proc.kill()
         log.close()
+
+
+@contextmanager
+def pool_workers(url: str, checkouts: dict[str, Path], env: dict, logs: Path, query_s: float = 1.0) -> Iterator[None]:
+    """Create each pool of `checkouts` (pool name -> checkout) as a process work pool on the server
+    at `url` (what `prefect work-pool create --type process` sets), start one worker of it in its
+    checkout (`prefect worker start --pool <pool> --limit 1`, log `<logs>/worker-<pool>.log`,
+    PREFECT_HOME `<logs>/home-<pool>`), and stop them on exit."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.workers.process import ProcessWorker
+
+    with temporary_settings({PREFECT_API_URL: url}), get_client(sync_client=True) as client:
+        template = ProcessWorker.get_default_base_job_template()
+        for pool in checkouts:
+            client.create_work_pool(WorkPoolCreate(name=pool, type="process", base_job_template=template))
+    workers, files = [], []
+    try:
+        for pool, checkout in checkouts.items():
+            home = logs / f"home-{pool}"
+            home.mkdir(parents=True, exist_ok=True)
+            files.append(open(logs / f"worker-{pool}.log", "w"))
+            workers.append(subprocess.Popen(
+                [str(Path(sys.executable).parent / "prefect"), "worker", "start", "--pool", pool, "--limit", "1"],
+                cwd=checkout, env={**env, "PREFECT_API_URL": url, "PREFECT_HOME": str(home),
+                                   "PREFECT_WORKER_QUERY_SECONDS": str(query_s)},
+                stdout=files[-1], stderr=subprocess.STDOUT, start_new_session=True))
+        yield
+    finally:
+        for proc in workers:
+            proc.terminate()
+        for proc in workers:
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        for f in files:
+            f.close()

@@ -10,7 +10,8 @@ and one of the pool `gpu` in the clone `gpu`; stage outputs travel through a loc
 directory (`<work>/remote`, set in each clone's .dvc/config.local). One local Prefect server,
 this environment's venv for every clone. The two runs go one after the other, so each has the
 machine to itself. `--device cpu` rewrites the gpu pool's job variables (GRC_DEVICE) for a
-machine without CUDA. The dataset's source folder is passed by absolute path (`datasets.<ds>.path`),
+machine without CUDA; `--query-seconds` is how often the workers poll (Prefect's default 10).
+The dataset's source folder is passed by absolute path (`datasets.<ds>.path`),
 since the clones hold no data.
 
 Writes benchmarks/results/work_pools_<dataset>.json: both wall times, each stage's duration in
@@ -31,7 +32,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.common import prefect_server, save, stamp
+from benchmarks.common import pool_workers, prefect_server, save, stamp
 from tasks.env import PROJECT_ROOT
 from tasks.params import load_params, resolve_path
 
@@ -100,6 +101,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("-S", "--set", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--work", type=Path, required=True)
     ap.add_argument("--device", default="", help="the gpu pool's GRC_DEVICE (default: prefect.yaml's)")
+    ap.add_argument("--query-seconds", type=float, default=10.0,
+                    help="how often a worker polls for runs (PREFECT_WORKER_QUERY_SECONDS; Prefect's default 10)")
     args = ap.parse_args(argv)
     params = load_params(overrides=args.set)
     ds = params.data.dataset
@@ -113,7 +116,8 @@ def main(argv: list[str] | None = None) -> dict:
         (roots["starter"] / "prefect.yaml").write_text(text.replace("GRC_DEVICE: cuda", f"GRC_DEVICE: {args.device}"))
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=roots["starter"], capture_output=True,
                             text=True, check=True).stdout.strip()
-    report = {**stamp({"overrides": overrides, "device": args.device, "work": str(work)}), "dataset": ds,
+    report = {**stamp({"overrides": overrides, "device": args.device, "work": str(work),
+                        "worker_query_seconds": args.query_seconds}), "dataset": ds,
               "commit": commit, "params_hash": load_params(overrides=overrides).section_hash()}
     with prefect_server(work / "prefect-home") as server:
         env = {**os.environ, "PATH": f"{VENV_BIN}:{os.environ['PATH']}", "PREFECT_API_URL": server["url"],
@@ -122,38 +126,13 @@ def main(argv: list[str] | None = None) -> dict:
         report["inprocess"] = {"wall_s": round(wall, 1), "run": name, **stage_runs(server["url"], name)}
         print(f"in-process: {wall:.0f} s", flush=True)
 
-        from prefect.client.orchestration import get_client
-        from prefect.client.schemas.actions import WorkPoolCreate
-        from prefect.settings import PREFECT_API_URL, temporary_settings
-        from prefect.workers.process import ProcessWorker
-
-        with temporary_settings({PREFECT_API_URL: server["url"]}), get_client(sync_client=True) as client:
-            template = ProcessWorker.get_default_base_job_template()
-            for pool in POOLS:
-                client.create_work_pool(WorkPoolCreate(name=pool, type="process", base_job_template=template))
-        workers = []
-        try:
-            for pool in POOLS:
-                home = work / f"home-{pool}"
-                home.mkdir(exist_ok=True)
-                workers.append(subprocess.Popen(
-                    [str(VENV_BIN / "prefect"), "worker", "start", "--pool", pool, "--limit", "1"], cwd=roots[pool],
-                    env={**env, "PREFECT_HOME": str(home)}, stdout=open(work / f"worker-{pool}.log", "w"),
-                    stderr=subprocess.STDOUT, start_new_session=True))
+        with pool_workers(server["url"], {p: roots[p] for p in POOLS}, env, work, args.query_seconds):
             deploy = subprocess.run([str(VENV_BIN / "prefect"), "--no-prompt", "deploy", "--all"], cwd=roots["starter"],
                                     env=env, capture_output=True, text=True)
             if deploy.returncode != 0:
                 raise SystemExit(f"prefect deploy failed:\n{deploy.stdout[-3000:]}{deploy.stderr[-3000:]}")
             wall, name = run_pipeline(roots["starter"], env, [*overrides, "pipeline.executor=deployments"],
                                       work / "pools.log")
-        finally:
-            for proc in workers:
-                proc.terminate()
-            for proc in workers:
-                try:
-                    proc.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
         report["pools"] = {"wall_s": round(wall, 1), "run": name, **stage_runs(server["url"], name)}
         print(f"two pools: {wall:.0f} s", flush=True)
     t0 = time.perf_counter()

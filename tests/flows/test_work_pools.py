@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from flows.pipeline import STAGES as PIPELINE
+from benchmarks.common import pool_workers
 from tasks.stages import STAGES
 from tests.flows.conftest import PROJECT_ROOT, VENV_BIN
 from tests.flows.test_pipeline_flow import client_for
@@ -65,9 +66,6 @@ def differences(a, b, path: str = "") -> list[str]:
 
 @pytest.fixture(scope="module")
 def two_pools(tiny_project, prefect_server, tmp_path_factory):
-    from prefect.client.schemas.actions import WorkPoolCreate
-    from prefect.workers.process import ProcessWorker
-
     root, env = tiny_project["root"], tiny_project["env"]
     inprocess = subprocess.Popen([str(VENV_BIN / "python"), "-m", "flows.pipeline"], cwd=root, env=env,
                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -78,21 +76,7 @@ def two_pools(tiny_project, prefect_server, tmp_path_factory):
     text = (root / "prefect.yaml").read_text()
     (root / "prefect.yaml").write_text(text.replace("GRC_DEVICE: cuda", "GRC_DEVICE: cpu"))
     checkouts = {name: make_checkout(root, base / name, remote, env) for name in ("starter", "cpu", "gpu")}
-    stack, client = client_for(prefect_server["url"])
-    with stack:
-        template = ProcessWorker.get_default_base_job_template()  # what `prefect work-pool create --type process` sets
-        for pool in ("cpu", "gpu"):
-            client.create_work_pool(WorkPoolCreate(name=pool, type="process", base_job_template=template))
-    workers, logs = [], []
-    try:
-        for pool in ("cpu", "gpu"):
-            home = base / f"home-{pool}"
-            home.mkdir()
-            logs.append(open(base / f"worker-{pool}.log", "w"))
-            workers.append(subprocess.Popen(
-                [str(VENV_BIN / "prefect"), "worker", "start", "--pool", pool, "--limit", "1"], cwd=checkouts[pool],
-                env={**env, "PREFECT_HOME": str(home), "PREFECT_WORKER_QUERY_SECONDS": "1"},
-                stdout=logs[-1], stderr=subprocess.STDOUT, start_new_session=True))
+    with pool_workers(prefect_server["url"], {p: checkouts[p] for p in ("cpu", "gpu")}, env, base):
         deploy = subprocess.run([str(VENV_BIN / "prefect"), "--no-prompt", "deploy", "--all"], cwd=checkouts["starter"],
                                 env=env, capture_output=True, text=True)
         assert deploy.returncode == 0, deploy.stdout[-3000:] + deploy.stderr[-3000:]
@@ -106,16 +90,6 @@ def two_pools(tiny_project, prefect_server, tmp_path_factory):
         failing = subprocess.run([str(VENV_BIN / "python"), "-m", "flows.pipeline", "-S", "pipeline.executor=deployments",
                                   "-S", f"datasets.tiny.path={json.dumps(str(base / 'absent'))}"],
                                  cwd=checkouts["starter"], env=env, capture_output=True, text=True)
-    finally:
-        for proc in workers:
-            proc.terminate()
-        for proc in workers:
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-        for log in logs:
-            log.close()
     out, _ = inprocess.communicate(timeout=1800)
     assert inprocess.returncode == 0, out[-3000:]
     return {"checkouts": checkouts, "reference": root, "wall_s": wall, "failing": failing, "base": base}
