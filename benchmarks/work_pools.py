@@ -32,9 +32,11 @@ import sys
 import time
 from pathlib import Path
 
+import yaml
+
 from benchmarks.common import pool_workers, prefect_server, save, stamp
 from tasks.env import PROJECT_ROOT
-from tasks.params import load_params, resolve_path
+from tasks.params import apply_override, load_params, resolve_path
 
 VENV_BIN = Path(sys.executable).parent
 POOLS = ("cpu", "gpu")
@@ -135,6 +137,12 @@ def main(argv: list[str] | None = None) -> dict:
                                       work / "pools.log")
         report["pools"] = {"wall_s": round(wall, 1), "run": name, **stage_runs(server["url"], name)}
         print(f"two pools: {wall:.0f} s", flush=True)
+    # dvc.yaml's paths come from params.yaml: the starter's must hold the run's overrides (a worker's
+    # stage does the same, flows/run_stage.params_in_place) for `dvc pull` to find the run's outputs
+    raw = yaml.safe_load((roots["starter"] / "params.yaml").read_text())
+    for text in overrides:
+        apply_override(raw, text)
+    (roots["starter"] / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     t0 = time.perf_counter()
     pull = subprocess.run([str(VENV_BIN / "dvc"), "pull", "-q"], cwd=roots["starter"], capture_output=True, text=True,
                           env={**os.environ, "PATH": f"{VENV_BIN}:{os.environ['PATH']}"})
