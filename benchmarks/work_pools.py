@@ -59,7 +59,8 @@ def output_hashes(root: Path, dataset: str) -> dict[str, str]:
 def stage_runs(url: str, parent_name: str) -> dict[str, dict]:
     """The stage runs under the pipeline run named `parent_name`: duration and state per stage."""
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
+    from prefect.client.schemas.filters import (ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey,
+                                                FlowRunFilter, FlowRunFilterName)
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     from flows.run_stage import lock_artifact_key, record_from_markdown
@@ -74,7 +75,8 @@ def stage_runs(url: str, parent_name: str) -> dict[str, dict]:
             entry = {"seconds": round(r.total_run_time.total_seconds(), 1), "state": r.state.type.value,
                      "pool": r.work_pool_name}
             if r.deployment_id is not None:
-                [art] = [a for a in client.read_artifacts() if a.flow_run_id == r.id and a.key == lock_artifact_key(stage)]
+                [art] = client.read_artifacts(artifact_filter=ArtifactFilter(
+                    flow_run_id=ArtifactFilterFlowRunId(any_=[r.id]), key=ArtifactFilterKey(any_=[lock_artifact_key(stage)])))
                 record = record_from_markdown(art.data)
                 entry["pull"] = {k: record["pull"][k] for k in ("bytes", "seconds")} | {"files": len(record["pull"]["targets"])}
                 entry["push"] = {k: v for k, v in record["push"].items() if k != "lock"}

@@ -18,7 +18,6 @@ checkout's dvc.lock records every stage's outputs.
 from __future__ import annotations
 
 import sys
-from importlib import import_module
 from typing import Sequence
 
 from prefect import flow, get_run_logger, tags
@@ -32,9 +31,8 @@ from tasks.stages import STAGES as DECLARED
 from tasks.ui import run_name
 
 # The stages declared in tasks/stages.py, each after the stages that make its inputs (sasrec before
-# tokenize, which reads SASRec's item table for collaborative IDs), with its flow `flows.<stage>.<stage>_flow`.
-STAGES = tuple((name, getattr(import_module(DECLARED[name].module), f"{name}_flow"))
-               for name in dependency_order(list(DECLARED)))
+# tokenize, which reads SASRec's item table for collaborative IDs), with its flow (`Stage.flow`).
+STAGES = tuple((name, DECLARED[name].flow()) for name in dependency_order(list(DECLARED)))
 
 
 def pipeline_run_name() -> str:
@@ -57,9 +55,7 @@ def pipeline_flow(overrides: list[str] | None = None, params_file: str | None = 
     results: dict[str, dict] = {}
     on_pools = params.pipeline.executor == "deployments"
     locks: dict[str, dict] = {}  # on pools: the dvc.lock entry of each stage run, handed to the next ones
-    flows = dict(STAGES)
-    for name in flows:
-        stage = flows[name]
+    for name, stage in STAGES:
         # on pools embed runs anyway: its (empty) table is a DVC dep of tokenize, which the worker commits
         if name == "embed" and params.id_source == "prebuilt" and not on_pools:
             log.info("embed: skipped, %s has prebuilt semantic IDs", params.data.dataset)

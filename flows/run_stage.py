@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import copy
 import fcntl
-import importlib
 import json
 import os
 from contextlib import contextmanager
@@ -110,7 +109,7 @@ def run_stage_flow(stage: str, params: dict[str, Any] | None = None, upstream: d
         pulled = dvc_remote.pull_inputs(run_params, stage)
         log.info("%s in %s%s: pulled %d inputs (%.1f MB) in %.1f s", stage, PROJECT_ROOT,
                  f" on {device}" if device else "", len(pulled["targets"]), pulled["bytes"] / 1e6, pulled["seconds"])
-        stage_flow = getattr(importlib.import_module(STAGES[stage].module), f"{stage}_flow")
+        stage_flow = STAGES[stage].flow()
         result = stage_flow(run_params)
         pushed = dvc_remote.push_outputs(run_params, stage)
     log.info("%s: pushed %d files (%.1f MB) in %.1f s after a %.1f s commit", stage, pushed["files_pushed"],

@@ -71,21 +71,23 @@ def write_text(path: str | Path, text: str) -> None:
     write_bytes(path, text.encode("utf-8"))
 
 
-def read_parquet(path: str | Path, **kwargs: Any) -> pl.DataFrame:
-    """`pl.read_parquet` of one file, whose absence is a FileNotFoundError naming the whole path
-    (polars shortens a long one to its last 64 characters)."""
+def existing_file(path: str | Path) -> Path:
+    """`path`, or a FileNotFoundError naming it whole."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist")
-    return pl.read_parquet(path, **kwargs)
+    return path
+
+
+def read_parquet(path: str | Path, **kwargs: Any) -> pl.DataFrame:
+    """`pl.read_parquet` of one file, whose absence is a FileNotFoundError naming the whole path
+    (polars shortens a long one to its last 64 characters)."""
+    return pl.read_parquet(existing_file(path), **kwargs)
 
 
 def parquet_rows(path: str | Path) -> int:
     """The number of rows of one Parquet file, from its metadata (same error as `read_parquet`)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist")
-    return pl.scan_parquet(path).select(pl.len()).collect().item()
+    return pl.scan_parquet(existing_file(path)).select(pl.len()).collect().item()
 
 
 def write_parquet(path: str | Path, frame: pl.DataFrame) -> None:

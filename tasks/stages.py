@@ -73,6 +73,12 @@ class Stage:
     def module(self) -> str:
         return f"flows.{self.name}"
 
+    def flow(self):
+        """The stage's Prefect flow, `flows.<stage>.<stage>_flow` (imported on call)."""
+        import importlib
+
+        return getattr(importlib.import_module(self.module), f"{self.name}_flow")
+
 
 # Every model folder under data/<dataset>/ a method's ranking reads (its own model first; the
 # stage that makes it is the first part): what a candidate dump is fingerprinted with and what a
