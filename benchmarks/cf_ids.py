@@ -61,11 +61,18 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--kinds", nargs="+", default=["text", "cf", "text_cf"])
     ap.add_argument("--weights", type=float, nargs="+", default=[1.0, 2.0, 4.0, 8.0])
     ap.add_argument("--bootstrap", type=int, default=1000)
+    ap.add_argument("--valid-users", type=int, default=0, help="validation users of the fusion's choices (0: all)")
+    ap.add_argument("--test-users", type=int, default=0, help="test users (0: all)")
+    ap.add_argument("--tag", default="", help="suffix of the JSON names (e.g. another seed's run)")
+    ap.add_argument("--train-only", action="store_true",
+                    help="build each kind's IDs and backbone and stop (several kinds can train in parallel this way; "
+                         "a later run without it finds them built)")
     args = ap.parse_args(argv)
     params = load_params(overrides=args.set)
     dataset = params.data.dataset
     report = stamp({"base": str(args.base), "kinds": args.kinds, "weights": args.weights, "overrides": args.set,
-                    "cf_share": params.tokenize.cf_share})
+                    "cf_share": params.tokenize.cf_share, "valid_users": args.valid_users,
+                    "test_users": args.test_users})
     report["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=PROJECT_ROOT, capture_output=True,
                                       text=True).stdout.strip()
     report["params_hash"] = params.section_hash("data", "tokenize", "backbone", "sasrec", "evaluate")
@@ -83,12 +90,18 @@ def main(argv: list[str] | None = None) -> dict:
             for name in ("tokenize.json", "backbone.json"):
                 shutil.copy2(base_reports / name, reports / name)
             tokenize_s = backbone_s = None
+        elif (work / "trained.json").exists():  # built by an earlier (e.g. --train-only) run of this script
+            tokenize_s, backbone_s = json.loads((work / "trained.json").read_text()).values()
         else:
             prepare(args.base.resolve(), work / "data", dataset)
             tokenize_s = run_flow("tokenize", where)
             backbone_s = run_flow("backbone", where)
+            (work / "trained.json").write_text(json.dumps({"tokenize_s": tokenize_s, "backbone_s": backbone_s}))
+        if args.train_only:
+            continue
         fusion = cf_fusion.main([*[a for o in where for a in ("-S", o)], "--weights", *map(str, args.weights),
-                                 "--bootstrap", str(args.bootstrap), "--tag", f"_ids_{kind}"])
+                                 "--bootstrap", str(args.bootstrap), "--tag", f"_ids_{kind}{args.tag}",
+                                 "--valid-users", str(args.valid_users), "--test-users", str(args.test_users)])
         runs[kind] = {"tokenize": json.loads((reports / "tokenize.json").read_text()),
                       "backbone": json.loads((reports / "backbone.json").read_text()),
                       "tokenize_s": tokenize_s and round(tokenize_s, 1), "backbone_s": backbone_s and round(backbone_s, 1),
@@ -96,6 +109,8 @@ def main(argv: list[str] | None = None) -> dict:
         ranks[kind] = fusion.pop("_tiger_test_per_user", None)
         print(f"{kind}: valid TIGER R@10 {fusion['valid']['metrics']['tiger']['recall@10']:.4f}, "
               f"test {fusion['test']['metrics']['tiger']['recall@10']:.4f}", flush=True)
+    if args.train_only:
+        return report
     report["runs"] = runs
     valid_r10 = {k: (r["valid"]["metrics"]["tiger"]["recall@10"], r["valid"]["metrics"]["tiger"]["ndcg@10"])
                  for k, r in runs.items()}
@@ -105,7 +120,7 @@ def main(argv: list[str] | None = None) -> dict:
             kind: {k: M.paired_bootstrap(ranks["text"][k], per_user[k], args.bootstrap, 0)
                    for k in ("recall@10", "ndcg@10")}
             for kind, per_user in ranks.items() if kind != "text" and per_user is not None}
-    save(f"cf_ids_{dataset}", report)
+    save(f"cf_ids_{dataset}{args.tag}", report)
     return report
 
 

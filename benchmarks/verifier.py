@@ -110,6 +110,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--beam", type=int, default=200)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--valid-users", type=int, default=0)
+    ap.add_argument("--test-users", type=int, default=0,
+                    help="test users (0: all), the fixed subset `evaluate.users` with the same count would rank")
     ap.add_argument("--bootstrap", type=int, default=1000)
     ap.add_argument("--tag", default="")
     args = ap.parse_args(argv)
@@ -117,14 +119,15 @@ def main(argv: list[str] | None = None) -> dict:
     out_dir, ev = params.dataset_dir(), params.evaluate
     excl = params.data.exclude_history
     report = stamp({"methods": args.methods, "gammas": args.gammas, "cf_weights": args.cf_weights, "beam": args.beam,
-                    "overrides": args.set, "valid_users": args.valid_users, "rank_rule": ev.rank_rule})
+                    "overrides": args.set, "valid_users": args.valid_users,
+                    "test_users": args.test_users, "rank_rule": ev.rank_rule})
     report["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=PROJECT_ROOT, capture_output=True,
                                       text=True).stdout.strip()
     report["params_hash"] = params.section_hash("data", "mine", "sft", "evaluate")
     report["dataset"] = params.data.dataset
     table, trie, _, _ = item_index(out_dir, params.dataset.attributes, "cpu")
     valid = subset(load_split(out_dir, "valid", params.data.max_history), args.valid_users, ev.users_seed)
-    test = load_split(out_dir, "test", params.data.max_history)
+    test = subset(load_split(out_dir, "test", params.data.max_history), args.test_users, ev.users_seed)
     item_logp = sasrec_log_probs(load_baseline(out_dir)) if args.cf_weights else None
     base = replace(decode_config(ev, args.beam), cf_weight=0.0)  # the method as evaluate decodes it
     results = {}
