@@ -21,17 +21,15 @@ Writes benchmarks/results/cf_fusion_<dataset><tag>.json.
 from __future__ import annotations
 
 import argparse
-import subprocess
 import time
 
 import numpy as np
 import torch
 
-from benchmarks.common import save, stamp
+from benchmarks.common import commit, save, stamp
 from grc_core import metrics as M
 from grc_core.evaluation import history_mask, rank_with_backbone
 from tasks.artifacts import item_index, load_backbone, load_baseline, load_split, sasrec_log_probs, sasrec_top, subset
-from tasks.env import PROJECT_ROOT
 from tasks.params import load_params
 
 RRF_K = 60
@@ -119,8 +117,7 @@ def main(argv: list[str] | None = None) -> dict:
     weights = [w for w in args.weights if w > 0]
     report = stamp({"weights": weights, "beam": args.beam, "rrf_k": RRF_K, "overrides": args.set,
                     "valid_users": args.valid_users, "test_users": args.test_users})
-    report["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=PROJECT_ROOT, capture_output=True,
-                                      text=True).stdout.strip()
+    report["commit"] = commit()
     report["params_hash"] = params.section_hash("data", "backbone", "sasrec", "evaluate")
     report["dataset"] = params.data.dataset
 

@@ -21,14 +21,13 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import subprocess
 import time
 from pathlib import Path
 
 import numpy as np
 
 from benchmarks import cf_fusion
-from benchmarks.common import run_flow, save, stamp
+from benchmarks.common import commit, copy_run, run_flow, save, stamp
 from grc_core import metrics as M
 from tasks.env import PROJECT_ROOT
 from tasks.params import load_params
@@ -40,14 +39,7 @@ REBUILT = ("tokenizer", "backbone", "mine", "sft", "grpo", "eval", "candidates",
 
 def prepare(base: Path, work: Path, dataset: str, keep: tuple[str, ...] = ()) -> None:
     """Copy the base run's inputs (and the `keep` folders it already built) into `work/<dataset>/`."""
-    src, dst = base / dataset, work / dataset
-    if dst.exists():
-        return  # a resumed run keeps what it built (the flows resume or skip themselves)
-    dst.mkdir(parents=True)
-    for entry in src.iterdir():
-        if entry.name in REBUILT and entry.name not in keep:
-            continue
-        (shutil.copytree if entry.is_dir() else shutil.copy2)(entry, dst / entry.name)
+    copy_run(base / dataset, work / dataset, set(REBUILT) - set(keep))
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -73,8 +65,7 @@ def main(argv: list[str] | None = None) -> dict:
     report = stamp({"base": str(args.base), "kinds": args.kinds, "weights": args.weights, "overrides": args.set,
                     "cf_share": params.tokenize.cf_share, "valid_users": args.valid_users,
                     "test_users": args.test_users})
-    report["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=PROJECT_ROOT, capture_output=True,
-                                      text=True).stdout.strip()
+    report["commit"] = commit()
     report["params_hash"] = params.section_hash("data", "tokenize", "backbone", "sasrec", "evaluate")
     runs, ranks = {}, {}
     base_reports = args.base_reports.resolve() / dataset if args.base_reports else None
@@ -91,7 +82,8 @@ def main(argv: list[str] | None = None) -> dict:
                 shutil.copy2(base_reports / name, reports / name)
             tokenize_s = backbone_s = None
         elif (work / "trained.json").exists():  # built by an earlier (e.g. --train-only) run of this script
-            tokenize_s, backbone_s = json.loads((work / "trained.json").read_text()).values()
+            trained = json.loads((work / "trained.json").read_text())
+            tokenize_s, backbone_s = trained["tokenize_s"], trained["backbone_s"]
         else:
             prepare(args.base.resolve(), work / "data", dataset)
             tokenize_s = run_flow("tokenize", where)

@@ -6,6 +6,7 @@ import json
 import os
 import platform
 import shlex
+import shutil
 import socket
 import subprocess
 import sys
@@ -14,7 +15,7 @@ import urllib.request
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import torch
 
@@ -34,6 +35,23 @@ def machine() -> dict:
     return {"platform": platform.platform(), "cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__,
             "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
             "load_avg_1m": os.getloadavg()[0]}
+
+
+def commit() -> str:
+    """The short hash of this checkout's HEAD (the working tree may differ: JSONs say so where it matters)."""
+    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=PROJECT_ROOT, capture_output=True,
+                          text=True).stdout.strip()
+
+
+def copy_run(src: Path, dst: Path, skip: Iterable[str] = ()) -> None:
+    """Copy a finished run's dataset folder `src` into `dst`, less the entries named in `skip`; a
+    `dst` that exists is left as it is (a resumed benchmark keeps what it built there)."""
+    if dst.exists():
+        return
+    dst.mkdir(parents=True)
+    for entry in src.iterdir():
+        if entry.name not in skip:
+            (shutil.copytree if entry.is_dir() else shutil.copy2)(entry, dst / entry.name)
 
 
 def stamp(settings: dict) -> dict:

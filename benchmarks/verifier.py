@@ -21,7 +21,6 @@ Writes benchmarks/results/verifier_<dataset><tag>.json.
 from __future__ import annotations
 
 import argparse
-import subprocess
 import time
 from dataclasses import replace
 
@@ -29,14 +28,13 @@ import numpy as np
 import polars as pl
 import torch
 
-from benchmarks.common import save, stamp
+from benchmarks.common import commit, save, stamp
 from grc_core import metrics as M
 from grc_core.data import to_batch
 from grc_core.evaluation import history_mask, rank_with_grc
 from grc_core.grc import grc_decode
 from tasks.artifacts import (decode_config, item_index, load_baseline, load_grc, load_split, sasrec_log_probs,
                              subset)
-from tasks.env import PROJECT_ROOT
 from tasks.params import load_params
 
 KS = (5, 10, 20, 50, 100, 200)
@@ -121,8 +119,7 @@ def main(argv: list[str] | None = None) -> dict:
     report = stamp({"methods": args.methods, "gammas": args.gammas, "cf_weights": args.cf_weights, "beam": args.beam,
                     "overrides": args.set, "valid_users": args.valid_users,
                     "test_users": args.test_users, "rank_rule": ev.rank_rule})
-    report["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=PROJECT_ROOT, capture_output=True,
-                                      text=True).stdout.strip()
+    report["commit"] = commit()
     report["params_hash"] = params.section_hash("data", "mine", "sft", "evaluate")
     report["dataset"] = params.data.dataset
     table, trie, _, _ = item_index(out_dir, params.dataset.attributes, "cpu")

@@ -21,14 +21,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import time
 
 import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from benchmarks.common import save, stamp
+from benchmarks.common import commit, save, stamp
 from grc_core import metrics as M
 from grc_core.cf_value import item_prefix_nodes, prefix_values
 from grc_core.config import ValueConfig, VEDConfig
@@ -39,7 +38,6 @@ from grc_core.value import ValueHead, candidate_values, discounted_returns, samp
 from grc_core.ved import (CFValue, LearnedValue, ValueQuery, WeightedValue, forward_tokens_of_beam, rank_with_ved,
                           ved_decode)
 from tasks.artifacts import item_index, load_backbone, load_baseline, load_split, sasrec_log_probs, sasrec_top, subset
-from tasks.env import PROJECT_ROOT
 from tasks.params import load_params
 from tasks.vstar import item_embeddings
 
@@ -111,8 +109,7 @@ def main() -> None:
 
     out: dict = {"dataset": params.data.dataset, "params_hash": params.section_hash(),
                  "vstar_params_hash": params.section_hash("vstar"),
-                 "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=PROJECT_ROOT,
-                                          capture_output=True, text=True).stdout.strip(),
+                 "commit": commit(),
                  "valid_users": len(valid), "test_users": len(test), "ved_test": meta["ved_test"]}
     # Validation: every method, and VED's value source.
     val: dict = {}

@@ -16,7 +16,8 @@ resumable from its checkpoints) and ranks it:
   paper's exact-match reward);
 - `value_only`: VED's priority G = V alone during RL (`vstar.ved.entropy_weight=0`).
 Validation and test: Recall@5/10/100/200, NDCG@5/10 of TIGER, the reference and every config on
-`--users` fixed users of each split (`evaluate.users_seed`); paired bootstrap tests of each config
+`--users` fixed users of each split, ranked as `evaluate` ranks them (`tasks.evaluate.rank_users`
+with `evaluate.users`, `evaluate.valid_users` and `evaluate.beam` set from the arguments); paired bootstrap tests of each config
 against the reference and against TIGER on test. Nothing is chosen here: the configs are ablations
 of the committed defaults, reported on both splits. Writes benchmarks/results/vstar_ablations_<dataset><tag>.json
 and a plot of every run's validation Recall@10 per RL iteration (the stage's own selection curve,
@@ -26,18 +27,15 @@ and a plot of every run's validation Recall@10 per RL iteration (the stage's own
 from __future__ import annotations
 
 import argparse
-import shutil
-import subprocess
 import time
 from pathlib import Path
 
-import numpy as np
 import polars as pl
 
-from benchmarks.common import save, stamp
+from benchmarks.common import commit, copy_run, save, stamp
 from grc_core import metrics as M
-from tasks.artifacts import decode_config, load_ranker, load_split, subset
 from tasks.env import PROJECT_ROOT
+from tasks.evaluate import rank_users
 from tasks.params import load_params
 from tasks.report import pyplot, save_png
 from tasks.vstar import train_variant
@@ -46,30 +44,14 @@ CONFIGS = {"grpo": ["vstar.rl.sibling_weight=0"], "sibling": ["vstar.rl.sibling_
            "sparse": ["vstar.rl.dense_weight=0"], "value_only": ["vstar.ved.entropy_weight=0"]}
 # What a config rebuilds itself (or does not need): everything the vstar stage and later stages write.
 NOT_COPIED = ("vstar", "mine", "sft", "grpo", "eval", "candidates")
-KS, NDCG = (5, 10, 20, 50, 100, 200), (5, 10)
 
 
-def prepare(base: Path, work: Path) -> None:
-    """Copy a finished run's dataset folder into `work`, less what the vstar stage and later stages made."""
-    if work.exists():
-        return  # resumed: the variant's checkpoints are there
-    work.mkdir(parents=True)
-    for entry in base.iterdir():
-        if entry.name in NOT_COPIED:
-            continue
-        (shutil.copytree if entry.is_dir() else shutil.copy2)(entry, work / entry.name)
-
-
-def rank(params, method: str, split: str, users: int, beam: int) -> dict:
-    out_dir, ev = params.dataset_dir(), params.evaluate
-    inst = subset(load_split(out_dir, split, params.data.max_history), users, ev.users_seed)
-    ranker = load_ranker(method, out_dir, params.dataset.attributes, "cpu", decode_config(ev, beam), ev.batch_size,
-                         params.data.exclude_history, ev.cf_weight)
-    t0 = time.perf_counter()
-    ranked, _ = ranker(inst)
-    per_user = M.per_user_metrics(M.target_ranks(ranked, inst.target.numpy()), KS, NDCG)
-    return {"per_user": per_user, "metrics": {k: float(v.mean()) for k, v in per_user.items()},
-            "seconds": time.perf_counter() - t0, "users": len(inst)}
+def rank(params, method: str, split: str) -> dict:
+    """One method on `evaluate.users` / `evaluate.valid_users` fixed users, as `evaluate` ranks them."""
+    _, ranks, wall, _ = rank_users.fn(params, method, split)
+    per_user = M.per_user_metrics(ranks, M.DEFAULT_KS, M.NDCG_KS)
+    return {"per_user": per_user, "metrics": {k: float(v.mean()) for k, v in per_user.items()}, "seconds": wall,
+            "users": len(ranks)}
 
 
 def plot_curves(logs: dict[str, Path], title: str, path: Path) -> None:
@@ -101,28 +83,28 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--bootstrap", type=int, default=1000)
     ap.add_argument("--tag", default="")
     args = ap.parse_args(argv)
-    base = load_params(overrides=args.set)
+    ranking = [f"evaluate.users={args.users}", f"evaluate.valid_users={args.users}", f"evaluate.beam={args.beam}"]
+    base = load_params(overrides=[*args.set, *ranking])
     dataset = base.data.dataset
     report = stamp({"configs": {c: CONFIGS[c] for c in args.configs}, "users": args.users, "beam": args.beam,
                     "overrides": args.set, "base": str(base.dataset_dir())})
-    report["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=PROJECT_ROOT, capture_output=True,
-                                      text=True).stdout.strip()
+    report["commit"] = commit()
     report["dataset"] = dataset
     report["params_hash"] = base.section_hash("data", "backbone", "vstar", "evaluate")
     runs: dict[str, dict] = {}
     ranked: dict[str, dict] = {"tiger": {}, "reference": {}}
     for split in ("valid", "test"):
-        ranked["tiger"][split] = rank(base, "tiger", split, args.users, args.beam)
-        ranked["reference"][split] = rank(base, "vstar", split, args.users, args.beam)
+        ranked["tiger"][split] = rank(base, "tiger", split)
+        ranked["reference"][split] = rank(base, "vstar", split)
     for name in args.configs:
         work = args.work.resolve() / name
-        prepare(base.dataset_dir(), work / "data" / dataset)
-        params = load_params(overrides=[*args.set, f"data.data_dir={work / 'data'}",
+        copy_run(base.dataset_dir(), work / "data" / dataset, NOT_COPIED)  # resumed: the checkpoints are there
+        params = load_params(overrides=[*args.set, *ranking, f"data.data_dir={work / 'data'}",
                                         f"data.reports_dir={work / 'reports'}", *CONFIGS[name]])
         t0 = time.perf_counter()
         runs[name] = train_variant.fn(params, "vstar")
         runs[name]["wall_s"] = round(time.perf_counter() - t0, 1)
-        ranked[name] = {split: rank(params, "vstar", split, args.users, args.beam) for split in ("valid", "test")}
+        ranked[name] = {split: rank(params, "vstar", split) for split in ("valid", "test")}
         print(name, {s: round(r["metrics"]["recall@10"], 4) for s, r in ranked[name].items()}, flush=True)
     report["training"] = runs
     for split in ("valid", "test"):
