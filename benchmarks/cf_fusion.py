@@ -69,7 +69,9 @@ def first_code_hits(ranked: np.ndarray, targets: np.ndarray, codes: np.ndarray) 
     return float((ok & (codes[np.where(ok, top, 0), 0] == codes[targets, 0])).mean())
 
 
-def rank_all(params, split: str, n_users: int, weights, beam: int, batch: int) -> dict:
+def rank_all(params, split: str, n_users: int, weights, beam: int, batch: int, linear_weights=None) -> dict:
+    """Every method on `n_users` of `split`: tiger_cf at each of `weights`, the linear fusion at each
+    of `linear_weights` (default: the same)."""
     out_dir = params.dataset_dir()
     inst = subset(load_split(out_dir, split, params.data.max_history), n_users, params.evaluate.users_seed)
     table, trie, _, _ = item_index(out_dir, params.dataset.attributes, "cpu")
@@ -91,7 +93,8 @@ def rank_all(params, split: str, n_users: int, weights, beam: int, batch: int) -
                       for a in range(0, len(inst), batch)])  # (U, N)
     if excl:
         logp = logp.masked_fill(history_mask(inst.history, logp.shape[1]), float("-inf"))
-    rrf, linear = late_fusions(out["tiger"][0], out["tiger"][1], logp, out["sasrec"][0], beam, weights)
+    rrf, linear = late_fusions(out["tiger"][0], out["tiger"][1], logp, out["sasrec"][0], beam,
+                               weights if linear_weights is None else linear_weights)
     out["rrf"] = (rrf, None)
     out.update({f"linear@{w}": (v, None) for w, v in linear.items()})
     return out
@@ -134,7 +137,7 @@ def main(argv: list[str] | None = None) -> dict:
     print("validation:", {k: round(v["recall@10"], 4) for k, v in vm.items()}, "chosen", report["valid"]["chosen"],
           flush=True)
 
-    test = rank_all(params, "test", args.test_users, [w_cf, w_lin] if w_cf != w_lin else [w_cf], args.beam, args.batch)
+    test = rank_all(params, "test", args.test_users, [w_cf], args.beam, args.batch, linear_weights=[w_lin])
     names = {"sasrec": "sasrec", "tiger": "tiger", "tiger_cf": f"tiger_cf@{w_cf}", "rrf": "rrf",
              "linear": f"linear@{w_lin}"}
     per_user, tm = {}, {}

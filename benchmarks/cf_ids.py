@@ -13,7 +13,8 @@ kind params.yaml uses is the base run's own tokenizer and backbone, copied), the
 hit rate of the top item) with `--tag _ids_<kind>`. Writes benchmarks/results/cf_ids_<dataset>.json:
 per kind the tokenizer's metrics, the backbone's wall time and best epoch, and the cf_fusion
 figures; kinds are compared on validation Recall@10 of TIGER (the choice of the default), and
-the test paired difference of each kind's TIGER against the text IDs' TIGER is reported.
+the test paired difference of each kind's TIGER against the first kind's (`--kinds text ...`;
+`--kinds prebuilt cf` on instruments, whose `prebuilt` kind is the dataset's own index) is reported.
 """
 
 from __future__ import annotations
@@ -35,6 +36,19 @@ from tasks.params import load_params
 # What a kind's run needs from the base run: the ingest's outputs, the text embeddings, SASRec.
 # Everything the tokenizer shapes (tokenizer, backbone and what follows) is rebuilt.
 REBUILT = ("tokenizer", "backbone", "mine", "sft", "grpo", "eval", "candidates", "vstar")
+
+
+def kind_settings(kind: str) -> list[str]:
+    """The `-S` overrides of one kind of ID: `prebuilt` is the dataset's own index (instruments),
+    every other kind is a `tokenize.embedding` the tokenizer trains on."""
+    if kind == "prebuilt":
+        return ["tokenize.source=prebuilt"]
+    return ["tokenize.source=train", f"tokenize.embedding={kind}"]
+
+
+def default_kind(params) -> str:
+    """The kind of ID params.yaml builds for its dataset."""
+    return "prebuilt" if params.id_source == "prebuilt" else params.tokenize.embedding
 
 
 def prepare(base: Path, work: Path, dataset: str, keep: tuple[str, ...] = ()) -> None:
@@ -72,9 +86,9 @@ def main(argv: list[str] | None = None) -> dict:
     for kind in args.kinds:
         work = args.work / kind
         where = [f"data.data_dir={work / 'data'}", f"data.reports_dir={work / 'reports'}",
-                 f"tokenize.embedding={kind}", *args.set]
+                 *kind_settings(kind), *args.set]
         reports = work / "reports" / dataset
-        reuse = kind == params.tokenize.embedding and base_reports is not None
+        reuse = kind == default_kind(params) and base_reports is not None
         if reuse:  # the base run built these IDs and this backbone with the same settings
             prepare(args.base.resolve(), work / "data", dataset, keep=("tokenizer", "backbone"))
             reports.mkdir(parents=True, exist_ok=True)
@@ -84,6 +98,7 @@ def main(argv: list[str] | None = None) -> dict:
         elif (work / "trained.json").exists():  # built by an earlier (e.g. --train-only) run of this script
             trained = json.loads((work / "trained.json").read_text())
             tokenize_s, backbone_s = trained["tokenize_s"], trained["backbone_s"]
+            prepare(args.base.resolve(), work / "data", dataset)  # what the base run made since (e.g. SASRec)
         else:
             prepare(args.base.resolve(), work / "data", dataset)
             tokenize_s = run_flow("tokenize", where)
@@ -107,11 +122,13 @@ def main(argv: list[str] | None = None) -> dict:
     valid_r10 = {k: (r["valid"]["metrics"]["tiger"]["recall@10"], r["valid"]["metrics"]["tiger"]["ndcg@10"])
                  for k, r in runs.items()}
     report["chosen_on_validation"] = max(valid_r10, key=valid_r10.get)
-    if "text" in ranks and ranks["text"] is not None:
-        report["test_vs_text"] = {
-            kind: {k: M.paired_bootstrap(ranks["text"][k], per_user[k], args.bootstrap, 0)
+    reference = args.kinds[0]  # the kind every other one is tested against (text; prebuilt on instruments)
+    if ranks.get(reference) is not None:
+        report["reference"] = reference
+        report["test_vs_reference"] = {
+            kind: {k: M.paired_bootstrap(ranks[reference][k], per_user[k], args.bootstrap, 0)
                    for k in ("recall@10", "ndcg@10")}
-            for kind, per_user in ranks.items() if kind != "text" and per_user is not None}
+            for kind, per_user in ranks.items() if kind != reference and per_user is not None}
     save(f"cf_ids_{dataset}{args.tag}", report)
     return report
 

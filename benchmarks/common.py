@@ -44,13 +44,12 @@ def commit() -> str:
 
 
 def copy_run(src: Path, dst: Path, skip: Iterable[str] = ()) -> None:
-    """Copy a finished run's dataset folder `src` into `dst`, less the entries named in `skip`; a
-    `dst` that exists is left as it is (a resumed benchmark keeps what it built there)."""
-    if dst.exists():
-        return
-    dst.mkdir(parents=True)
+    """Copy a finished run's dataset folder `src` into `dst`, less the entries named in `skip` and
+    those `dst` already has (a resumed benchmark keeps what it built there, and gains what `src`
+    made since, e.g. a SASRec trained after the benchmark's backbone)."""
+    dst.mkdir(parents=True, exist_ok=True)
     for entry in src.iterdir():
-        if entry.name not in skip:
+        if entry.name not in skip and not (dst / entry.name).exists():
             (shutil.copytree if entry.is_dir() else shutil.copy2)(entry, dst / entry.name)
 
 

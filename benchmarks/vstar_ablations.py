@@ -3,7 +3,7 @@ under one change of params at a time, every variant decoded by the beam at test 
 tests V-STAR), all on the same validation and test users.
 
     python -m benchmarks.vstar_ablations -S data.data_dir=... [-S vstar.loop.iterations=60] \\
-        [--configs grpo sibling sparse value_only] [--users 1000] [--work data_alt/vstar_ablations]
+        [--configs grpo sibling sparse value_only entropy_only] [--users 1000] [--work data_alt/vstar_ablations]
 
 `-S data.data_dir` names a finished run whose `vstar` stage trained the reference V-STAR (the
 committed blend: `vstar.rl.sibling_weight` 0.5, dense reward, priority V + 0.1 H) with the same
@@ -14,7 +14,9 @@ resumable from its checkpoints) and ranks it:
 - `sibling`: Sibling-GRPO alone (`vstar.rl.sibling_weight=1`);
 - `sparse`: the policy's reward without the dense semantic term (`vstar.rl.dense_weight=0`, the
   paper's exact-match reward);
-- `value_only`: VED's priority G = V alone during RL (`vstar.ved.entropy_weight=0`).
+- `value_only`: VED's priority G = V alone during RL (`vstar.ved.entropy_weight=0`);
+- `entropy_only`: G = 0.1 H alone (`vstar.ved.value_weight=0`); the value still orders the leaves
+  VED returns as candidates.
 Validation and test: Recall@5/10/100/200, NDCG@5/10 of TIGER, the reference and every config on
 `--users` fixed users of each split, ranked as `evaluate` ranks them (`tasks.evaluate.rank_users`
 with `evaluate.users`, `evaluate.valid_users` and `evaluate.beam` set from the arguments); paired bootstrap tests of each config
@@ -41,7 +43,8 @@ from tasks.report import pyplot, save_png
 from tasks.vstar import train_variant
 
 CONFIGS = {"grpo": ["vstar.rl.sibling_weight=0"], "sibling": ["vstar.rl.sibling_weight=1"],
-           "sparse": ["vstar.rl.dense_weight=0"], "value_only": ["vstar.ved.entropy_weight=0"]}
+           "sparse": ["vstar.rl.dense_weight=0"], "value_only": ["vstar.ved.entropy_weight=0"],
+           "entropy_only": ["vstar.ved.value_weight=0"]}
 # What a config rebuilds itself (or does not need): everything the vstar stage and later stages write.
 NOT_COPIED = ("vstar", "mine", "sft", "grpo", "eval", "candidates")
 

@@ -204,10 +204,11 @@ class VEDConfig:
     init_beam: int  # width of the probability-guided beam that seeds the tree
     candidates: int  # items returned per user (top-valued leaves, then filled from cached policy rows)
     budget: int  # backbone forward tokens per user, the initial tree included
-    entropy_weight: float  # lambda of G = V + lambda H (Eq. 11)
+    entropy_weight: float  # lambda of G = value_weight V + lambda H (Eq. 11)
     ucb_beta: float  # beta of the UCB selection (Eq. 13)
     expand: Literal["sample", "greedy"]  # the new child: sampled from the policy over unexpanded children, or its argmax
     max_iters: int  # cap on selection rounds (a round that expands nothing costs no forward token)
+    value_weight: float = 1.0  # weight of V in G (Eq. 11 has 1; 0 is the entropy-only priority of the paper's ablation)
 
     def __post_init__(self) -> None:
         if self.init_beam < 1 or self.candidates < 1 or self.budget < 1 or self.max_iters < 0:

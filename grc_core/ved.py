@@ -228,7 +228,7 @@ def _add_nodes(tree: _Tree, seq: Seq2Seq, memory, trie: PrefixTrie, value: Prefi
     v = value(ValueQuery(path_hidden, depth, tnode))  # (B, K)
     rows = _child_rows(seq, trie, hidden, depth, tnode, exclude, v_max)  # (B, K, V_max)
     h = _entropy(rows)
-    g = torch.where(depth < n_levels, v + cfg.entropy_weight * h, v)
+    g = cfg.value_weight * v + torch.where(depth < n_levels, cfg.entropy_weight * h, 0.0)
     lp = _take(tree.logp, parent) + _take(tree.next_logp, parent).gather(2, code.clamp_max(v_max - 1)[..., None])[..., 0]
     for store, src in ((tree.alive, live), (tree.depth, depth), (tree.parent, parent), (tree.code, code),
                        (tree.tnode, tnode), (tree.anc, anc), (tree.logp, lp), (tree.hidden, hidden),
@@ -266,7 +266,7 @@ def _init_tree(tree: _Tree, seq: Seq2Seq, memory, trie: PrefixTrie, value: Prefi
     tree.next_logp[:, 0] = rows[:, 0]
     tree.n_valid[:, 0] = torch.isfinite(rows[:, 0]).sum(-1)
     tree.entropy[:, 0] = _entropy(rows)[:, 0]
-    tree.priority[:, 0] = tree.value[:, 0] + cfg.entropy_weight * tree.entropy[:, 0]
+    tree.priority[:, 0] = cfg.value_weight * tree.value[:, 0] + cfg.entropy_weight * tree.entropy[:, 0]
     tree.visits[:, 0] = 1
     cost = torch.ones(b, dtype=torch.long, device=dev)
     frontier, start = root, 1
@@ -446,7 +446,7 @@ def reference_ved(seq: Seq2Seq, batch: Batch, trie: PrefixTrie, cfg: VEDConfig, 
             v = float(value(ValueQuery(rows_b(path), rows_b(torch.tensor([[depth]])), rows_b(torch.tensor([[tn]]))))[u, 0])
             rows = _child_rows(seq, trie, h[:, -1:], torch.tensor([[depth]]), torch.tensor([[tn]]), excl, v_max)[0, 0]
             ent = float(_entropy(rows[None, None])[0, 0])
-            g = v + cfg.entropy_weight * ent if depth < n_levels else v
+            g = cfg.value_weight * v + (cfg.entropy_weight * ent if depth < n_levels else 0.0)
             node = {"prefix": prefix, "parent": parent, "depth": depth, "tnode": tn, "logp": logp, "rows": rows,
                     "V": v, "G": g, "N": 1, "kids": {}, "valid": int(torch.isfinite(rows).sum())}
             nodes.append(node)

@@ -117,3 +117,23 @@ def test_a_seed_with_empty_slots_leaves_room_for_the_whole_budget():
     for u in range(len(inst)):
         got = res.items[u][res.items[u] >= 0]
         assert len(set(got.tolist())) == len(got) and not exclude[u, got].any()
+
+
+def test_entropy_only_priority_grows_the_same_tree_whatever_the_value():
+    """value_weight 0 (the paper's entropy-only ablation): G = lambda H, so the tree VED grows does
+    not depend on the value source; the value still orders the leaves it returns."""
+    seq, head, trie, table, inst = setup(3)
+    batch = to_batch(inst, table, with_target=False)
+    exclude = history_mask(inst.history, table.codes.shape[0])
+    item_logp = torch.log_softmax(torch.randn(len(inst), table.codes.shape[0], generator=torch.Generator().manual_seed(1)), -1)
+    cf = CFValue(prefix_values(item_logp, item_prefix_nodes(trie), trie, exclude))
+
+    def grown(cfg, value):
+        res = ved_decode(seq, batch, trie, cfg, value, exclude)
+        assert torch.equal(res.items, reference_ved(seq, batch, trie, cfg, value, exclude).items)
+        return res.cost.tolist(), [set(res.items[u][res.from_leaf[u]].tolist()) for u in range(len(inst))]
+
+    entropy_only = cfg_of(budget=30, candidates=60, value_weight=0.0)  # every leaf returned
+    assert grown(entropy_only, LearnedValue(head)) == grown(entropy_only, cf)
+    both = cfg_of(budget=30, candidates=60)
+    assert grown(both, LearnedValue(head)) != grown(both, cf)  # with V in G the value steers the growth
