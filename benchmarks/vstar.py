@@ -54,6 +54,28 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.corrcoef(ra, rb)[0, 1])
 
 
+def load_value_head(out_dir) -> tuple[ValueHead, dict]:
+    """The `vstar` stage's value head V_phi and its config (value and VED settings)."""
+    meta = json.loads((out_dir / "vstar" / "value" / "config.json").read_text())
+    head = ValueHead(meta["d_model"], ValueConfig(**{**meta["value"], "level_weights": tuple(meta["value"]["level_weights"])}))
+    head.load_state_dict(load_file(str(out_dir / "vstar" / "value" / "model.safetensors")))
+    return head.eval(), meta
+
+
+def value_source(head: ValueHead, item_logp, nodes, trie, source: str):
+    """VED's value for a batch of users, `(part, exclude) -> PrefixValue`: `learned` (V_phi), `cf`
+    (SASRec's V_cf) or `sum:w` (V_phi + w V_cf)."""
+    def make(part, exclude):
+        learned = LearnedValue(head)
+        if source == "learned":
+            return learned
+        cf = CFValue(prefix_values(item_logp(part), nodes, trie, exclude))
+        if source == "cf":
+            return cf
+        return WeightedValue([(learned, 1.0), (cf, float(source.split(":")[1]))])
+    return make
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("-S", action="append", default=[], dest="overrides")
@@ -78,22 +100,11 @@ def main() -> None:
     models = {"tiger": load_backbone(out_dir),
               "tiger_rl": load_backbone(out_dir, "cpu", out_dir / "vstar" / "tiger_rl" / "model.safetensors"),
               "vstar": load_backbone(out_dir, "cpu", out_dir / "vstar" / "policy" / "model.safetensors")}
-    meta = json.loads((out_dir / "vstar" / "value" / "config.json").read_text())
-    head = ValueHead(meta["d_model"], ValueConfig(**{**meta["value"], "level_weights": tuple(meta["value"]["level_weights"])}))
-    head.load_state_dict(load_file(str(out_dir / "vstar" / "value" / "model.safetensors")))
-    head.eval()
+    head, meta = load_value_head(out_dir)
     ved_cfg = VEDConfig(**meta["ved_test"])
 
     def value_for(source: str):
-        def make(part, exclude):
-            learned = LearnedValue(head)
-            if source == "learned":
-                return learned
-            cf = CFValue(prefix_values(item_logp(part), nodes, trie, exclude))
-            if source == "cf":
-                return cf
-            return WeightedValue([(learned, 1.0), (cf, float(source.split(":")[1]))])
-        return make
+        return value_source(head, item_logp, nodes, trie, source)
 
     def rank(method: str, inst, source: str = "learned") -> tuple[np.ndarray, float]:
         t0 = time.perf_counter()
