@@ -96,9 +96,9 @@ def main(argv: list[str] | None = None) -> dict:
                 shutil.copy2(base_reports / name, reports / name)
             tokenize_s = backbone_s = None
         elif (work / "trained.json").exists():  # built by an earlier (e.g. --train-only) run of this script
+            prepare(args.base.resolve(), work / "data", dataset)  # only what the base run made since (e.g. SASRec)
             trained = json.loads((work / "trained.json").read_text())
             tokenize_s, backbone_s = trained["tokenize_s"], trained["backbone_s"]
-            prepare(args.base.resolve(), work / "data", dataset)  # what the base run made since (e.g. SASRec)
         else:
             prepare(args.base.resolve(), work / "data", dataset)
             tokenize_s = run_flow("tokenize", where)

@@ -20,13 +20,12 @@ import time
 import torch
 
 from benchmarks.common import commit, save, stamp
-from benchmarks.vstar import load_value_head, metrics_of, value_source
+from benchmarks.vstar import metrics_of, parse_source
 from grc_core import metrics as M
-from grc_core.cf_value import item_prefix_nodes
 from grc_core.config import VEDConfig
 from grc_core.evaluation import rank_with_backbone
 from grc_core.ved import rank_with_ved
-from tasks.artifacts import item_index, load_backbone, load_baseline, load_split, sasrec_log_probs, subset
+from tasks.artifacts import item_index, load_backbone, load_split, load_value_head, model_dir, subset, ved_value
 from tasks.params import load_params
 
 PRIORITIES = {"reference": {}, "value_only": {"entropy_weight": 0.0}, "entropy_only": {"value_weight": 0.0}}
@@ -45,29 +44,30 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(params.vstar.threads or torch.get_num_threads())
     out_dir, excl = params.dataset_dir(), params.data.exclude_history
     table, trie, _, _ = item_index(out_dir, params.dataset.attributes, "cpu")
-    policy = load_backbone(out_dir, "cpu", out_dir / "vstar" / "policy" / "model.safetensors")
+    policy = load_backbone(out_dir, "cpu", model_dir(out_dir, "vstar") / "model.safetensors")
     head, meta = load_value_head(out_dir)
-    value_for = value_source(head, sasrec_log_probs(load_baseline(out_dir)), item_prefix_nodes(trie), trie, args.source)
+    value_for = ved_value(head, out_dir, trie, *parse_source(args.source))
     out: dict = {"dataset": params.data.dataset, "params_hash": params.section_hash(), "commit": commit(),
                  "ved_test": meta["ved_test"], "priorities": PRIORITIES}
-    per_user: dict = {}
-    for split in ("valid", "test"):
+    per_user: dict = {"valid": {}, "test": {}}
+    for split in per_user:
         inst = subset(load_split(out_dir, split, params.data.max_history), args.users, params.evaluate.users_seed)
         targets, rows = inst.target.numpy(), {}
         t0 = time.perf_counter()
         items, _ = rank_with_backbone(policy, inst, table, trie, args.beam, args.batch, exclude_history=excl)
-        rows["beam"], per_user["beam"] = metrics_of(items, targets)
+        rows["beam"], per_user[split]["beam"] = metrics_of(items, targets)
         rows["beam"]["wall_s"] = time.perf_counter() - t0
         for name, change in PRIORITIES.items():
             t0 = time.perf_counter()
             items, _ = rank_with_ved(policy, inst, table, trie, VEDConfig(**{**meta["ved_test"], **change}), value_for,
                                      args.batch, exclude_history=excl)
-            rows[name], per_user[name] = metrics_of(items, targets)
+            rows[name], per_user[split][name] = metrics_of(items, targets)
             rows[name]["wall_s"] = time.perf_counter() - t0
             print(split, name, round(rows[name]["recall@10"], 4), flush=True)
         out[split] = {"users": len(inst), "metrics": rows}
     out["test"]["paired"] = {
-        name: {f"vs_{ref}": {k: M.paired_bootstrap(per_user[ref][k], per_user[name][k], params.evaluate.bootstrap, 0)
+        name: {f"vs_{ref}": {k: M.paired_bootstrap(per_user["test"][ref][k], per_user["test"][name][k],
+                                                     params.evaluate.bootstrap, 0)
                              for k in ("recall@10", "ndcg@10")}
                for ref in ("reference", "beam") if ref != name}
         for name in PRIORITIES}

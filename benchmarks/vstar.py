@@ -20,24 +20,22 @@ Writes benchmarks/results/vstar_<dataset><tag>.json.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
 
 from benchmarks.common import commit, save, stamp
 from grc_core import metrics as M
 from grc_core.cf_value import item_prefix_nodes, prefix_values
-from grc_core.config import ValueConfig, VEDConfig
+from grc_core.config import VEDConfig
 from grc_core.data import to_batch
 from grc_core.evaluation import history_mask, rank_with_backbone
 from grc_core.grc import expand_memory
-from grc_core.value import ValueHead, candidate_values, discounted_returns, sample_candidates, semantic_step_rewards
-from grc_core.ved import (CFValue, LearnedValue, ValueQuery, WeightedValue, forward_tokens_of_beam, rank_with_ved,
-                          ved_decode)
-from tasks.artifacts import item_index, load_backbone, load_baseline, load_split, sasrec_log_probs, sasrec_top, subset
+from grc_core.value import candidate_values, discounted_returns, sample_candidates, semantic_step_rewards
+from grc_core.ved import CFValue, ValueQuery, forward_tokens_of_beam, rank_with_ved, ved_decode
+from tasks.artifacts import (item_index, load_backbone, load_baseline, load_split, load_value_head, model_dir,
+                             sasrec_log_probs, sasrec_top, subset, ved_value)
 from tasks.params import load_params
 from tasks.vstar import item_embeddings
 
@@ -54,26 +52,10 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.corrcoef(ra, rb)[0, 1])
 
 
-def load_value_head(out_dir) -> tuple[ValueHead, dict]:
-    """The `vstar` stage's value head V_phi and its config (value and VED settings)."""
-    meta = json.loads((out_dir / "vstar" / "value" / "config.json").read_text())
-    head = ValueHead(meta["d_model"], ValueConfig(**{**meta["value"], "level_weights": tuple(meta["value"]["level_weights"])}))
-    head.load_state_dict(load_file(str(out_dir / "vstar" / "value" / "model.safetensors")))
-    return head.eval(), meta
-
-
-def value_source(head: ValueHead, item_logp, nodes, trie, source: str):
-    """VED's value for a batch of users, `(part, exclude) -> PrefixValue`: `learned` (V_phi), `cf`
-    (SASRec's V_cf) or `sum:w` (V_phi + w V_cf)."""
-    def make(part, exclude):
-        learned = LearnedValue(head)
-        if source == "learned":
-            return learned
-        cf = CFValue(prefix_values(item_logp(part), nodes, trie, exclude))
-        if source == "cf":
-            return cf
-        return WeightedValue([(learned, 1.0), (cf, float(source.split(":")[1]))])
-    return make
+def parse_source(source: str) -> tuple[str, float]:
+    """`learned` | `cf` | `sum:w` -> (the value source, the weight of V_cf in a sum)."""
+    name, _, w = source.partition(":")
+    return name, float(w or 0.0)
 
 
 def main() -> None:
@@ -98,13 +80,12 @@ def main() -> None:
     item_logp = sasrec_log_probs(sasrec)
     nodes = item_prefix_nodes(trie)
     models = {"tiger": load_backbone(out_dir),
-              "tiger_rl": load_backbone(out_dir, "cpu", out_dir / "vstar" / "tiger_rl" / "model.safetensors"),
-              "vstar": load_backbone(out_dir, "cpu", out_dir / "vstar" / "policy" / "model.safetensors")}
+              **{m: load_backbone(out_dir, "cpu", model_dir(out_dir, m) / "model.safetensors") for m in ("tiger_rl", "vstar")}}
     head, meta = load_value_head(out_dir)
     ved_cfg = VEDConfig(**meta["ved_test"])
 
     def value_for(source: str):
-        return value_source(head, item_logp, nodes, trie, source)
+        return ved_value(head, out_dir, trie, *parse_source(source))
 
     def rank(method: str, inst, source: str = "learned") -> tuple[np.ndarray, float]:
         t0 = time.perf_counter()

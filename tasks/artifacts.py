@@ -221,26 +221,40 @@ def load_ranker(method: str, out_dir: Path, attributes: tuple[str, ...], device:
         grc, inst, table, trie, decode, batch_size, progress, stats, exclude_history, grc_logp)
 
 
-def vstar_ved_ranker(out_dir: Path, table: ItemTable, trie: PrefixTrie, device: torch.device | str, batch_size: int,
-                     exclude_history: bool) -> Ranker:
-    """The V-STAR policy decoded by VED (grc_core/ved.py) under the `vstar.ved_test` config and value
-    source that the vstar stage wrote into vstar/value/config.json."""
-    policy = load_backbone(out_dir, device, out_dir / "vstar" / "policy" / "model.safetensors")
+def load_value_head(out_dir: Path, device: torch.device | str = "cpu") -> tuple[ValueHead, dict]:
+    """The vstar stage's value head V_phi and its vstar/value/config.json (value settings, `ved_test`,
+    `ved_value`, `ved_cf_weight`)."""
     meta = json.loads((out_dir / "vstar" / "value" / "config.json").read_text())
     vcfg = meta["value"]
     head = ValueHead(meta["d_model"], ValueConfig(**{**vcfg, "level_weights": tuple(vcfg["level_weights"])}))
     head.load_state_dict(load_file(str(out_dir / "vstar" / "value" / "model.safetensors")))
-    head = head.to(device).eval()
-    cfg, source, w = VEDConfig(**meta["ved_test"]), meta["ved_value"], float(meta["ved_cf_weight"])
-    item_logp = sasrec_log_probs(load_baseline(out_dir, device)) if source != "learned" else None
-    nodes = item_prefix_nodes(trie) if item_logp is not None else None
+    return head.to(device).eval(), meta
+
+
+def ved_value(head: ValueHead, out_dir: Path, trie: PrefixTrie, source: str, cf_weight: float,
+              device: torch.device | str = "cpu"):
+    """VED's value for a batch of users, `(part, exclude) -> PrefixValue`: `learned` (V_phi), `cf`
+    (SASRec's V_cf, grc_core/cf_value.py) or `sum` (V_phi + cf_weight V_cf)."""
+    if source == "learned":
+        return lambda part, exclude: LearnedValue(head)
+    item_logp = sasrec_log_probs(load_baseline(out_dir, device))
+    nodes = item_prefix_nodes(trie)
 
     def value_for(part: Instances, exclude):
-        if item_logp is None:
-            return LearnedValue(head)
-        cf = CFValue(prefix_values(item_logp(part).to(table.codes.device), nodes, trie, exclude))
-        return cf if source == "cf" else WeightedValue([(LearnedValue(head), 1.0), (cf, w)])
+        cf = CFValue(prefix_values(item_logp(part).to(trie.ids.device), nodes, trie, exclude))
+        return cf if source == "cf" else WeightedValue([(LearnedValue(head), 1.0), (cf, cf_weight)])
 
+    return value_for
+
+
+def vstar_ved_ranker(out_dir: Path, table: ItemTable, trie: PrefixTrie, device: torch.device | str, batch_size: int,
+                     exclude_history: bool) -> Ranker:
+    """The V-STAR policy decoded by VED (grc_core/ved.py) under the `vstar.ved_test` config and value
+    source that the vstar stage wrote into vstar/value/config.json."""
+    policy = load_backbone(out_dir, device, model_dir(out_dir, "vstar") / "model.safetensors")
+    head, meta = load_value_head(out_dir, device)
+    value_for = ved_value(head, out_dir, trie, meta["ved_value"], float(meta["ved_cf_weight"]), device)
+    cfg = VEDConfig(**meta["ved_test"])
     return lambda inst, progress=None, stats=None: rank_with_ved(
         policy, inst, table, trie, cfg, value_for, batch_size, progress, exclude_history)
 
