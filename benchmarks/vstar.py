@@ -2,7 +2,8 @@
 test) and V-STAR+VED, from the outputs of the backbone, sasrec and vstar stages; every choice on
 the validation split, the test split read once per configuration.
 
-    python -m benchmarks.vstar [-S data.data_dir=...] [--sources learned cf sum:0.5] [--users 300] [--tag _x]
+    python -m benchmarks.vstar [-S data.data_dir=...] [--sources learned cf sum:0.5] [--users 300]
+        [--valid-users 3000] [--test-users 0] [--tag _x]
 
 - Validation: every method ranked; VED's value source (learned V_phi, SASRec's V_cf, or
   V_phi + w V_cf) chosen by validation Recall@10 (then NDCG@10, then the order given).
@@ -12,6 +13,8 @@ the validation split, the test split read once per configuration.
   (`vstar.value.samples` per user), the dense semantic step rewards, the realised discounted
   return G_l of each prefix and the value of the same prefix: Pearson and Spearman correlation by
   level, for V_phi and for V_cf.
+- A policy whose weights are the backbone's (RL selection kept iteration 0) is ranked once: its
+  rows reuse TIGER's ranks, marked `same_weights_as`, with no wall time of their own.
 - Cost: users/s and backbone forward tokens per user of VED (`vstar.ved_test`) against the beam at
   20 and 200, on the same test users, one after another in this process.
 Writes benchmarks/results/vstar_<dataset><tag>.json.
@@ -52,6 +55,12 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.corrcoef(ra, rb)[0, 1])
 
 
+def same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    """True when two models hold exactly the same parameters and buffers."""
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
 def parse_source(source: str) -> tuple[str, float]:
     """`learned` | `cf` | `sum:w` -> (the value source, the weight of V_cf in a sum)."""
     name, _, w = source.partition(":")
@@ -66,28 +75,37 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--value_users", type=int, default=500)
     ap.add_argument("--users", type=int, default=0, help="validation and test users (0: all), a fixed subset")
+    ap.add_argument("--valid-users", type=int, default=None, help="validation users (0: all); default --users")
+    ap.add_argument("--test-users", type=int, default=None, help="test users (0: all); default --users")
     ap.add_argument("--tag", default="")
     args = ap.parse_args()
+    n_valid = args.users if args.valid_users is None else args.valid_users
+    n_test = args.users if args.test_users is None else args.test_users
     params = load_params(None, args.overrides)
     torch.set_num_threads(params.vstar.threads or torch.get_num_threads())
     out_dir, vp = params.dataset_dir(), params.vstar
     attrs, excl_on = params.dataset.attributes, params.data.exclude_history
     table, trie, _, _ = item_index(out_dir, attrs, "cpu")
     n_items = table.codes.shape[0]
-    valid = subset(load_split(out_dir, "valid", params.data.max_history), args.users, params.evaluate.users_seed)
-    test = subset(load_split(out_dir, "test", params.data.max_history), args.users, params.evaluate.users_seed)
+    valid = subset(load_split(out_dir, "valid", params.data.max_history), n_valid, params.evaluate.users_seed)
+    test = subset(load_split(out_dir, "test", params.data.max_history), n_test, params.evaluate.users_seed)
     sasrec = load_baseline(out_dir)
     item_logp = sasrec_log_probs(sasrec)
     nodes = item_prefix_nodes(trie)
     models = {"tiger": load_backbone(out_dir),
               **{m: load_backbone(out_dir, "cpu", model_dir(out_dir, m) / "model.safetensors") for m in ("tiger_rl", "vstar")}}
+    alias = {m: "tiger" for m in ("tiger_rl", "vstar") if same_weights(models[m], models["tiger"])}
     head, meta = load_value_head(out_dir)
     ved_cfg = VEDConfig(**meta["ved_test"])
 
     def value_for(source: str):
         return ved_value(head, out_dir, trie, *parse_source(source))
 
-    def rank(method: str, inst, source: str = "learned") -> tuple[np.ndarray, float]:
+    ranked: dict = {}  # (method, split) -> items of the beam-ranked methods, reused by their aliases
+
+    def rank(method: str, inst, source: str = "learned") -> tuple[np.ndarray, float | None]:
+        if method in alias:
+            return ranked[alias[method], id(inst)], None
         t0 = time.perf_counter()
         if method == "sasrec":
             items, _ = sasrec_top(sasrec, [h[h >= 0].tolist() for h in inst.history.numpy()], args.beam, 256, excl_on)
@@ -97,12 +115,14 @@ def main() -> None:
         else:
             items, _ = rank_with_backbone(models[method], inst, table, trie, args.beam, args.batch,
                                           exclude_history=excl_on)
+            ranked[method, id(inst)] = items
         return items, time.perf_counter() - t0
 
     out: dict = {"dataset": params.data.dataset, "params_hash": params.section_hash(),
                  "vstar_params_hash": params.section_hash("vstar"),
                  "commit": commit(),
-                 "valid_users": len(valid), "test_users": len(test), "ved_test": meta["ved_test"]}
+                 "valid_users": len(valid), "test_users": len(test), "ved_test": meta["ved_test"],
+                 "same_weights_as": alias}
     # Validation: every method, and VED's value source.
     val: dict = {}
     for method in ("sasrec", "tiger", "tiger_rl", "vstar"):
@@ -122,7 +142,7 @@ def main() -> None:
         items, wall = rank(method, test, best)
         summary, per_user = metrics_of(items, test.target.numpy())
         test_per_user[method] = per_user
-        test_res[method] = {**summary, "wall_s": wall, "users_per_s": len(test) / wall}
+        test_res[method] = {**summary, "wall_s": wall, "users_per_s": wall and len(test) / wall}
         print("test", method, test_res[method], flush=True)
     for method in test_res:
         for base in ("tiger", "sasrec"):
