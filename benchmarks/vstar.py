@@ -7,8 +7,8 @@ the validation split, the test split read once per configuration.
 
 - Validation: every method ranked; VED's value source (learned V_phi, SASRec's V_cf, or
   V_phi + w V_cf) chosen by validation Recall@10 (then NDCG@10, then the order given).
-- Test: each method once (VED with the chosen source): Recall@5/10/100/200, NDCG@5/10, paired
-  bootstrap tests of every method against TIGER and against SASRec (grc_core.metrics).
+- Test: each method once (VED with the chosen source): Recall@5/10/100/200, NDCG@5/10, 95%
+  bootstrap intervals of Recall@10 and NDCG@10, paired bootstrap tests of every method against TIGER and against SASRec (grc_core.metrics).
 - Value quality: on validation users, the candidates sampled from the V-STAR policy
   (`vstar.value.samples` per user), the dense semantic step rewards, the realised discounted
   return G_l of each prefix and the value of the same prefix: Pearson and Spearman correlation by
@@ -142,7 +142,9 @@ def main() -> None:
         items, wall = rank(method, test, best)
         summary, per_user = metrics_of(items, test.target.numpy())
         test_per_user[method] = per_user
-        test_res[method] = {**summary, "wall_s": wall, "users_per_s": wall and len(test) / wall}
+        test_res[method] = {**summary, "wall_s": wall, "users_per_s": wall and len(test) / wall,
+                            "ci95": {k: M.bootstrap_interval(per_user[k], params.evaluate.bootstrap, 0)
+                                     for k in ("recall@10", "ndcg@10")}}
         print("test", method, test_res[method], flush=True)
     for method in test_res:
         for base in ("tiger", "sasrec"):
