@@ -8,7 +8,8 @@ the validation split, the test split read once per configuration.
 - Validation: every method ranked; VED's value source (learned V_phi, SASRec's V_cf, or
   V_phi + w V_cf) chosen by validation Recall@10 (then NDCG@10, then the order given).
 - Test: each method once (VED with the chosen source): Recall@5/10/100/200, NDCG@5/10, 95%
-  bootstrap intervals of Recall@10 and NDCG@10, paired bootstrap tests of every method against TIGER and against SASRec (grc_core.metrics).
+  bootstrap intervals of Recall@10 and NDCG@10, paired bootstrap tests of every method against
+  TIGER and against SASRec (grc_core.metrics).
 - Value quality: on validation users, the candidates sampled from the V-STAR policy
   (`vstar.value.samples` per user), the dense semantic step rewards, the realised discounted
   return G_l of each prefix and the value of the same prefix: Pearson and Spearman correlation by
@@ -23,6 +24,7 @@ Writes benchmarks/results/vstar_<dataset><tag>.json.
 from __future__ import annotations
 
 import argparse
+import functools
 import time
 
 import numpy as np
@@ -98,6 +100,7 @@ def main() -> None:
     head, meta = load_value_head(out_dir)
     ved_cfg = VEDConfig(**meta["ved_test"])
 
+    @functools.cache  # one SASRec load per value source, however often VED decodes with it
     def value_for(source: str):
         return ved_value(head, out_dir, trie, *parse_source(source))
 

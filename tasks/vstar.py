@@ -29,7 +29,8 @@ from grc_core.value import ValueHead
 from grc_core.ved import LearnedValue, ved_decode
 from grc_core.data import to_batch
 from tasks import io
-from tasks.artifacts import item_index, load_backbone, load_baseline, load_split, model_dir, subset, write_log
+from tasks.artifacts import (item_index, load_backbone, load_baseline, load_split, load_value_head, model_dir, subset,
+                             write_log)
 from tasks.checkpoints import Checkpointer
 from tasks.params import Params
 from tasks.quality import gx_expectations, run_gate
@@ -129,10 +130,7 @@ def gate_candidates(params: Params, n_users: int = 200) -> dict:
     n_items = table.codes.shape[0]
     valid = subset(load_split(out_dir, "valid", params.data.max_history), n_users, vp.loop.seed)
     policy = load_backbone(out_dir, device, model_dir(out_dir, "vstar") / "model.safetensors")
-    head = ValueHead(policy.cfg.d_model, vp.value).to(device)
-    tensors, _ = io.read_safetensors(out_dir / "vstar" / "value" / "model.safetensors")
-    head.load_state_dict({k: torch.as_tensor(np.asarray(v)) for k, v in tensors.items()})
-    head.eval()
+    head, _ = load_value_head(out_dir, device)
     excl = history_mask(valid.history.to(device), n_items)
     res = ved_decode(policy, to_batch(valid, table, with_target=False), trie, vp.ved, LearnedValue(head),
                      excl if params.data.exclude_history else None, torch.Generator().manual_seed(vp.loop.seed))

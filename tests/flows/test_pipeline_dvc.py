@@ -144,7 +144,6 @@ def test_every_methods_bundle_alone_ranks_as_evaluate_did(project, tmp_path):
         assert np.array_equal(got["rank"].to_numpy(), want["rank"].to_numpy()), method
 
 
-
 def test_vstar_ved_ranker_decodes_the_stage_policy_with_its_recorded_value(project):
     """`vstar_ved` (what evaluate and candidates call) is the stage's V-STAR policy decoded by VED
     under the value source the stage recorded (`ved_value`: V_phi + ved_cf_weight V_cf by default):
@@ -167,11 +166,10 @@ def test_vstar_ved_ranker_decodes_the_stage_policy_with_its_recorded_value(proje
     assert (meta["ved_value"], meta["ved_cf_weight"]) == (params.vstar.ved_value, params.vstar.ved_cf_weight)
     got, _ = vstar_ved_ranker(out, table, trie, "cpu", 16, True)(inst)
     policy = load_backbone(out, "cpu", model_dir(out, "vstar") / "model.safetensors")
-    lists = {}
+    lists, n_items = {}, table.codes.shape[0]
     for source, w in (("learned", 0.0), ("cf", 0.0), ("sum", float(meta["ved_cf_weight"]))):
         lists[source], _ = rank_with_ved(policy, inst, table, trie, VEDConfig(**meta["ved_test"]),
                                          ved_value(head, out, trie, source, w), 16, exclude_history=True)
-        n_items = table.codes.shape[0]
         for row, hist in zip(lists[source], inst.history.numpy()):
             items = row[row >= 0]
             assert len(items) > 0 and items.max() < n_items, source
@@ -179,6 +177,7 @@ def test_vstar_ved_ranker_decodes_the_stage_policy_with_its_recorded_value(proje
             assert not set(items.tolist()) & set(hist[hist >= 0].tolist()), source
     assert np.array_equal(got, lists[meta["ved_value"]])
     assert not np.array_equal(lists["learned"], lists["cf"])
+
 
 def test_second_repro_skips_every_stage(project):
     again = project["dvc"]("repro")
