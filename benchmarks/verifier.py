@@ -99,6 +99,22 @@ def base_ranks(out_dir, method: str, users: np.ndarray) -> np.ndarray | None:
     return np.array([lookup[int(u)] for u in users])
 
 
+def against_references(out_dir, users: np.ndarray, pus: dict[str, dict], n_boot: int,
+                       names=("sasrec", "tiger", "tiger_cf")) -> dict:
+    """Each reference method whose test ranks in the run's eval/ cover `users`: its metrics
+    (`<name>_metrics`) and the paired bootstrap of every ranking in `pus` against it (`paired`)."""
+    out: dict = {"paired": {}}
+    for name in names:
+        ranks = base_ranks(out_dir, name, users)
+        if ranks is None:
+            continue
+        ref = M.per_user_metrics(ranks, KS, (5, 10))
+        out[f"{name}_metrics"] = summary(ref)
+        out["paired"][name] = {k: {m: M.paired_bootstrap(ref[m], v[m], n_boot, 0) for m in ("recall@10", "ndcg@10")}
+                               for k, v in pus.items()}
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("-S", "--set", action="append", default=[], metavar="KEY=VALUE")
@@ -126,7 +142,7 @@ def main(argv: list[str] | None = None) -> dict:
     valid = subset(load_split(out_dir, "valid", params.data.max_history), args.valid_users, ev.users_seed)
     test = subset(load_split(out_dir, "test", params.data.max_history), args.test_users, ev.users_seed)
     item_logp = sasrec_log_probs(load_baseline(out_dir)) if args.cf_weights else None
-    base = replace(decode_config(ev, args.beam), cf_weight=0.0)  # the method as evaluate decodes it
+    base = replace(decode_config(ev, args.beam, params.vstar.ved_test), cf_weight=0.0)  # the method as evaluate decodes it
     results = {}
     for method in args.methods:
         model = load_grc(out_dir, method)
@@ -176,19 +192,10 @@ def main(argv: list[str] | None = None) -> dict:
             ranked, _ = rank_with_grc(model, test, table, trie, replace(base, cf_weight=w_cf), args.batch,
                                       exclude_history=excl, item_logp=item_logp)
             pus[f"two-pass {ev.rank_rule} + V_cf (w {w_cf})"] = per_user(ranked, tt)
-        users = test.user.numpy()
-        refs = {m: base_ranks(out_dir, m, users) for m in ("sasrec", "tiger", "tiger_cf")}
         r["test"]["metrics"] = {k: summary(v) for k, v in pus.items()}
         r["test"]["ci95"] = {k: {m: M.bootstrap_interval(v[m], args.bootstrap, 0) for m in ("recall@10", "ndcg@10")}
                              for k, v in pus.items()}
-        r["test"]["paired"] = {}
-        for name, ranks in refs.items():
-            if ranks is None:
-                continue
-            ref = M.per_user_metrics(ranks, KS, (5, 10))
-            r["test"][f"{name}_metrics"] = summary(ref)
-            r["test"]["paired"][name] = {k: {m: M.paired_bootstrap(ref[m], v[m], args.bootstrap, 0)
-                                             for m in ("recall@10", "ndcg@10")} for k, v in pus.items()}
+        r["test"].update(against_references(out_dir, test.user.numpy(), pus, args.bootstrap))
         print(method, "test", {k: round(v["recall@10"], 4) for k, v in r["test"]["metrics"].items()}, flush=True)
         results[method] = r
     report["methods"] = results

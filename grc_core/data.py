@@ -52,6 +52,13 @@ def make_instances(users: Sequence[int], histories: Sequence[Sequence[int]], tar
                      torch.as_tensor(np.asarray(targets, dtype=np.int64)))
 
 
+def history_mask(history: torch.Tensor, n_items: int) -> torch.Tensor:
+    """(B, T) item ids, PAD < 0 -> (B, N) bool, True for the items in each user's history."""
+    out = torch.zeros(history.shape[0], n_items + 1, dtype=torch.bool, device=history.device)
+    out.scatter_(1, torch.where(history >= 0, history, n_items), True)  # padding lands in column N
+    return out[:, :n_items]
+
+
 def to_batch(inst: Instances, table: ItemTable, with_target: bool = True) -> Batch:
     hist = inst.history.to(table.codes.device)  # (B, T)
     keep = hist != PAD  # (B, T)

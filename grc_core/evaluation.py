@@ -3,6 +3,7 @@ and the reflection-quality statistics of GRC (the paper's Table 2)."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Callable
 
 import numpy as np
@@ -11,18 +12,12 @@ import torch
 from grc_core import metrics as M
 from grc_core.beam_search import beam_search
 from grc_core.cf_value import item_prefix_nodes, prefix_values
-from grc_core.data import Instances, ItemTable, to_batch
+from grc_core.data import Instances, ItemTable, history_mask, to_batch
 from grc_core.grc import DecodeConfig, GRCModel, GRCResult, grc_decode
 from grc_core.model import BackboneStepper, Seq2Seq
 from grc_core.rewards import first_divergence
 from grc_core.trie import PrefixTrie
-
-
-def history_mask(history: torch.Tensor, n_items: int) -> torch.Tensor:
-    """(B, T) item ids, PAD < 0 -> (B, N) bool, True for the items in each user's history."""
-    out = torch.zeros(history.shape[0], n_items + 1, dtype=torch.bool, device=history.device)
-    out.scatter_(1, torch.where(history >= 0, history, n_items), True)  # padding lands in column N
-    return out[:, :n_items]
+from grc_core.ved import CFValue, ved_decode
 
 
 @torch.inference_mode()
@@ -133,15 +128,27 @@ def rank_with_grc(model: GRCModel, inst: Instances, table: ItemTable, trie: Pref
                   stats: ReflectionStats | None = None, exclude_history: bool = False,
                   item_logp: Callable[[Instances], torch.Tensor] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Top-`cfg.width` items (N, W) of two-pass GRC decoding for every instance, and their merge scores.
-    `item_logp`: a collaborative model's item log-probabilities, used where cfg.cf_weight > 0."""
+    `item_logp`: a collaborative model's item log-probabilities, used where cfg.cf_weight > 0, and as
+    VED's value (V_cf) where the drafts come from VED (cfg.draft_ved: `cfg.width` candidates per user)."""
     model.eval()
     items, scores = [], []
     n_items = table.codes.shape[0]
+    use_cf = cfg.cf_weight > 0 or cfg.draft_ved is not None
+    if use_cf and item_logp is None:
+        raise ValueError("rank_with_grc: cf_weight > 0 or VED drafts need the collaborative model's item_logp")
+    ved_cfg = replace(cfg.draft_ved, candidates=cfg.width) if cfg.draft_ved is not None else None
+    nodes = item_prefix_nodes(trie) if ved_cfg is not None else None
+    gen = torch.Generator(device=table.codes.device).manual_seed(0)  # VED's expand="sample" only
     for start in range(0, len(inst), batch_size):
         part = inst.select(torch.arange(start, min(start + batch_size, len(inst))))
         exclude = history_mask(part.history.to(table.codes.device), n_items) if exclude_history else None
-        logp = item_logp(part).to(table.codes.device) if item_logp is not None and cfg.cf_weight > 0 else None
-        res = grc_decode(model, to_batch(part, table, with_target=False), trie, cfg, exclude, logp)
+        logp = item_logp(part).to(table.codes.device) if use_cf else None
+        batch = to_batch(part, table, with_target=False)
+        drafts = None
+        if ved_cfg is not None:
+            value = CFValue(prefix_values(logp, nodes, trie, exclude))
+            drafts = ved_decode(model.seq, batch, trie, ved_cfg, value, exclude, gen).items  # (B, W)
+        res = grc_decode(model, batch, trie, cfg, exclude, logp, drafts)
         if stats is not None:
             stats.update(res, part.target.to(res.items.device), table)
         items.append(res.items.cpu().numpy())

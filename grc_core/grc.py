@@ -63,13 +63,21 @@ the item log-probabilities of a collaborative model passed to `grc_decode`: the 
 prunes on log pi + w V_cf like `tiger_cf`, so the drafts' scores, and with them the correction
 start scores of Eq. 25, carry w log p_cf(draft); the correction beam prunes on the same fused
 key, so a correction ends at start + log pi_cor(g) + w log p_cf(g).
+
+Drafts from another decoder (not in the paper; V-STAR issue, `evaluate.grc_drafts: ved`): step 1
+may take its B candidates from VED (grc_core/ved.py, run by the caller, `rank_with_grc`) instead of
+the beam. `grc_decode(..., draft_items=...)` then scores each given draft as the beam scores its
+own, log pi(d) (+ w log p_cf(d) where cf_weight > 0), orders them by it, and builds the decoder
+cache of their positions 0..L-1 with one teacher-forced pass (`given_drafts`), so steps 2-4 run
+unchanged. VED's own value orders its tree, not the drafts: the merge of step 4 compares draft
+and correction scores, which must be on the beam's scale.
 """
 
 from __future__ import annotations
 
 import math
 import numbers
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import torch
@@ -78,9 +86,9 @@ from torch import nn
 
 from grc_core.beam_search import BeamResult, BeamTrace, beam_search
 from grc_core.cf_value import item_prefix_nodes, prefix_values
-from grc_core.config import SFTLossConfig
-from grc_core.model import (BackboneStepper, Batch, DecodeState, Memory, ModelConfig, Seq2Seq, decoder_step,
-                            sequence_loss)
+from grc_core.config import SFTLossConfig, VEDConfig
+from grc_core.model import (BackboneStepper, Batch, DecodeState, Memory, ModelConfig, Seq2Seq, causal_mask,
+                            decoder_step, sequence_loss)
 from grc_core.trie import PrefixTrie
 
 NEG_INF = float("-inf")
@@ -274,6 +282,9 @@ class DecodeConfig:
     rank_rule: str  # joint | union | marginal | verify: how drafts and corrections merge (module docstring, step 4)
     verify_gamma: float  # verify: weight gamma of log p(r_loc = L+1 | draft) in the drafts' order
     cf_weight: float  # w of the collaborative prefix value in both passes (0: off; module docstring)
+    # VED's settings for the drafts (module docstring, "Drafts from another decoder"), read by the caller that
+    # draws them (grc_core.evaluation.rank_with_grc); None: the drafts are the backbone's beam
+    draft_ved: VEDConfig | None = field(default=None)
 
     def __post_init__(self) -> None:
         if not _is_int(self.width) or self.width < 1:
@@ -291,6 +302,8 @@ class DecodeConfig:
                 raise ValueError(f"DecodeConfig.{name} must be a finite number >= 0, got {v!r}")
         if self.rank_rule not in RANK_RULES:
             raise ValueError(f"DecodeConfig.rank_rule must be {' | '.join(RANK_RULES)}, got {self.rank_rule!r}")
+        if self.draft_ved is not None and not isinstance(self.draft_ved, VEDConfig):
+            raise ValueError(f"DecodeConfig.draft_ved must be a VEDConfig or None, got {self.draft_ved!r}")
 
 
 class GRCResult(NamedTuple):
@@ -539,20 +552,60 @@ def _pad_log_right(refl: Reflection, width: int) -> torch.Tensor:
 
 
 @torch.inference_mode()
+def given_drafts(seq: Seq2Seq, batch: Batch, trie: PrefixTrie, items: torch.Tensor, width: int,
+                 v_cf: list[torch.Tensor] | None = None, cf_weight: float = 0.0) -> tuple[BeamResult, BeamTrace]:
+    """Step 1 from another decoder's candidates `items` (B, C) (-1 padding; e.g. VED's): the first
+    `width`, each scored as the beam scores a draft, log pi(d) (+ cf_weight * log p_cf(d) from the last
+    level of `v_cf`), best first, with the trace the reflection continues: the decoder cache of
+    positions 0..L-1 (BOS, d_1..d_{L-1}) from one teacher-forced pass. Returns (B, width) drafts."""
+    b, n_levels = items.shape[0], trie.num_levels
+    items = items[:, :width]
+    if items.shape[1] < width:
+        items = torch.cat([items, items.new_full((b, width - items.shape[1]), -1)], 1)
+    live = items >= 0  # (B, W)
+    codes = trie.ids.to(items.device)[items.clamp_min(0)]  # (B, W, L) padding reads item 0's ID, scored -inf
+    memory = seq.encode(batch)
+    x = seq.embed_decoder_codes(codes[..., :-1])  # (B, W, L, D) BOS, d_1..d_{L-1}
+    hidden, keys, values = decoder_step(seq, memory, [], [], x, 0, causal_mask(n_levels, x.device, x.dtype))
+    logp = sum(F.log_softmax(seq.heads[level](hidden[:, :, level]), -1).gather(-1, codes[..., level:level + 1])[..., 0]
+               for level in range(n_levels))  # (B, W) log pi(d)
+    if v_cf is not None and cf_weight > 0:
+        logp = logp + cf_weight * v_cf[-1].gather(1, items.clamp_min(0))
+    scores, order = logp.masked_fill(~live, NEG_INF).sort(dim=1, descending=True, stable=True)  # (B, W)
+    items = items.gather(1, order)
+    codes = codes.gather(1, order[..., None].expand_as(codes)).masked_fill((items < 0)[..., None], -1)
+    items = items.masked_fill(~torch.isfinite(scores), -1)
+    idx = order[:, :, None, None, None]  # (B, W, 1, 1, 1)
+    keys = [k.gather(1, idx.expand_as(k)) for k in keys]  # per layer (B, W, H, L, dh)
+    values = [v.gather(1, idx.expand_as(v)) for v in values]
+    rows = torch.arange(width, device=items.device).expand(b, width)
+    trace = BeamTrace(DecodeState(memory, keys, values, n_levels), rows, torch.zeros_like(rows))
+    return BeamResult(items, scores, codes), trace
+
+
+@torch.inference_mode()
 def grc_decode(model: GRCModel, batch: Batch, trie: PrefixTrie, cfg: DecodeConfig,
-               exclude: torch.Tensor | None = None, item_logp: torch.Tensor | None = None) -> GRCResult:
+               exclude: torch.Tensor | None = None, item_logp: torch.Tensor | None = None,
+               draft_items: torch.Tensor | None = None) -> GRCResult:
     """Two-pass GRC inference with EGRS for B users (Sec. 4.3; module docstring, steps 1-4).
 
     `exclude` (B, N) bool: items neither pass may return (e.g. the user's history).
     `item_logp` (B, N): a collaborative model's item log-probabilities, read when cfg.cf_weight > 0.
+    `draft_items` (B, C): the drafts, drawn by another decoder (cfg.draft_ved), instead of the beam.
     """
+    if (cfg.draft_ved is not None) != (draft_items is not None):
+        raise ValueError("grc_decode: draft_items are given exactly when cfg.draft_ved is set "
+                         "(grc_core.evaluation.rank_with_grc draws them)")
     v_cf = None
     if cfg.cf_weight > 0:
         if item_logp is None:
             raise ValueError("grc_decode: cf_weight > 0 needs the collaborative model's item_logp")
         v_cf = prefix_values(item_logp, item_prefix_nodes(trie), trie, exclude)  # per level (B, M_l)
-    drafts, trace = beam_search(BackboneStepper(model.seq), batch, trie, cfg.width, return_trace=True,
-                                exclude=exclude, values=v_cf, value_weight=cfg.cf_weight)  # 1. B drafts, (B, W)
+    if draft_items is None:
+        drafts, trace = beam_search(BackboneStepper(model.seq), batch, trie, cfg.width, return_trace=True,
+                                    exclude=exclude, values=v_cf, value_weight=cfg.cf_weight)  # 1. B drafts, (B, W)
+    else:
+        drafts, trace = given_drafts(model.seq, batch, trie, draft_items, cfg.width, v_cf, cfg.cf_weight)
     refl, state = reflect(model, drafts, trace, cfg.reflect_width)  # 2. reflection of the best R
     entropy = reflection_entropy(refl)  # (B, R) Eq. 24
     r = entropy.shape[1]

@@ -41,18 +41,19 @@ beam's cost.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Protocol, Sequence
+from typing import TYPE_CHECKING, NamedTuple, Protocol, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from grc_core.config import VEDConfig
-from grc_core.data import to_batch
-from grc_core.evaluation import history_mask
+from grc_core.data import history_mask, to_batch
 from grc_core.model import Batch, Seq2Seq, decoder_step
 from grc_core.trie import PrefixTrie
-from grc_core.value import ValueHead
+
+if TYPE_CHECKING:  # an annotation only: importing grc_core.value here would close an import cycle
+    from grc_core.value import ValueHead  # (value -> grpo -> train -> evaluation -> ved)
 
 NEG_INF = float("-inf")
 

@@ -146,10 +146,12 @@ def sasrec_top(model: SASRec, histories: list[list[int]], k: int, batch_size: in
     return np.concatenate(items), np.concatenate(scores)  # (B, k), (B, k)
 
 
-def decode_config(ev, width: int) -> DecodeConfig:
-    """Two-pass GRC decoding under the `evaluate` section's rules at beam `width` (test ranking, dumps)."""
+def decode_config(ev, width: int, ved_test: VEDConfig) -> DecodeConfig:
+    """Two-pass GRC decoding under the `evaluate` section's rules at beam `width` (test ranking, dumps);
+    with `evaluate.grc_drafts: ved`, the drafts come from VED under `ved_test` (`vstar.ved_test`)."""
     return DecodeConfig(width=width, correct_width=ev.correct_width, alpha_e=ev.alpha_e, rank_rule=ev.rank_rule,
-                        reflect_width=ev.reflect_width, verify_gamma=ev.verify_gamma, cf_weight=ev.grc_cf_weight)
+                        reflect_width=ev.reflect_width, verify_gamma=ev.verify_gamma, cf_weight=ev.grc_cf_weight,
+                        draft_ved=ved_test if ev.grc_drafts == "ved" else None)
 
 
 def selection_decode(width: int, rank_rule: str, verify_gamma: float) -> DecodeConfig:
@@ -216,7 +218,8 @@ def load_ranker(method: str, out_dir: Path, attributes: tuple[str, ...], device:
         return lambda inst, progress=None, stats=None: rank_with_backbone(
             backbone, inst, table, trie, decode.width, batch_size, progress, exclude_history, item_logp, cf_weight)
     grc = load_grc(out_dir, method, device)
-    grc_logp = sasrec_log_probs(load_baseline(out_dir, device)) if decode.cf_weight > 0 else None
+    use_cf = decode.cf_weight > 0 or decode.draft_ved is not None
+    grc_logp = sasrec_log_probs(load_baseline(out_dir, device)) if use_cf else None
     return lambda inst, progress=None, stats=None: rank_with_grc(
         grc, inst, table, trie, decode, batch_size, progress, stats, exclude_history, grc_logp)
 

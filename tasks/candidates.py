@@ -223,8 +223,8 @@ def dump_ranker(params: Params, method: str) -> Callable[[np.ndarray], tuple[np.
     cd, out_dir = params.candidates, params.dataset_dir()
     test = load_split(out_dir, "test", params.data.max_history)
     rank: Ranker = load_ranker(method, out_dir, params.dataset.attributes, resolve_device(cd.device),
-                               decode_config(params.evaluate, cd.beam), cd.batch_size, params.data.exclude_history,
-                               params.evaluate.cf_weight)
+                               decode_config(params.evaluate, cd.beam, params.vstar.ved_test), cd.batch_size,
+                               params.data.exclude_history, params.evaluate.cf_weight)
     return lambda rows: rank(test.select(torch.as_tensor(rows, dtype=torch.long)))
 
 

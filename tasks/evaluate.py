@@ -41,8 +41,9 @@ def rank_users(params: Params, method: str, split: str = "test") -> tuple[np.nda
     n_users = {"test": ev.users, "valid": ev.valid_users}[split]
     test = subset(load_split(out_dir, split, params.data.max_history), n_users, ev.users_seed)
     t0 = time.perf_counter()
-    rank = load_ranker(method, out_dir, params.dataset.attributes, resolve_device(ev.device), decode_config(ev, ev.beam),
-                       ev.batch_size, params.data.exclude_history, ev.cf_weight)
+    rank = load_ranker(method, out_dir, params.dataset.attributes, resolve_device(ev.device),
+                       decode_config(ev, ev.beam, params.vstar.ved_test), ev.batch_size, params.data.exclude_history,
+                       ev.cf_weight)
     stats = ReflectionStats() if method in GRC_METHODS else None
     with tqdm(total=len(test), unit="user", desc=f"{method} {split} beam {ev.beam}", mininterval=5) as bar:
         ranked, _ = rank(test, bar.update, stats)

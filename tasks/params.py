@@ -210,6 +210,7 @@ class EvaluateConfig:
     valid_users: int
     cf_weight: float
     grc_cf_weight: float
+    grc_drafts: Literal["beam", "ved"]
     verify_gamma: float
 
 

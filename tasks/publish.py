@@ -96,7 +96,8 @@ def score_published(params: Params, bundle: Path, method: str) -> pl.DataFrame:
     usable = np.flatnonzero((inst.history >= 0).any(1).numpy())  # (U',) users with a known history item
     if len(usable):
         rank = load_ranker(method, bundle, params.dataset.attributes, resolve_device(ev.device),
-                           decode_config(ev, ev.beam), ev.batch_size, params.data.exclude_history, ev.cf_weight)
+                           decode_config(ev, ev.beam, params.vstar.ved_test), ev.batch_size,
+                           params.data.exclude_history, ev.cf_weight)
         import torch
 
         ranked, _ = rank(inst.select(torch.as_tensor(usable)))

@@ -179,6 +179,53 @@ def test_vstar_ved_ranker_decodes_the_stage_policy_with_its_recorded_value(proje
     assert not np.array_equal(lists["learned"], lists["cf"])
 
 
+def test_grc_drafts_by_ved_rank_through_the_stage_ranker_and_its_benchmark(project, monkeypatch, tmp_path):
+    """`evaluate.grc_drafts: ved` (what evaluate and candidates call through `load_ranker`): GRC-SFT's
+    two-pass lists with VED's drafts equal an explicit `rank_with_grc` under that config; they hold
+    real, distinct items outside the history and differ from the beam-draft lists. benchmarks.grc_drafts
+    ranks both sources on the trained run and records its validation choice."""
+    from dataclasses import replace
+
+    import numpy as np
+
+    import benchmarks.common
+    from benchmarks import grc_drafts
+    from grc_core.evaluation import rank_with_grc
+    from tasks.artifacts import (decode_config, item_index, load_baseline, load_grc, load_ranker, load_split,
+                                 sasrec_log_probs)
+    from tasks.params import load_params
+
+    root = project["root"]
+    data_dir = f"data.data_dir={json.dumps(str(root / 'data'))}"
+    params = load_params(root / "params.yaml", [data_dir])
+    out, ev = params.dataset_dir(), params.evaluate
+    table, trie, _, _ = item_index(out, params.dataset.attributes, "cpu")
+    inst = load_split(out, "test", params.data.max_history)
+    ranked = {}
+    for source in ("beam", "ved"):
+        decode = decode_config(replace(ev, grc_drafts=source), ev.beam, params.vstar.ved_test)
+        assert (decode.draft_ved is not None) == (source == "ved")
+        ranked[source], _ = load_ranker("grc_sft", out, params.dataset.attributes, "cpu", decode, 16, True,
+                                        ev.cf_weight)(inst)
+    decode = decode_config(replace(ev, grc_drafts="ved"), ev.beam, params.vstar.ved_test)
+    direct, _ = rank_with_grc(load_grc(out, "grc_sft"), inst, table, trie, decode, 16, exclude_history=True,
+                              item_logp=sasrec_log_probs(load_baseline(out)))
+    assert np.array_equal(ranked["ved"], direct)
+    for row, hist in zip(ranked["ved"], inst.history.numpy()):
+        items = row[row >= 0]
+        assert len(items) > 0 and items.max() < table.codes.shape[0]
+        assert len(set(items.tolist())) == len(items)
+        assert not set(items.tolist()) & set(hist[hist >= 0].tolist())
+    assert not np.array_equal(ranked["ved"], ranked["beam"])
+    monkeypatch.setattr(benchmarks.common, "RESULTS", tmp_path)
+    monkeypatch.setattr(grc_drafts, "load_params", lambda overrides: load_params(root / "params.yaml", overrides))
+    report = grc_drafts.main(["-S", data_dir, "-S", f"data.reports_dir={json.dumps(str(root / 'reports'))}",
+                              "--valid-users", "12", "--test-users", "12", "--bootstrap", "50"])
+    got = report["methods"]["grc_sft"]
+    assert got["chosen"] in ("beam", "ved") and got["test"]["users"] == got["valid"]["users"] == 12
+    assert (tmp_path / f"grc_drafts_{params.data.dataset}.json").exists()
+
+
 def test_second_repro_skips_every_stage(project):
     again = project["dvc"]("repro")
     assert again.returncode == 0, again.stderr

@@ -446,3 +446,93 @@ def test_grc_with_a_collaborative_value_fuses_both_passes():
     assert bool(((fused.corrected.scores[live] - cf_part) <= start + 1e-5).all())
     with pytest.raises(ValueError, match="needs the collaborative model's item_logp"):
         grc_decode(model, batch, trie, decode(width=6, cf_weight=2.0))
+
+
+def _ved(**kw):
+    from grc_core.config import VEDConfig
+
+    return VEDConfig(**{"init_beam": 2, "candidates": 1, "budget": 12, "entropy_weight": 0.1, "ucb_beta": 1.0,
+                        "expand": "greedy", "max_iters": 50, **kw})
+
+
+@pytest.mark.parametrize("cf_weight", [0.0, 2.0])
+@torch.inference_mode()
+def test_given_drafts_reproduce_the_beams_two_pass_decode(cf_weight):
+    # The beam's own drafts handed back as `draft_items`, shuffled: the teacher-forced scores and cache
+    # give the same drafts, reflections, corrections and final list as the beam's incremental cache.
+    model, table, trie, batch = _setup(num_attrs=1, seed=5)
+    n_items = trie.ids.shape[0]
+    item_logp = torch.log_softmax(torch.randn(3, n_items, generator=torch.Generator().manual_seed(1)) * 3, -1)
+    cfg = decode(width=7, rank_rule="union", alpha_e=0.3, cf_weight=cf_weight)
+    beam = grc_decode(model, batch, trie, cfg, item_logp=item_logp)
+    shuffled = beam.drafts.items[:, torch.randperm(7, generator=torch.Generator().manual_seed(2))]
+    given = grc_decode(model, batch, trie, decode(width=7, rank_rule="union", alpha_e=0.3, cf_weight=cf_weight,
+                                                  draft_ved=_ved()), item_logp=item_logp, draft_items=shuffled)
+    assert torch.equal(given.drafts.items, beam.drafts.items)
+    assert torch.equal(given.drafts.codes, beam.drafts.codes)
+    torch.testing.assert_close(given.drafts.scores, beam.drafts.scores, atol=1e-5, rtol=0)
+    assert torch.equal(given.reflection, beam.reflection)
+    torch.testing.assert_close(given.entropy, beam.entropy, atol=1e-5, rtol=0)
+    assert torch.equal(given.corrected.items, beam.corrected.items)
+    torch.testing.assert_close(given.corrected.scores, beam.corrected.scores, atol=1e-4, rtol=0)
+    assert torch.equal(given.items, beam.items)
+
+
+@torch.inference_mode()
+def test_given_drafts_pad_short_lists_and_need_the_ved_setting():
+    model, table, trie, batch = _setup(num_attrs=1, seed=6)
+    items = torch.tensor([[3, -1, 0], [5, 6, -1], [-1, -1, -1]])
+    res = grc_decode(model, batch, trie, decode(width=5, rank_rule="union", draft_ved=_ved()), draft_items=items)
+    assert sorted(res.drafts.items[0, :2].tolist()) == [0, 3] and res.drafts.items[2].tolist() == [-1] * 5
+    assert (res.drafts.items[:, 2:][:2] == -1).all() and (res.drafts.codes[res.drafts.items < 0] == -1).all()
+    assert torch.isinf(res.drafts.scores[res.drafts.items < 0]).all()
+    assert torch.isfinite(res.drafts.scores[res.drafts.items >= 0]).all()
+    for row in res.items[:2].tolist():  # corrections of the drafts fill the list: distinct real items
+        real = [i for i in row if i >= 0]
+        assert len(real) == len(set(real)) == 5
+    assert res.items[2].tolist() == [-1] * 5  # no draft, nothing to correct
+    with pytest.raises(ValueError, match="draft_items are given exactly when"):
+        grc_decode(model, batch, trie, decode(width=5), draft_items=items)
+    with pytest.raises(ValueError, match="draft_items are given exactly when"):
+        grc_decode(model, batch, trie, decode(width=5, draft_ved=_ved()))
+    with pytest.raises(ValueError, match="draft_ved must be a VEDConfig"):
+        decode(width=5, draft_ved={"init_beam": 2})
+
+
+def test_rank_with_grc_draws_its_drafts_by_ved_with_sasrecs_value():
+    from grc_core.cf_value import item_prefix_nodes, prefix_values
+    from grc_core.data import make_instances
+    from grc_core.evaluation import history_mask, rank_with_grc
+    from grc_core.ved import CFValue, ved_decode
+
+    model, table, trie, _ = _setup(num_attrs=1, seed=8)
+    inst = make_instances(range(3), [[0, 1, 2], [3], [4, 5, 6, 7]], [8, 9, 10], max_len=6)
+    n_items = trie.ids.shape[0]
+    logp_all = torch.log_softmax(torch.randn(3, n_items, generator=torch.Generator().manual_seed(4)) * 3, -1)
+    item_logp = lambda part: logp_all[part.user]  # noqa: E731
+    ved_cfg = _ved(init_beam=2, budget=10)
+    cfg = decode(width=8, rank_rule="union", cf_weight=1.0, draft_ved=ved_cfg)
+    items, _ = rank_with_grc(model, inst, table, trie, cfg, batch_size=2, exclude_history=True, item_logp=item_logp)
+    # the drafts are VED's candidates under V_cf, then reflected on and corrected
+    exclude = history_mask(inst.history, n_items)
+    batch = to_batch_for(inst, table)
+    value = CFValue(prefix_values(logp_all, item_prefix_nodes(trie), trie, exclude))
+    from dataclasses import replace
+    found = ved_decode(model.seq, batch, trie, replace(ved_cfg, candidates=8), value, exclude)
+    with torch.inference_mode():
+        direct = grc_decode(model, batch, trie, cfg, exclude, logp_all, found.items)
+    assert items.tolist() == direct.items.tolist()
+    assert set(direct.drafts.items[0].tolist()) - {-1} == set(found.items[0].tolist()) - {-1}
+    for u, row in enumerate(items.tolist()):
+        real = [i for i in row if i >= 0]
+        assert len(real) == len(set(real)) and not set(real) & set(inst.history[u][inst.history[u] >= 0].tolist())
+    beam_drafts = grc_decode(model, batch, trie, replace(cfg, draft_ved=None), exclude, logp_all).drafts.items
+    assert not torch.equal(direct.drafts.items, beam_drafts)  # VED's tree is not the beam
+    with pytest.raises(ValueError, match="need the collaborative model's item_logp"):
+        rank_with_grc(model, inst, table, trie, replace(cfg, cf_weight=0.0), batch_size=2)
+
+
+def to_batch_for(inst, table):
+    from grc_core.data import to_batch
+
+    return to_batch(inst, table, with_target=False)
