@@ -24,13 +24,16 @@ import numpy as np
 import polars as pl
 
 from benchmarks.common import commit, save, stamp
+from grc_core import metrics as M
 
 Z_05, Z_80 = 1.959964, 0.841621
 
 
 def hits(path: Path) -> dict[int, float]:
+    """Recall@10 per user of one rank file (1-based target ranks, 0 = not retrieved)."""
     frame = pl.read_parquet(path)
-    return {int(u): float(0 <= r < 10) for u, r in zip(frame["user_id"].to_list(), frame["rank"].to_list())}
+    hit = M.per_user_metrics(frame["rank"].to_numpy(), (10,), ())["recall@10"]
+    return dict(zip(frame["user_id"].to_list(), hit.tolist()))
 
 
 def power_of(a: dict[int, float], b: dict[int, float]) -> dict:

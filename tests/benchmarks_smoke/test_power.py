@@ -12,8 +12,9 @@ from benchmarks.power import hits, power_of
 
 def test_power_of_by_hand(tmp_path):
     # a hits users 1, 2; b hits user 1 only; user 5 is b's alone and is left out
-    pl.DataFrame({"user_id": [1, 2, 3, 4], "rank": [0, 9, 10, -1]}).write_parquet(tmp_path / "a.parquet")
-    pl.DataFrame({"user_id": [1, 2, 3, 4, 5], "rank": [3, 12, -1, 50, 0]}).write_parquet(tmp_path / "b.parquet")
+    # (1-based target ranks, 0 = not retrieved, as the evaluate stage writes them)
+    pl.DataFrame({"user_id": [1, 2, 3, 4], "rank": [1, 10, 11, 0]}).write_parquet(tmp_path / "a.parquet")
+    pl.DataFrame({"user_id": [1, 2, 3, 4, 5], "rank": [4, 13, 0, 50, 1]}).write_parquet(tmp_path / "b.parquet")
     a, b = hits(tmp_path / "a.parquet"), hits(tmp_path / "b.parquet")
     assert a == {1: 1.0, 2: 1.0, 3: 0.0, 4: 0.0}
     got = power_of(a, b)
