@@ -77,7 +77,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -284,7 +284,7 @@ class DecodeConfig:
     cf_weight: float  # w of the collaborative prefix value in both passes (0: off; module docstring)
     # VED's settings for the drafts (module docstring, "Drafts from another decoder"), read by the caller that
     # draws them (grc_core.evaluation.rank_with_grc); None: the drafts are the backbone's beam
-    draft_ved: VEDConfig | None = field(default=None)
+    draft_ved: VEDConfig | None = None
 
     def __post_init__(self) -> None:
         if not _is_int(self.width) or self.width < 1:
