@@ -17,6 +17,8 @@ tokenizer and backbone.
   a log pi_A + b log pi_B + w log p_SASRec are chosen on the first half ("fit") and read on the
   second ("check"), paired (bootstrap) against run A's `tiger_cf` as decoded, and against the
   same union scored without run B (b = 0: what the larger candidate set alone gives).
+- `tiger_cf_a_plus_b` has one free weight: run A's own scoring, log pi_A + w_A log p_SASRec,
+  plus b log pi_B, with b from the same grid (b = 0 is `tiger_cf`'s rule on the union).
 Writes benchmarks/results/id_ensemble_<dataset><tag>.json.
 """
 
@@ -89,6 +91,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--seed", type=int, default=0, help="seed of the fit/check split of the users")
     ap.add_argument("--bootstrap", type=int, default=1000)
     ap.add_argument("--tag", default="", help="suffix of the JSON's name")
+    ap.add_argument("--cache", type=Path, default=None,
+                    help="an .npz of the decoded beams and candidate scores: written if absent, read if present")
     args = ap.parse_args(argv)
     params = load_params(overrides=args.set)
     dataset = params.data.dataset
@@ -101,23 +105,34 @@ def main(argv: list[str] | None = None) -> dict:
     inst = subset(load_split(runs[0], "valid", params.data.max_history), args.users, params.evaluate.users_seed)
     item_logp = sasrec_log_probs(load_baseline(runs[0]))
     excl = params.data.exclude_history
-    beams, models, t0 = [], [], time.perf_counter()
-    for run, w in zip(runs, args.cf_weights):
-        table, trie, _, _ = item_index(run, params.dataset.attributes, "cpu")
-        backbone = load_backbone(run)
-        items, _ = rank_with_backbone(backbone, inst, table, trie, args.beam, 64, exclude_history=excl,
-                                      item_logp=item_logp, cf_weight=w)
-        beams.append(items)
-        models.append((backbone, table))
-    decode_s = time.perf_counter() - t0
-    cand = union_candidates(beams[0][:, :args.top], beams[1][:, :args.top])  # (U, C)
-    t0 = time.perf_counter()
-    lp_a, lp_b = (teacher_forced(m, inst, tb, cand, args.batch) for m, tb in models)
-    score_s = time.perf_counter() - t0
-    logp = torch.cat([item_logp(inst.select(torch.arange(s, min(s + 64, len(inst))))) for s in range(0, len(inst), 64)])
-    if excl:
-        logp = logp.masked_fill(history_mask(inst.history, logp.shape[1]), float("-inf"))
-    sas = np.take_along_axis(logp.numpy(), np.where(cand >= 0, cand, 0), 1)  # (U, C)
+    if args.cache is not None and args.cache.exists():  # the decodes and scores of an earlier run
+        with np.load(args.cache) as z:
+            beams, cand, lp_a, lp_b, sas = [z["beam_a"], z["beam_b"]], z["cand"], z["lp_a"], z["lp_b"], z["sas"]
+            decode_s, score_s = float(z["decode_s"]), float(z["score_s"])
+        if len(cand) != len(inst):
+            raise ValueError(f"{args.cache}: {len(cand)} users cached, {len(inst)} asked for (--users)")
+    else:
+        beams, models, t0 = [], [], time.perf_counter()
+        for run, w in zip(runs, args.cf_weights):
+            table, trie, _, _ = item_index(run, params.dataset.attributes, "cpu")
+            backbone = load_backbone(run)
+            items, _ = rank_with_backbone(backbone, inst, table, trie, args.beam, 64, exclude_history=excl,
+                                          item_logp=item_logp, cf_weight=w)
+            beams.append(items)
+            models.append((backbone, table))
+        decode_s = time.perf_counter() - t0
+        cand = union_candidates(beams[0][:, :args.top], beams[1][:, :args.top])  # (U, C)
+        t0 = time.perf_counter()
+        lp_a, lp_b = (teacher_forced(m, inst, tb, cand, args.batch) for m, tb in models)
+        score_s = time.perf_counter() - t0
+        logp = torch.cat([item_logp(inst.select(torch.arange(s, min(s + 64, len(inst)))))
+                          for s in range(0, len(inst), 64)])
+        if excl:
+            logp = logp.masked_fill(history_mask(inst.history, logp.shape[1]), float("-inf"))
+        sas = np.take_along_axis(logp.numpy(), np.where(cand >= 0, cand, 0), 1)  # (U, C)
+        if args.cache is not None:
+            np.savez(args.cache, beam_a=beams[0], beam_b=beams[1], cand=cand, lp_a=lp_a, lp_b=lp_b, sas=sas,
+                     decode_s=decode_s, score_s=score_s)
 
     pad = cand < 0  # never ranked (hits_and_gains masks it); zeros keep 0 * -inf out of the sums
     lp_a[pad] = lp_b[pad] = sas[pad] = 0.0
@@ -127,17 +142,23 @@ def main(argv: list[str] | None = None) -> dict:
     grid = {(a, b, w): a * lp_a + b * lp_b + w * sas for a in A_WEIGHTS for b in B_WEIGHTS for w in CF_WEIGHTS}
     both = best_on(fit, c, grid)
     alone = best_on(fit, c, {k: v for k, v in grid.items() if k[1] == 0})
+    # one free weight: run A's tiger_cf scoring (log pi_A + w_A log p_SASRec) plus b log pi_B
+    fixed = {b: lp_a + b * lp_b + args.cf_weights[0] * sas for b in B_WEIGHTS}
+    b_fixed = best_on(fit, c, fixed)
     check = ~fit
     per = {"tiger_cf_a": in_order(beams[0][check], c["targets"][check]),  # each run's tiger_cf as decoded
            "tiger_cf_b": in_order(beams[1][check], c["targets"][check]),
            "union_a_sasrec": hits_and_gains(cand[check], grid[alone][check], c["targets"][check]),
-           "union_a_b_sasrec": hits_and_gains(cand[check], grid[both][check], c["targets"][check])}
+           "union_a_b_sasrec": hits_and_gains(cand[check], grid[both][check], c["targets"][check]),
+           "tiger_cf_a_plus_b": hits_and_gains(cand[check], fixed[b_fixed][check], c["targets"][check])}
     report["users"] = {"all": n, "fit": int(fit.sum()), "check": int(check.sum())}
-    report["chosen"] = {"union_a_sasrec": dict(zip("abw", alone)), "union_a_b_sasrec": dict(zip("abw", both))}
+    report["chosen"] = {"union_a_sasrec": dict(zip("abw", alone)), "union_a_b_sasrec": dict(zip("abw", both)),
+                        "tiger_cf_a_plus_b": {"a": 1.0, "b": b_fixed, "w": args.cf_weights[0]}}
     report["check"] = {k: {m: float(v.mean()) for m, v in p.items()} for k, p in per.items()}
     report["check_paired"] = {f"{k}_vs_{base}": {m: M.paired_bootstrap(per[base][m], per[k][m], args.bootstrap, 0)
                                                 for m in ("recall@10", "ndcg@10")}
-                              for k, base in (("union_a_b_sasrec", "tiger_cf_a"), ("union_a_b_sasrec", "union_a_sasrec"),
+                              for k, base in (("tiger_cf_a_plus_b", "tiger_cf_a"),
+                                              ("union_a_b_sasrec", "tiger_cf_a"), ("union_a_b_sasrec", "union_a_sasrec"),
                                               ("union_a_sasrec", "tiger_cf_a"), ("tiger_cf_b", "tiger_cf_a"))}
     report["candidates"] = {"mean": float((cand >= 0).sum(1).mean()),
                             "target_among": float((cand == c["targets"][:, None]).any(1)[check].mean())}
