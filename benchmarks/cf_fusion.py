@@ -63,6 +63,16 @@ def late_fusions(tiger_items, tiger_scores, sas_logp: torch.Tensor, sas_items, w
     return rrf, linear
 
 
+def masked_log_probs(item_logp, inst, batch: int, exclude_history: bool) -> torch.Tensor:
+    """SASRec's log-probabilities over the catalog for every instance (U, N), in batches; the
+    user's history items -inf where `exclude_history` (as the beam and `sasrec_top` exclude them)."""
+    logp = torch.cat([item_logp(inst.select(torch.arange(a, min(a + batch, len(inst)))))
+                      for a in range(0, len(inst), batch)])  # (U, N)
+    if exclude_history:
+        logp = logp.masked_fill(history_mask(inst.history, logp.shape[1]), float("-inf"))
+    return logp
+
+
 def first_code_hits(ranked: np.ndarray, targets: np.ndarray, codes: np.ndarray) -> float:
     top = ranked[:, 0]
     ok = top >= 0
@@ -89,10 +99,7 @@ def rank_all(params, split: str, n_users: int, weights, beam: int, batch: int, l
         out[f"tiger_cf@{w}_s"] = time.perf_counter() - t0
     histories = [h[h >= 0].tolist() for h in inst.history.numpy()]
     out["sasrec"] = sasrec_top(sasrec, histories, beam, batch, excl)
-    logp = torch.cat([item_logp(inst.select(torch.arange(a, min(a + batch, len(inst)))))
-                      for a in range(0, len(inst), batch)])  # (U, N)
-    if excl:
-        logp = logp.masked_fill(history_mask(inst.history, logp.shape[1]), float("-inf"))
+    logp = masked_log_probs(item_logp, inst, batch, excl)  # (U, N)
     rrf, linear = late_fusions(out["tiger"][0], out["tiger"][1], logp, out["sasrec"][0], beam,
                                weights if linear_weights is None else linear_weights)
     out["rrf"] = (rrf, None)

@@ -28,9 +28,10 @@ import time
 import numpy as np
 import torch
 
+from benchmarks.cf_fusion import masked_log_probs
 from benchmarks.common import commit, save, stamp
 from grc_core import metrics as M
-from grc_core.evaluation import history_mask, rank_with_backbone
+from grc_core.evaluation import rank_with_backbone
 from tasks.artifacts import item_index, load_backbone, load_baseline, load_split, sasrec_log_probs, subset
 from tasks.params import load_params
 
@@ -52,11 +53,7 @@ def candidates(params, n_users: int, weight: float, beam: int, batch: int) -> di
     items, fused = rank_with_backbone(load_backbone(out_dir), inst, table, trie, beam, batch, exclude_history=excl,
                                       item_logp=item_logp, cf_weight=weight)
     decode_s = time.perf_counter() - t0
-    logp = torch.cat([item_logp(inst.select(torch.arange(a, min(a + batch, len(inst)))))
-                      for a in range(0, len(inst), batch)])  # (U, N)
-    if excl:
-        logp = logp.masked_fill(history_mask(inst.history, logp.shape[1]), float("-inf"))
-    logp = logp.numpy()
+    logp = masked_log_probs(item_logp, inst, batch, excl).numpy()  # (U, N)
     sas = np.take_along_axis(logp, np.where(items >= 0, items, 0), 1)  # (U, W)
     # the beam's last level scores log pi + w * log p_SASRec (cf_value.prefix_values' last level)
     return {"items": items, "logpi": fused - weight * sas, "sas": sas, "targets": inst.target.numpy(),
@@ -79,12 +76,17 @@ def user_features(c: dict) -> dict[str, np.ndarray]:
             "entropy_gap": tiger_entropy - c["sas_entropy"]}
 
 
+def in_order(ranked: np.ndarray, targets: np.ndarray) -> dict[str, np.ndarray]:
+    """Per-user recall@10 and ndcg@10 of lists already in ranked order (padding -1)."""
+    per_user = M.per_user_metrics(M.target_ranks(ranked, targets), (10,), (10,))
+    return {"recall@10": per_user["recall@10"], "ndcg@10": per_user["ndcg@10"]}
+
+
 def hits_and_gains(items: np.ndarray, score: np.ndarray, targets: np.ndarray) -> dict[str, np.ndarray]:
     """Per-user recall@10 and ndcg@10 of the candidates ordered by `score` (padding last)."""
     order = np.argsort(-np.where(items >= 0, score, -np.inf), 1, kind="stable")
-    ranked = np.where(np.take_along_axis(items >= 0, order, 1), np.take_along_axis(items, order, 1), -1)
-    per_user = M.per_user_metrics(M.target_ranks(ranked, targets), (10,), (10,))
-    return {"recall@10": per_user["recall@10"], "ndcg@10": per_user["ndcg@10"]}
+    return in_order(np.where(np.take_along_axis(items >= 0, order, 1), np.take_along_axis(items, order, 1), -1),
+                    targets)
 
 
 def best_on(fit: np.ndarray, c: dict, scores: dict) -> str:

@@ -32,11 +32,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from benchmarks.cf_fusion import masked_log_probs
 from benchmarks.common import commit, save, stamp
-from benchmarks.fusion_ceiling import best_on, hits_and_gains
+from benchmarks.fusion_ceiling import best_on, hits_and_gains, in_order
 from grc_core import metrics as M
 from grc_core.data import to_batch
-from grc_core.evaluation import history_mask, rank_with_backbone
+from grc_core.evaluation import rank_with_backbone
 from grc_core.grc import expand_memory
 from tasks.artifacts import item_index, load_backbone, load_baseline, load_split, sasrec_log_probs, subset
 from tasks.params import load_params
@@ -53,12 +54,6 @@ def union_candidates(a: np.ndarray, b: np.ndarray) -> np.ndarray:
         kept = list(dict.fromkeys(i for i in items.tolist() if i >= 0))
         out[row, :len(kept)] = kept
     return out
-
-
-def in_order(ranked: np.ndarray, targets: np.ndarray) -> dict[str, np.ndarray]:
-    """Per-user recall@10 and ndcg@10 of lists already in ranked order."""
-    per_user = M.per_user_metrics(M.target_ranks(ranked, targets), (10,), (10,))
-    return {"recall@10": per_user["recall@10"], "ndcg@10": per_user["ndcg@10"]}
 
 
 @torch.inference_mode()
@@ -125,10 +120,7 @@ def main(argv: list[str] | None = None) -> dict:
         t0 = time.perf_counter()
         lp_a, lp_b = (teacher_forced(m, inst, tb, cand, args.batch) for m, tb in models)
         score_s = time.perf_counter() - t0
-        logp = torch.cat([item_logp(inst.select(torch.arange(s, min(s + 64, len(inst)))))
-                          for s in range(0, len(inst), 64)])
-        if excl:
-            logp = logp.masked_fill(history_mask(inst.history, logp.shape[1]), float("-inf"))
+        logp = masked_log_probs(item_logp, inst, 64, excl)  # (U, N)
         sas = np.take_along_axis(logp.numpy(), np.where(cand >= 0, cand, 0), 1)  # (U, C)
         if args.cache is not None:
             np.savez(args.cache, beam_a=beams[0], beam_b=beams[1], cand=cand, lp_a=lp_a, lp_b=lp_b, sas=sas,
