@@ -11,6 +11,11 @@ first codes, where most of TIGER's drafts already go wrong; at the last level th
 is log pi(y | x) + w * log p_cf(item | x). Not in the GRC, TIGER or V-STAR papers: V-STAR learns
 a prefix value from the policy's own states; this one is read off a second model. Items the user
 must not get (the history, `exclude`) carry no mass.
+
+The same sums also teach (`level_soft_targets`, the backbone's `cf_distill`): at level l of a
+training target y, the collaborative model's distribution over the next code given the target's
+own first l codes, q_l(c) = sum_{i under y<l, c} p_cf(i | x)^(1/T) / sum_{i under y<l} p_cf(i | x)^(1/T),
+a soft label the backbone's cross-entropy at that level is mixed with.
 """
 
 from __future__ import annotations
@@ -52,3 +57,24 @@ def prefix_values(item_logp: torch.Tensor, prefix_nodes: list[torch.Tensor], tri
     out = [segment_logsumexp(logp, nodes, trie.num_nodes(level + 1))
            for level, nodes in enumerate(prefix_nodes)]
     return out + [logp]
+
+
+def level_soft_targets(item_logp: torch.Tensor, codes: torch.Tensor, target_codes: torch.Tensor,
+                       level_sizes: list[int], temperature: float = 1.0) -> list[torch.Tensor]:
+    """The collaborative model's next-code distribution under each teacher-forced prefix.
+
+    `item_logp` (B, N): log p_cf(i | x); `codes` (N, L): every item's semantic ID; `target_codes`
+    (B, L): the training targets' IDs. Returns, per level l, (B, V_l) log q_l(c | x, y<l): the
+    mass of the items under prefix y<l followed by code c, tempered by 1/`temperature` and
+    renormalised over the codes (the target's own code always carries some, so no row is empty).
+    """
+    if temperature <= 0:
+        raise ValueError(f"level_soft_targets: temperature must be > 0, got {temperature}")
+    logp = item_logp / temperature  # (B, N)
+    same = torch.ones_like(logp, dtype=torch.bool)  # (B, N) items under the target's prefix so far
+    out = []
+    for level, size in enumerate(level_sizes):
+        masked = logp.masked_fill(~same, float("-inf"))  # (B, N)
+        out.append(torch.log_softmax(segment_logsumexp(masked, codes[:, level], size), -1))  # (B, V_l)
+        same = same & (codes[:, level][None, :] == target_codes[:, level][:, None])  # (B, N)
+    return out

@@ -267,9 +267,21 @@ def _init(module: nn.Module) -> None:
         nn.init.normal_(module.weight, std=0.02)
 
 
-def sequence_loss(logits: list[torch.Tensor], target_codes: torch.Tensor) -> torch.Tensor:
-    """Eq. 1: sum over levels of the cross-entropy of each level's code, averaged over the batch."""
-    return sum(F.cross_entropy(lg, target_codes[:, j]) for j, lg in enumerate(logits))
+def sequence_loss(logits: list[torch.Tensor], target_codes: torch.Tensor,
+                  soft_targets: list[torch.Tensor] | None = None, soft_weight: float = 0.0) -> torch.Tensor:
+    """Eq. 1: sum over levels of the cross-entropy of each level's code, averaged over the batch.
+
+    With `soft_targets` (per level (B, V_l) log-probabilities, e.g. `cf_value.level_soft_targets`)
+    each level's label is the mixture (1 - soft_weight) * one-hot + soft_weight * q_l.
+    """
+    if soft_targets is None or soft_weight == 0.0:
+        return sum(F.cross_entropy(lg, target_codes[:, j]) for j, lg in enumerate(logits))
+    loss = torch.zeros((), device=logits[0].device)
+    for j, (lg, q) in enumerate(zip(logits, soft_targets)):
+        hard = F.cross_entropy(lg, target_codes[:, j])
+        soft = -(q.exp() * torch.log_softmax(lg, -1)).sum(-1).mean()  # H(q_l, pi_l); exp(-inf) = 0
+        loss = loss + (1.0 - soft_weight) * hard + soft_weight * soft
+    return loss
 
 
 class DecodeState(NamedTuple):

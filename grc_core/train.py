@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from grc_core import distributed
+from grc_core.cf_value import level_soft_targets
 from grc_core.config import TrainConfig
 from grc_core.data import Instances, ItemTable, to_batch
 from grc_core.device import set_threads
@@ -203,12 +204,27 @@ def fit(
 def fit_seq2seq(model: nn.Module, train: Instances, valid: Instances, table: ItemTable, trie: PrefixTrie, cfg: TrainConfig, ckpt: Checkpoints,
                 valid_beam: int, eval_batch_size: int, exclude_history: bool,
                 log: Callable[[dict[str, Any]], None] | None = None,
-                on_step: Callable[[int, int, float], None] | None = None) -> TrainerState:
+                on_step: Callable[[int, int, float], None] | None = None,
+                teacher: Callable[[Instances], torch.Tensor] | None = None, distill_weight: float = 0.0,
+                distill_temperature: float = 1.0) -> TrainerState:
     """The backbone's training: teacher-forced cross-entropy on every instance of `train`, selection on `valid` Recall@10 by beam search at `valid_beam`;
-    `fit` under `cfg`, resuming from `ckpt`. Leaves the best checkpoint's weights in `model`."""
+    `fit` under `cfg`, resuming from `ckpt`. Leaves the best checkpoint's weights in `model`.
+
+    With a `teacher` (instances -> (B, N) item log-probabilities, e.g. SASRec's) and
+    `distill_weight` > 0, each level's label mixes in the teacher's next-code distribution under the
+    target's prefix (`cf_value.level_soft_targets` at `distill_temperature`; `model.sequence_loss`)."""
+
     def loss_fn(m: nn.Module, idx: torch.Tensor) -> torch.Tensor:
-        batch = to_batch(train.select(idx), table)
-        return sequence_loss(m(batch), batch.target_codes)
+        inst = train.select(idx)
+        batch = to_batch(inst, table)
+        logits = m(batch)
+        if teacher is None or distill_weight == 0.0:
+            return sequence_loss(logits, batch.target_codes)
+        with torch.no_grad():
+            item_logp = teacher(inst).to(batch.target_codes.device)  # (B, N)
+            soft = level_soft_targets(item_logp, table.codes, batch.target_codes,
+                                      [lg.shape[-1] for lg in logits], distill_temperature)
+        return sequence_loss(logits, batch.target_codes, soft, distill_weight)
 
     def evaluate(m: nn.Module) -> dict[str, float]:
         ranked, _ = rank_with_backbone(m, valid, table, trie, valid_beam, eval_batch_size,

@@ -18,7 +18,7 @@ from prefect import task
 from grc_core import distributed
 from grc_core.device import resolve_device
 from grc_core.model import count_flops_per_sample
-from tasks.artifacts import item_index, load_split, promote_best, subset, write_log
+from tasks.artifacts import item_index, load_baseline, load_split, promote_best, sasrec_log_probs, subset, write_log
 from tasks.params import Params
 from tasks.stages import fingerprint
 from tasks.training import fit_backbone
@@ -34,9 +34,10 @@ def train_backbone(params: Params) -> dict:
     work = out_dir / "backbone"
     log_path = params.reports_dir() / "backbone_log.csv"
     log_path.parent.mkdir(parents=True, exist_ok=True)
+    teacher = sasrec_log_probs(load_baseline(out_dir, device)) if bb.cf_distill > 0 else None
     t0 = time.perf_counter()
     model, state = fit_backbone(params, train, valid, table, trie, level_sizes, attr_sizes, bb.train,
-                                work / "ckpt", fingerprint(params, "backbone"))
+                                work / "ckpt", fingerprint(params, "backbone"), teacher=teacher)
     wall = time.perf_counter() - t0
     if distributed.rank_world()[0] == 0:  # under torchrun (tasks/ddp.py) rank 0 alone writes
         write_log(log_path, state.history)

@@ -117,6 +117,8 @@ class BackboneConfig:
     valid_beam: int
     valid_users: int
     eval_batch_size: int
+    cf_distill: float  # weight of SASRec's next-code distribution in each level's label (0: off)
+    cf_distill_temperature: float  # its temperature
 
 
 @dataclass(frozen=True)

@@ -116,7 +116,9 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
           metrics=("tokenize.json",), pool="cpu"),
     Stage("backbone",
           params=("data.max_history", "data.exclude_history", "datasets", "backbone"),
-          inputs=("splits", "items.parquet", "tokenizer"),
+          comment=("sasrec: read only when backbone.cf_distill > 0; under the default cf IDs a new SASRec "
+                   "changes the tokenizer, which re-runs this stage anyway"),
+          inputs=("splits", "items.parquet", "tokenizer", "sasrec/model.safetensors"),
           outs=(Out("backbone", persist=True, why="keeps ckpt/last so an interrupted run resumes"),),
           metrics=("backbone.json",),
           plots=(Plot("backbone_log.csv", "epoch", "valid_recall@10"),)),

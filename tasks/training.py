@@ -4,6 +4,7 @@ cross-fitted fold backbones train the same way)."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -24,9 +25,12 @@ def build_model(cfg: ModelConfig, level_sizes: list[int], attr_sizes: list[int],
 
 def fit_backbone(params: Params, train: Instances, valid: Instances, table: ItemTable, trie: PrefixTrie,
                  level_sizes: list[int], attr_sizes: list[int], cfg: TrainConfig, ckpt_dir: Path,
-                 fingerprint: str, desc: str = "") -> tuple[Seq2Seq, TrainerState]:
+                 fingerprint: str, desc: str = "", teacher: Callable[[Instances], torch.Tensor] | None = None
+                 ) -> tuple[Seq2Seq, TrainerState]:
     """Train a backbone on `train` under `cfg` (resuming from `ckpt_dir`), select on `valid`
-    Recall@10; returns the model with the best checkpoint's weights and the trainer state."""
+    Recall@10; returns the model with the best checkpoint's weights and the trainer state. With a
+    `teacher` (SASRec's item log-probabilities), each level's label mixes in its next-code
+    distribution at `backbone.cf_distill` (`grc_core.train.fit_seq2seq`)."""
     bb = params.backbone
     model = build_model(bb.model, level_sizes, attr_sizes, cfg.seed).to(table.codes.device)
 
@@ -35,6 +39,7 @@ def fit_backbone(params: Params, train: Instances, valid: Instances, table: Item
 
     bar, on_step = epoch_progress(desc)
     state = fit_seq2seq(model, train, valid, table, trie, cfg, Checkpointer(ckpt_dir, fingerprint), bb.valid_beam,
-                        bb.eval_batch_size, params.data.exclude_history, log, on_step)
+                        bb.eval_batch_size, params.data.exclude_history, log, on_step, teacher=teacher,
+                        distill_weight=bb.cf_distill, distill_temperature=bb.cf_distill_temperature)
     bar.close()
     return model.eval(), state

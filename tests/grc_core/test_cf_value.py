@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from grc_core.beam_search import beam_search, exhaustive_scores
-from grc_core.cf_value import item_prefix_nodes, prefix_values, segment_logsumexp
+from grc_core.cf_value import item_prefix_nodes, level_soft_targets, prefix_values, segment_logsumexp
+from grc_core.model import sequence_loss
 from grc_core.trie import PrefixTrie
 from tests.grc_core.test_beam_search import TableStub
 
@@ -73,3 +74,35 @@ def test_the_value_keeps_a_prefix_the_model_alone_prunes():
     # weight 0 is the plain search exactly
     zero = beam_search(model, users, trie, 1, values=prefix_values(cf, item_prefix_nodes(trie), trie), value_weight=0.0)
     assert torch.equal(zero.items, plain.items) and torch.equal(zero.scores, plain.scores)
+
+
+def test_level_soft_targets_are_the_teacher_mass_under_the_target_prefix():
+    codes = torch.tensor([[0, 0], [0, 1], [1, 0], [2, 0], [2, 1]])  # the items of tiny_trie
+    p = torch.tensor([[0.1, 0.2, 0.3, 0.15, 0.25], [0.1, 0.2, 0.3, 0.15, 0.25]])
+    targets = torch.tensor([[2, 1], [0, 0]])  # row 0's target is item 4, row 1's item 0
+    q = level_soft_targets(p.log(), codes, targets, [3, 2])
+    assert q[0].exp()[0].tolist() == pytest.approx([0.3, 0.3, 0.4])  # level 1: every item counts
+    assert q[1].exp()[0].tolist() == pytest.approx([0.15 / 0.4, 0.25 / 0.4])  # under prefix 2: items 3, 4
+    assert q[1].exp()[1].tolist() == pytest.approx([0.1 / 0.3, 0.2 / 0.3])  # under prefix 0: items 0, 1
+    # temperature 1/2 squares the masses before renormalising
+    sharp = level_soft_targets(p.log(), codes, targets, [3, 2], temperature=0.5)
+    assert sharp[1].exp()[0].tolist() == pytest.approx([0.15 ** 2 / (0.15 ** 2 + 0.25 ** 2), 0.25 ** 2 / (0.15 ** 2 + 0.25 ** 2)])
+    # a code with no item under the prefix gets no mass: under prefix 1 only code 0 exists
+    lone = level_soft_targets(p.log()[:1], codes, torch.tensor([[1, 0]]), [3, 2])
+    assert lone[1].exp()[0].tolist() == pytest.approx([1.0, 0.0])
+    with pytest.raises(ValueError, match="temperature"):
+        level_soft_targets(p.log(), codes, targets, [3, 2], temperature=0.0)
+
+
+def test_sequence_loss_mixes_the_soft_label():
+    gen = torch.Generator().manual_seed(0)
+    logits = [torch.randn(4, 3, generator=gen), torch.randn(4, 2, generator=gen)]
+    targets = torch.tensor([[0, 1], [2, 0], [1, 1], [0, 0]])
+    hard = sequence_loss(logits, targets)
+    one_hot = [torch.nn.functional.one_hot(targets[:, j], n).float().log() for j, n in enumerate((3, 2))]
+    assert sequence_loss(logits, targets, one_hot, 0.7).item() == pytest.approx(hard.item())  # q = the one-hot
+    uniform = [torch.full((4, n), -math.log(n)) for n in (3, 2)]
+    by_hand = sum(0.5 * torch.nn.functional.cross_entropy(lg, targets[:, j])
+                  - 0.5 * torch.log_softmax(lg, -1).mean(-1).mean() for j, lg in enumerate(logits))
+    assert sequence_loss(logits, targets, uniform, 0.5).item() == pytest.approx(by_hand.item())
+    assert sequence_loss(logits, targets, uniform, 0.0).item() == pytest.approx(hard.item())

@@ -94,3 +94,43 @@ def test_patience_stops_early(tmp_path):
     out = fit(fresh(), 10, loss_fn, lambda m: {"recall@10": 0.0}, cfg, Checkpointer(tmp_path / "p", ""))
     # first eval sets best (0 > -inf), the next two do not improve -> stop after 3 epochs
     assert out.epoch == 3 and math.isclose(out.best_metric, 0.0)
+
+
+def test_fit_seq2seq_distils_the_teacher_next_code_distribution(tmp_path):
+    """A teacher whose mass sits on the target alone is the one-hot label (same weights as no
+    teacher); a teacher spread over the catalog moves the level-1 distribution towards its own."""
+    from grc_core.data import make_instances
+    from grc_core.train import fit_seq2seq
+    from grc_core.trie import PrefixTrie
+    from tests.grc_core.test_model import LEVELS, batch_for, catalog, tiny
+
+    table = catalog()
+    trie = PrefixTrie.from_ids(table.codes.numpy(), LEVELS)
+    gen = torch.Generator().manual_seed(3)
+    n = len(table.codes)
+    histories = [torch.randint(0, n, (4,), generator=gen).tolist() for _ in range(32)]
+    targets = torch.randint(0, n, (32,), generator=gen).tolist()
+    train = make_instances(range(32), histories, targets, max_len=6)
+    cfg = TrainConfig(epochs=2, batch_size=8, lr=0.01, weight_decay=0.0, warmup_steps=1, min_lr_ratio=0.1,
+                      grad_clip=1.0, eval_every=1, patience=0, seed=7, device="cpu", threads=0)
+    spread = torch.full((n,), -math.log(n))  # the uniform catalog
+
+    def run(name, teacher, weight):
+        model = tiny()
+        fit_seq2seq(model, train, train, table, trie, cfg, Checkpointer(tmp_path / name, name), 20, 16, False,
+                    teacher=teacher, distill_weight=weight)
+        return model
+
+    plain = run("plain", None, 0.0)
+    on_target = run("on_target", lambda inst: torch.where(
+        torch.arange(n)[None, :] == inst.target[:, None], 0.0, float("-inf")), 0.5)
+    uniform = run("uniform", lambda inst: spread.expand(len(inst), n), 1.0)
+    for a, b in zip(plain.parameters(), on_target.parameters()):
+        assert torch.allclose(a, b, atol=1e-6)
+    marginal = torch.bincount(table.codes[:, 0], minlength=LEVELS[0]).float() / n  # the uniform teacher's q_1
+    batch = batch_for(table, histories, targets)
+
+    def level1(model):
+        with torch.no_grad():
+            return torch.softmax(model.eval()(batch)[0], -1).mean(0)
+    assert (level1(uniform) - marginal).abs().sum() < (level1(plain) - marginal).abs().sum()

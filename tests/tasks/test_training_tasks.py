@@ -148,7 +148,7 @@ def project(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def backbone(project):
+def backbone(project, sasrec):  # the stage's fingerprint reads SASRec (backbone.cf_distill)
     params = project["params"]
     result = body(train_backbone)(params)
     work, log = params.dataset_dir() / "backbone", params.reports_dir() / "backbone_log.csv"
@@ -232,7 +232,7 @@ def test_backbone_restarts_when_a_param_it_reads_changes(project, backbone, tmp_
 
     src = project["params"].dataset_dir()
     dst = tmp_path / "data" / "tiny"
-    for rel in ("splits", "tokenizer", "backbone"):
+    for rel in ("splits", "tokenizer", "backbone", "sasrec"):
         shutil.copytree(src / rel, dst / rel)
     shutil.copy(src / "items.parquet", dst / "items.parquet")
     old = backbone["trainer"]["fingerprint"]

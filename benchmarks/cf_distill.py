@@ -1,0 +1,130 @@
+"""SASRec distilled into the backbone (`backbone.cf_distill`): does a TIGER trained on SASRec's
+next-code distributions make a better TIGER, and a better `tiger_cf`?
+
+    python -m benchmarks.cf_distill -S data.dataset=scientific --runs 0=/tmp/kd/l0/data 0.7=/tmp/kd/l7/data \\
+        [--weights 1 2 4] [--valid-users 3000] [--test-users 0] [--tag _s2026]
+
+Each `--runs` entry is `<backbone.cf_distill>=<data folder>` of a run whose backbone was trained
+with that weight (its stage report, reports/<dataset>/backbone.json beside the data folder, is
+copied into the JSON); the first is the reference (usually 0, no distillation). Every run shares the same splits, SASRec and IDs (only
+its backbone differs). On a fixed `--valid-users` subset of the validation split it decodes, per
+run, TIGER's beam and `tiger_cf` at each weight; the (run, w) with the best validation Recall@10
+(then NDCG@10) is the choice, as is the reference's own w. The test split is then read once for
+SASRec, the reference's TIGER and `tiger_cf`, and the chosen run's TIGER and `tiger_cf`, with
+paired bootstrap tests (chosen against reference, both against SASRec) and the first-code hit of
+the top item. Writes benchmarks/results/cf_distill_<dataset><tag>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks.cf_fusion import first_code_hits, metrics_of
+from benchmarks.common import commit, save, stamp
+from grc_core import metrics as M
+from grc_core.evaluation import rank_with_backbone
+from tasks.artifacts import item_index, load_backbone, load_baseline, load_split, sasrec_log_probs, sasrec_top, subset
+from tasks.params import load_params
+
+
+def run_setting(data_dir: Path, dataset: str) -> dict:
+    """A run's backbone stage report (reports/<dataset>/backbone.json beside its data folder)."""
+    report = data_dir.parent / "reports" / dataset / "backbone.json"
+    return json.loads(report.read_text()) if report.exists() else {}
+
+
+def decode(params, data_dir: Path, split: str, n_users: int, weights, beam: int, batch: int) -> dict:
+    """TIGER (w 0) and tiger_cf at each w of one run's backbone on `n_users` of `split`."""
+    out_dir = data_dir / params.data.dataset
+    inst = subset(load_split(out_dir, split, params.data.max_history), n_users, params.evaluate.users_seed)
+    table, trie, _, _ = item_index(out_dir, params.dataset.attributes, "cpu")
+    backbone, item_logp = load_backbone(out_dir), sasrec_log_probs(load_baseline(out_dir))
+    excl = params.data.exclude_history
+    out = {"targets": inst.target.numpy(), "codes": table.codes.numpy(), "inst": inst}
+    for w in [0.0, *weights]:
+        extra = {} if w == 0 else {"item_logp": item_logp, "cf_weight": w}
+        out[w] = rank_with_backbone(backbone, inst, table, trie, beam, batch, exclude_history=excl, **extra)[0]
+        print(f"{data_dir} {split} w={w}: R@10 {metrics_of(out[w], out['targets'])[0]['recall@10']:.4f}", flush=True)
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("-S", "--set", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--runs", nargs="+", required=True, help="name=<data folder>; the first is the reference")
+    ap.add_argument("--weights", type=float, nargs="+", default=[1.0, 2.0, 4.0])
+    ap.add_argument("--beam", type=int, default=200)
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--valid-users", type=int, default=3000, help="validation users (0: all)")
+    ap.add_argument("--test-users", type=int, default=0, help="test users (0: all)")
+    ap.add_argument("--bootstrap", type=int, default=1000)
+    ap.add_argument("--tag", default="")
+    args = ap.parse_args(argv)
+    params = load_params(overrides=args.set)
+    dataset = params.data.dataset
+    runs = dict(r.split("=", 1) for r in args.runs)
+    runs = {name: Path(d) for name, d in runs.items()}
+    ref = next(iter(runs))
+    report = stamp({"runs": {k: str(v) for k, v in runs.items()}, "reference": ref, "weights": args.weights,
+                    "beam": args.beam, "overrides": args.set, "valid_users": args.valid_users,
+                    "test_users": args.test_users, "dataset": dataset})
+    report["commit"] = commit()
+    report["params_hash"] = params.section_hash("data", "backbone", "sasrec", "evaluate")
+    report["backbone_reports"] = {name: run_setting(d, dataset) for name, d in runs.items()}
+
+    valid, vm = {}, {}
+    for name, d in runs.items():
+        valid[name] = decode(params, d, "valid", args.valid_users, args.weights, args.beam, args.batch)
+        vm[name] = {str(w): metrics_of(valid[name][w], valid[name]["targets"])[0] for w in [0.0, *args.weights]}
+
+    def best(names, ws):
+        return max((vm[n][str(w)]["recall@10"], vm[n][str(w)]["ndcg@10"], -w, n, w) for n in names for w in ws)[3:]
+    chosen_run, chosen_w = best(list(runs), args.weights)
+    _, ref_w = best([ref], args.weights)
+    chosen_tiger, _ = best(list(runs), [0.0])
+    report["valid"] = {"users": len(valid[ref]["targets"]), "metrics": vm,
+                       "chosen": {"tiger_cf": [chosen_run, chosen_w], "reference_tiger_cf_w": ref_w,
+                                  "tiger": chosen_tiger},
+                       "first_code_hit": {name: {str(w): first_code_hits(v[w], v["targets"], v["codes"])
+                                                 for w in [0.0, *args.weights]} for name, v in valid.items()}}
+    print("validation R@10:", {n: {w: round(m["recall@10"], 4) for w, m in r.items()} for n, r in vm.items()},
+          "chosen", report["valid"]["chosen"], flush=True)
+
+    # the test split, once per chosen configuration
+    tests = {ref: decode(params, runs[ref], "test", args.test_users, [ref_w], args.beam, args.batch)}
+    if chosen_run != ref or chosen_tiger != ref:
+        for name in {chosen_run, chosen_tiger} - {ref}:
+            ws = [chosen_w] if name == chosen_run else []
+            tests[name] = decode(params, runs[name], "test", args.test_users, ws, args.beam, args.batch)
+    inst = tests[ref]["inst"]
+    sas = load_baseline(runs[ref] / dataset)
+    histories = [h[h >= 0].tolist() for h in inst.history.numpy()]
+    lists = {"sasrec": sasrec_top(sas, histories, args.beam, args.batch, params.data.exclude_history)[0],
+             "tiger": tests[ref][0.0], "tiger_cf": tests[ref][ref_w],
+             "tiger_distilled": tests[chosen_tiger][0.0], "tiger_cf_distilled": tests[chosen_run][chosen_w]}
+    targets = tests[ref]["targets"]
+    tm, per_user = {}, {}
+    for label, ranked in lists.items():
+        tm[label], per_user[label] = metrics_of(ranked, targets)
+    pairs = [("tiger_cf_distilled", "tiger_cf"), ("tiger_distilled", "tiger"), ("tiger_cf_distilled", "sasrec"),
+             ("tiger_cf", "sasrec")]
+    report["test"] = {
+        "users": len(targets), "metrics": tm,
+        "labels": {"tiger": [ref, 0.0], "tiger_cf": [ref, ref_w], "tiger_distilled": [chosen_tiger, 0.0],
+                   "tiger_cf_distilled": [chosen_run, chosen_w]},
+        "ci95": {label: {k: M.bootstrap_interval(per_user[label][k], args.bootstrap, 0) for k in ("recall@10", "ndcg@10")}
+                 for label in lists},
+        "paired": {f"{a}_vs_{b}": {k: M.paired_bootstrap(per_user[b][k], per_user[a][k], args.bootstrap, 0)
+                                   for k in ("recall@10", "ndcg@10")} for a, b in pairs},
+        "first_code_hit": {label: first_code_hits(ranked, targets, tests[ref]["codes"]) for label, ranked in lists.items()}}
+    print("test R@10:", {k: round(v["recall@10"], 4) for k, v in tm.items()}, flush=True)
+    save(f"cf_distill_{dataset}{args.tag}", report)
+    return report
+
+
+if __name__ == "__main__":
+    main()
