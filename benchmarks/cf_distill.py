@@ -8,7 +8,8 @@ Each `--runs` entry is `<backbone.cf_distill>=<data folder>` of a run whose back
 with that weight (its stage report, reports/<dataset>/backbone.json beside the data folder, is
 copied into the JSON); the first is the reference (usually 0, no distillation). Every run shares the same splits, SASRec and IDs (only
 its backbone differs). On a fixed `--valid-users` subset of the validation split it decodes, per
-run, TIGER's beam and `tiger_cf` at each weight; the (run, w) with the best validation Recall@10
+run, TIGER's beam and `tiger_cf` at each weight, and SASRec once (`valid.sasrec`: what a champion
+chosen on validation must beat); the (run, w) with the best validation Recall@10
 (then NDCG@10) is the choice, as is the reference's own w. The test split is then read once for
 SASRec, the reference's TIGER and `tiger_cf`, and the chosen run's TIGER and `tiger_cf`, with
 paired bootstrap tests (chosen against reference, both against SASRec) and the first-code hit of
@@ -24,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.cf_fusion import first_code_hits, metrics_of
-from benchmarks.common import commit, save, stamp
+from benchmarks.common import RESULTS, commit, save, stamp
 from grc_core import metrics as M
 from grc_core.evaluation import rank_with_backbone
 from tasks.artifacts import item_index, load_backbone, load_baseline, load_split, sasrec_log_probs, sasrec_top, subset
@@ -52,6 +53,16 @@ def decode(params, data_dir: Path, split: str, n_users: int, weights, beam: int,
     return out
 
 
+def sasrec_valid(params, data_dir: Path, n_users: int, beam: int, batch: int) -> dict:
+    """SASRec's validation metrics on the same users (the runs share it): what a champion chosen on
+    validation must beat."""
+    out_dir = data_dir / params.data.dataset
+    inst = subset(load_split(out_dir, "valid", params.data.max_history), n_users, params.evaluate.users_seed)
+    histories = [h[h >= 0].tolist() for h in inst.history.numpy()]
+    ranked = sasrec_top(load_baseline(out_dir), histories, beam, batch, params.data.exclude_history)[0]
+    return metrics_of(ranked, inst.target.numpy())[0]
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("-S", "--set", action="append", default=[], metavar="KEY=VALUE")
@@ -63,12 +74,20 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--test-users", type=int, default=0, help="test users (0: all)")
     ap.add_argument("--bootstrap", type=int, default=1000)
     ap.add_argument("--tag", default="")
+    ap.add_argument("--sasrec-valid-only", action="store_true",
+                    help="add SASRec's validation metrics to an existing JSON of the same arguments and stop")
     args = ap.parse_args(argv)
     params = load_params(overrides=args.set)
     dataset = params.data.dataset
     runs = dict(r.split("=", 1) for r in args.runs)
     runs = {name: Path(d) for name, d in runs.items()}
     ref = next(iter(runs))
+    if args.sasrec_valid_only:
+        name = f"cf_distill_{dataset}{args.tag}"
+        report = json.loads((RESULTS / f"{name}.json").read_text())
+        report["valid"]["sasrec"] = sasrec_valid(params, runs[ref], args.valid_users, args.beam, args.batch)
+        save(name, report)
+        return report
     report = stamp({"runs": {k: str(v) for k, v in runs.items()}, "reference": ref, "weights": args.weights,
                     "beam": args.beam, "overrides": args.set, "valid_users": args.valid_users,
                     "test_users": args.test_users, "dataset": dataset})
@@ -91,6 +110,7 @@ def main(argv: list[str] | None = None) -> dict:
                                   "tiger": chosen_tiger},
                        "first_code_hit": {name: {str(w): first_code_hits(v[w], v["targets"], v["codes"])
                                                  for w in [0.0, *args.weights]} for name, v in valid.items()}}
+    report["valid"]["sasrec"] = sasrec_valid(params, runs[ref], args.valid_users, args.beam, args.batch)
     print("validation R@10:", {n: {w: round(m["recall@10"], 4) for w, m in r.items()} for n, r in vm.items()},
           "chosen", report["valid"]["chosen"], flush=True)
 

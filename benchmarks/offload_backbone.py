@@ -51,6 +51,9 @@ def export(name: str, data: str, out: Path, overrides: list[str], with_test: boo
 
     params = load_params(overrides=overrides)
     bb, data_dir = params.backbone, params.dataset_dir()
+    if bb.cf_distill > 0:  # the export carries no SASRec: train a distilled backbone with the stage itself
+        raise SystemExit("offload_backbone: backbone.cf_distill > 0 is not exported (no SASRec on the worker); "
+                         "run flows.backbone (or tasks.ddp) on the worker instead")
     table, level_sizes, attr_sizes = load_item_table(data_dir, params.dataset.attributes)
     train = load_split(data_dir, "train", params.data.max_history)
     valid = subset(load_split(data_dir, "valid", params.data.max_history), bb.valid_users, bb.train.seed)
