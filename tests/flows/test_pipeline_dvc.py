@@ -296,7 +296,7 @@ def test_torchrun_backbone_on_two_processes_matches_the_single_process_stage(pro
     from safetensors.torch import load_file
 
     root = project["root"]
-    src, dst = _stage_inputs(root, "data_ddp", "splits", "tokenizer")
+    src, dst = _stage_inputs(root, "data_ddp", "splits", "tokenizer", "sasrec")  # the stage reads SASRec (cf_distill)
     env = {**os.environ, "PATH": f"{VENV_BIN}:{os.environ['PATH']}", "OMP_NUM_THREADS": "1"}
     run = subprocess.run([str(VENV_BIN / "torchrun"), "--standalone", "--nproc_per_node=2", "-m", "tasks.ddp",
                           "backbone", "-S", "data.data_dir=data_ddp", "-S", "data.reports_dir=reports_ddp",
@@ -366,7 +366,7 @@ def test_offloaded_backbone_and_grpo_runs_resume_as_the_stages_outputs(project):
     root, env = project["root"], project["env"]
     shutil.copytree(PROJECT_ROOT / "benchmarks", root / "benchmarks", dirs_exist_ok=True,  # evaluate made results/
                     ignore=shutil.ignore_patterns("__pycache__", "results", "*.md"))
-    _stage_inputs(root, "data_off", "splits", "tokenizer", "sft")
+    _stage_inputs(root, "data_off", "splits", "tokenizer", "sasrec", "sft")
     common = ["-S", "data.data_dir=data_off", "-S", "data.reports_dir=reports_off"]
     py = str(VENV_BIN / "python")
 
