@@ -22,8 +22,6 @@ import argparse
 import json
 from pathlib import Path
 
-import numpy as np
-
 from benchmarks.cf_fusion import first_code_hits, metrics_of
 from benchmarks.common import RESULTS, commit, save, stamp
 from grc_core import metrics as M
@@ -53,20 +51,24 @@ def decode(params, data_dir: Path, split: str, n_users: int, weights, beam: int,
     return out
 
 
-def sasrec_valid(params, data_dir: Path, n_users: int, beam: int, batch: int) -> dict:
-    """SASRec's validation metrics on the same users (the runs share it): what a champion chosen on
-    validation must beat."""
-    out_dir = data_dir / params.data.dataset
-    inst = subset(load_split(out_dir, "valid", params.data.max_history), n_users, params.evaluate.users_seed)
+def sasrec_ranked(params, data_dir: Path, inst, beam: int, batch: int):
+    """SASRec's top `beam` items for `inst` (the runs share one SASRec): (U, beam)."""
     histories = [h[h >= 0].tolist() for h in inst.history.numpy()]
-    ranked = sasrec_top(load_baseline(out_dir), histories, beam, batch, params.data.exclude_history)[0]
-    return metrics_of(ranked, inst.target.numpy())[0]
+    return sasrec_top(load_baseline(data_dir / params.data.dataset), histories, beam, batch,
+                      params.data.exclude_history)[0]
+
+
+def sasrec_valid(params, data_dir: Path, n_users: int, beam: int, batch: int) -> dict:
+    """SASRec's validation metrics on the same users: what a champion chosen on validation must beat."""
+    inst = subset(load_split(data_dir / params.data.dataset, "valid", params.data.max_history), n_users,
+                  params.evaluate.users_seed)
+    return metrics_of(sasrec_ranked(params, data_dir, inst, beam, batch), inst.target.numpy())[0]
 
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("-S", "--set", action="append", default=[], metavar="KEY=VALUE")
-    ap.add_argument("--runs", nargs="+", required=True, help="name=<data folder>; the first is the reference")
+    ap.add_argument("--runs", nargs="+", required=True, help="<backbone.cf_distill>=<data folder>; the first is the reference")
     ap.add_argument("--weights", type=float, nargs="+", default=[1.0, 2.0, 4.0])
     ap.add_argument("--beam", type=int, default=200)
     ap.add_argument("--batch", type=int, default=64)
@@ -116,14 +118,10 @@ def main(argv: list[str] | None = None) -> dict:
 
     # the test split, once per chosen configuration
     tests = {ref: decode(params, runs[ref], "test", args.test_users, [ref_w], args.beam, args.batch)}
-    if chosen_run != ref or chosen_tiger != ref:
-        for name in {chosen_run, chosen_tiger} - {ref}:
-            ws = [chosen_w] if name == chosen_run else []
-            tests[name] = decode(params, runs[name], "test", args.test_users, ws, args.beam, args.batch)
-    inst = tests[ref]["inst"]
-    sas = load_baseline(runs[ref] / dataset)
-    histories = [h[h >= 0].tolist() for h in inst.history.numpy()]
-    lists = {"sasrec": sasrec_top(sas, histories, args.beam, args.batch, params.data.exclude_history)[0],
+    for name in {chosen_run, chosen_tiger} - {ref}:
+        ws = [chosen_w] if name == chosen_run else []
+        tests[name] = decode(params, runs[name], "test", args.test_users, ws, args.beam, args.batch)
+    lists = {"sasrec": sasrec_ranked(params, runs[ref], tests[ref]["inst"], args.beam, args.batch),
              "tiger": tests[ref][0.0], "tiger_cf": tests[ref][ref_w],
              "tiger_distilled": tests[chosen_tiger][0.0], "tiger_cf_distilled": tests[chosen_run][chosen_w]}
     targets = tests[ref]["targets"]

@@ -59,22 +59,23 @@ def prefix_values(item_logp: torch.Tensor, prefix_nodes: list[torch.Tensor], tri
     return out + [logp]
 
 
-def level_soft_targets(item_logp: torch.Tensor, codes: torch.Tensor, target_codes: torch.Tensor,
-                       level_sizes: list[int], temperature: float = 1.0) -> list[torch.Tensor]:
+def level_soft_targets(item_logp: torch.Tensor, prefix_nodes: list[torch.Tensor], trie: PrefixTrie,
+                       target_codes: torch.Tensor, temperature: float = 1.0) -> list[torch.Tensor]:
     """The collaborative model's next-code distribution under each teacher-forced prefix.
 
-    `item_logp` (B, N): log p_cf(i | x); `codes` (N, L): every item's semantic ID; `target_codes`
-    (B, L): the training targets' IDs. Returns, per level l, (B, V_l) log q_l(c | x, y<l): the
-    mass of the items under prefix y<l followed by code c, tempered by 1/`temperature` and
-    renormalised over the codes (the target's own code always carries some, so no row is empty).
+    `item_logp` (B, N): log p_cf(i | x); `prefix_nodes` from `item_prefix_nodes(trie)`;
+    `target_codes` (B, L): the training targets' IDs. Returns, per level l, (B, V_l)
+    log q_l(c | x, y<l): V_cf of the child y<l·c (from `prefix_values`, tempered by 1/`temperature`)
+    renormalised over the codes; a code with no child gets none (the target's own always has one).
     """
     if temperature <= 0:
         raise ValueError(f"level_soft_targets: temperature must be > 0, got {temperature}")
-    logp = item_logp / temperature  # (B, N)
-    same = torch.ones_like(logp, dtype=torch.bool)  # (B, N) items under the target's prefix so far
+    values = prefix_values(item_logp / temperature, prefix_nodes, trie)  # per level (B, nodes at l+1)
+    node = torch.zeros(target_codes.shape[0], dtype=torch.long, device=target_codes.device)  # (B,) the root
     out = []
-    for level, size in enumerate(level_sizes):
-        masked = logp.masked_fill(~same, float("-inf"))  # (B, N)
-        out.append(torch.log_softmax(segment_logsumexp(masked, codes[:, level], size), -1))  # (B, V_l)
-        same = same & (codes[:, level][None, :] == target_codes[:, level][:, None])  # (B, N)
+    for level, value in enumerate(values):
+        kids = trie.children(level, node)  # (B, V_l), -1 where no item continues the prefix
+        mass = value.gather(1, kids.clamp_min(0)).masked_fill(kids < 0, float("-inf"))  # (B, V_l)
+        out.append(torch.log_softmax(mass, -1))
+        node = trie.next_nodes(level, node, target_codes[:, level])  # (B,) the target's prefix, one code longer
     return out

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from grc_core import distributed
-from grc_core.cf_value import level_soft_targets
+from grc_core.cf_value import item_prefix_nodes, level_soft_targets
 from grc_core.config import TrainConfig
 from grc_core.data import Instances, ItemTable, to_batch
 from grc_core.device import set_threads
@@ -213,17 +213,18 @@ def fit_seq2seq(model: nn.Module, train: Instances, valid: Instances, table: Ite
     With a `teacher` (instances -> (B, N) item log-probabilities, e.g. SASRec's) and
     `distill_weight` > 0, each level's label mixes in the teacher's next-code distribution under the
     target's prefix (`cf_value.level_soft_targets` at `distill_temperature`; `model.sequence_loss`)."""
+    distil = teacher is not None and distill_weight != 0.0
+    prefix_nodes = item_prefix_nodes(trie) if distil else []
 
     def loss_fn(m: nn.Module, idx: torch.Tensor) -> torch.Tensor:
         inst = train.select(idx)
         batch = to_batch(inst, table)
         logits = m(batch)
-        if teacher is None or distill_weight == 0.0:
+        if not distil:
             return sequence_loss(logits, batch.target_codes)
         with torch.no_grad():
             item_logp = teacher(inst).to(batch.target_codes.device)  # (B, N)
-            soft = level_soft_targets(item_logp, table.codes, batch.target_codes,
-                                      [lg.shape[-1] for lg in logits], distill_temperature)
+            soft = level_soft_targets(item_logp, prefix_nodes, trie, batch.target_codes, distill_temperature)
         return sequence_loss(logits, batch.target_codes, soft, distill_weight)
 
     def evaluate(m: nn.Module) -> dict[str, float]:

@@ -77,21 +77,22 @@ def test_the_value_keeps_a_prefix_the_model_alone_prunes():
 
 
 def test_level_soft_targets_are_the_teacher_mass_under_the_target_prefix():
-    codes = torch.tensor([[0, 0], [0, 1], [1, 0], [2, 0], [2, 1]])  # the items of tiny_trie
+    trie = tiny_trie()
+    nodes = item_prefix_nodes(trie)
     p = torch.tensor([[0.1, 0.2, 0.3, 0.15, 0.25], [0.1, 0.2, 0.3, 0.15, 0.25]])
     targets = torch.tensor([[2, 1], [0, 0]])  # row 0's target is item 4, row 1's item 0
-    q = level_soft_targets(p.log(), codes, targets, [3, 2])
+    q = level_soft_targets(p.log(), nodes, trie, targets)
     assert q[0].exp()[0].tolist() == pytest.approx([0.3, 0.3, 0.4])  # level 1: every item counts
     assert q[1].exp()[0].tolist() == pytest.approx([0.15 / 0.4, 0.25 / 0.4])  # under prefix 2: items 3, 4
     assert q[1].exp()[1].tolist() == pytest.approx([0.1 / 0.3, 0.2 / 0.3])  # under prefix 0: items 0, 1
     # temperature 1/2 squares the masses before renormalising
-    sharp = level_soft_targets(p.log(), codes, targets, [3, 2], temperature=0.5)
+    sharp = level_soft_targets(p.log(), nodes, trie, targets, temperature=0.5)
     assert sharp[1].exp()[0].tolist() == pytest.approx([0.15 ** 2 / (0.15 ** 2 + 0.25 ** 2), 0.25 ** 2 / (0.15 ** 2 + 0.25 ** 2)])
     # a code with no item under the prefix gets no mass: under prefix 1 only code 0 exists
-    lone = level_soft_targets(p.log()[:1], codes, torch.tensor([[1, 0]]), [3, 2])
+    lone = level_soft_targets(p.log()[:1], nodes, trie, torch.tensor([[1, 0]]))
     assert lone[1].exp()[0].tolist() == pytest.approx([1.0, 0.0])
     with pytest.raises(ValueError, match="temperature"):
-        level_soft_targets(p.log(), codes, targets, [3, 2], temperature=0.0)
+        level_soft_targets(p.log(), nodes, trie, targets, temperature=0.0)
 
 
 def test_sequence_loss_mixes_the_soft_label():
