@@ -14,6 +14,11 @@ chosen on validation must beat); the (run, w) with the best validation Recall@10
 SASRec, the reference's TIGER and `tiger_cf`, and the chosen run's TIGER and `tiger_cf`, with
 paired bootstrap tests (chosen against reference, both against SASRec) and the first-code hit of
 the top item. Writes benchmarks/results/cf_distill_<dataset><tag>.json.
+
+`--cache DIR` keeps every decode (one .npz per run, split, user count and weight) and reuses it
+on a later call with the same arguments: the reference run can be decoded, validation and test,
+while a distilled backbone is still training (call with only `--runs 0=...`), and the full call
+then decodes only the new runs. A cached decode is checked against the users it was made for.
 """
 
 from __future__ import annotations
@@ -22,11 +27,14 @@ import argparse
 import json
 from pathlib import Path
 
+import numpy as np
+
 from benchmarks.cf_fusion import first_code_hits, metrics_of
 from benchmarks.common import RESULTS, commit, save, stamp
 from grc_core import metrics as M
 from grc_core.evaluation import rank_with_backbone
 from tasks.artifacts import item_index, load_backbone, load_baseline, load_split, sasrec_log_probs, sasrec_top, subset
+from tasks.io import sha256_file
 from tasks.params import load_params
 
 
@@ -36,17 +44,32 @@ def run_setting(data_dir: Path, dataset: str) -> dict:
     return json.loads(report.read_text()) if report.exists() else {}
 
 
-def decode(params, data_dir: Path, split: str, n_users: int, weights, beam: int, batch: int) -> dict:
-    """TIGER (w 0) and tiger_cf at each w of one run's backbone on `n_users` of `split`."""
+def decode(params, data_dir: Path, split: str, n_users: int, weights, beam: int, batch: int,
+           cache: Path | None = None, name: str = "") -> dict:
+    """TIGER (w 0) and tiger_cf at each w of one run's backbone on `n_users` of `split`; with
+    `cache`, each decode is read from (or written to) `cache`/<name>_<split>_<n_users>_<beam>_w<w>.npz."""
     out_dir = data_dir / params.data.dataset
     inst = subset(load_split(out_dir, split, params.data.max_history), n_users, params.evaluate.users_seed)
     table, trie, _, _ = item_index(out_dir, params.dataset.attributes, "cpu")
     backbone, item_logp = load_backbone(out_dir), sasrec_log_probs(load_baseline(out_dir))
     excl = params.data.exclude_history
     out = {"targets": inst.target.numpy(), "codes": table.codes.numpy(), "inst": inst}
+    weights_digest = sha256_file(out_dir / "backbone" / "model.safetensors") if cache is not None else ""
     for w in [0.0, *weights]:
-        extra = {} if w == 0 else {"item_logp": item_logp, "cf_weight": w}
-        out[w] = rank_with_backbone(backbone, inst, table, trie, beam, batch, exclude_history=excl, **extra)[0]
+        path = cache / f"{name}_{split}_{n_users}_{beam}_w{w:g}.npz" if cache is not None else None
+        if path is not None and path.exists():
+            with np.load(path) as z:
+                if not np.array_equal(z["targets"], out["targets"]) or str(z["backbone"]) != weights_digest:
+                    raise ValueError(f"{path}: cached for other users or another backbone than {out_dir}'s; remove it")
+                out[w] = z["ranked"]
+        else:
+            extra = {} if w == 0 else {"item_logp": item_logp, "cf_weight": w}
+            out[w] = rank_with_backbone(backbone, inst, table, trie, beam, batch, exclude_history=excl, **extra)[0]
+            if path is not None:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_suffix(".tmp.npz")
+                np.savez(tmp, ranked=out[w], targets=out["targets"], backbone=weights_digest)
+                tmp.replace(path)
         print(f"{data_dir} {split} w={w}: R@10 {metrics_of(out[w], out['targets'])[0]['recall@10']:.4f}", flush=True)
     return out
 
@@ -76,6 +99,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--test-users", type=int, default=0, help="test users (0: all)")
     ap.add_argument("--bootstrap", type=int, default=1000)
     ap.add_argument("--tag", default="")
+    ap.add_argument("--cache", type=Path, default=None, help="folder keeping every decode for a later call")
     ap.add_argument("--sasrec-valid-only", action="store_true",
                     help="add SASRec's validation metrics to an existing JSON of the same arguments and stop")
     args = ap.parse_args(argv)
@@ -99,7 +123,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     valid, vm = {}, {}
     for name, d in runs.items():
-        valid[name] = decode(params, d, "valid", args.valid_users, args.weights, args.beam, args.batch)
+        valid[name] = decode(params, d, "valid", args.valid_users, args.weights, args.beam, args.batch, args.cache, name)
         vm[name] = {str(w): metrics_of(valid[name][w], valid[name]["targets"])[0] for w in [0.0, *args.weights]}
 
     def best(names, ws):
@@ -117,10 +141,10 @@ def main(argv: list[str] | None = None) -> dict:
           "chosen", report["valid"]["chosen"], flush=True)
 
     # the test split, once per chosen configuration
-    tests = {ref: decode(params, runs[ref], "test", args.test_users, [ref_w], args.beam, args.batch)}
+    tests = {ref: decode(params, runs[ref], "test", args.test_users, [ref_w], args.beam, args.batch, args.cache, ref)}
     for name in {chosen_run, chosen_tiger} - {ref}:
         ws = [chosen_w] if name == chosen_run else []
-        tests[name] = decode(params, runs[name], "test", args.test_users, ws, args.beam, args.batch)
+        tests[name] = decode(params, runs[name], "test", args.test_users, ws, args.beam, args.batch, args.cache, name)
     lists = {"sasrec": sasrec_ranked(params, runs[ref], tests[ref]["inst"], args.beam, args.batch),
              "tiger": tests[ref][0.0], "tiger_cf": tests[ref][ref_w],
              "tiger_distilled": tests[chosen_tiger][0.0], "tiger_cf_distilled": tests[chosen_run][chosen_w]}

@@ -7,6 +7,7 @@ workers that lack the pipeline's stack.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -18,13 +19,17 @@ from torch import nn
 
 from grc_core.train import load_optimizer_tensors, optimizer_tensors, unwrap
 
+log = logging.getLogger(__name__)
+
 
 class Checkpointer:
     """A training loop's checkpoints under `ckpt_dir`: `last/` (weights, optimizer moments, the
     loop's state as JSON) and `best/` (weights and state). Each is written to a temp folder and
     renamed, so a kill leaves the previous one whole. `resume` loads `last` only if it was written
-    under the same `fingerprint` (tasks/stages.py); otherwise it removes every checkpoint and the
-    loop starts afresh. The loops in grc_core take this object and write no files themselves."""
+    under the same `fingerprint` (tasks/stages.py); otherwise it removes every checkpoint, says so
+    in a warning naming the step it discards (a changed param, input or line of the stage's code
+    starts training afresh, as `dvc repro` would), and the loop starts afresh. The loops in
+    grc_core take this object and write no files themselves."""
 
     def __init__(self, ckpt_dir: Path, fingerprint: str):
         self.dir, self.fingerprint = Path(ckpt_dir), fingerprint
@@ -35,6 +40,10 @@ class Checkpointer:
             return None
         meta = json.loads((last / "trainer.json").read_text())
         if meta.get("fingerprint") != self.fingerprint:
+            state = meta.get("state", meta)
+            log.warning("%s: discarding the checkpoint of epoch %s, step %s: it was written under another "
+                        "fingerprint (the stage's params, inputs or code changed since); training starts afresh",
+                        self.dir, state.get("epoch", "?"), state.get("step", "?"))
             shutil.rmtree(self.dir)
             return None
         self.load_weights("last", model)

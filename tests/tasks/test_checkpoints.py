@@ -52,3 +52,13 @@ def test_a_killed_save_leaves_a_whole_checkpoint_or_none(tmp_path, delay):
     # the next save replaces the leftovers of the killed one
     Checkpointer(tmp_path / "ckpt", "fp").save("last", model, None, {"step": step})
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["last"]
+
+
+def test_another_fingerprint_starts_afresh_and_says_what_it_discards(tmp_path, caplog):
+    model = torch.nn.Linear(4, 4)
+    Checkpointer(tmp_path / "ckpt", "fp-old").save("last", model, None, {"state": {"epoch": 6, "step": 3090}})
+    assert Checkpointer(tmp_path / "ckpt", "fp-old").resume(torch.nn.Linear(4, 4), None) is not None
+    with caplog.at_level("WARNING", logger="tasks.checkpoints"):
+        assert Checkpointer(tmp_path / "ckpt", "fp-new").resume(torch.nn.Linear(4, 4), None) is None
+    assert "epoch 6, step 3090" in caplog.text and "another fingerprint" in caplog.text
+    assert not (tmp_path / "ckpt").exists()
