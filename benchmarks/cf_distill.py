@@ -33,7 +33,7 @@ from benchmarks.cf_fusion import first_code_hits, metrics_of
 from benchmarks.common import RESULTS, commit, save, stamp
 from grc_core import metrics as M
 from grc_core.evaluation import rank_with_backbone
-from tasks.artifacts import item_index, load_backbone, load_baseline, load_split, sasrec_log_probs, sasrec_top, subset
+from tasks.artifacts import backbone_cf_mode, item_index, load_backbone, load_baseline, load_split, sasrec_log_probs, sasrec_top, subset
 from tasks.io import sha256_file
 from tasks.params import load_params
 
@@ -63,7 +63,7 @@ def decode(params, data_dir: Path, split: str, n_users: int, weights, beam: int,
                     raise ValueError(f"{path}: cached for other users or another backbone than {out_dir}'s; remove it")
                 out[w] = z["ranked"]
         else:
-            extra = {} if w == 0 else {"item_logp": item_logp, "cf_weight": w}
+            extra = {} if w == 0 else {"item_logp": item_logp, "cf_weight": w, "cf_mode": backbone_cf_mode(out_dir)}
             out[w] = rank_with_backbone(backbone, inst, table, trie, beam, batch, exclude_history=excl, **extra)[0]
             if path is not None:
                 path.parent.mkdir(parents=True, exist_ok=True)

@@ -51,8 +51,8 @@ def export(name: str, data: str, out: Path, overrides: list[str], with_test: boo
 
     params = load_params(overrides=overrides)
     bb, data_dir = params.backbone, params.dataset_dir()
-    if bb.cf_distill > 0:  # the export carries no SASRec: train a distilled backbone with the stage itself
-        raise SystemExit("offload_backbone: backbone.cf_distill > 0 is not exported (no SASRec on the worker); "
+    if bb.cf_distill > 0 or bb.cf_prior > 0:  # the export carries no SASRec: train such a backbone with the stage itself
+        raise SystemExit("offload_backbone: backbone.cf_distill or cf_prior > 0 is not exported (no SASRec on the worker); "
                          "run flows.backbone (or tasks.ddp) on the worker instead")
     table, level_sizes, attr_sizes = load_item_table(data_dir, params.dataset.attributes)
     train = load_split(data_dir, "train", params.data.max_history)

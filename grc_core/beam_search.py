@@ -130,7 +130,7 @@ class BeamTrace(NamedTuple):
 def beam_search(model: StepModel, batch: Any, trie: PrefixTrie, width: int,
                 initial_scores: torch.Tensor | None = None, return_trace: bool = False,
                 exclude: torch.Tensor | None = None, values: Sequence[torch.Tensor] | None = None,
-                value_weight: float = 0.0) -> BeamResult | tuple[BeamResult, BeamTrace]:
+                value_weight: float = 0.0, value_mode: str = "shallow") -> BeamResult | tuple[BeamResult, BeamTrace]:
     """Batched trie-constrained beam search: a top-k over (beams x codes) per user and level.
 
     Python loops run over levels only. See the module docstring for scores, padding and ties.
@@ -144,8 +144,14 @@ def beam_search(model: StepModel, batch: Any, trie: PrefixTrie, width: int,
     value of the node each code leads to (M_l nodes at level l+1; items at the last level); each
     level keeps the beams with the best log pi(y<=l) + value_weight * value(y<=l), and the returned
     scores are that sum at the last level. Without `values` (or at weight 0) the search is the plain one.
+    `value_mode` "levelwise" fuses inside each level instead: the step log-prob of code c under a
+    beam is log softmax over the allowed codes of (log pi(c | y<l) + value_weight * value(y<l c)),
+    a per-level product of experts, and a beam's score is the sum of those (grc_core/cf_value.py;
+    the rule a backbone trained with `cf_value.level_soft_targets` as a prior is decoded by).
     """
     _check_width(width, "beam_search")
+    if value_mode not in ("shallow", "levelwise"):
+        raise ValueError(f"beam_search: value_mode must be 'shallow' or 'levelwise', got {value_mode!r}")
     logp, state = model.begin(batch)  # (B, W0, V_0)
     starts = 1 if initial_scores is None else initial_scores.shape[1]
     _check_logp(logp, None, starts, trie.level_sizes[0], "beam_search: begin")
@@ -167,10 +173,17 @@ def beam_search(model: StepModel, batch: Any, trie: PrefixTrie, width: int,
         if exclude is not None and level == trie.num_levels - 1:
             banned = exclude.gather(1, child.clamp_min(0).view(b, -1)).view_as(child)  # (B, W', V_l)
             allowed &= ~banned
-        cand = torch.where(allowed, scores[..., None] + logp, float("-inf"))  # (B, W', V_l)
-        if values is None or value_weight == 0:
+        if values is not None and value_weight != 0 and value_mode == "levelwise":
+            bonus = values[level].gather(1, child.clamp_min(0).view(b, -1)).view_as(child)  # (B, W', V_l)
+            step = torch.where(allowed, logp + value_weight * bonus, float("-inf"))  # (B, W', V_l)
+            norm = torch.logsumexp(step, -1, keepdim=True)  # (B, W', 1); -inf where nothing is allowed
+            step = torch.where(torch.isfinite(norm), step - norm, float("-inf"))  # (B, W', V_l)
+            scores, flat = _select((scores[..., None] + step).view(b, -1), counts[level])  # (B, W)
+        elif values is None or value_weight == 0:
+            cand = torch.where(allowed, scores[..., None] + logp, float("-inf"))  # (B, W', V_l)
             scores, flat = _select(cand.view(b, -1), counts[level])  # (B, W)
         else:
+            cand = torch.where(allowed, scores[..., None] + logp, float("-inf"))  # (B, W', V_l)
             bonus = values[level].gather(1, child.clamp_min(0).view(b, -1)).view_as(child)  # (B, W', V_l)
             key, flat = _select((cand + value_weight * bonus).view(b, -1), counts[level])  # (B, W)
             last = level == trie.num_levels - 1

@@ -67,3 +67,14 @@ def to_batch(inst: Instances, table: ItemTable, with_target: bool = True) -> Bat
     attrs = table.attrs[safe] * keep[..., None]  # (B, T, A)
     target = table.codes[inst.target.to(table.codes.device)] if with_target else None  # (B, L)
     return Batch(codes, attrs, keep, target)
+
+
+def user_folds(users: np.ndarray, folds: int, seed: int) -> np.ndarray:
+    """Fold (0..folds-1) of each user id: a seeded splitmix64 hash, so a user's fold is the same
+    in every split and for every subset."""
+    with np.errstate(over="ignore"):
+        x = users.astype(np.uint64) + np.uint64(seed) * np.uint64(0x9E3779B97F4A7C15)
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        x = x ^ (x >> np.uint64(31))
+    return (x % np.uint64(folds)).astype(np.int64)

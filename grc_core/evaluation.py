@@ -24,12 +24,13 @@ from grc_core.ved import CFValue, ved_decode
 def rank_with_backbone(model: Seq2Seq, inst: Instances, table: ItemTable, trie: PrefixTrie, width: int,
                        batch_size: int = 256, progress: Callable[[int], None] | None = None,
                        exclude_history: bool = False, item_logp: Callable[[Instances], torch.Tensor] | None = None,
-                       cf_weight: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+                       cf_weight: float = 0.0, cf_mode: str = "shallow") -> tuple[np.ndarray, np.ndarray]:
     """Top-`width` items (N, W) and their scores for every instance, by beam search.
 
     `exclude_history`: a user's history items are never returned (masked inside the search).
     `item_logp(instances)` (B, N): a collaborative model's item log-probabilities; with it each
-    level prunes on log pi + cf_weight * V_cf (grc_core/cf_value.py), the method `tiger_cf`.
+    level prunes on log pi + cf_weight * V_cf (grc_core/cf_value.py), the method `tiger_cf`;
+    `cf_mode` "levelwise" fuses within each level instead (`beam_search`'s `value_mode`).
     """
     model.eval()
     stepper = BackboneStepper(model)
@@ -42,7 +43,7 @@ def rank_with_backbone(model: Seq2Seq, inst: Instances, table: ItemTable, trie: 
         values = (prefix_values(item_logp(part).to(table.codes.device), nodes, trie, exclude)
                   if item_logp is not None else None)
         res = beam_search(stepper, to_batch(part, table, with_target=False), trie, width, exclude=exclude,
-                          values=values, value_weight=cf_weight)
+                          values=values, value_weight=cf_weight, value_mode=cf_mode)
         items.append(res.items.cpu().numpy())
         scores.append(res.scores.float().cpu().numpy())
         if progress is not None:

@@ -268,12 +268,18 @@ def _init(module: nn.Module) -> None:
 
 
 def sequence_loss(logits: list[torch.Tensor], target_codes: torch.Tensor,
-                  soft_targets: list[torch.Tensor] | None = None, soft_weight: float = 0.0) -> torch.Tensor:
+                  soft_targets: list[torch.Tensor] | None = None, soft_weight: float = 0.0,
+                  prior: list[torch.Tensor] | None = None, prior_weight: float = 0.0) -> torch.Tensor:
     """Eq. 1: sum over levels of the cross-entropy of each level's code, averaged over the batch.
 
     With `soft_targets` (per level (B, V_l) log-probabilities, e.g. `cf_value.level_soft_targets`)
     each level's label is the mixture (1 - soft_weight) * one-hot + soft_weight * q_l.
+    With a `prior` (the same shapes; -inf for codes it rules out) the cross-entropy is that of the
+    per-level product of experts softmax(logits + prior_weight * prior): the model learns what the
+    prior does not say (`cf_value`'s residual backbone, decoded by `beam_search`'s "levelwise" rule).
     """
+    if prior is not None and prior_weight != 0.0:
+        logits = [lg + prior_weight * q for lg, q in zip(logits, prior)]
     if soft_targets is None or soft_weight == 0.0:
         return sum(F.cross_entropy(lg, target_codes[:, j]) for j, lg in enumerate(logits))
     loss = torch.zeros((), device=logits[0].device)

@@ -206,30 +206,44 @@ def fit_seq2seq(model: nn.Module, train: Instances, valid: Instances, table: Ite
                 log: Callable[[dict[str, Any]], None] | None = None,
                 on_step: Callable[[int, int, float], None] | None = None,
                 teacher: Callable[[Instances], torch.Tensor] | None = None, distill_weight: float = 0.0,
-                distill_temperature: float = 1.0) -> TrainerState:
+                distill_temperature: float = 1.0, prior_weight: float = 0.0,
+                selection_teacher: Callable[[Instances], torch.Tensor] | None = None) -> TrainerState:
     """The backbone's training: teacher-forced cross-entropy on every instance of `train`, selection on `valid` Recall@10 by beam search at `valid_beam`;
     `fit` under `cfg`, resuming from `ckpt`. Leaves the best checkpoint's weights in `model`.
 
     With a `teacher` (instances -> (B, N) item log-probabilities, e.g. SASRec's) and
     `distill_weight` > 0, each level's label mixes in the teacher's next-code distribution under the
-    target's prefix (`cf_value.level_soft_targets` at `distill_temperature`; `model.sequence_loss`)."""
-    distil = teacher is not None and distill_weight != 0.0
-    prefix_nodes = item_prefix_nodes(trie) if distil else []
+    target's prefix (`cf_value.level_soft_targets` at `distill_temperature`; `model.sequence_loss`).
+    With `prior_weight` w > 0 the teacher's next-code log-distribution (temperature 1) is instead
+    added, times w, to each level's logits: the backbone learns the residual of a per-level product
+    of experts, and selection decodes that product (`rank_with_backbone`'s `cf_mode` "levelwise" at w)
+    with `selection_teacher` (default `teacher`: a cross-fitted teacher scores training instances,
+    the model that decodes at test time scores validation)."""
+    if distill_weight != 0.0 and prior_weight != 0.0:
+        raise ValueError("fit_seq2seq: distill_weight and prior_weight are two uses of the teacher; set one")
+    use_teacher = teacher is not None and (distill_weight != 0.0 or prior_weight != 0.0)  # no teacher: plain
+    prefix_nodes = item_prefix_nodes(trie) if use_teacher else []
 
     def loss_fn(m: nn.Module, idx: torch.Tensor) -> torch.Tensor:
         inst = train.select(idx)
         batch = to_batch(inst, table)
         logits = m(batch)
-        if not distil:
+        if not use_teacher:
             return sequence_loss(logits, batch.target_codes)
         with torch.no_grad():
             item_logp = teacher(inst).to(batch.target_codes.device)  # (B, N)
-            soft = level_soft_targets(item_logp, prefix_nodes, trie, batch.target_codes, distill_temperature)
-        return sequence_loss(logits, batch.target_codes, soft, distill_weight)
+            temperature = distill_temperature if distill_weight != 0.0 else 1.0
+            q = level_soft_targets(item_logp, prefix_nodes, trie, batch.target_codes, temperature)
+        if prior_weight != 0.0:
+            return sequence_loss(logits, batch.target_codes, prior=q, prior_weight=prior_weight)
+        return sequence_loss(logits, batch.target_codes, q, distill_weight)
+
+    fused = ({"item_logp": selection_teacher or teacher, "cf_weight": prior_weight, "cf_mode": "levelwise"}
+             if use_teacher and prior_weight != 0.0 else {})
 
     def evaluate(m: nn.Module) -> dict[str, float]:
         ranked, _ = rank_with_backbone(m, valid, table, trie, valid_beam, eval_batch_size,
-                                       exclude_history=exclude_history)
+                                       exclude_history=exclude_history, **fused)
         return ranking_metrics(ranked, valid.target.numpy(), ks=(5, 10, 20))[0]
 
     state = fit(model, len(train), loss_fn, evaluate, cfg, ckpt, select="recall@10", log=log, on_step=on_step)

@@ -109,6 +109,14 @@ def load_backbone(out_dir: Path, device: torch.device | str = "cpu", weights: Pa
     return model.to(device).eval()
 
 
+def backbone_cf_mode(out_dir: Path) -> str:
+    """How `tiger_cf` fuses SASRec's value with this backbone: "levelwise" where it was trained with
+    SASRec's prior in its logits (`backbone.cf_prior` > 0, recorded in its config.json), so that its
+    own distribution is the residual of that product; otherwise "shallow" (grc_core/beam_search.py)."""
+    cfg = json.loads((out_dir / "backbone" / "config.json").read_text())
+    return "levelwise" if float(cfg.get("cf_prior", 0.0)) > 0 else "shallow"
+
+
 def load_grc(out_dir: Path, method: str, device: torch.device | str = "cpu") -> GRCModel:
     """A trained template model: gc_sft, grc_sft (data/<ds>/sft/<variant>/) or grc_rl (data/<ds>/grpo/)."""
     if method not in GRC_METHODS:
@@ -189,7 +197,8 @@ def sasrec_log_probs(model: SASRec) -> Callable[[Instances], torch.Tensor]:
 def load_ranker(method: str, out_dir: Path, attributes: tuple[str, ...], device: torch.device | str,
                 decode: DecodeConfig, batch_size: int, exclude_history: bool, cf_weight: float) -> Ranker:
     """One method's ranking of the catalog for any instances: the beam of `decode.width` (tiger;
-    tiger_cf with SASRec's prefix value at `cf_weight`, grc_core/cf_value.py), two-pass GRC
+    tiger_cf with SASRec's prefix value at `cf_weight`, grc_core/cf_value.py, fused as
+    `backbone_cf_mode` says), two-pass GRC
     decoding under `decode` (gc_sft, grc_sft, grc_rl; with SASRec's prefix value in both passes
     where `decode.cf_weight` > 0), SASRec's top `decode.width` logits (sasrec). `stats` collects
     GRC's reflection statistics where given."""
@@ -215,8 +224,10 @@ def load_ranker(method: str, out_dir: Path, attributes: tuple[str, ...], device:
     if method in ("tiger", "tiger_cf"):
         backbone = load_backbone(out_dir, device)
         item_logp = sasrec_log_probs(load_baseline(out_dir, device)) if method == "tiger_cf" else None
+        mode = backbone_cf_mode(out_dir)
         return lambda inst, progress=None, stats=None: rank_with_backbone(
-            backbone, inst, table, trie, decode.width, batch_size, progress, exclude_history, item_logp, cf_weight)
+            backbone, inst, table, trie, decode.width, batch_size, progress, exclude_history, item_logp, cf_weight,
+            mode)
     grc = load_grc(out_dir, method, device)
     use_cf = decode.cf_weight > 0 or decode.draft_ved is not None
     grc_logp = sasrec_log_probs(load_baseline(out_dir, device)) if use_cf else None

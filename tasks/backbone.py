@@ -10,18 +10,63 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict
+from typing import Callable
 
 import numpy as np
 import torch
 from prefect import task
 
 from grc_core import distributed
+from grc_core.data import Instances, user_folds
 from grc_core.device import resolve_device
 from grc_core.model import count_flops_per_sample
-from tasks.artifacts import item_index, load_baseline, load_split, promote_best, sasrec_log_probs, subset, write_log
+from grc_core.sasrec import SeqRows, train_sasrec
+from grc_core.train import format_record
+from tasks import io
+from tasks.artifacts import (item_index, load_baseline, load_rows, load_split, promote_best, sasrec_log_probs, subset,
+                             write_log)
+from tasks.checkpoints import Checkpointer
 from tasks.params import Params
 from tasks.stages import fingerprint
 from tasks.training import fit_backbone
+
+
+def _rows(rows: SeqRows, keep: np.ndarray) -> SeqRows:
+    idx = np.flatnonzero(keep)
+    return SeqRows([rows.histories[i] for i in idx], rows.targets[idx], rows.users[idx], rows.positions[idx])
+
+
+def crossfit_teacher(params: Params, device: torch.device) -> tuple[Callable[[Instances], torch.Tensor], list[dict]]:
+    """`backbone.cf_teacher_folds` F >= 2 SASRecs (`sasrec.*`), fold f trained on the training rows of
+    the other folds' users and selected on fold f's validation rows, kept (with resumable
+    checkpoints) in backbone/teachers/f<k>/; returns instances -> each instance's log-softmax from
+    the SASRec that never saw its user, and one report per fold."""
+    if distributed.rank_world()[1] > 1:
+        raise ValueError("backbone.cf_teacher_folds >= 2 trains its SASRecs in one process: train them first "
+                         "without torchrun (the checkpoints in backbone/teachers/ are then resumed), or set it to 0")
+    out_dir, folds, seed = params.dataset_dir(), params.backbone.cf_teacher_folds, params.backbone.train.seed
+    train_rows, valid_rows = load_rows(out_dir, "train"), load_rows(out_dir, "valid")
+    n_items = io.read_parquet(out_dir / "items.parquet").height
+    train_fold, valid_fold = user_folds(train_rows.users, folds, seed), user_folds(valid_rows.users, folds, seed)
+    models, info = [], []
+    for f in range(folds):
+        work = out_dir / "backbone" / "teachers" / f"f{f}"
+        ckpt = Checkpointer(work / "ckpt", fingerprint(params, "backbone", extra={"teacher_fold": f}))
+        model, history = train_sasrec(_rows(train_rows, train_fold != f), _rows(valid_rows, valid_fold == f), n_items,
+                                      params.sasrec, lambda e, r: print(f"teacher {f + 1}/{folds} " + format_record(r),
+                                                                        flush=True), ckpt)
+        models.append(sasrec_log_probs(model.to(device)))
+        best = max(history, key=lambda r: (r["valid_recall@10"], r["valid_ndcg@10"])) if history else {}
+        info.append({"fold": f, "train_rows": int((train_fold != f).sum()), "best": best})
+
+    def item_logp(inst: Instances) -> torch.Tensor:
+        fold = user_folds(inst.user.numpy(), folds, seed)  # (B,)
+        out = torch.empty(len(inst), n_items)
+        for f in np.unique(fold):
+            idx = torch.from_numpy(np.flatnonzero(fold == f))
+            out[idx] = models[f](inst.select(idx)).to(out.dtype).cpu()
+        return out  # (B, N)
+    return item_logp, info
 
 
 @task
@@ -34,19 +79,23 @@ def train_backbone(params: Params) -> dict:
     work = out_dir / "backbone"
     log_path = params.reports_dir() / "backbone_log.csv"
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    teacher = sasrec_log_probs(load_baseline(out_dir, device)) if bb.cf_distill > 0 else None
+    teacher = sasrec_log_probs(load_baseline(out_dir, device)) if bb.cf_distill > 0 or bb.cf_prior > 0 else None
+    train_teacher, teachers = teacher, []
+    if teacher is not None and bb.cf_teacher_folds >= 2:
+        train_teacher, teachers = crossfit_teacher(params, device)
     t0 = time.perf_counter()
     model, state = fit_backbone(params, train, valid, table, trie, level_sizes, attr_sizes, bb.train,
-                                work / "ckpt", fingerprint(params, "backbone"), teacher=teacher)
+                                work / "ckpt", fingerprint(params, "backbone"), teacher=train_teacher,
+                                selection_teacher=teacher)
     wall = time.perf_counter() - t0
     if distributed.rank_world()[0] == 0:  # under torchrun (tasks/ddp.py) rank 0 alone writes
         write_log(log_path, state.history)
         promote_best(work, {"model": asdict(bb.model), "level_sizes": level_sizes, "attr_sizes": attr_sizes,
-                            "attributes": list(params.dataset.attributes)})
+                            "attributes": list(params.dataset.attributes), "cf_prior": bb.cf_prior})
     flops = count_flops_per_sample(bb.model, level_sizes, params.data.max_history) * 3  # forward + backward
     rates = [r["samples_per_s"] for r in state.history]
     sps = float(np.median(rates)) if rates else 0.0
     return {"best_epoch": state.best_epoch, "best_valid_recall@10": state.best_metric, "epochs_run": state.epoch,
             "train_instances": len(train), "samples_per_s": sps, "gflops_per_s": sps * flops / 1e9,
             "flops_per_sample": flops, "wall_s_this_run": wall, "parameters": sum(p.numel() for p in model.parameters()),
-            "device": str(device), "threads": torch.get_num_threads()}
+            "device": str(device), "threads": torch.get_num_threads(), "teacher_folds": teachers}

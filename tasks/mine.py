@@ -47,7 +47,7 @@ from prefect.cache_policies import NO_CACHE
 from tqdm.auto import tqdm
 
 from grc_core.beam_search import beam_search
-from grc_core.data import Instances, to_batch
+from grc_core.data import Instances, to_batch, user_folds
 from grc_core.device import resolve_device, set_threads
 from grc_core.evaluation import history_mask
 from grc_core.model import BackboneStepper
@@ -218,17 +218,6 @@ def mine_labels(params: Params, map_chunks: MapChunks | None = None) -> dict:
     report["num_levels"] = n_levels
     report["attributes"] = list(attributes)
     return report
-
-
-def user_folds(users: np.ndarray, folds: int, seed: int) -> np.ndarray:
-    """Fold (0..folds-1) of each user id: a seeded splitmix64 hash, so a user's fold is the same
-    in every split and for every subset."""
-    with np.errstate(over="ignore"):
-        x = users.astype(np.uint64) + np.uint64(seed) * np.uint64(0x9E3779B97F4A7C15)
-        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        x = x ^ (x >> np.uint64(31))
-    return (x % np.uint64(folds)).astype(np.int64)
 
 
 def draft(params: Params, model, weights: Path, inst: Instances, table, trie: PrefixTrie, seed: int, desc: str,

@@ -119,6 +119,8 @@ class BackboneConfig:
     eval_batch_size: int
     cf_distill: float  # weight of SASRec's next-code distribution in each level's label (0: off)
     cf_distill_temperature: float  # its temperature
+    cf_prior: float  # weight of SASRec's next-code log-distribution added to each level's logits (0: off)
+    cf_teacher_folds: int  # 0: the sasrec stage's model scores the training instances; F >= 2: cross-fitted SASRecs
 
 
 @dataclass(frozen=True)

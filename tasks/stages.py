@@ -115,8 +115,9 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
           outs=(Out("tokenizer"),),
           metrics=("tokenize.json",), pool="cpu"),
     Stage("backbone",
-          params=("data.max_history", "data.exclude_history", "datasets", "backbone"),
-          comment=("sasrec: read only when backbone.cf_distill > 0; under the default cf IDs a new SASRec "
+          params=("data.max_history", "data.exclude_history", "datasets", "backbone", "sasrec"),
+          comment=("sasrec: read only when backbone.cf_distill or cf_prior > 0 (the sasrec params too, for "
+                   "the cross-fitted teachers of backbone.cf_teacher_folds); under the default cf IDs a new SASRec "
                    "changes the tokenizer, which re-runs this stage anyway"),
           inputs=("splits", "items.parquet", "tokenizer", "sasrec/model.safetensors"),
           outs=(Out("backbone", persist=True, why="keeps ckpt/last so an interrupted run resumes"),),

@@ -25,14 +25,21 @@ def build_model(cfg: ModelConfig, level_sizes: list[int], attr_sizes: list[int],
 
 def fit_backbone(params: Params, train: Instances, valid: Instances, table: ItemTable, trie: PrefixTrie,
                  level_sizes: list[int], attr_sizes: list[int], cfg: TrainConfig, ckpt_dir: Path,
-                 fingerprint: str, desc: str = "", teacher: Callable[[Instances], torch.Tensor] | None = None
-                 ) -> tuple[Seq2Seq, TrainerState]:
+                 fingerprint: str, desc: str = "", teacher: Callable[[Instances], torch.Tensor] | None = None,
+                 selection_teacher: Callable[[Instances], torch.Tensor] | None = None) -> tuple[Seq2Seq, TrainerState]:
     """Train a backbone on `train` under `cfg` (resuming from `ckpt_dir`), select on `valid`
     Recall@10; returns the model with the best checkpoint's weights and the trainer state. With a
     `teacher` (SASRec's item log-probabilities), each level's label mixes in its next-code
-    distribution at `backbone.cf_distill` (`grc_core.train.fit_seq2seq`)."""
+    distribution at `backbone.cf_distill`, or its log adds to the logits at `backbone.cf_prior`
+    (`grc_core.train.fit_seq2seq`); `selection_teacher` (default `teacher`) is the one validation
+    decodes with (the stage's SASRec where `teacher` is cross-fitted)."""
     bb = params.backbone
     model = build_model(bb.model, level_sizes, attr_sizes, cfg.seed).to(table.codes.device)
+    if teacher is not None and bb.cf_prior > 0:  # the residual starts at 0: the product starts as the prior alone
+        with torch.no_grad():
+            for head in model.heads:
+                head.weight.zero_()
+                head.bias.zero_()
 
     def log(record: dict) -> None:
         print(desc + format_record(record), flush=True)
@@ -40,6 +47,7 @@ def fit_backbone(params: Params, train: Instances, valid: Instances, table: Item
     bar, on_step = epoch_progress(desc)
     state = fit_seq2seq(model, train, valid, table, trie, cfg, Checkpointer(ckpt_dir, fingerprint), bb.valid_beam,
                         bb.eval_batch_size, params.data.exclude_history, log, on_step, teacher=teacher,
-                        distill_weight=bb.cf_distill, distill_temperature=bb.cf_distill_temperature)
+                        distill_weight=bb.cf_distill, distill_temperature=bb.cf_distill_temperature,
+                        prior_weight=bb.cf_prior, selection_teacher=selection_teacher)
     bar.close()
     return model.eval(), state

@@ -25,6 +25,7 @@ def fake_run(monkeypatch, tmp_path):
     monkeypatch.setattr(cd, "load_backbone", lambda d: None)
     monkeypatch.setattr(cd, "load_baseline", lambda d: None)
     monkeypatch.setattr(cd, "sasrec_log_probs", lambda m: None)
+    monkeypatch.setattr(cd, "backbone_cf_mode", lambda d: "shallow")
 
     def rank(*a, cf_weight=0.0, **k):
         state["calls"].append(cf_weight)

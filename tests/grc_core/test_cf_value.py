@@ -107,3 +107,55 @@ def test_sequence_loss_mixes_the_soft_label():
                   - 0.5 * torch.log_softmax(lg, -1).mean(-1).mean() for j, lg in enumerate(logits))
     assert sequence_loss(logits, targets, uniform, 0.5).item() == pytest.approx(by_hand.item())
     assert sequence_loss(logits, targets, uniform, 0.0).item() == pytest.approx(hard.item())
+
+
+def test_sequence_loss_with_a_prior_is_the_product_of_experts_cross_entropy():
+    gen = torch.Generator().manual_seed(1)
+    logits = [torch.randn(4, 3, generator=gen), torch.randn(4, 2, generator=gen)]
+    targets = torch.tensor([[0, 1], [2, 0], [1, 1], [0, 0]])
+    prior = [torch.log_softmax(torch.randn(4, 3, generator=gen), -1), torch.tensor([[0.0, NEG_INF]] * 4)]
+    by_hand = sum(torch.nn.functional.cross_entropy(lg + 0.5 * q, targets[:, j]) for j, (lg, q) in enumerate(zip(logits, prior)))
+    # level 2 of rows 0 and 2 has target 1, which the prior rules out: a loss of +inf
+    assert sequence_loss(logits, targets, prior=prior, prior_weight=0.5).item() == pytest.approx(by_hand.item())
+    assert math.isinf(by_hand.item())
+    fine = [prior[0], torch.log_softmax(torch.randn(4, 2, generator=gen), -1)]
+    loss = sequence_loss(logits, targets, prior=fine, prior_weight=0.5)
+    assert math.isfinite(loss.item()) and loss.item() != pytest.approx(sequence_loss(logits, targets).item())
+    assert sequence_loss(logits, targets, prior=fine, prior_weight=0.0).item() == pytest.approx(sequence_loss(logits, targets).item())
+
+
+def levelwise_scores(model, users, trie, cf, w):
+    """Every item's sum over levels of log softmax over the allowed codes of (log pi + w V_cf), by brute force."""
+    values = prefix_values(cf, item_prefix_nodes(trie), trie)
+    logp0 = model.begin(users)[0][:, 0]  # (B, V_0)
+    out = torch.full(cf.shape, NEG_INF)
+    for b in range(cf.shape[0]):
+        for item, (c0, c1) in enumerate(trie.ids.tolist()):
+            root_kids = trie.children(0, torch.tensor(0))
+            k0 = torch.where(root_kids >= 0, logp0[b] + w * values[0][b, root_kids.clamp_min(0)], NEG_INF)
+            node = trie.next_nodes(0, torch.tensor(0), torch.tensor(c0))
+            _, state = model.begin(users[b:b + 1])
+            logp1 = model.advance(state, torch.zeros(1, 1, dtype=torch.long), torch.tensor([[c0]]), 0)[0][0, 0]
+            kids = trie.children(1, node)
+            k1 = torch.where(kids >= 0, logp1 + w * values[1][b, kids.clamp_min(0)], NEG_INF)
+            out[b, item] = torch.log_softmax(k0, -1)[c0] + torch.log_softmax(k1, -1)[c1]
+    return out
+
+
+def test_a_wide_levelwise_search_is_the_exhaustive_per_level_product_of_experts():
+    trie, model = tiny_trie(), TableStub([3, 2], users=2, seed=5)
+    users = torch.arange(2)
+    cf = torch.log_softmax(torch.randn(2, 5, generator=torch.Generator().manual_seed(2)), -1)
+    res = beam_search(model, users, trie, 5, values=prefix_values(cf, item_prefix_nodes(trie), trie),
+                      value_weight=0.8, value_mode="levelwise")
+    expected = torch.sort(levelwise_scores(model, users, trie, cf, 0.8), dim=1, descending=True)
+    assert torch.equal(res.items, expected.indices)
+    assert torch.allclose(res.scores, expected.values, atol=1e-5)
+    # the per-level distributions are normalised: the item probabilities sum to one per user
+    assert torch.allclose(res.scores.exp().sum(1), torch.ones(2), atol=1e-5)
+    # it is not the shallow rule (which reports log pi + w log p_cf)
+    shallow = beam_search(model, users, trie, 5, values=prefix_values(cf, item_prefix_nodes(trie), trie), value_weight=0.8)
+    assert not torch.allclose(shallow.scores, res.scores)
+    with pytest.raises(ValueError, match="value_mode"):
+        beam_search(model, users, trie, 5, values=prefix_values(cf, item_prefix_nodes(trie), trie), value_weight=0.8,
+                    value_mode="deep")

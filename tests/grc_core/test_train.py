@@ -134,3 +134,49 @@ def test_fit_seq2seq_distils_the_teacher_next_code_distribution(tmp_path):
         with torch.no_grad():
             return torch.softmax(model.eval()(batch)[0], -1).mean(0)
     assert (level1(uniform) - marginal).abs().sum() < (level1(plain) - marginal).abs().sum()
+
+
+def test_fit_seq2seq_with_a_prior_learns_the_residual(tmp_path):
+    """With the teacher's log q_l added to the logits, the backbone learns what the teacher does not
+    say. A teacher that puts ten times the mass on the items of first code 0 makes q_1 favour code
+    0; the residual model's own level-1 distribution then gives code 0 far less than the plain
+    model's, and its product with q_1 is what fits the targets' first codes."""
+    from grc_core.data import make_instances
+    from grc_core.train import fit_seq2seq
+    from grc_core.trie import PrefixTrie
+    from tests.grc_core.test_model import LEVELS, batch_for, catalog, tiny
+
+    table = catalog()
+    trie = PrefixTrie.from_ids(table.codes.numpy(), LEVELS)
+    gen = torch.Generator().manual_seed(4)
+    n = len(table.codes)
+    histories = [torch.randint(0, n, (4,), generator=gen).tolist() for _ in range(64)]
+    targets = torch.randint(0, n, (64,), generator=gen).tolist()
+    train = make_instances(range(64), histories, targets, max_len=6)
+    cfg = TrainConfig(epochs=3, batch_size=8, lr=0.01, weight_decay=0.0, warmup_steps=1, min_lr_ratio=0.1,
+                      grad_clip=1.0, eval_every=1, patience=0, seed=7, device="cpu", threads=0)
+    favour = torch.log_softmax(torch.where(table.codes[:, 0] == 0, math.log(10.0), 0.0), -1)  # (N,)
+    teacher = lambda inst: favour.expand(len(inst), n)  # noqa: E731
+
+    def run(name, **kw):
+        model = tiny()
+        fit_seq2seq(model, train, train, table, trie, cfg, Checkpointer(tmp_path / name, name), 20, 16, False, **kw)
+        return model
+
+    plain, residual = run("plain"), run("residual", teacher=teacher, prior_weight=1.0)
+    q1 = torch.zeros(LEVELS[0]).index_add_(0, table.codes[:, 0], favour.exp())  # the teacher's q_1
+    empirical = torch.bincount(table.codes[torch.tensor(targets), 0], minlength=LEVELS[0]).float() / len(targets)
+    batch = batch_for(table, histories, targets)
+
+    def level1(model):
+        with torch.no_grad():
+            return torch.softmax(model.eval()(batch)[0], -1).mean(0)
+    assert q1[0] > 0.75 and level1(residual)[0] < 0.5 * level1(plain)[0]
+    product = torch.softmax(torch.log(level1(residual)) + q1.log(), -1)
+    assert (product - empirical).abs().sum() < (level1(residual) - empirical).abs().sum()
+    # no teacher: the plain loss whatever the weight (mine's fold backbones train so)
+    same = run("no_teacher", prior_weight=1.0)
+    for a, b in zip(plain.parameters(), same.parameters()):
+        assert torch.allclose(a, b, atol=1e-6)
+    with pytest.raises(ValueError, match="set one"):
+        run("both", teacher=teacher, prior_weight=1.0, distill_weight=0.5)

@@ -58,7 +58,7 @@ def test_mine_split_labels_match_their_definitions():
 
 
 def test_user_folds_are_a_fixed_balanced_function_of_the_user_id():
-    from tasks.mine import user_folds
+    from grc_core.data import user_folds
 
     users = np.arange(20_000)
     folds = user_folds(users, 2, seed=7)

@@ -420,3 +420,74 @@ def test_a_deliberately_weak_method_never_becomes_champion(project, sasrec, grpo
     tiger = next(m for m in board["methods"] if m["method"] == "tiger")
     assert tiger["metrics"]["recall@10"] == pytest.approx(
         ranking_metrics(ranked, valid.target.numpy(), ks=(10,))[0]["recall@10"], abs=1e-12)
+
+
+def test_a_backbone_trained_with_sasrecs_prior_starts_at_zero_and_tiger_cf_decodes_it_levelwise(
+        project, sasrec, backbone, tmp_path, monkeypatch):
+    """backbone.cf_prior: the heads start at zero (the product starts as SASRec alone), the published
+    config records the prior, and `tiger_cf` decodes that backbone by the per-level product."""
+    import tasks.training as training
+    from tasks.artifacts import backbone_cf_mode, load_ranker, sasrec_log_probs
+
+    src = project["params"].dataset_dir()
+    params = make_tiny_params(tmp_path, "backbone.cf_prior=1.0", source=project["root"] / "source")
+    dst = params.dataset_dir()
+    for name in ("splits", "tokenizer", "sasrec"):
+        shutil.copytree(src / name, dst / name)
+    shutil.copy(src / "items.parquet", dst / "items.parquet")
+    started = {}
+    real_fit = training.fit_seq2seq
+
+    def spy(model, *args, **kwargs):
+        started["heads"] = [h.weight.abs().sum().item() + h.bias.abs().sum().item() for h in model.heads]
+        started["prior"] = kwargs["prior_weight"]
+        return real_fit(model, *args, **kwargs)
+    monkeypatch.setattr(training, "fit_seq2seq", spy)
+    body(train_backbone)(params)
+    assert started == {"heads": [0.0] * len(started["heads"]), "prior": 1.0}
+    assert io.read_json(dst / "backbone" / "config.json")["cf_prior"] == 1.0
+    assert backbone_cf_mode(dst) == "levelwise" and backbone_cf_mode(src) == "shallow"
+    table, trie, _, _ = item_index(dst, params.dataset.attributes, "cpu")
+    valid = load_split(dst, "valid", params.data.max_history)
+    ranker = load_ranker("tiger_cf", dst, params.dataset.attributes, "cpu", selection_decode(20, "union", 1.0), 16,
+                         True, 1.0)
+    got = ranker(valid)[0]
+    backbone, logp = load_backbone(dst), sasrec_log_probs(load_baseline(dst))
+    levelwise = rank_with_backbone(backbone, valid, table, trie, 20, 16, exclude_history=True, item_logp=logp,
+                                   cf_weight=1.0, cf_mode="levelwise")[0]
+    shallow = rank_with_backbone(backbone, valid, table, trie, 20, 16, exclude_history=True, item_logp=logp,
+                                 cf_weight=1.0)[0]
+    assert np.array_equal(got, levelwise) and not np.array_equal(got, shallow)
+
+
+def test_cross_fitted_teachers_score_each_user_with_a_sasrec_that_never_saw_them(project, sasrec, tmp_path):
+    from grc_core.data import user_folds
+    from grc_core.sasrec import SASRec
+    from tasks.artifacts import sasrec_log_probs
+    from tasks.backbone import crossfit_teacher
+
+    src = project["params"].dataset_dir()
+    params = make_tiny_params(tmp_path, "backbone.cf_prior=1.0", "backbone.cf_teacher_folds=2",
+                              source=project["root"] / "source")
+    dst = params.dataset_dir()
+    for name in ("splits", "tokenizer", "sasrec"):
+        shutil.copytree(src / name, dst / name)
+    shutil.copy(src / "items.parquet", dst / "items.parquet")
+    teacher, info = crossfit_teacher(params, torch.device("cpu"))
+    train_rows = pl.read_parquet(dst / "splits" / "train.parquet")
+    folds = user_folds(train_rows["user_id"].to_numpy(), 2, params.backbone.train.seed)
+    assert [i["train_rows"] for i in info] == [int((folds != 0).sum()), int((folds != 1).sum())]
+    assert 0 < info[0]["train_rows"] < train_rows.height
+    inst = load_split(dst, "train", params.data.max_history)
+    got = teacher(inst)
+    n_items = pl.read_parquet(dst / "items.parquet").height
+    inst_folds = user_folds(inst.user.numpy(), 2, params.backbone.train.seed)
+    for f in (0, 1):
+        model = SASRec(n_items, params.sasrec)
+        model.load_state_dict(load_file(str(dst / "backbone" / "teachers" / f"f{f}" / "ckpt" / "best" / "model.safetensors")))
+        idx = torch.from_numpy(np.flatnonzero(inst_folds == f))
+        assert len(idx) and torch.allclose(got[idx], sasrec_log_probs(model.eval())(inst.select(idx)), atol=1e-5)
+    full = sasrec_log_probs(load_baseline(dst))(inst)
+    assert not torch.allclose(got, full, atol=1e-3)  # not the stage's SASRec
+    again, _ = crossfit_teacher(params, torch.device("cpu"))  # resumed from its checkpoints: the same teachers
+    assert torch.equal(again(inst), got)
