@@ -4,9 +4,12 @@ next-code distributions make a better TIGER, and a better `tiger_cf`?
     python -m benchmarks.cf_distill -S data.dataset=scientific --runs 0=/tmp/kd/l0/data 0.7=/tmp/kd/l7/data \\
         [--weights 1 2 4] [--valid-users 3000] [--test-users 0] [--tag _s2026]
 
-Each `--runs` entry is `<backbone.cf_distill>=<data folder>` of a run whose backbone was trained
-with that weight (its stage report, reports/<dataset>/backbone.json beside the data folder, is
-copied into the JSON); the first is the reference (usually 0, no distillation). Every run shares the same splits, SASRec and IDs (only
+Each `--runs` entry is `<label>=<data folder>` of a run whose backbone was trained with other
+settings: `backbone.cf_distill` λ (label it λ) or `backbone.cf_prior` (`tiger_cf` then decodes it
+levelwise, as its config.json says; `tasks.artifacts.backbone_cf_mode`). Its stage report and
+per-epoch log (reports/<dataset>/backbone.json and backbone_log.csv beside the data folder) are
+copied into the JSON; the first is the reference (usually 0, the plain backbone). The labels
+`tiger_distilled` and `tiger_cf_distilled` of the test block name the chosen run's, whichever it is. Every run shares the same splits, SASRec and IDs (only
 its backbone differs). On a fixed `--valid-users` subset of the validation split it decodes, per
 run, TIGER's beam and `tiger_cf` at each weight, and SASRec once (`valid.sasrec`: what a champion
 chosen on validation must beat); the (run, w) with the best validation Recall@10
@@ -24,6 +27,7 @@ then decodes only the new runs. A cached decode is checked against the users it 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 from pathlib import Path
 
@@ -39,9 +43,16 @@ from tasks.params import load_params
 
 
 def run_setting(data_dir: Path, dataset: str) -> dict:
-    """A run's backbone stage report (reports/<dataset>/backbone.json beside its data folder)."""
-    report = data_dir.parent / "reports" / dataset / "backbone.json"
-    return json.loads(report.read_text()) if report.exists() else {}
+    """A run's backbone stage report (reports/<dataset>/backbone.json beside its data folder), with
+    its per-epoch validation log (backbone_log.csv) and the prior it was trained with."""
+    reports = data_dir.parent / "reports" / dataset
+    out = json.loads((reports / "backbone.json").read_text()) if (reports / "backbone.json").exists() else {}
+    if (reports / "backbone_log.csv").exists():
+        with open(reports / "backbone_log.csv", newline="") as f:
+            out["log"] = [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+    config = data_dir / dataset / "backbone" / "config.json"
+    out["cf_prior"] = json.loads(config.read_text()).get("cf_prior", 0.0) if config.exists() else None
+    return out
 
 
 def decode(params, data_dir: Path, split: str, n_users: int, weights, beam: int, batch: int,
@@ -100,6 +111,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--bootstrap", type=int, default=1000)
     ap.add_argument("--tag", default="")
     ap.add_argument("--cache", type=Path, default=None, help="folder keeping every decode for a later call")
+    ap.add_argument("--valid-only", action="store_true", help="stop after the validation decodes (fills --cache)")
     ap.add_argument("--sasrec-valid-only", action="store_true",
                     help="add SASRec's validation metrics to an existing JSON of the same arguments and stop")
     args = ap.parse_args(argv)
@@ -140,6 +152,9 @@ def main(argv: list[str] | None = None) -> dict:
     print("validation R@10:", {n: {w: round(m["recall@10"], 4) for w, m in r.items()} for n, r in vm.items()},
           "chosen", report["valid"]["chosen"], flush=True)
 
+    if args.valid_only:
+        save(f"cf_distill_{dataset}{args.tag}_valid", report)
+        return report
     # the test split, once per chosen configuration
     tests = {ref: decode(params, runs[ref], "test", args.test_users, [ref_w], args.beam, args.batch, args.cache, ref)}
     for name in {chosen_run, chosen_tiger} - {ref}:

@@ -96,23 +96,32 @@ def test_patience_stops_early(tmp_path):
     assert out.epoch == 3 and math.isclose(out.best_metric, 0.0)
 
 
-def test_fit_seq2seq_distils_the_teacher_next_code_distribution(tmp_path):
-    """A teacher whose mass sits on the target alone is the one-hot label (same weights as no
-    teacher); a teacher spread over the catalog moves the level-1 distribution towards its own."""
+def seq2seq_setup(seed: int, users: int, epochs: int):
+    """A tiny catalog, its trie, random histories and targets of `users` users, and a train config."""
     from grc_core.data import make_instances
-    from grc_core.train import fit_seq2seq
     from grc_core.trie import PrefixTrie
-    from tests.grc_core.test_model import LEVELS, batch_for, catalog, tiny
+    from tests.grc_core.test_model import LEVELS, catalog
 
     table = catalog()
     trie = PrefixTrie.from_ids(table.codes.numpy(), LEVELS)
-    gen = torch.Generator().manual_seed(3)
+    gen = torch.Generator().manual_seed(seed)
     n = len(table.codes)
-    histories = [torch.randint(0, n, (4,), generator=gen).tolist() for _ in range(32)]
-    targets = torch.randint(0, n, (32,), generator=gen).tolist()
-    train = make_instances(range(32), histories, targets, max_len=6)
-    cfg = TrainConfig(epochs=2, batch_size=8, lr=0.01, weight_decay=0.0, warmup_steps=1, min_lr_ratio=0.1,
+    histories = [torch.randint(0, n, (4,), generator=gen).tolist() for _ in range(users)]
+    targets = torch.randint(0, n, (users,), generator=gen).tolist()
+    train = make_instances(range(users), histories, targets, max_len=6)
+    cfg = TrainConfig(epochs=epochs, batch_size=8, lr=0.01, weight_decay=0.0, warmup_steps=1, min_lr_ratio=0.1,
                       grad_clip=1.0, eval_every=1, patience=0, seed=7, device="cpu", threads=0)
+    return table, trie, histories, targets, train, cfg
+
+
+def test_fit_seq2seq_distils_the_teacher_next_code_distribution(tmp_path):
+    """A teacher whose mass sits on the target alone is the one-hot label (same weights as no
+    teacher); a teacher spread over the catalog moves the level-1 distribution towards its own."""
+    from grc_core.train import fit_seq2seq
+    from tests.grc_core.test_model import LEVELS, batch_for, tiny
+
+    table, trie, histories, targets, train, cfg = seq2seq_setup(3, 32, 2)
+    n = len(table.codes)
     spread = torch.full((n,), -math.log(n))  # the uniform catalog
 
     def run(name, teacher, weight):
@@ -141,20 +150,11 @@ def test_fit_seq2seq_with_a_prior_learns_the_residual(tmp_path):
     say. A teacher that puts ten times the mass on the items of first code 0 makes q_1 favour code
     0; the residual model's own level-1 distribution then gives code 0 far less than the plain
     model's, and its product with q_1 is what fits the targets' first codes."""
-    from grc_core.data import make_instances
     from grc_core.train import fit_seq2seq
-    from grc_core.trie import PrefixTrie
-    from tests.grc_core.test_model import LEVELS, batch_for, catalog, tiny
+    from tests.grc_core.test_model import LEVELS, batch_for, tiny
 
-    table = catalog()
-    trie = PrefixTrie.from_ids(table.codes.numpy(), LEVELS)
-    gen = torch.Generator().manual_seed(4)
+    table, trie, histories, targets, train, cfg = seq2seq_setup(4, 64, 3)
     n = len(table.codes)
-    histories = [torch.randint(0, n, (4,), generator=gen).tolist() for _ in range(64)]
-    targets = torch.randint(0, n, (64,), generator=gen).tolist()
-    train = make_instances(range(64), histories, targets, max_len=6)
-    cfg = TrainConfig(epochs=3, batch_size=8, lr=0.01, weight_decay=0.0, warmup_steps=1, min_lr_ratio=0.1,
-                      grad_clip=1.0, eval_every=1, patience=0, seed=7, device="cpu", threads=0)
     favour = torch.log_softmax(torch.where(table.codes[:, 0] == 0, math.log(10.0), 0.0), -1)  # (N,)
     teacher = lambda inst: favour.expand(len(inst), n)  # noqa: E731
 
