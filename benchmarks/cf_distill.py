@@ -66,6 +66,7 @@ def decode(params, data_dir: Path, split: str, n_users: int, weights, beam: int,
     excl = params.data.exclude_history
     out = {"targets": inst.target.numpy(), "codes": table.codes.numpy(), "inst": inst}
     weights_digest = sha256_file(out_dir / "backbone" / "model.safetensors") if cache is not None else ""
+    mode = backbone_cf_mode(out_dir)
     for w in [0.0, *weights]:
         path = cache / f"{name}_{split}_{n_users}_{beam}_w{w:g}.npz" if cache is not None else None
         if path is not None and path.exists():
@@ -74,7 +75,7 @@ def decode(params, data_dir: Path, split: str, n_users: int, weights, beam: int,
                     raise ValueError(f"{path}: cached for other users or another backbone than {out_dir}'s; remove it")
                 out[w] = z["ranked"]
         else:
-            extra = {} if w == 0 else {"item_logp": item_logp, "cf_weight": w, "cf_mode": backbone_cf_mode(out_dir)}
+            extra = {} if w == 0 else {"item_logp": item_logp, "cf_weight": w, "cf_mode": mode}
             out[w] = rank_with_backbone(backbone, inst, table, trie, beam, batch, exclude_history=excl, **extra)[0]
             if path is not None:
                 path.parent.mkdir(parents=True, exist_ok=True)
@@ -102,7 +103,7 @@ def sasrec_valid(params, data_dir: Path, n_users: int, beam: int, batch: int) ->
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("-S", "--set", action="append", default=[], metavar="KEY=VALUE")
-    ap.add_argument("--runs", nargs="+", required=True, help="<backbone.cf_distill>=<data folder>; the first is the reference")
+    ap.add_argument("--runs", nargs="+", required=True, help="<label>=<data folder> (a λ of backbone.cf_distill, or a name); the first is the reference")
     ap.add_argument("--weights", type=float, nargs="+", default=[1.0, 2.0, 4.0])
     ap.add_argument("--beam", type=int, default=200)
     ap.add_argument("--batch", type=int, default=64)

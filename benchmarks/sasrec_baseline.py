@@ -28,7 +28,7 @@ import polars as pl
 import torch
 
 from grc_core.metrics import per_user_metrics, summarize, target_ranks
-from grc_core.sasrec import SASRecConfig, SeqRows, topk_items, train_sasrec
+from grc_core.sasrec import SASRecConfig, SeqRows, best_record, topk_items, train_sasrec
 from tasks.params import load_params
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> dict:
     ranked = topk_items(model, test.histories, 200)  # (U, 200)
     metrics = summarize(per_user_metrics(target_ranks(ranked, np.asarray(test.targets))))
     eval_s = time.perf_counter() - t1
-    best = max(history, key=lambda r: (r["valid_recall@10"], r["valid_ndcg@10"]))  # as train_sasrec
+    best = best_record(history)
 
     result = {
         "method": "SASRec (full-softmax CE)",

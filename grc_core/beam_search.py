@@ -173,21 +173,21 @@ def beam_search(model: StepModel, batch: Any, trie: PrefixTrie, width: int,
         if exclude is not None and level == trie.num_levels - 1:
             banned = exclude.gather(1, child.clamp_min(0).view(b, -1)).view_as(child)  # (B, W', V_l)
             allowed &= ~banned
-        if values is not None and value_weight != 0 and value_mode == "levelwise":
-            bonus = values[level].gather(1, child.clamp_min(0).view(b, -1)).view_as(child)  # (B, W', V_l)
+        fused = values is not None and value_weight != 0
+        bonus = values[level].gather(1, child.clamp_min(0).view(b, -1)).view_as(child) if fused else None  # (B, W', V_l)
+        if fused and value_mode == "levelwise":
             step = torch.where(allowed, logp + value_weight * bonus, float("-inf"))  # (B, W', V_l)
             norm = torch.logsumexp(step, -1, keepdim=True)  # (B, W', 1); -inf where nothing is allowed
             step = torch.where(torch.isfinite(norm), step - norm, float("-inf"))  # (B, W', V_l)
             scores, flat = _select((scores[..., None] + step).view(b, -1), counts[level])  # (B, W)
-        elif values is None or value_weight == 0:
-            cand = torch.where(allowed, scores[..., None] + logp, float("-inf"))  # (B, W', V_l)
-            scores, flat = _select(cand.view(b, -1), counts[level])  # (B, W)
         else:
             cand = torch.where(allowed, scores[..., None] + logp, float("-inf"))  # (B, W', V_l)
-            bonus = values[level].gather(1, child.clamp_min(0).view(b, -1)).view_as(child)  # (B, W', V_l)
-            key, flat = _select((cand + value_weight * bonus).view(b, -1), counts[level])  # (B, W)
-            last = level == trie.num_levels - 1
-            scores = key if last else cand.view(b, -1).gather(1, flat)  # (B, W) log pi, or the fused key
+            if not fused:
+                scores, flat = _select(cand.view(b, -1), counts[level])  # (B, W)
+            else:
+                key, flat = _select((cand + value_weight * bonus).view(b, -1), counts[level])  # (B, W)
+                last = level == trie.num_levels - 1
+                scores = key if last else cand.view(b, -1).gather(1, flat)  # (B, W) log pi, or the fused key
         parents, tokens = flat // size, flat % size  # (B, W)
         nodes = child.view(b, -1).gather(1, flat)  # (B, W) node at level+1, item index at the last
         kept = codes.gather(1, parents[..., None].expand(-1, -1, level))  # (B, W, level)

@@ -71,6 +71,11 @@ class SeqRows(NamedTuple):
     users: np.ndarray | None = None  # (B,) user_id; needed for training rows only
     positions: np.ndarray | None = None  # (B,) target_pos; needed for training rows only
 
+    def select(self, idx: np.ndarray) -> "SeqRows":
+        """The rows at `idx` (int indices), in that order."""
+        pick = (lambda a: None if a is None else a[idx])
+        return SeqRows([self.histories[i] for i in idx], self.targets[idx], pick(self.users), pick(self.positions))
+
 
 class Windows(NamedTuple):
     inputs: torch.Tensor  # (S, T) shifted ids (item + 1), left-padded with 0
@@ -342,6 +347,12 @@ def _optimizer(model: SASRec, cfg: SASRecConfig) -> torch.optim.Optimizer:
     rest = [p for p in model.parameters() if p.ndim != 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.98))
+
+
+def best_record(history: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The epoch record whose weights `train_sasrec` keeps: the best (Recall@10, NDCG@10) on
+    validation, the first on a tie ({} for an empty history)."""
+    return max(history, key=lambda r: (r["valid_recall@10"], r["valid_ndcg@10"])) if history else {}
 
 
 def train_sasrec(

@@ -20,7 +20,7 @@ from grc_core import distributed
 from grc_core.data import Instances, user_folds
 from grc_core.device import resolve_device
 from grc_core.model import count_flops_per_sample
-from grc_core.sasrec import SeqRows, train_sasrec
+from grc_core.sasrec import best_record, train_sasrec
 from grc_core.train import format_record
 from tasks import io
 from tasks.artifacts import (item_index, load_baseline, load_rows, load_split, promote_best, sasrec_log_probs, subset,
@@ -29,11 +29,6 @@ from tasks.checkpoints import Checkpointer
 from tasks.params import Params
 from tasks.stages import fingerprint
 from tasks.training import fit_backbone
-
-
-def _rows(rows: SeqRows, keep: np.ndarray) -> SeqRows:
-    idx = np.flatnonzero(keep)
-    return SeqRows([rows.histories[i] for i in idx], rows.targets[idx], rows.users[idx], rows.positions[idx])
 
 
 def crossfit_teacher(params: Params, device: torch.device) -> tuple[Callable[[Instances], torch.Tensor], list[dict]]:
@@ -52,12 +47,13 @@ def crossfit_teacher(params: Params, device: torch.device) -> tuple[Callable[[In
     for f in range(folds):
         work = out_dir / "backbone" / "teachers" / f"f{f}"
         ckpt = Checkpointer(work / "ckpt", fingerprint(params, "backbone", extra={"teacher_fold": f}))
-        model, history = train_sasrec(_rows(train_rows, train_fold != f), _rows(valid_rows, valid_fold == f), n_items,
-                                      params.sasrec, lambda e, r: print(f"teacher {f + 1}/{folds} " + format_record(r),
-                                                                        flush=True), ckpt)
+        fit_rows = np.flatnonzero(train_fold != f)
+        model, history = train_sasrec(train_rows.select(fit_rows), valid_rows.select(np.flatnonzero(valid_fold == f)),
+                                      n_items, params.sasrec,
+                                      lambda e, r: print(f"teacher {f + 1}/{folds} " + format_record(r), flush=True),
+                                      ckpt)
         models.append(sasrec_log_probs(model.to(device)))
-        best = max(history, key=lambda r: (r["valid_recall@10"], r["valid_ndcg@10"])) if history else {}
-        info.append({"fold": f, "train_rows": int((train_fold != f).sum()), "best": best})
+        info.append({"fold": f, "train_rows": len(fit_rows), "best": best_record(history)})
 
     def item_logp(inst: Instances) -> torch.Tensor:
         fold = user_folds(inst.user.numpy(), folds, seed)  # (B,)

@@ -10,7 +10,7 @@ from dataclasses import asdict
 
 from prefect import task
 
-from grc_core.sasrec import train_sasrec
+from grc_core.sasrec import best_record, train_sasrec
 from grc_core.train import format_record
 from tasks import io
 from tasks.artifacts import load_rows, write_log
@@ -33,6 +33,4 @@ def train_baseline(params: Params) -> dict:
     io.write_safetensors(work / "model.safetensors", {k: v.detach().cpu() for k, v in model.state_dict().items()})
     io.write_json(work / "config.json", {"config": asdict(cfg), "n_items": n_items})
     write_log(params.reports_dir() / "sasrec_log.csv", history)
-    # The epoch whose weights train_sasrec keeps: the best (Recall@10, NDCG@10), the first on a tie.
-    best = max(history, key=lambda r: (r["valid_recall@10"], r["valid_ndcg@10"])) if history else {}
-    return {"epochs_run": len(history), "best": best}
+    return {"epochs_run": len(history), "best": best_record(history)}
