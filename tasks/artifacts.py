@@ -109,12 +109,29 @@ def load_backbone(out_dir: Path, device: torch.device | str = "cpu", weights: Pa
     return model.to(device).eval()
 
 
+def backbone_prior(out_dir: Path) -> float:
+    """The weight of SASRec's prior the backbone was trained under (`backbone.cf_prior`, recorded in
+    its config.json; 0 for a plain backbone)."""
+    return float(json.loads((out_dir / "backbone" / "config.json").read_text()).get("cf_prior", 0.0))
+
+
 def backbone_cf_mode(out_dir: Path) -> str:
     """How `tiger_cf` fuses SASRec's value with this backbone: "levelwise" where it was trained with
-    SASRec's prior in its logits (`backbone.cf_prior` > 0, recorded in its config.json), so that its
-    own distribution is the residual of that product; otherwise "shallow" (grc_core/beam_search.py)."""
-    cfg = json.loads((out_dir / "backbone" / "config.json").read_text())
-    return "levelwise" if float(cfg.get("cf_prior", 0.0)) > 0 else "shallow"
+    SASRec's prior in its logits (`backbone_prior` > 0), so that its own distribution is the
+    residual of that product; otherwise "shallow" (grc_core/beam_search.py)."""
+    return "levelwise" if backbone_prior(out_dir) > 0 else "shallow"
+
+
+def require_plain_backbone(out_dir: Path, reader: str) -> None:
+    """Refuse to let `reader` (a stage or a method that reads the backbone's distribution alone) use
+    a backbone trained as the residual of SASRec's prior: only `tiger_cf` decodes that product."""
+    prior = backbone_prior(out_dir)
+    if prior > 0:
+        raise ValueError(
+            f"{out_dir / 'backbone' / 'config.json'}: field cf_prior is {prior:g}: this backbone was trained as the "
+            f"residual of SASRec's prior and only tiger_cf decodes it; {reader} reads its distribution alone. "
+            "Train the backbone with backbone.cf_prior: 0, or rank only sasrec and tiger_cf "
+            "(evaluate.methods; docs/DESIGN.md, 'SASRec as a prior in training').")
 
 
 def load_grc(out_dir: Path, method: str, device: torch.device | str = "cpu") -> GRCModel:
@@ -214,6 +231,8 @@ def load_ranker(method: str, out_dir: Path, attributes: tuple[str, ...], device:
             return out
 
         return rank_sasrec
+    if method != "tiger_cf":
+        require_plain_backbone(out_dir, f"method {method}")
     table, trie, _, _ = item_index(out_dir, attributes, device)
     if method in ("tiger_rl", "vstar"):  # RL-tuned backbones, decoded by the plain beam
         policy = load_backbone(out_dir, device, model_dir(out_dir, method) / "model.safetensors")

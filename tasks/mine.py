@@ -54,7 +54,7 @@ from grc_core.model import BackboneStepper
 from grc_core.rewards import attribute_consistency, first_divergence
 from grc_core.trie import PrefixTrie
 from tasks import io
-from tasks.artifacts import item_index, load_backbone, load_split, subset
+from tasks.artifacts import item_index, load_backbone, load_split, require_plain_backbone, subset
 from tasks.io import sha256_file
 from tasks.params import Params
 from tasks.stages import fingerprint, input_digests
@@ -187,6 +187,7 @@ def mine_labels(params: Params, map_chunks: MapChunks | None = None) -> dict:
     mn, out_dir = params.mine, params.dataset_dir()
     device = resolve_device(mn.device)
     attributes = params.dataset.attributes
+    require_plain_backbone(out_dir, "the mine stage (its drafts are the backbone's beam)")
     table, trie, level_sizes, attr_sizes = item_index(out_dir, attributes, device)
     model = load_backbone(out_dir, device)
     n_levels = len(level_sizes)

@@ -26,7 +26,8 @@ from grc_core.grc import GRCModel, sft_loss
 from grc_core.model import Seq2Seq
 from grc_core.train import fit, format_record
 from tasks import io
-from tasks.artifacts import grc_selection_metrics, item_index, load_backbone, load_split, promote_best, subset, write_log
+from tasks.artifacts import (grc_selection_metrics, item_index, load_backbone, load_split, promote_best,
+                            require_plain_backbone, subset, write_log)
 from tasks.checkpoints import Checkpointer
 from tasks.params import Params
 from tasks.progress import epoch_progress
@@ -60,6 +61,7 @@ def build_grc(seq: Seq2Seq, num_attrs: int, variant: str, seed: int) -> GRCModel
 @task
 def train_sft(params: Params, variant: str) -> dict:
     sf, out_dir = params.sft, params.dataset_dir()
+    require_plain_backbone(out_dir, "the sft stage (GRC starts from the backbone)")
     device = resolve_device(sf.train.device)
     attributes = params.dataset.attributes
     table, trie, level_sizes, _ = item_index(out_dir, attributes, device)

@@ -29,8 +29,8 @@ from grc_core.value import ValueHead
 from grc_core.ved import LearnedValue, ved_decode
 from grc_core.data import to_batch
 from tasks import io
-from tasks.artifacts import (item_index, load_backbone, load_baseline, load_split, load_value_head, model_dir, subset,
-                             write_log)
+from tasks.artifacts import (item_index, load_backbone, load_baseline, load_split, load_value_head, model_dir,
+                             require_plain_backbone, subset, write_log)
 from tasks.checkpoints import Checkpointer
 from tasks.params import Params
 from tasks.quality import gx_expectations, run_gate
@@ -60,6 +60,7 @@ def _save_module(where: Path, module: torch.nn.Module, config: dict) -> None:
 def train_variant(params: Params, variant: str) -> dict:
     """Train `vstar` (value head + Sibling-GRPO on VED candidates) or `tiger_rl` (GRPO on beam candidates)."""
     vp, out_dir = params.vstar, params.dataset_dir()
+    require_plain_backbone(out_dir, f"the vstar stage ({variant} starts from the backbone)")
     device = resolve_device(vp.device)
     set_threads(vp.threads)
     table, trie, _, _ = item_index(out_dir, params.dataset.attributes, device)

@@ -458,6 +458,14 @@ def test_a_backbone_trained_with_sasrecs_prior_starts_at_zero_and_tiger_cf_decod
     shallow = rank_with_backbone(backbone, valid, table, trie, 20, 16, exclude_history=True, item_logp=logp,
                                  cf_weight=1.0)[0]
     assert np.array_equal(got, levelwise) and not np.array_equal(got, shallow)
+    # Everything that reads the backbone's distribution alone refuses it, naming the file and the field.
+    from tasks.vstar import train_variant
+    for call in (lambda: body(mine_labels)(params), lambda: body(train_sft)(params, "grc"),
+                 lambda: body(train_variant)(params, "vstar"),
+                 lambda: load_ranker("tiger", dst, params.dataset.attributes, "cpu", selection_decode(20, "union", 1.0),
+                                     16, True, 1.0)):
+        with pytest.raises(ValueError, match=r"backbone/config\.json: field cf_prior is 1"):
+            call()
 
 
 def test_cross_fitted_teachers_score_each_user_with_a_sasrec_that_never_saw_them(project, sasrec, tmp_path):
