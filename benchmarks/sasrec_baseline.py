@@ -27,6 +27,7 @@ import numpy as np
 import polars as pl
 import torch
 
+from grc_core.device import set_threads
 from grc_core.metrics import per_user_metrics, summarize, target_ranks
 from grc_core.sasrec import SASRecConfig, SeqRows, best_record, topk_items, train_sasrec
 from tasks.params import load_params
@@ -68,9 +69,10 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, SASRecConfig]:
     ap.add_argument("--dataset", default="scientific")
     ap.add_argument("--data-dir", type=Path, default=ROOT / "data")
     ap.add_argument("--out", type=Path, default=None)
-    # One thread: on a shared 2-core machine OpenMP's second thread mostly waits, 3-10x slower.
-    ap.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (0: torch's default)")
     defaults = dataclasses.asdict(load_params().sasrec)  # the stage's settings, from params.yaml
+    # One thread (--threads, SASRecConfig.threads): on a shared 2-core machine OpenMP's second thread
+    # mostly waits, 3-10x slower; the commands in RESULTS.md ran so.
+    defaults["threads"] = 1
     for f in dataclasses.fields(SASRecConfig):
         value = defaults[f.name]
         kind = _bool if isinstance(value, bool) else type(value)
@@ -83,8 +85,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, SASRecConfig]:
 def main(argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else argv
     args, cfg = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(cfg.threads)  # the ranking's too: train_sasrec sets them for its training only
     split_dir = args.data_dir / args.dataset / "splits"
     n_items = pl.read_parquet(args.data_dir / args.dataset / "items.parquet").height
     train, valid, test = (read_rows(split_dir / f"{s}.parquet") for s in ("train", "valid", "test"))

@@ -92,10 +92,14 @@ class SASRecConfig:
     device: str  # "cpu", "cuda", "cuda:1", or "auto" (CUDA where present)
     patience: int  # epochs without a better validation Recall@10 before stopping
     repeat_bias: bool  # learn one logit offset for items already in the history
+    # torch intra-op threads on CPU while training (0: leave torch's default). The float order, and
+    # so the trained weights, depend on it: a default here is only for models saved before the field.
+    threads: int = 0
 
     def __post_init__(self) -> None:
         checks = [
             (self.hidden >= 1 and self.heads >= 1, "hidden and heads must be >= 1"),
+            (self.threads >= 0, "threads must be >= 0"),
             (self.hidden % self.heads == 0, "hidden must be divisible by heads"),
             (self.layers >= 1, "layers must be >= 1"),
             (0.0 <= self.dropout < 1.0, "dropout must be in [0, 1)"),

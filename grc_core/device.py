@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 
 
@@ -18,3 +21,14 @@ def set_threads(threads: int) -> None:
     """torch intra-op threads of this process; 0 leaves torch's default."""
     if threads > 0:
         torch.set_num_threads(threads)
+
+
+@contextmanager
+def thread_scope(threads: int) -> Iterator[None]:
+    """`set_threads(threads)` for the block; the process's thread count is restored after it."""
+    before = torch.get_num_threads()
+    set_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

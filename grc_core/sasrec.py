@@ -51,7 +51,7 @@ from torch import nn
 from grc_core.config import SASRecConfig
 from grc_core.metrics import per_user_metrics, summarize, target_ranks
 from grc_core.train import Checkpoints
-from grc_core.device import resolve_device
+from grc_core.device import resolve_device, thread_scope
 
 PAD = 0
 _IGNORE = -100  # F.cross_entropy's ignore_index
@@ -381,7 +381,7 @@ def train_sasrec(
         raise ValueError("train_sasrec: valid_rows must be non-empty with one target per history")
     device = resolve_device(cfg.device)
     gen = torch.Generator().manual_seed(cfg.seed)
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+    with thread_scope(cfg.threads), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(cfg.seed)
         model = SASRec(n_items, cfg).to(device)
         opt = _optimizer(model, cfg)

@@ -1,4 +1,5 @@
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -67,6 +68,21 @@ def test_config_rejects_bad_values():
         sasrec_cfg(hidden=10, heads=3)
     with pytest.raises(ValueError, match="dropout"):
         sasrec_cfg(dropout=1.0)
+    with pytest.raises(ValueError, match="threads"):
+        sasrec_cfg(threads=-1)
+
+
+def test_training_runs_on_its_threads_and_gives_the_process_its_own_back():
+    """The weights depend on the float order, so the config fixes the thread count of training
+    (params.yaml sasrec.threads) whatever the environment's OMP_NUM_THREADS; afterwards the
+    process's own count is back."""
+    train, valid, _ = split_rows(successor_sequences(20, 40, 6, seed=1))
+    seen = []
+    torch.set_num_threads(2)  # the autouse fixture restores the suite's count
+    train_sasrec(train, valid, 20, replace(TINY, threads=1, epochs=2), lambda e, r: seen.append(torch.get_num_threads()))
+    assert seen == [1, 1] and torch.get_num_threads() == 2
+    train_sasrec(train, valid, 20, replace(TINY, threads=0), lambda e, r: seen.append(torch.get_num_threads()))
+    assert seen[-1] == 2  # 0 leaves the process's count
 
 
 def test_training_sequences_rebuilds_users_from_shuffled_rows():
