@@ -7,7 +7,8 @@ Each seed's pipeline ran in its own data dir (`-S data.data_dir=data_s<k>`). For
 methods are scored on the users that all of them were evaluated on (the `evaluate.users`
 subset, the same users for every seed since `evaluate.users_seed` is fixed), with a paired
 bootstrap against the first method (TIGER). Prints a markdown table: per seed, then mean ± std
-(sample std over seeds).
+(sample std over seeds) with, where every seed ranked the same users, each method against the
+first on the seed-averaged per-user metric (`seed_averaged`).
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ from tasks.io import write_json
 KEYS = ("recall@5", "recall@10", "recall@100", "recall@200", "ndcg@5", "ndcg@10")
 
 
-def seed_rows(eval_dir: Path, methods: list[str], n_boot: int) -> dict:
+def seed_rows(eval_dir: Path, methods: list[str], n_boot: int) -> tuple[dict, list[int], dict]:
+    """(the seed's JSON entry, its users in order, each method's per-user metrics in that order)."""
     frames = {m: pl.read_parquet(eval_dir / f"{m}.parquet") for m in methods}
     users = None
     for frame in frames.values():
@@ -43,7 +45,19 @@ def seed_rows(eval_dir: Path, methods: list[str], n_boot: int) -> dict:
     for m in methods[1:]:
         out[m]["vs_" + base] = {k: M.paired_bootstrap(per_user[base][k], per_user[m][k], n_boot, 0)
                                 for k in ("recall@10", "ndcg@10")}
-    return {"users": len(order), "methods": out}
+    return {"users": len(order), "methods": out}, order, per_user
+
+
+def seed_averaged(runs: list[tuple[list[int], dict]], base: str, methods: list[str], n_boot: int) -> dict:
+    """Each method against `base` over seeds that ranked the same users: per user, the metric
+    averaged over the seeds; then the paired bootstrap over users. The users are the unit resampled
+    (the same users under every seed are not independent draws); the seeds' models are the ones
+    trained. Empty where the seeds' users differ."""
+    if len(runs) < 2 or any(order != runs[0][0] for order, _ in runs):
+        return {}
+    mean = {m: {k: np.mean([pu[m][k] for _, pu in runs], axis=0) for k in ("recall@10", "ndcg@10")} for m in methods}
+    return {m: {k: M.paired_bootstrap(mean[base][k], mean[m][k], n_boot, 0) for k in ("recall@10", "ndcg@10")}
+            for m in methods if m != base}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -54,7 +68,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--bootstrap", type=int, default=1000)
     ap.add_argument("--out", type=Path, default=None)
     a = ap.parse_args(argv)
-    seeds = {d: seed_rows(Path(d) / a.dataset / "eval", a.methods, a.bootstrap) for d in a.dirs}
+    rows = {d: seed_rows(Path(d) / a.dataset / "eval", a.methods, a.bootstrap) for d in a.dirs}
+    seeds = {d: r[0] for d, r in rows.items()}
+    pooled = seed_averaged([r[1:] for r in rows.values()], a.methods[0], a.methods, a.bootstrap)
     summary = {}
     for m in a.methods:
         vals = {k: [seeds[d]["methods"][m]["metrics"][k] for d in a.dirs] for k in KEYS}
@@ -72,12 +88,17 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"| {m} | {d} | {seeds[d]['users']} | {r['recall@5']:.4f} | {r['recall@10']:.4f} | {r['ndcg@5']:.4f} | "
                   f"{r['ndcg@10']:.4f} | {r['recall@100']:.4f} | {r['recall@200']:.4f} | {cmp} |")
     print()
-    print("| method | R@5 | R@10 | N@5 | N@10 | R@100 | R@200 |")
-    print("|---|---|---|---|---|---|---|")
+    print("| method | R@5 | R@10 | N@5 | N@10 | R@100 | R@200 | R@10 − " + base + ", seed-averaged per user [95% CI], p |")
+    print("|---|---|---|---|---|---|---|---|")
     order = ("recall@5", "recall@10", "ndcg@5", "ndcg@10", "recall@100", "recall@200")
     for m in a.methods:
-        print(f"| {m} | " + " | ".join(f"{summary[m][k]['mean']:.4f} ± {summary[m][k]['std']:.4f}" for k in order) + " |")
+        vs = pooled.get(m, {}).get("recall@10")
+        cmp = f"{vs['diff']:+.4f} [{vs['ci_low']:+.4f}, {vs['ci_high']:+.4f}], {vs['p_value']:.3f}" if vs else ""
+        print(f"| {m} | " + " | ".join(f"{summary[m][k]['mean']:.4f} ± {summary[m][k]['std']:.4f}" for k in order)
+              + f" | {cmp} |")
     payload = {"dataset": a.dataset, "dirs": a.dirs, "methods": a.methods, "seeds": seeds, "mean_std": summary}
+    if pooled:
+        payload["seed_averaged_vs_" + base] = pooled
     if a.out is not None:
         write_json(a.out, payload)
     return payload

@@ -1,0 +1,45 @@
+"""benchmarks.seeds_table: per-seed paired tests from the rank files, and the seed-averaged test
+over the users every seed ranked."""
+
+from __future__ import annotations
+
+import numpy as np
+import polars as pl
+import pytest
+
+from benchmarks.seeds_table import main, seed_averaged, seed_rows
+from tasks import io
+
+
+def write_ranks(root, seed_dir: str, ranks: dict[str, list[int]], users: list[int]) -> str:
+    where = root / seed_dir / "ml-100k" / "eval"
+    where.mkdir(parents=True)
+    for method, r in ranks.items():
+        pl.DataFrame({"user_id": users, "rank": r}).write_parquet(where / f"{method}.parquet")
+    return str(root / seed_dir)
+
+
+def test_seed_averaged_is_the_paired_test_of_per_user_means(tmp_path):
+    users = [3, 1, 2, 0]
+    # Hits@10 of users 0..3 (rows given in the order of `users`): base A 1,0,0,1 and B 1,0,1,0;
+    # other A 1,1,0,1 and B 1,1,1,1.
+    a = write_ranks(tmp_path, "a", {"base": [1, 0, 50, 2], "other": [1, 3, 0, 4]}, users)
+    b = write_ranks(tmp_path, "b", {"base": [0, 0, 3, 9], "other": [1, 5, 7, 8]}, users)
+    runs = [seed_rows(tmp_path / d / "ml-100k" / "eval", ["base", "other"], 100)[1:] for d in ("a", "b")]
+    got = seed_averaged(runs, "base", ["base", "other"], 200)
+    # per user: base means 1, 0, 0.5, 0.5; other 1, 1, 0.5, 1
+    assert got["other"]["recall@10"]["diff"] == pytest.approx(np.mean([0.0, 1.0, 0.0, 0.5]))
+    assert set(got) == {"other"}
+    out = main(["--dataset", "ml-100k", "--dirs", a, b, "--methods", "base", "other", "--bootstrap", "200",
+                "--out", str(tmp_path / "t.json")])
+    assert io.read_json(tmp_path / "t.json")["seed_averaged_vs_base"]["other"]["recall@10"]["diff"] == \
+        pytest.approx(0.375)
+    assert out["seeds"][a]["methods"]["other"]["vs_base"]["recall@10"]["diff"] == pytest.approx(0.25)
+    assert out["seeds"][b]["methods"]["other"]["vs_base"]["recall@10"]["diff"] == pytest.approx(0.5)
+
+
+def test_seeds_over_different_users_get_no_seed_averaged_test(tmp_path):
+    write_ranks(tmp_path, "a", {"base": [1, 0], "other": [1, 1]}, [0, 1])
+    write_ranks(tmp_path, "b", {"base": [1, 0], "other": [1, 1]}, [0, 2])
+    runs = [seed_rows(tmp_path / d / "ml-100k" / "eval", ["base", "other"], 100)[1:] for d in ("a", "b")]
+    assert seed_averaged(runs, "base", ["base", "other"], 100) == {}
