@@ -27,15 +27,17 @@ RESULTS = PROJECT_ROOT / "benchmarks" / "results"
 METRIC = "recall@10"
 # (label, the JSONs of one run): the runs of RESULTS.md's issue 16 tables that scored every test user.
 RUNS = (
-    ("ml-100k, defaults (cf IDs)", ("pipeline_defaults_ml-100k_test", "cf_fusion_ml-100k_ids_cf")),
-    ("scientific seed 2026", ("grc_all_scientific_s2026_vs_sasrec",)),
-    ("scientific seed 2027", ("grc_all_scientific_s2027_vs_sasrec",)),
-    ("scientific seed 2028", ("grc_all_scientific_s2028_vs_sasrec",)),
-    ("scientific seed 2026, rerun 2026-12-04", ("cf_fusion_scientific_ids_text_all_s2026_rerun",)),
-    ("instruments (prebuilt IDs)", ("grc_all_instruments_prebuilt_vs_sasrec", "cf_fusion_instruments_ids_prebuilt_wlow")),
+    ("ml-100k\ndefaults (cf IDs)", ("pipeline_defaults_ml-100k_test", "cf_fusion_ml-100k_ids_cf")),
+    ("ml-100k, defaults\nseeds 2026-2030,\nseed-averaged", ("seeds_ml-100k_defaults",)),
+    ("scientific\nseed 2026", ("grc_all_scientific_s2026_vs_sasrec",)),
+    ("scientific\nseed 2027", ("grc_all_scientific_s2027_vs_sasrec",)),
+    ("scientific\nseed 2028", ("grc_all_scientific_s2028_vs_sasrec",)),
+    ("scientific seed 2026\nrerun 2026-12-04", ("cf_fusion_scientific_ids_text_all_s2026_rerun",)),
+    ("instruments\nprebuilt IDs", ("grc_all_instruments_prebuilt_vs_sasrec", "cf_fusion_instruments_ids_prebuilt_wlow")),
 )
 METHODS = {"tiger": "TIGER", "late_fusion": "best late fusion", "tiger_cf": "tiger_cf",
-           "grc_sft": "GRC-SFT (+ V_cf)", "grc_rl": "GRC-RL (+ V_cf)"}
+           "grc_sft": "GRC-SFT (+ V_cf)", "grc_rl": "GRC-RL (+ V_cf)",
+           "champion": "each seed's validation champion"}
 TARGET = 5.0  # percent of SASRec's Recall@10
 
 
@@ -91,7 +93,7 @@ def combine(label: str, docs: dict[str, dict]) -> dict:
 
 def plot(rows: list[dict], path: Path) -> None:
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(10, 4.4))
+    fig, ax = plt.subplots(figsize=(13, 5))
     width = 0.8 / len(METHODS)
     for j, method in enumerate(METHODS):
         x = np.arange(len(rows)) + (j - (len(METHODS) - 1) / 2) * width
@@ -123,7 +125,7 @@ def markdown(rows: list[dict]) -> str:
             cells.append("" if v is None else
                          f"{v['diff_pct']:+.1f}% [{v['ci_low_pct']:+.1f}, {v['ci_high_pct']:+.1f}], "
                          + (f"p {v['p_value']:.3f}" if v["p_value"] >= 0.001 else "p < 0.001"))
-        lines.append(f"| {r['label']} | {r['users']:,} | {r['sasrec']:.4f} | " + " | ".join(cells) + " |")
+        lines.append(f"| {r['label'].replace(chr(10), ' ')} | {r['users']:,} | {r['sasrec']:.4f} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

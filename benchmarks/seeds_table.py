@@ -8,12 +8,15 @@ methods are scored on the users that all of them were evaluated on (the `evaluat
 subset, the same users for every seed since `evaluate.users_seed` is fixed), with a paired
 bootstrap against the first method (TIGER). Prints a markdown table: per seed, then mean ± std
 (sample std over seeds) with, where every seed ranked the same users, each method against the
-first on the seed-averaged per-user metric (`seed_averaged`).
+first on the seed-averaged per-user metric (`seed_averaged`). The method name `champion` stands
+for each seed's validation champion (its `eval/leaderboard.json`): what that seed's candidate
+dump would serve.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -26,9 +29,16 @@ from tasks.io import write_json
 KEYS = ("recall@5", "recall@10", "recall@100", "recall@200", "ndcg@5", "ndcg@10")
 
 
+CHAMPION = "champion"  # a method name that stands for the seed's validation champion (eval/leaderboard.json)
+
+
 def seed_rows(eval_dir: Path, methods: list[str], n_boot: int) -> tuple[dict, list[int], dict]:
-    """(the seed's JSON entry, its users in order, each method's per-user metrics in that order)."""
-    frames = {m: pl.read_parquet(eval_dir / f"{m}.parquet") for m in methods}
+    """(the seed's JSON entry, its users in order, each method's per-user metrics in that order).
+    The method `champion` is the test ranks of the method the seed's leaderboard chose on validation."""
+    chosen = {}
+    if CHAMPION in methods:
+        chosen[CHAMPION] = json.loads((eval_dir / "leaderboard.json").read_text())["champion"]
+    frames = {m: pl.read_parquet(eval_dir / f"{chosen.get(m, m)}.parquet") for m in methods}
     users = None
     for frame in frames.values():
         ids = set(frame["user_id"].to_list())
@@ -45,7 +55,10 @@ def seed_rows(eval_dir: Path, methods: list[str], n_boot: int) -> tuple[dict, li
     for m in methods[1:]:
         out[m]["vs_" + base] = {k: M.paired_bootstrap(per_user[base][k], per_user[m][k], n_boot, 0)
                                 for k in ("recall@10", "ndcg@10")}
-    return {"users": len(order), "methods": out}, order, per_user
+    entry = {"users": len(order), "methods": out}
+    if chosen:
+        entry["champion"] = chosen[CHAMPION]
+    return entry, order, per_user
 
 
 def seed_averaged(runs: list[tuple[list[int], dict]], base: str, methods: list[str], n_boot: int) -> dict:
