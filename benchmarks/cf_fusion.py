@@ -15,7 +15,9 @@ smaller weight) is kept; the test split then ranks sasrec, tiger, tiger_cf, rrf 
 those weights, with paired bootstrap tests against SASRec and against the better late fusion
 (chosen on validation). Also: the share of users whose top item shares the target's first code
 (TIGER's "first-code hit rate"), and users/s of tiger_cf against tiger in the same run.
-Writes benchmarks/results/cf_fusion_<dataset><tag>.json.
+Writes benchmarks/results/cf_fusion_<dataset><tag>.json; with `--save-ranks` also each method's
+per-user test ranks under data/<dataset>/eval_fusion/ (`late_fusion` is the one chosen on
+validation), which `benchmarks.seeds_table --eval-subdir eval_fusion` pairs over seeds.
 """
 
 from __future__ import annotations
@@ -24,11 +26,13 @@ import argparse
 import time
 
 import numpy as np
+import polars as pl
 import torch
 
 from benchmarks.common import commit, save, stamp
 from grc_core import metrics as M
 from grc_core.evaluation import history_mask, rank_with_backbone
+from tasks import io
 from tasks.artifacts import item_index, load_backbone, load_baseline, load_split, sasrec_log_probs, sasrec_top, subset
 from tasks.params import load_params
 
@@ -88,7 +92,8 @@ def rank_all(params, split: str, n_users: int, weights, beam: int, batch: int, l
     backbone, sasrec = load_backbone(out_dir), load_baseline(out_dir)
     excl = params.data.exclude_history
     item_logp = sasrec_log_probs(sasrec)
-    out = {"targets": inst.target.numpy(), "codes": table.codes.numpy(), "users": len(inst)}
+    out = {"targets": inst.target.numpy(), "codes": table.codes.numpy(), "users": len(inst),
+           "user_ids": inst.user.numpy()}
     t0 = time.perf_counter()
     out["tiger"] = rank_with_backbone(backbone, inst, table, trie, beam, batch, exclude_history=excl)
     out["tiger_s"] = time.perf_counter() - t0
@@ -122,6 +127,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--test-users", type=int, default=0, help="test users (0: all)")
     ap.add_argument("--bootstrap", type=int, default=1000)
     ap.add_argument("--tag", default="", help="suffix of the JSON's name")
+    ap.add_argument("--save-ranks", action="store_true",
+                    help="write each method's per-user test ranks to data/<dataset>/eval_fusion/<method>.parquet "
+                         "(late_fusion: the one chosen on validation), for benchmarks.seeds_table --eval-subdir")
     args = ap.parse_args(argv)
     params = load_params(overrides=args.set)
     weights = [w for w in args.weights if w > 0]
@@ -151,6 +159,11 @@ def main(argv: list[str] | None = None) -> dict:
     for label, name in names.items():
         tm[label], per_user[label] = metrics_of(test[name][0], test["targets"])
     best_late = "rrf" if late == "rrf" else "linear"
+    if args.save_ranks:
+        for label, name in {**names, "late_fusion": names[best_late]}.items():
+            io.write_parquet(params.dataset_dir() / "eval_fusion" / f"{label}.parquet", pl.DataFrame(
+                {"user_id": test["user_ids"].astype(np.int64),
+                 "rank": M.target_ranks(test[name][0], test["targets"]).astype(np.int64)}))
     paired = {}
     for label in names:
         paired[label] = {f"vs_{base}": {k: M.paired_bootstrap(per_user[base][k], per_user[label][k], args.bootstrap, 0)

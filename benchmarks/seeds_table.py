@@ -79,9 +79,11 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--dirs", nargs="+", required=True, help="data dirs, one per seed")
     ap.add_argument("--methods", nargs="+", default=["tiger", "gc_sft", "grc_sft", "grc_rl"])
     ap.add_argument("--bootstrap", type=int, default=1000)
+    ap.add_argument("--eval-subdir", default="eval",
+                    help="where under data/<dataset>/ the rank files are (eval_fusion: benchmarks.cf_fusion --save-ranks)")
     ap.add_argument("--out", type=Path, default=None)
     a = ap.parse_args(argv)
-    rows = {d: seed_rows(Path(d) / a.dataset / "eval", a.methods, a.bootstrap) for d in a.dirs}
+    rows = {d: seed_rows(Path(d) / a.dataset / a.eval_subdir, a.methods, a.bootstrap) for d in a.dirs}
     seeds = {d: r[0] for d, r in rows.items()}
     pooled = seed_averaged([r[1:] for r in rows.values()], a.methods[0], a.methods, a.bootstrap)
     summary = {}

@@ -11,8 +11,8 @@ from benchmarks.seeds_table import main, seed_averaged, seed_rows
 from tasks import io
 
 
-def write_ranks(root, seed_dir: str, ranks: dict[str, list[int]], users: list[int]) -> str:
-    where = root / seed_dir / "ml-100k" / "eval"
+def write_ranks(root, seed_dir: str, ranks: dict[str, list[int]], users: list[int], sub: str = "eval") -> str:
+    where = root / seed_dir / "ml-100k" / sub
     where.mkdir(parents=True)
     for method, r in ranks.items():
         pl.DataFrame({"user_id": users, "rank": r}).write_parquet(where / f"{method}.parquet")
@@ -55,3 +55,10 @@ def test_champion_stands_for_each_seeds_validation_winner(tmp_path):
     assert out["seeds"][a]["methods"]["champion"]["metrics"]["recall@10"] == pytest.approx(1.0)
     assert out["seeds"][a]["methods"]["champion"]["vs_base"]["recall@10"]["diff"] == pytest.approx(0.5)
     assert out["seeds"][b]["methods"]["champion"]["vs_base"]["recall@10"]["diff"] == pytest.approx(0.0)
+
+
+def test_rank_files_can_live_in_another_subdir(tmp_path):
+    a = write_ranks(tmp_path, "a", {"base": [1, 0], "late_fusion": [1, 1]}, [0, 1], sub="eval_fusion")
+    out = main(["--dataset", "ml-100k", "--dirs", a, "--methods", "base", "late_fusion", "--bootstrap", "100",
+                "--eval-subdir", "eval_fusion"])
+    assert out["seeds"][a]["methods"]["late_fusion"]["vs_base"]["recall@10"]["diff"] == pytest.approx(0.5)
