@@ -231,7 +231,7 @@ def load_ranker(method: str, out_dir: Path, attributes: tuple[str, ...], device:
             return out
 
         return rank_sasrec
-    if method != "tiger_cf":
+    if method != "tiger_cf" and "backbone" in METHOD_MODELS[method]:  # GRC's bundles hold no backbone: sft refused it
         require_plain_backbone(out_dir, f"method {method}")
     table, trie, _, _ = item_index(out_dir, attributes, device)
     if method in ("tiger_rl", "vstar"):  # RL-tuned backbones, decoded by the plain beam
