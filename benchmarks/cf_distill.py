@@ -9,10 +9,11 @@ settings: `backbone.cf_distill` λ (label it λ) or `backbone.cf_prior` (`tiger_
 levelwise, as its config.json says; `tasks.artifacts.backbone_cf_mode`). Its stage report and
 per-epoch log (reports/<dataset>/backbone.json and backbone_log.csv beside the data folder) are
 copied into the JSON; the first is the reference (usually 0, the plain backbone). The labels
-`tiger_distilled` and `tiger_cf_distilled` of the test block name the chosen run's, whichever it is. Every run shares the same splits, SASRec and IDs (only
-its backbone differs). On a fixed `--valid-users` subset of the validation split it decodes, per
-run, TIGER's beam and `tiger_cf` at each weight, and SASRec once (`valid.sasrec`: what a champion
-chosen on validation must beat); the (run, w) with the best validation Recall@10
+`tiger_distilled` and `tiger_cf_distilled` of the test block name the chosen run's, whichever it
+is. Every run shares the same splits, SASRec and IDs (only its backbone differs). On a fixed
+`--valid-users` subset of the validation split it decodes, per run, TIGER's beam and `tiger_cf`
+at each weight, and SASRec once (`valid.sasrec`: what a champion chosen on validation must beat);
+the (run, w) with the best validation Recall@10
 (then NDCG@10) is the choice, as is the reference's own w. The test split is then read once for
 SASRec, the reference's TIGER and `tiger_cf`, and the chosen run's TIGER and `tiger_cf`, with
 paired bootstrap tests (chosen against reference, both against SASRec) and the first-code hit of
@@ -37,7 +38,8 @@ from benchmarks.cf_fusion import first_code_hits, metrics_of
 from benchmarks.common import RESULTS, commit, save, stamp
 from grc_core import metrics as M
 from grc_core.evaluation import rank_with_backbone
-from tasks.artifacts import backbone_cf_mode, item_index, load_backbone, load_baseline, load_split, sasrec_log_probs, sasrec_top, subset
+from tasks.artifacts import (backbone_cf_mode, backbone_prior, histories_of, item_index, load_backbone, load_baseline,
+                             load_split, sasrec_log_probs, sasrec_top, subset)
 from tasks.io import sha256_file
 from tasks.params import load_params
 
@@ -51,7 +53,7 @@ def run_setting(data_dir: Path, dataset: str) -> dict:
         with open(reports / "backbone_log.csv", newline="") as f:
             out["log"] = [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
     config = data_dir / dataset / "backbone" / "config.json"
-    out["cf_prior"] = json.loads(config.read_text()).get("cf_prior", 0.0) if config.exists() else None
+    out["cf_prior"] = backbone_prior(data_dir / dataset) if config.exists() else None
     return out
 
 
@@ -88,8 +90,7 @@ def decode(params, data_dir: Path, split: str, n_users: int, weights, beam: int,
 
 def sasrec_ranked(params, data_dir: Path, inst, beam: int, batch: int):
     """SASRec's top `beam` items for `inst` (the runs share one SASRec): (U, beam)."""
-    histories = [h[h >= 0].tolist() for h in inst.history.numpy()]
-    return sasrec_top(load_baseline(data_dir / params.data.dataset), histories, beam, batch,
+    return sasrec_top(load_baseline(data_dir / params.data.dataset), histories_of(inst), beam, batch,
                       params.data.exclude_history)[0]
 
 

@@ -7,8 +7,9 @@ is the issue's target.
 Reads JSONs under benchmarks/results/ that `benchmarks.seeds_table` (the pipeline's per-user rank
 files) and `benchmarks.cf_fusion` wrote; computes nothing new. A run may combine several JSONs
 only where they scored the same users with the same models (the user count, SASRec's Recall@10
-and every shared method's difference to it are checked), so a figure of one run is never set beside another run's SASRec. The late fusion shown
-is the one `benchmarks.cf_fusion` chose on validation (linear or reciprocal-rank).
+and every shared method's difference to it are checked), so a figure of one run is never set
+beside another run's SASRec. The late fusion shown is the one `benchmarks.cf_fusion` chose on
+validation (linear or reciprocal-rank).
 """
 
 from __future__ import annotations

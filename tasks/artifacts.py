@@ -151,6 +151,11 @@ def load_baseline(out_dir: Path, device: torch.device | str = "cpu") -> SASRec:
     return model.to(device).eval()
 
 
+def histories_of(inst: Instances) -> list[list[int]]:
+    """Each instance's history items, oldest first, without the padding: what SASRec reads."""
+    return [h[h >= 0].tolist() for h in inst.history.numpy()]
+
+
 def sasrec_top(model: SASRec, histories: list[list[int]], k: int, batch_size: int,
                exclude_history: bool) -> tuple[np.ndarray, np.ndarray]:
     """The k best items (B, k) and their logits, best first; ties go to the smaller item id.
@@ -206,8 +211,7 @@ class Ranker(Protocol):
 def sasrec_log_probs(model: SASRec) -> Callable[[Instances], torch.Tensor]:
     """Instances (B,) -> SASRec's log-softmax over the catalog after each history, (B, N)."""
     def item_logp(inst: Instances) -> torch.Tensor:
-        histories = [h[h >= 0].tolist() for h in inst.history.numpy()]
-        return torch.log_softmax(torch.as_tensor(score_all(model, histories)), -1)  # (B, N)
+        return torch.log_softmax(torch.as_tensor(score_all(model, histories_of(inst))), -1)  # (B, N)
     return item_logp
 
 
@@ -224,8 +228,7 @@ def load_ranker(method: str, out_dir: Path, attributes: tuple[str, ...], device:
         model = load_baseline(out_dir, device)
 
         def rank_sasrec(inst, progress=None, stats=None):
-            histories = [h[h >= 0].tolist() for h in inst.history.numpy()]
-            out = sasrec_top(model, histories, decode.width, batch_size, exclude_history)
+            out = sasrec_top(model, histories_of(inst), decode.width, batch_size, exclude_history)
             if progress is not None:
                 progress(len(inst))
             return out
