@@ -10,7 +10,10 @@ bootstrap against the first method (TIGER). Prints a markdown table: per seed, t
 (sample std over seeds) with, where every seed ranked the same users, each method against the
 first on the seed-averaged per-user metric (`seed_averaged`). The method name `champion` stands
 for each seed's validation champion (its `eval/leaderboard.json`): what that seed's candidate
-dump would serve.
+dump would serve. With `--champion-default M` (and `--champion-p`) the champion is chosen again
+from the seed's validation rank files (`eval/valid/`, every method evaluate ranked) by the
+leaderboard's own rule with that default (`tasks.evaluate.leaderboard`; "" for the highest
+validation Recall@10 outright): what the seed would have served under that rule.
 """
 
 from __future__ import annotations
@@ -23,7 +26,9 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
+from benchmarks.common import commit, stamp
 from grc_core import metrics as M
+from tasks.evaluate import leaderboard
 from tasks.io import write_json
 
 KEYS = ("recall@5", "recall@10", "recall@100", "recall@200", "ndcg@5", "ndcg@10")
@@ -32,12 +37,34 @@ KEYS = ("recall@5", "recall@10", "recall@100", "recall@200", "ndcg@5", "ndcg@10"
 CHAMPION = "champion"  # a method name that stands for the seed's validation champion (eval/leaderboard.json)
 
 
-def seed_rows(eval_dir: Path, methods: list[str], n_boot: int) -> tuple[dict, list[int], dict]:
+def rechosen_champion(eval_dir: Path, default: str, p: float, n_boot: int) -> dict:
+    """The leaderboard `tasks.evaluate.leaderboard` makes from the validation rank files under
+    `eval_dir/valid/` with `default` and `p` (the users every file holds, in user order), less its
+    per-method rows: the champion, the rule, the default's challenge, the margin."""
+    files = sorted((eval_dir / "valid").glob("*.parquet"))
+    if not files:
+        raise FileNotFoundError(f"{eval_dir / 'valid'}: no validation rank files to choose a champion from")
+    frames = {f.stem: pl.read_parquet(f) for f in files}
+    users = sorted(set.intersection(*(set(f["user_id"].to_list()) for f in frames.values())))
+    ranks = {}
+    for m, frame in frames.items():
+        by_user = dict(zip(frame["user_id"].to_list(), frame["rank"].to_list()))
+        ranks[m] = np.asarray([by_user[u] for u in users])
+    board = leaderboard(ranks, 200, n_boot, 0, default, p)
+    board["valid_recall@10"] = {m["method"]: m["metrics"]["recall@10"] for m in board.pop("methods")}
+    return board
+
+
+def seed_rows(eval_dir: Path, methods: list[str], n_boot: int,
+              rule: tuple[str, float] | None = None) -> tuple[dict, list[int], dict]:
     """(the seed's JSON entry, its users in order, each method's per-user metrics in that order).
-    The method `champion` is the test ranks of the method the seed's leaderboard chose on validation."""
-    chosen = {}
+    The method `champion` is the test ranks of the method the seed's leaderboard chose on
+    validation, or, with `rule` = (default, p), the one that rule chooses from `eval/valid/`."""
+    chosen, board = {}, None
     if CHAMPION in methods:
-        chosen[CHAMPION] = json.loads((eval_dir / "leaderboard.json").read_text())["champion"]
+        board = (json.loads((eval_dir / "leaderboard.json").read_text()) if rule is None
+                 else rechosen_champion(eval_dir, *rule, n_boot))
+        chosen[CHAMPION] = board["champion"]
     frames = {m: pl.read_parquet(eval_dir / f"{chosen.get(m, m)}.parquet") for m in methods}
     users = None
     for frame in frames.values():
@@ -58,6 +85,8 @@ def seed_rows(eval_dir: Path, methods: list[str], n_boot: int) -> tuple[dict, li
     entry = {"users": len(order), "methods": out}
     if chosen:
         entry["champion"] = chosen[CHAMPION]
+        if rule is not None:
+            entry["leaderboard"] = board
     return entry, order, per_user
 
 
@@ -81,9 +110,13 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--bootstrap", type=int, default=1000)
     ap.add_argument("--eval-subdir", default="eval",
                     help="where under data/<dataset>/ the rank files are (eval_fusion: benchmarks.cf_fusion --save-ranks)")
+    ap.add_argument("--champion-default", default=None,
+                    help="choose `champion` again from eval/valid/ with this default ('' = none; unset: leaderboard.json)")
+    ap.add_argument("--champion-p", type=float, default=0.05, help="with --champion-default: the challenge p")
     ap.add_argument("--out", type=Path, default=None)
     a = ap.parse_args(argv)
-    rows = {d: seed_rows(Path(d) / a.dataset / a.eval_subdir, a.methods, a.bootstrap) for d in a.dirs}
+    rule = None if a.champion_default is None else (a.champion_default, a.champion_p)
+    rows = {d: seed_rows(Path(d) / a.dataset / a.eval_subdir, a.methods, a.bootstrap, rule) for d in a.dirs}
     seeds = {d: r[0] for d, r in rows.items()}
     pooled = seed_averaged([r[1:] for r in rows.values()], a.methods[0], a.methods, a.bootstrap)
     summary = {}
@@ -111,7 +144,10 @@ def main(argv: list[str] | None = None) -> dict:
         cmp = f"{vs['diff']:+.4f} [{vs['ci_low']:+.4f}, {vs['ci_high']:+.4f}], {vs['p_value']:.3f}" if vs else ""
         print(f"| {m} | " + " | ".join(f"{summary[m][k]['mean']:.4f} ± {summary[m][k]['std']:.4f}" for k in order)
               + f" | {cmp} |")
-    payload = {"dataset": a.dataset, "dirs": a.dirs, "methods": a.methods, "seeds": seeds, "mean_std": summary}
+    payload = {**stamp({"eval_subdir": a.eval_subdir, "bootstrap": a.bootstrap}), "commit": commit(),
+               "dataset": a.dataset, "dirs": a.dirs, "methods": a.methods, "seeds": seeds, "mean_std": summary}
+    if rule is not None:
+        payload["champion_rule"] = {"default": rule[0], "p": rule[1]}
     if pooled:
         payload["seed_averaged_vs_" + base] = pooled
     if a.out is not None:

@@ -24,7 +24,7 @@ from tasks.evaluate import (append_quality_record, leaderboard, paired_against, 
                             summarize_method)
 from tasks.params import Params
 from tasks.report import write_report
-from tasks.ui import publish_leaderboard, publish_report
+from tasks.ui import champion_entry, publish_leaderboard, publish_report
 
 
 @flow(name="evaluate")
@@ -37,11 +37,12 @@ def evaluate_flow(params: Params) -> dict:
         users, ranks, _, _ = rank_users(params, method, "valid")
         save_ranks(out_dir, method, users, ranks, "valid")
         valid_ranks[method] = ranks
-    board = leaderboard(valid_ranks, ev.beam, ev.bootstrap, seed)
+    board = leaderboard(valid_ranks, ev.beam, ev.bootstrap, seed, ev.champion_default, ev.champion_p)
     io.write_json(out_dir / "eval" / "leaderboard.json", board)
-    log.info("champion on %d validation users: %s (recall@10 %.4f)%s", board["users"], board["champion"],
-             board["methods"][0]["metrics"]["recall@10"],
-             f", {board['margin']['recall@10']['diff']:+.4f} over {board['runner_up']}" if "margin" in board else "")
+    log.info("champion on %d validation users: %s (recall@10 %.4f)%s; rule: %s", board["users"], board["champion"],
+             champion_entry(board)["metrics"]["recall@10"],
+             f", {board['margin']['recall@10']['diff']:+.4f} over {board['runner_up']}" if "margin" in board else "",
+             board["rule"])
     results = {}
     for method in ev.methods:
         users, ranks, wall, extra = rank_users(params, method, "test")

@@ -59,6 +59,7 @@ from tasks.artifacts import Ranker, decode_config, load_ranker, load_split, mode
 from tasks.io import sha256_file
 from tasks.params import Params, resolve_path
 from tasks.quality import gx_expectations, run_gate
+from tasks.ui import champion_entry
 from tasks.stages import fingerprint
 
 MANIFEST = "manifest.json"
@@ -157,11 +158,10 @@ def resolve_method(params: Params) -> tuple[str, dict | None]:
         raise FileNotFoundError(f"candidates.method=auto: {path} does not exist; run the evaluate stage first "
                                 "(it ranks every method on the validation split), or name a method")
     board = io.read_json(path)
-    top = board["methods"][0]
     chosen = {"rule": board["rule"], "split": board["split"], "users": board["users"],
-              "champion_metrics": top["metrics"], "runner_up": board.get("runner_up"),
-              "margin": board.get("margin"), "leaderboard": {m["method"]: m["metrics"]["recall@10"]
-                                                             for m in board["methods"]}}
+              "champion_metrics": champion_entry(board)["metrics"], "runner_up": board.get("runner_up"),
+              "margin": board.get("margin"), "default": board.get("default"),
+              "leaderboard": {m["method"]: m["metrics"]["recall@10"] for m in board["methods"]}}
     return board["champion"], chosen
 
 

@@ -71,11 +71,17 @@ def save_ranks(out_dir: Path, method: str, users: np.ndarray, ranks: np.ndarray,
                      pl.DataFrame({"user_id": users.astype(np.int64), "rank": ranks.astype(np.int64)}))
 
 
-def leaderboard(ranks: dict[str, np.ndarray], beam: int, n_boot: int, seed: int) -> dict:
-    """Methods ordered by validation Recall@10, then NDCG@10 (a tie keeps `ranks`' order); the
-    first is the champion. `ranks[m]` are method m's 1-based target ranks of the same validation
-    users, in the same order. The margin is the paired bootstrap of the champion against the
-    runner-up on those users."""
+def leaderboard(ranks: dict[str, np.ndarray], beam: int, n_boot: int, seed: int, default: str = "",
+                challenge_p: float = 0.05) -> dict:
+    """Methods ordered by validation Recall@10, then NDCG@10 (a tie keeps `ranks`' order), and the
+    champion among them. `ranks[m]` are method m's 1-based target ranks of the same validation
+    users, in the same order.
+
+    The champion is `default` (`evaluate.champion_default`) unless the first method beats it: a
+    higher validation Recall@10 whose paired bootstrap against `default` has p < `challenge_p`.
+    Without a default, or when it was not ranked, the champion is the first method. The margin is
+    the champion against the runner-up (the best other method) on the same users; with a default
+    kept over a higher but not significant challenger it is negative."""
     if not ranks:
         raise ValueError("leaderboard: no method was ranked on the validation split")
     lengths = {m: len(r) for m, r in ranks.items()}
@@ -87,13 +93,29 @@ def leaderboard(ranks: dict[str, np.ndarray], beam: int, n_boot: int, seed: int)
         rows.append({"method": method, "metrics": s["metrics"], "ci95": s["ci95"]})
     order = sorted(range(len(rows)), key=lambda i: (-rows[i]["metrics"]["recall@10"], -rows[i]["metrics"]["ndcg@10"], i))
     rows = [rows[i] for i in order]
-    board = {"split": "valid", "rule": "highest validation recall@10, then ndcg@10", "champion": rows[0]["method"],
-             "users": next(iter(lengths.values())), "methods": rows}
+    per_user = {m: M.per_user_metrics(r, (10,), (10,)) for m, r in ranks.items()}
+
+    def paired(base: str, method: str) -> dict:  # method - base, per user
+        return {k: M.paired_bootstrap(per_user[base][k], per_user[method][k], n_boot, seed)
+                for k in ("recall@10", "ndcg@10")}
+
+    best, rule = rows[0]["method"], "highest validation recall@10, then ndcg@10"
+    board = {"split": "valid", "rule": rule, "champion": best, "users": next(iter(lengths.values())),
+             "methods": rows}
+    if default:
+        board["default"] = {"method": default, "challenge_p": challenge_p, "ranked": default in ranks}
+    if default in ranks:
+        board["rule"] = (f"{default} unless a method's validation recall@10 is higher with paired p < {challenge_p:g}; "
+                         f"that method if so")
+        if best != default:
+            challenge = paired(default, best)
+            d = challenge["recall@10"]
+            board["champion"] = best if d["diff"] > 0 and d["p_value"] < challenge_p else default
+            board["default"].update(challenger=best, challenge=challenge)
+        board["default"]["replaced"] = board["champion"] != default
     if len(rows) > 1:
-        best, second = ranks[rows[0]["method"]], ranks[rows[1]["method"]]
-        pa, pb = M.per_user_metrics(second, (10,), (10,)), M.per_user_metrics(best, (10,), (10,))
-        board["runner_up"] = rows[1]["method"]
-        board["margin"] = {k: M.paired_bootstrap(pa[k], pb[k], n_boot, seed) for k in ("recall@10", "ndcg@10")}
+        runner_up = next(r["method"] for r in rows if r["method"] != board["champion"])
+        board["runner_up"], board["margin"] = runner_up, paired(runner_up, board["champion"])
     return board
 
 

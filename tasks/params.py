@@ -197,10 +197,13 @@ class VStarParams:
     threads: int
 
 
+# Every method evaluate can rank and candidates can dump (tasks/artifacts.py `load_ranker`).
+Method = Literal["tiger", "tiger_cf", "sasrec", "gc_sft", "grc_sft", "grc_rl", "tiger_rl", "vstar", "vstar_ved"]
+
+
 @dataclass(frozen=True)
 class EvaluateConfig:
-    methods: tuple[Literal["tiger", "tiger_cf", "sasrec", "gc_sft", "grc_sft", "grc_rl", "tiger_rl", "vstar",
-                           "vstar_ved"], ...]
+    methods: tuple[Method, ...]
     beam: int
     batch_size: int
     bootstrap: int
@@ -216,11 +219,17 @@ class EvaluateConfig:
     grc_cf_weight: float
     grc_drafts: Literal["beam", "ved"]
     verify_gamma: float
+    champion_default: Literal["", Method]  # tasks/evaluate.py `leaderboard`: kept unless beaten on validation
+    champion_p: float
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.champion_p <= 1.0:
+            raise ParamsError(f"evaluate.champion_p: need 0 < value <= 1, got {self.champion_p}")
 
 
 @dataclass(frozen=True)
 class CandidatesConfig:
-    method: Literal["auto", "tiger", "tiger_cf", "sasrec", "gc_sft", "grc_sft", "grc_rl", "tiger_rl", "vstar", "vstar_ved"]
+    method: Literal["auto", Method]
     top_n: int
     beam: int
     users_per_shard: int

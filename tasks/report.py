@@ -19,6 +19,7 @@ import numpy as np
 from tasks import io
 from tasks.params import Params
 from tasks.stages import RECALL_PLOT_METHODS
+from tasks.ui import champion_entry
 
 KS = np.arange(1, 201)
 # Columns of reports/<dataset>/recall_at_k.csv, in this order, one per method (the y columns of
@@ -89,6 +90,14 @@ def leaderboard_lines(board: dict | None) -> list[str]:
         d = board["margin"]["recall@10"]
         lines += ["", f"{board['champion']} − {board['runner_up']} (paired, validation R@10): {d['diff']:+.4f} "
                       f"[{d['ci_low']:+.4f}, {d['ci_high']:+.4f}], p = {d['p_value']:.3f}"]
+    default = board.get("default")
+    if default and not default["ranked"]:
+        lines += ["", f"The default champion {default['method']} was not ranked: the highest validation R@10 wins."]
+    elif default and "challenge" in default:
+        d = default["challenge"]["recall@10"]
+        verdict = "replaces it" if default["replaced"] else f"does not replace it (needs p < {default['challenge_p']:g})"
+        lines += ["", f"{default['challenger']} − the default {default['method']} (paired, validation R@10): "
+                      f"{d['diff']:+.4f} [{d['ci_low']:+.4f}, {d['ci_high']:+.4f}], p = {d['p_value']:.3f}: {verdict}."]
     return lines + [""]
 
 

@@ -6,6 +6,7 @@ import json
 import sys
 
 from tasks.params import load_params
+from tasks.ui import champion_entry
 
 
 def main(argv: list[str]) -> None:
@@ -35,7 +36,7 @@ def main(argv: list[str]) -> None:
         if board:
             margin = board.get("margin", {}).get("recall@10")
             print(f"\n  champion on {board['users']:,} validation users: {board['champion']} "
-                  f"(valid recall@10 {board['methods'][0]['metrics']['recall@10']:.4f}"
+                  f"(valid recall@10 {champion_entry(board)['metrics']['recall@10']:.4f}"
                   + (f", {margin['diff']:+.4f} over {board['runner_up']}, p = {margin['p_value']:.3f}" if margin else "")
                   + ")")
         print(f"  per-user ranks: {params.dataset_dir() / 'eval'}")

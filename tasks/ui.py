@@ -40,17 +40,22 @@ def _fmt(value) -> str:
     return f"{value:.4f}" if isinstance(value, float) else str(value)
 
 
+def champion_entry(board: dict) -> dict:
+    """The champion's row of a leaderboard (its validation metrics): not always the first row."""
+    return next(m for m in board["methods"] if m["method"] == board["champion"])
+
+
 def leaderboard_rows(board: dict, results: dict) -> list[dict]:
     """One row per method: validation metrics, the paired recall@10 difference against the
     champion on the validation users, test metrics and the paired test difference against TIGER."""
     rows = []
-    champion = board["methods"][0]["metrics"]["recall@10"]
+    champion = champion_entry(board)["metrics"]["recall@10"]
     for place, entry in enumerate(board["methods"], start=1):
         method, valid = entry["method"], entry["metrics"]
         row = {"place": place, "method": method, "valid recall@10": _fmt(valid.get("recall@10")),
                "valid ndcg@10": _fmt(valid.get("ndcg@10")),
                "valid recall@10 - champion": _fmt(valid.get("recall@10", 0.0) - champion)}
-        if place == 2 and "margin" in board:
+        if method == board.get("runner_up"):
             m = board["margin"]["recall@10"]
             row["valid recall@10 - champion"] += f" (paired p {m['p_value']:.3f})"
         test = results.get(method, {})

@@ -62,3 +62,25 @@ def test_rank_files_can_live_in_another_subdir(tmp_path):
     out = main(["--dataset", "ml-100k", "--dirs", a, "--methods", "base", "late_fusion", "--bootstrap", "100",
                 "--eval-subdir", "eval_fusion"])
     assert out["seeds"][a]["methods"]["late_fusion"]["vs_base"]["recall@10"]["diff"] == pytest.approx(0.5)
+
+
+def test_champion_can_be_chosen_again_by_a_default_rule(tmp_path):
+    # Validation hits of 8 users: base 4, other 5 (one user more: p about 0.7), strong 8 (p 0).
+    users = list(range(8))
+    a = write_ranks(tmp_path, "a", {"base": [1] * 8, "other": [1] * 8}, users)  # test ranks: all hits
+    write_ranks(tmp_path, "a", {"base": [1, 1, 1, 1, 0, 0, 0, 0], "other": [1, 1, 1, 1, 1, 0, 0, 0]}, users,
+                sub="eval/valid")
+    b = write_ranks(tmp_path, "b", {"base": [1] * 8, "strong": [0] * 8}, users)
+    write_ranks(tmp_path, "b", {"base": [1, 1, 1, 1, 0, 0, 0, 0], "strong": [1] * 8}, users, sub="eval/valid")
+    io.write_json(tmp_path / "a" / "ml-100k" / "eval" / "leaderboard.json", {"champion": "other"})
+    kept = main(["--dataset", "ml-100k", "--dirs", a, "--methods", "base", "champion", "--bootstrap", "200",
+                 "--champion-default", "base"])
+    assert kept["seeds"][a]["champion"] == "base" and kept["champion_rule"] == {"default": "base", "p": 0.05}
+    plain = main(["--dataset", "ml-100k", "--dirs", a, "--methods", "base", "champion", "--bootstrap", "200",
+                  "--champion-default", ""])
+    assert plain["seeds"][a]["champion"] == "other"
+    beaten = main(["--dataset", "ml-100k", "--dirs", b, "--methods", "base", "champion", "--bootstrap", "200",
+                   "--champion-default", "base"])
+    assert beaten["seeds"][b]["champion"] == "strong"
+    # the champion's test ranks are the chosen method's: strong misses every test user
+    assert beaten["seeds"][b]["methods"]["champion"]["metrics"]["recall@10"] == 0.0

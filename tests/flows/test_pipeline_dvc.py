@@ -79,7 +79,11 @@ def test_repro_dumps_candidates_that_duckdb_and_polars_read(project):
     users, top_n = project["counts"]["users"], 10  # candidates.top_n in TINY_OVERRIDES
     # candidates.method auto: the dump is the validation champion of evaluate's leaderboard
     board = json.loads((project["root"] / "data" / "tiny" / "eval" / "leaderboard.json").read_text())
-    assert manifest["method"] == board["champion"] == board["methods"][0]["method"] and manifest["top_n"] == top_n
+    assert manifest["method"] == board["champion"] and manifest["top_n"] == top_n
+    # evaluate.champion_default: the champion is the default unless the first row beat it significantly
+    default = board["default"]
+    assert board["champion"] == (board["methods"][0]["method"] if default["replaced"] else default["method"])
+    assert manifest["chosen_by"]["default"] == default
     assert manifest["chosen_by"]["users"] == board["users"] == users
     assert [m["metrics"]["recall@10"] for m in board["methods"]] == sorted(
         (m["metrics"]["recall@10"] for m in board["methods"]), reverse=True)

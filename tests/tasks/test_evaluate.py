@@ -37,3 +37,40 @@ def test_one_method_has_no_margin_and_mismatched_users_are_refused():
         leaderboard({"good": GOOD, "short": GOOD[:5]}, beam=20, n_boot=50, seed=0)
     with pytest.raises(ValueError, match="no method"):
         leaderboard({}, beam=20, n_boot=50, seed=0)
+
+
+# GOOD with one more hit: user 4 (rank 0 in GOOD) at rank 4, so R@10 6/8 against 5/8.
+ONE_MORE = np.array([1, 2, 3, 4, 5, 11, 0, 1])
+
+
+def test_the_default_champion_stays_unless_a_higher_method_is_significant():
+    # ONE_MORE - GOOD is +1/8 from one user of 8: a resample misses that user with probability
+    # (7/8)^8 = 0.34, so the two-sided p is about 0.69 > 0.05 and the default is kept.
+    board = leaderboard({"good": GOOD, "more": ONE_MORE}, beam=20, n_boot=400, seed=0, default="good")
+    assert [m["method"] for m in board["methods"]] == ["more", "good"]  # the table still orders by R@10
+    assert board["champion"] == "good" and board["default"]["replaced"] is False
+    assert board["default"]["challenger"] == "more"
+    challenge = board["default"]["challenge"]["recall@10"]
+    assert challenge["diff"] == pytest.approx(1 / 8) and 0.5 < challenge["p_value"] < 0.9
+    # the margin is the champion against the best other method: negative here
+    assert board["runner_up"] == "more" and board["margin"]["recall@10"]["diff"] == pytest.approx(-1 / 8)
+    assert "good unless" in board["rule"]
+    # with champion_p 1 any higher recall replaces it
+    loose = leaderboard({"good": GOOD, "more": ONE_MORE}, beam=20, n_boot=400, seed=0, default="good", challenge_p=1.0)
+    assert loose["champion"] == "more" and loose["default"]["replaced"] is True
+
+
+def test_a_significant_challenger_replaces_the_default_and_a_missing_default_leaves_the_plain_rule():
+    # GOOD - WEAK: +5/8, every resample positive, p = 0
+    board = leaderboard({"weak": WEAK, "good": GOOD}, beam=20, n_boot=200, seed=0, default="weak")
+    assert board["champion"] == "good" and board["default"]["replaced"] is True
+    assert board["default"]["challenge"]["recall@10"]["p_value"] == 0.0
+    assert board["runner_up"] == "weak" and board["margin"]["recall@10"]["diff"] == pytest.approx(5 / 8)
+    # the default on top: no challenge, kept
+    top = leaderboard({"weak": WEAK, "good": GOOD}, beam=20, n_boot=200, seed=0, default="good")
+    assert top["champion"] == "good" and top["default"]["replaced"] is False and "challenge" not in top["default"]
+    # a default that was not ranked: the highest validation recall wins, and the board says so
+    missing = leaderboard({"weak": WEAK, "good": GOOD}, beam=20, n_boot=200, seed=0, default="tiger_cf")
+    assert missing["champion"] == "good" and missing["default"] == {"method": "tiger_cf", "challenge_p": 0.05,
+                                                                    "ranked": False}
+    assert missing["rule"] == "highest validation recall@10, then ndcg@10"

@@ -240,3 +240,9 @@ def test_a_derived_field_in_the_file_is_refused(tmp_path):
     path.write_text(yaml.safe_dump(raw))
     with pytest.raises(ParamsError, match="sasrec.max_len: not a key; it is data.max_history"):
         load_params(path)
+
+
+def test_the_champion_rule_is_checked_where_it_is_read():
+    params_error("evaluate.champion_p: need 0 < value <= 1, got 0.0", overrides=["evaluate.champion_p=0"])
+    params_error("evaluate.champion_default", "'bm25' is not one of", overrides=["evaluate.champion_default=bm25"])
+    assert load_params(overrides=["evaluate.champion_default="]).evaluate.champion_default == ""

@@ -40,3 +40,22 @@ def test_report_has_the_table_the_plots_and_says_what_is_missing(tmp_path):
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000
         assert f"figures/{fig}" in text
     assert "r_loc distribution (no mine.json)" in text  # said, not silently dropped
+
+
+def test_a_kept_default_champion_is_reported_against_the_higher_method():
+    from tasks.evaluate import leaderboard
+    from tasks.report import leaderboard_lines
+    from tasks.ui import champion_entry, leaderboard_rows
+
+    good = np.array([1, 2, 3, 0, 5, 11, 0, 1])  # R@10 5/8
+    more = np.array([1, 2, 3, 4, 5, 11, 0, 1])  # 6/8: one user more, not significant on 8 users
+    board = leaderboard({"tiger_cf": good, "tiger": more}, beam=20, n_boot=200, seed=0, default="tiger_cf")
+    assert board["champion"] == "tiger_cf" and champion_entry(board)["metrics"]["recall@10"] == 5 / 8
+    text = "\n".join(leaderboard_lines(board))
+    assert "## Champion on the validation split: tiger_cf" in text
+    assert "tiger_cf − tiger (paired, validation R@10): -0.1250" in text
+    assert "tiger − the default tiger_cf (paired, validation R@10): +0.1250" in text and "does not replace it" in text
+    rows = {r["method"]: r for r in leaderboard_rows(board, {})}
+    # differences are against the champion's 5/8, not the first row's 6/8
+    assert rows["tiger_cf"]["valid recall@10 - champion"] == "0.0000"
+    assert rows["tiger"]["valid recall@10 - champion"].startswith("0.1250 (paired p ")
