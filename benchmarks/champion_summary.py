@@ -29,12 +29,13 @@ METRIC = "recall@10"
 # (label, the JSONs of one run): the runs of RESULTS.md's issue 16 tables that scored every test user.
 RUNS = (
     ("ml-100k\ndefaults (cf IDs)", ("pipeline_defaults_ml-100k_test", "cf_fusion_ml-100k_ids_cf")),
-    ("ml-100k, defaults\nseeds 2026-2030,\nseed-averaged", ("seeds_ml-100k_defaults",)),
-    ("ml-100k, seeds 2026-2030,\nchampion_default tiger_cf,\nseed-averaged", ("seeds_ml-100k_champion_default",)),
+    ("ml-100k, defaults\nseeds 2026-2030,\nplain champion,\nseed-averaged", ("seeds_ml-100k_defaults",)),
+    ("ml-100k, seeds\n2026-2030, champion\nby champion_default\ntiger_cf, seed-averaged", ("seeds_ml-100k_champion_default",)),
     ("scientific\nseed 2026", ("grc_all_scientific_s2026_vs_sasrec",)),
     ("scientific\nseed 2027", ("grc_all_scientific_s2027_vs_sasrec",)),
     ("scientific\nseed 2028", ("grc_all_scientific_s2028_vs_sasrec",)),
     ("scientific seed 2026\nrerun 2026-12-04", ("cf_fusion_scientific_ids_text_all_s2026_rerun",)),
+    ("scientific seed 2029\n(pipeline, 2026-12-05)", ("seeds_scientific_s2029_defaults",)),
     ("instruments\nprebuilt IDs", ("grc_all_instruments_prebuilt_vs_sasrec", "cf_fusion_instruments_ids_prebuilt_wlow")),
 )
 METHODS = {"tiger": "TIGER", "late_fusion": "best late fusion", "tiger_cf": "tiger_cf",
@@ -95,7 +96,7 @@ def combine(label: str, docs: dict[str, dict]) -> dict:
 
 def plot(rows: list[dict], path: Path) -> None:
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(13, 5))
+    fig, ax = plt.subplots(figsize=(max(13.0, 1.7 * len(rows)), 5.5))  # room for each run's label
     width = 0.8 / len(METHODS)
     for j, method in enumerate(METHODS):
         x = np.arange(len(rows)) + (j - (len(METHODS) - 1) / 2) * width
