@@ -59,8 +59,8 @@ from tasks.artifacts import Ranker, decode_config, load_ranker, load_split, mode
 from tasks.io import sha256_file
 from tasks.params import Params, resolve_path
 from tasks.quality import gx_expectations, run_gate
-from tasks.ui import champion_entry
 from tasks.stages import fingerprint
+from tasks.ui import champion_entry
 
 MANIFEST = "manifest.json"
 SCHEMA = {"user_id": pl.Int64, "rank": pl.Int32, "item_id": pl.Int64, "score": pl.Float32}
