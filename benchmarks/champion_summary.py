@@ -36,6 +36,7 @@ RUNS = (
     ("scientific\nseed 2028", ("grc_all_scientific_s2028_vs_sasrec",)),
     ("scientific seed 2026\nrerun 2026-12-04", ("cf_fusion_scientific_ids_text_all_s2026_rerun",)),
     ("scientific seed 2029\n(pipeline, 2026-12-05)", ("seeds_scientific_s2029_defaults",)),
+    ("scientific seed 2030\n(pipeline, 2026-12-05)", ("seeds_scientific_s2030_defaults",)),
     ("instruments\nprebuilt IDs", ("grc_all_instruments_prebuilt_vs_sasrec", "cf_fusion_instruments_ids_prebuilt_wlow")),
 )
 METHODS = {"tiger": "TIGER", "late_fusion": "best late fusion", "tiger_cf": "tiger_cf",
