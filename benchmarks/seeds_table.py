@@ -37,20 +37,28 @@ KEYS = ("recall@5", "recall@10", "recall@100", "recall@200", "ndcg@5", "ndcg@10"
 CHAMPION = "champion"  # a method name that stands for the seed's validation champion (eval/leaderboard.json)
 
 
-def rechosen_champion(eval_dir: Path, default: str, p: float, n_boot: int) -> dict:
-    """The leaderboard `tasks.evaluate.leaderboard` makes from the validation rank files under
-    `eval_dir/valid/` with `default` and `p` (the users every file holds, in user order), less its
-    per-method rows: the champion, the rule, the default's challenge, the margin."""
-    files = sorted((eval_dir / "valid").glob("*.parquet"))
-    if not files:
-        raise FileNotFoundError(f"{eval_dir / 'valid'}: no validation rank files to choose a champion from")
-    frames = {f.stem: pl.read_parquet(f) for f in files}
-    users = sorted(set.intersection(*(set(f["user_id"].to_list()) for f in frames.values())))
+def aligned_ranks(frames: dict[str, pl.DataFrame], where: Path) -> tuple[list[int], dict[str, np.ndarray]]:
+    """(the users every rank file holds, in user order; each method's ranks of them in that order)."""
+    users = set.intersection(*(set(frame["user_id"].to_list()) for frame in frames.values()))
+    if not users:
+        raise ValueError(f"{where}: the rank files of {list(frames)} share no user")
+    order = sorted(users)
     ranks = {}
     for m, frame in frames.items():
         by_user = dict(zip(frame["user_id"].to_list(), frame["rank"].to_list()))
-        ranks[m] = np.asarray([by_user[u] for u in users])
-    board = leaderboard(ranks, 200, n_boot, 0, default, p)
+        ranks[m] = np.asarray([by_user[u] for u in order])
+    return order, ranks
+
+
+def rechosen_champion(eval_dir: Path, default: str, p: float, n_boot: int) -> dict:
+    """The leaderboard `tasks.evaluate.leaderboard` makes from the validation rank files under
+    `eval_dir/valid/` with `default` and `p` (the users every file holds), less its per-method
+    rows: the champion, the rule, the default's challenge, the margin."""
+    files = sorted((eval_dir / "valid").glob("*.parquet"))
+    if not files:
+        raise FileNotFoundError(f"{eval_dir / 'valid'}: no validation rank files to choose a champion from")
+    _, ranks = aligned_ranks({f.stem: pl.read_parquet(f) for f in files}, eval_dir / "valid")
+    board = leaderboard(ranks, 200, n_boot, 0, default, p)  # beam 200: every cut-off; the rule reads Recall@10
     board["valid_recall@10"] = {m["method"]: m["metrics"]["recall@10"] for m in board.pop("methods")}
     return board
 
@@ -65,18 +73,11 @@ def seed_rows(eval_dir: Path, methods: list[str], n_boot: int,
         board = (json.loads((eval_dir / "leaderboard.json").read_text()) if rule is None
                  else rechosen_champion(eval_dir, *rule, n_boot))
         chosen[CHAMPION] = board["champion"]
-    frames = {m: pl.read_parquet(eval_dir / f"{chosen.get(m, m)}.parquet") for m in methods}
-    users = None
-    for frame in frames.values():
-        ids = set(frame["user_id"].to_list())
-        users = ids if users is None else users & ids
-    if not users:
-        raise ValueError(f"{eval_dir}: the rank files of {methods} share no user")
-    order = sorted(users)
+    order, ranks = aligned_ranks({m: pl.read_parquet(eval_dir / f"{chosen.get(m, m)}.parquet") for m in methods},
+                                 eval_dir)
     out, per_user = {}, {}
-    for m, frame in frames.items():
-        ranks = dict(zip(frame["user_id"].to_list(), frame["rank"].to_list()))
-        per_user[m] = M.per_user_metrics(np.asarray([ranks[u] for u in order]), M.DEFAULT_KS, M.NDCG_KS)
+    for m, r in ranks.items():
+        per_user[m] = M.per_user_metrics(r, M.DEFAULT_KS, M.NDCG_KS)
         out[m] = {"metrics": M.summarize(per_user[m])}
     base = methods[0]
     for m in methods[1:]:

@@ -99,9 +99,9 @@ def leaderboard(ranks: dict[str, np.ndarray], beam: int, n_boot: int, seed: int,
         return {k: M.paired_bootstrap(per_user[base][k], per_user[method][k], n_boot, seed)
                 for k in ("recall@10", "ndcg@10")}
 
-    best, rule = rows[0]["method"], "highest validation recall@10, then ndcg@10"
-    board = {"split": "valid", "rule": rule, "champion": best, "users": next(iter(lengths.values())),
-             "methods": rows}
+    best = rows[0]["method"]
+    board = {"split": "valid", "rule": "highest validation recall@10, then ndcg@10", "champion": best,
+             "users": next(iter(lengths.values())), "methods": rows}
     if default:
         board["default"] = {"method": default, "challenge_p": challenge_p, "ranked": default in ranks}
     if default in ranks:
