@@ -32,7 +32,8 @@ from benchmarks.cf_fusion import masked_log_probs
 from benchmarks.common import commit, save, stamp
 from grc_core import metrics as M
 from grc_core.evaluation import rank_with_backbone
-from tasks.artifacts import item_index, load_backbone, load_baseline, load_split, sasrec_log_probs, subset
+from tasks.artifacts import (item_index, load_backbone, load_baseline, load_split, sasrec_log_probs, subset,
+                             tiger_cf_weight)
 from tasks.params import load_params
 
 FINAL_WEIGHTS = (0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 3.0, 4.0, 8.0)
@@ -160,7 +161,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("-S", "--set", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--users", type=int, default=6000, help="validation users (0: all)")
-    ap.add_argument("--weight", type=float, default=None, help="tiger_cf's weight (default: evaluate.cf_weight)")
+    ap.add_argument("--weight", type=float, default=None, help="tiger_cf's weight (default: the stage's, tasks/artifacts.py "
+                    "tiger_cf_weight: evaluate.cf_weights' one value, or evaluate's validation choice)")
     ap.add_argument("--beam", type=int, default=200)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0, help="seed of the fit/check split of the users")
@@ -168,7 +170,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--tag", default="", help="suffix of the JSON's name")
     args = ap.parse_args(argv)
     params = load_params(overrides=args.set)
-    weight = params.evaluate.cf_weight if args.weight is None else args.weight
+    weight = tiger_cf_weight(params.dataset_dir(), params.evaluate.cf_weights) if args.weight is None else args.weight
     report = stamp({"users": args.users, "weight": weight, "beam": args.beam, "seed": args.seed,
                     "overrides": args.set, "final_weights": FINAL_WEIGHTS, "adaptive_weights": ADAPT_WEIGHTS,
                     "betas": BETAS})

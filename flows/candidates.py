@@ -62,7 +62,7 @@ def candidates_flow(params: Params) -> dict:
         records.update({s.name: r for s, r in zip(todo, done)})
     else:
         set_threads(cd.threads)
-        ranker = dump_ranker(params, plan.method) if todo else None
+        ranker = dump_ranker(params, plan) if todo else None
         for shard in todo:
             frame = rank_shard(ranker, shard, plan.top_n)
             # The gate runs before the shard is written: a bad shard never reaches the folder.

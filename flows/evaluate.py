@@ -4,8 +4,11 @@ the catalog.
 
     python -m flows.evaluate [-S data.dataset=instruments] [-S evaluate.beam=200]
 
+`tiger_cf` is ranked on validation at each weight of `evaluate.cf_weights`; the best one
+(`tiger_cf_weight` in the leaderboard) is its leaderboard row and ranks the test split and the dump.
+
 Writes `data/<dataset>/eval/leaderboard.json` (validation: the champion, every method's metrics,
-the champion's paired margin over the runner-up), `reports/<dataset>/metrics.json` (DVC
+the champion's paired margin over the runner-up, tiger_cf's weight), `reports/<dataset>/metrics.json` (DVC
 metrics: test metrics and the leaderboard), per-user ranks under `data/<dataset>/eval/` (test)
 and `eval/valid/` (validation), and appends one record per method to
 benchmarks/results/quality.jsonl. The test split chooses nothing.
@@ -20,8 +23,8 @@ from prefect import flow, get_run_logger
 
 from tasks import io
 from tasks.cli import parse_cli
-from tasks.evaluate import (append_quality_record, leaderboard, paired_against, rank_users, save_ranks,
-                            summarize_method)
+from tasks.evaluate import (append_quality_record, choose_weight, leaderboard, paired_against, rank_users,
+                            save_ranks, summarize_method)
 from tasks.params import Params
 from tasks.report import write_report
 from tasks.ui import champion_entry, publish_leaderboard, publish_report
@@ -32,12 +35,23 @@ def evaluate_flow(params: Params) -> dict:
     log = get_run_logger()
     out_dir, ev = params.dataset_dir(), params.evaluate
     seed = params.backbone.train.seed
-    valid_ranks = {}
+    valid_ranks, tuned = {}, None
     for method in ev.methods:
-        users, ranks, _, _ = rank_users(params, method, "valid")
+        if method == "tiger_cf":  # each weight of evaluate.cf_weights; the best on validation ranks test
+            tried = {}
+            for w in ev.cf_weights:
+                users, tried[w], _, _ = rank_users(params, method, "valid", w)
+            tuned = choose_weight(tried)
+            ranks = tried[tuned["chosen"]]
+            log.info("tiger_cf: w %g chosen on validation (recall@10 %s)", tuned["chosen"],
+                     ", ".join(f"{r['weight']:g}: {r['recall@10']:.4f}" for r in tuned["valid"]))
+        else:
+            users, ranks, _, _ = rank_users(params, method, "valid")
         save_ranks(out_dir, method, users, ranks, "valid")
         valid_ranks[method] = ranks
     board = leaderboard(valid_ranks, ev.beam, ev.bootstrap, seed, ev.champion_default, ev.champion_p)
+    if tuned is not None:
+        board["tiger_cf_weight"] = tuned
     io.write_json(out_dir / "eval" / "leaderboard.json", board)
     log.info("champion on %d validation users: %s (recall@10 %.4f)%s; rule: %s", board["users"], board["champion"],
              champion_entry(board)["metrics"]["recall@10"],

@@ -215,6 +215,29 @@ def sasrec_log_probs(model: SASRec) -> Callable[[Instances], torch.Tensor]:
     return item_logp
 
 
+def tiger_cf_weight(out_dir: Path, weights: tuple[float, ...]) -> float:
+    """`tiger_cf`'s weight w of SASRec's prefix value: the one value of `evaluate.cf_weights`, or
+    the one evaluate chose among several on the validation split (`eval/leaderboard.json`,
+    field `tiger_cf_weight`). A choice made over another list of weights is refused as stale."""
+    if len(weights) == 1:
+        return float(weights[0])
+    path = out_dir / "eval" / "leaderboard.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"tiger_cf: evaluate.cf_weights has {len(weights)} values and {path} does not "
+                                "exist; run the evaluate stage first (it chooses the weight on the validation "
+                                "split), or give evaluate.cf_weights one value")
+    chosen = io.read_json(path).get("tiger_cf_weight")
+    if chosen is None:
+        raise ValueError(f"{path}: no field tiger_cf_weight (tiger_cf was not ranked on the validation split); "
+                         "run the evaluate stage with tiger_cf among evaluate.methods, or give evaluate.cf_weights "
+                         "one value")
+    tried = [float(w) for w in chosen["weights"]]
+    if tried != [float(w) for w in weights]:
+        raise ValueError(f"{path}: field tiger_cf_weight was chosen among {tried}, not among this run's "
+                         f"evaluate.cf_weights {list(weights)}; run the evaluate stage again")
+    return float(chosen["chosen"])
+
+
 def load_ranker(method: str, out_dir: Path, attributes: tuple[str, ...], device: torch.device | str,
                 decode: DecodeConfig, batch_size: int, exclude_history: bool, cf_weight: float) -> Ranker:
     """One method's ranking of the catalog for any instances: the beam of `decode.width` (tiger;

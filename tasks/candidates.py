@@ -9,8 +9,9 @@
 - `part-00000.json`, ...: each shard's sidecar, written after its shard: sha256, rows, users
   and the dump's fingerprint (method, model files, test split, tokenizer, decoding params,
   the decoding code, torch and polars versions).
-- `manifest.json`, written last: method, dataset, model file sha256, params hash, rows and
-  sha256 of every shard, creation time, top_n. No manifest means the dump is incomplete.
+- `manifest.json`, written last: method (and `cf_weight`, tiger_cf's weight chosen on
+  validation), dataset, model file sha256, params hash, rows and sha256 of every shard,
+  creation time, top_n. No manifest means the dump is incomplete.
 
 Histories are those of `splits/test.parquet` (the history before each user's test item).
 Scores: summed log-probabilities of the beam (tiger), the merge score of two-pass decoding
@@ -55,7 +56,7 @@ from prefect.cache_policies import NO_CACHE
 
 from grc_core.device import resolve_device, set_threads
 from tasks import io
-from tasks.artifacts import Ranker, decode_config, load_ranker, load_split, model_files
+from tasks.artifacts import Ranker, decode_config, load_ranker, load_split, model_files, tiger_cf_weight
 from tasks.io import sha256_file
 from tasks.params import Params, resolve_path
 from tasks.quality import gx_expectations, run_gate
@@ -77,6 +78,7 @@ class Shard(NamedTuple):
 class DumpPlan:
     method: str  # the method dumped: candidates.method, or the validation champion where that is auto
     chosen_by: dict | None  # with auto: the leaderboard's rule, users, champion metrics and margin
+    cf_weight: float | None  # tiger_cf: the weight of SASRec's prefix value it decodes with (None for other methods)
     dataset: str
     top_n: int
     beam: int
@@ -140,11 +142,14 @@ def users_digest(users: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(users, dtype=np.int64).tobytes()).hexdigest()
 
 
-def dump_fingerprint(params: Params, method: str, files: dict[str, str]) -> str:
+def dump_fingerprint(params: Params, method: str, files: dict[str, str], cf_weight: float | None = None) -> str:
     """What the bytes of a shard depend on, besides its users: the stage's params and code
-    (tasks/stages.py), the method dumped, the files it reads, and the torch and polars versions."""
-    return fingerprint(params, "candidates", inputs=files,
-                       extra={"method": method, "versions": {"torch": torch.__version__, "polars": pl.__version__}})
+    (tasks/stages.py), the method dumped (and tiger_cf's weight, chosen on validation), the files
+    it reads, and the torch and polars versions."""
+    extra = {"method": method, "versions": {"torch": torch.__version__, "polars": pl.__version__}}
+    if cf_weight is not None:
+        extra["cf_weight"] = cf_weight
+    return fingerprint(params, "candidates", inputs=files, extra=extra)
 
 
 def resolve_method(params: Params) -> tuple[str, dict | None]:
@@ -170,6 +175,7 @@ def plan_dump(params: Params) -> DumpPlan:
     """Users, shards and the fingerprint of this dump; fails early on a missing model or a bad users file."""
     cd, out_dir = params.candidates, params.dataset_dir()
     method, chosen_by = resolve_method(params)
+    cf_weight = tiger_cf_weight(out_dir, params.evaluate.cf_weights) if method == "tiger_cf" else None
     model_paths = list(model_files(method))
     input_paths = ["splits/test.parquet"]
     if method != "sasrec":
@@ -189,10 +195,10 @@ def plan_dump(params: Params) -> DumpPlan:
         n_items = int(json.loads((out_dir / "sasrec" / "config.json").read_text())["n_items"])
     else:
         n_items = io.parquet_rows(out_dir / "tokenizer" / "semantic_ids.parquet")
-    return DumpPlan(method=method, chosen_by=chosen_by, dataset=params.data.dataset, top_n=cd.top_n, beam=cd.beam,
+    return DumpPlan(method=method, chosen_by=chosen_by, cf_weight=cf_weight, dataset=params.data.dataset, top_n=cd.top_n, beam=cd.beam,
                     out_dir=out_dir / "candidates", n_items=n_items, model_sha256=model_sha,
                     input_sha256=input_sha, params_hash=params.section_hash("data", "evaluate", "candidates"),
-                    fingerprint=dump_fingerprint(params, method, {**model_sha, **input_sha}),
+                    fingerprint=dump_fingerprint(params, method, {**model_sha, **input_sha}, cf_weight),
                     shards=make_shards(users.astype(np.int64), rows, cd.users_per_shard))
 
 
@@ -218,13 +224,13 @@ def current_shard(out_dir: Path, shard: Shard, fingerprint: str) -> dict | None:
     return record if sha256_file(path) == record.get("sha256") else None
 
 
-def dump_ranker(params: Params, method: str) -> Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]:
-    """`method`'s ranking of test-split rows: (U,) rows -> items, scores (U, W), best first."""
+def dump_ranker(params: Params, plan: DumpPlan) -> Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]:
+    """The planned method's ranking of test-split rows: (U,) rows -> items, scores (U, W), best first."""
     cd, out_dir = params.candidates, params.dataset_dir()
     test = load_split(out_dir, "test", params.data.max_history)
-    rank: Ranker = load_ranker(method, out_dir, params.dataset.attributes, resolve_device(cd.device),
+    rank: Ranker = load_ranker(plan.method, out_dir, params.dataset.attributes, resolve_device(cd.device),
                                decode_config(params.evaluate, cd.beam, params.vstar.ved_test), cd.batch_size,
-                               params.data.exclude_history, params.evaluate.cf_weight)
+                               params.data.exclude_history, plan.cf_weight or 0.0)
     return lambda rows: rank(test.select(torch.as_tensor(rows, dtype=torch.long)))
 
 
@@ -235,7 +241,7 @@ def cached_ranker(params: Params, plan: DumpPlan) -> Callable[[np.ndarray], tupl
     """The ranker of this dump, loaded once per (worker) process (keyed by the dump's fingerprint)."""
     if plan.fingerprint not in _RANKERS:
         _RANKERS.clear()
-        _RANKERS[plan.fingerprint] = dump_ranker(params, plan.method)
+        _RANKERS[plan.fingerprint] = dump_ranker(params, plan)
     return _RANKERS[plan.fingerprint]
 
 
@@ -330,7 +336,8 @@ def remove_stale_shards(out_dir: Path, names: set[str]) -> list[str]:
 @task(retries=2, retry_delay_seconds=2)
 def write_manifest(plan: DumpPlan, records: list[dict]) -> dict:
     manifest = {
-        "method": plan.method, "chosen_by": plan.chosen_by, "dataset": plan.dataset, "top_n": plan.top_n,
+        "method": plan.method, "chosen_by": plan.chosen_by, "cf_weight": plan.cf_weight, "dataset": plan.dataset,
+        "top_n": plan.top_n,
         "beam": plan.beam,
         "users": sum(r["users"] for r in records), "rows": sum(r["rows"] for r in records),
         "columns": {k: str(v) for k, v in SCHEMA.items()},

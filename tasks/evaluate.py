@@ -26,7 +26,7 @@ from grc_core import metrics as M
 from grc_core.device import resolve_device
 from grc_core.evaluation import ReflectionStats
 from tasks import io
-from tasks.artifacts import GRC_METHODS, decode_config, load_ranker, load_split, subset
+from tasks.artifacts import GRC_METHODS, decode_config, load_ranker, load_split, subset, tiger_cf_weight
 from tasks.env import PROJECT_ROOT
 from tasks.params import Params
 
@@ -34,20 +34,24 @@ QUALITY_LOG = PROJECT_ROOT / "benchmarks" / "results" / "quality.jsonl"
 
 
 @task
-def rank_users(params: Params, method: str, split: str = "test") -> tuple[np.ndarray, np.ndarray, float, dict]:
+def rank_users(params: Params, method: str, split: str = "test",
+               cf_weight: float | None = None) -> tuple[np.ndarray, np.ndarray, float, dict]:
     """(user ids (U,), 1-based target ranks (U,), wall seconds, extra stats) for one method on the
-    test split (`evaluate.users` of them) or the validation split (`evaluate.valid_users`)."""
+    test split (`evaluate.users` of them) or the validation split (`evaluate.valid_users`).
+    `cf_weight`: tiger_cf's w; None takes the one chosen on validation (`tiger_cf_weight`)."""
     out_dir, ev = params.dataset_dir(), params.evaluate
+    if cf_weight is None:
+        cf_weight = tiger_cf_weight(out_dir, ev.cf_weights) if method == "tiger_cf" else 0.0
     n_users = {"test": ev.users, "valid": ev.valid_users}[split]
     test = subset(load_split(out_dir, split, params.data.max_history), n_users, ev.users_seed)
     t0 = time.perf_counter()
     rank = load_ranker(method, out_dir, params.dataset.attributes, resolve_device(ev.device),
                        decode_config(ev, ev.beam, params.vstar.ved_test), ev.batch_size, params.data.exclude_history,
-                       ev.cf_weight)
+                       cf_weight)
     stats = ReflectionStats() if method in GRC_METHODS else None
-    with tqdm(total=len(test), unit="user", desc=f"{method} {split} beam {ev.beam}", mininterval=5) as bar:
+    with tqdm(total=len(test), unit="user", desc=f"{method} {split} beam {ev.beam}" + (f" w {cf_weight:g}" if method == "tiger_cf" else ""), mininterval=5) as bar:
         ranked, _ = rank(test, bar.update, stats)
-    extra: dict = {}
+    extra: dict = {"cf_weight": cf_weight} if method == "tiger_cf" else {}
     if stats is not None:
         extra = {"reflection": stats.summary(), "alpha_e": ev.alpha_e, "rank_rule": ev.rank_rule,
                  "reflect_width": ev.reflect_width or ev.beam, "correct_width": ev.correct_width or ev.beam}
@@ -62,6 +66,19 @@ def summarize_method(ranks: np.ndarray, beam: int, n_boot: int, seed: int) -> di
     summary = M.summarize(per_user)
     intervals = {k: M.bootstrap_interval(v, n_boot, seed) for k, v in per_user.items()}
     return {"metrics": summary, "ci95": intervals, "users": int(len(ranks))}
+
+
+def choose_weight(ranks: dict[float, np.ndarray]) -> dict:
+    """The weight whose validation ranks (`ranks[w]`, 1-based, the same users in the same order)
+    have the best Recall@10, then NDCG@10, then the smaller weight; with every weight's metrics
+    (the leaderboard's `tiger_cf_weight`, read back by `tiger_cf_weight`)."""
+    if not ranks:
+        raise ValueError("choose_weight: no weight was tried")
+    rows = [{"weight": float(w), **{k: float(v.mean()) for k, v in M.per_user_metrics(r, (10,), (10,)).items()}}
+            for w, r in ranks.items()]
+    best = min(rows, key=lambda r: (-r["recall@10"], -r["ndcg@10"], r["weight"]))
+    return {"weights": [float(w) for w in ranks], "chosen": best["weight"], "users": int(len(next(iter(ranks.values())))),
+            "rule": "highest validation recall@10, then ndcg@10, then the smaller weight", "valid": rows}
 
 
 def save_ranks(out_dir: Path, method: str, users: np.ndarray, ranks: np.ndarray, split: str = "test") -> None:
@@ -153,6 +170,7 @@ def append_quality_record(params: Params, method: str, summary: dict, wall_s: fl
     record = {
         "dataset": params.data.dataset, "method": method, "seed": seed,
         "metrics": {k: round(v, 6) for k, v in summary["metrics"].items()},
+        **({"cf_weight": summary["cf_weight"]} if "cf_weight" in summary else {}),
         "params_hash": params.section_hash(), "command": command_line(),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "wall_s": round(wall_s, 1),
         "machine": f"{platform.machine()} {platform.processor() or ''} {torch.get_num_threads()} threads".strip(),

@@ -215,7 +215,7 @@ class EvaluateConfig:
     users: int
     users_seed: int
     valid_users: int
-    cf_weight: float
+    cf_weights: tuple[float, ...]  # tiger_cf: tried on validation, the best kept (tasks/artifacts.py `tiger_cf_weight`)
     grc_cf_weight: float
     grc_drafts: Literal["beam", "ved"]
     verify_gamma: float
@@ -225,6 +225,8 @@ class EvaluateConfig:
     def __post_init__(self) -> None:
         if not 0.0 < self.champion_p <= 1.0:
             raise ParamsError(f"evaluate.champion_p: need 0 < value <= 1, got {self.champion_p}")
+        if not self.cf_weights or min(self.cf_weights) < 0 or len(set(self.cf_weights)) != len(self.cf_weights):
+            raise ParamsError(f"evaluate.cf_weights: need one or more distinct weights >= 0, got {list(self.cf_weights)}")
 
 
 @dataclass(frozen=True)

@@ -73,6 +73,16 @@ def known_items(bundle: Path, method: str) -> int:
     return io.parquet_rows(bundle / "tokenizer" / "semantic_ids.parquet")
 
 
+LEGACY_CF_WEIGHT = 4.0  # evaluate.cf_weight, fixed before evaluate chose it: manifests of then carry no cf_weight
+
+
+def published_cf_weight(version: Path) -> float:
+    """The weight of SASRec's prefix value a published tiger_cf dump was decoded with (its
+    manifest's `cf_weight`)."""
+    weight = io.read_json(version / "manifest.json").get("cf_weight")
+    return LEGACY_CF_WEIGHT if weight is None else float(weight)
+
+
 def valid_ranks(params: Params, method: str) -> pl.DataFrame:
     """This run's validation ranks of `method` (user_id, rank), written by evaluate."""
     path = params.dataset_dir() / "eval" / "valid" / f"{method}.parquet"
@@ -82,9 +92,10 @@ def valid_ranks(params: Params, method: str) -> pl.DataFrame:
 
 
 @task
-def score_published(params: Params, bundle: Path, method: str) -> pl.DataFrame:
+def score_published(params: Params, bundle: Path, method: str, cf_weight: float = 0.0) -> pl.DataFrame:
     """The bundled model's 1-based validation ranks (user_id, rank; 0 = miss) on this run's
-    validation split, the users evaluate ranked (`evaluate.valid_users`, same subset)."""
+    validation split, the users evaluate ranked (`evaluate.valid_users`, same subset); tiger_cf
+    at the weight its dump was decoded with (`published_cf_weight`)."""
     ev, out_dir = params.evaluate, params.dataset_dir()
     frame = io.read_parquet(published_paths(out_dir)["splits/valid.parquet"])
     n_known = known_items(bundle, method)
@@ -97,7 +108,7 @@ def score_published(params: Params, bundle: Path, method: str) -> pl.DataFrame:
     if len(usable):
         rank = load_ranker(method, bundle, params.dataset.attributes, resolve_device(ev.device),
                            decode_config(ev, ev.beam, params.vstar.ved_test), ev.batch_size,
-                           params.data.exclude_history, ev.cf_weight)
+                           params.data.exclude_history, cf_weight)
         import torch
 
         ranked, _ = rank(inst.select(torch.as_tensor(usable)))
@@ -120,7 +131,8 @@ def promotion_decision(params: Params, method: str, incumbent: Path | None) -> d
     if incumbent is None:
         return {**decision, "promoted": True, "reason": "first publication: no published model to compare with"}
     published = io.read_json(incumbent / PROMOTION)
-    old = score_published.fn(params, incumbent / "model", published["method"])
+    old = score_published.fn(params, incumbent / "model", published["method"],
+                             published_cf_weight(incumbent) if published["method"] == "tiger_cf" else 0.0)
     both = new.join(old, on="user_id", suffix="_published")
     a, b = both["rank_published"].to_numpy(), both["rank"].to_numpy()
     old_r, new_r = recall_at_10(a), recall_at_10(b)

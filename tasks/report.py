@@ -98,6 +98,11 @@ def leaderboard_lines(board: dict | None) -> list[str]:
         verdict = "replaces it" if default["replaced"] else f"does not replace it (needs p < {default['challenge_p']:g})"
         lines += ["", f"{default['challenger']} − the default {default['method']} (paired, validation R@10): "
                       f"{d['diff']:+.4f} [{d['ci_low']:+.4f}, {d['ci_high']:+.4f}], p = {d['p_value']:.3f}: {verdict}."]
+    tuned = board.get("tiger_cf_weight")
+    if tuned:
+        tried = ", ".join(f"{r['weight']:g}: {r['recall@10']:.4f}" for r in tuned["valid"])
+        lines += ["", f"tiger_cf decodes with w = {tuned['chosen']:g}, chosen on the same validation users "
+                      f"(R@10 per w: {tried}); the test split and the dump use it."]
     return lines + [""]
 
 

@@ -89,6 +89,16 @@ def test_repro_dumps_candidates_that_duckdb_and_polars_read(project):
         (m["metrics"]["recall@10"] for m in board["methods"]), reverse=True)
     metrics = json.loads((project["root"] / "reports" / "tiny" / "metrics.json").read_text())
     assert metrics["leaderboard"] == board
+    # evaluate.cf_weights: tiger_cf ranked validation at each weight; its row is the best weight's
+    tuned = board["tiger_cf_weight"]
+    grid = yaml.safe_load((project["root"] / "params.yaml").read_text())["evaluate"]["cf_weights"]
+    assert tuned["weights"] == [float(w) for w in grid] and len(grid) > 1 and len(tuned["valid"]) == len(grid)
+    best = max(tuned["valid"], key=lambda r: (r["recall@10"], r["ndcg@10"], -r["weight"]))
+    assert tuned["chosen"] == best["weight"]
+    [row] = [m for m in board["methods"] if m["method"] == "tiger_cf"]
+    assert row["metrics"]["recall@10"] == pytest.approx(best["recall@10"], abs=1e-12)
+    assert metrics["methods"]["tiger_cf"]["cf_weight"] == tuned["chosen"]
+    assert manifest["cf_weight"] == (tuned["chosen"] if manifest["method"] == "tiger_cf" else None)
     assert [s["users"] for s in manifest["shards"]] == [16, 16, users - 32]  # users_per_shard=16
     [(rows, n_users, ranks_ok)] = duckdb.sql(
         f"SELECT count(*), count(DISTINCT user_id), bool_and(rank BETWEEN 1 AND {top_n}) "
@@ -126,11 +136,13 @@ def test_dvc_metrics_and_plots_show_every_methods_results(project):
 def test_every_methods_bundle_alone_ranks_as_evaluate_did(project, tmp_path):
     """What a published version bundles for a method (tasks/publish.py bundle_files, from
     METHOD_MODELS) is all its ranking reads: scored from a folder holding only those files, each
-    evaluated method gives evaluate's own validation ranks, user for user."""
+    evaluated method gives evaluate's own validation ranks, user for user (tiger_cf at the weight
+    evaluate chose on validation, as its dump records it)."""
     import numpy as np
     import polars as pl
 
     from tasks.params import load_params
+    from tasks.artifacts import tiger_cf_weight
     from tasks.publish import bundle_files, score_published
 
     root = project["root"]
@@ -142,7 +154,8 @@ def test_every_methods_bundle_alone_ranks_as_evaluate_did(project, tmp_path):
         for rel in bundle_files(method):
             (bundle / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy(out / rel, bundle / rel)
-        got = score_published.fn(params, bundle, method).sort("user_id")
+        w = tiger_cf_weight(out, params.evaluate.cf_weights) if method == "tiger_cf" else 0.0
+        got = score_published.fn(params, bundle, method, w).sort("user_id")
         want = pl.read_parquet(out / "eval" / "valid" / f"{method}.parquet").sort("user_id")
         assert got["user_id"].to_list() == want["user_id"].to_list(), method
         assert np.array_equal(got["rank"].to_numpy(), want["rank"].to_numpy()), method
@@ -210,7 +223,7 @@ def test_grc_drafts_by_ved_rank_through_the_stage_ranker_and_its_benchmark(proje
         decode = decode_config(replace(ev, grc_drafts=source), ev.beam, params.vstar.ved_test)
         assert (decode.draft_ved is not None) == (source == "ved")
         ranked[source], _ = load_ranker("grc_sft", out, params.dataset.attributes, "cpu", decode, 16, True,
-                                        ev.cf_weight)(inst)
+                                        0.0)(inst)
     decode = decode_config(replace(ev, grc_drafts="ved"), ev.beam, params.vstar.ved_test)
     direct, _ = rank_with_grc(load_grc(out, "grc_sft"), inst, table, trie, decode, 16, exclude_history=True,
                               item_logp=sasrec_log_probs(load_baseline(out)))

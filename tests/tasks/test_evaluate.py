@@ -74,3 +74,34 @@ def test_a_significant_challenger_replaces_the_default_and_a_missing_default_lea
     assert missing["champion"] == "good" and missing["default"] == {"method": "tiger_cf", "challenge_p": 0.05,
                                                                     "ranked": False}
     assert missing["rule"] == "highest validation recall@10, then ndcg@10"
+
+
+def test_the_weight_with_the_best_validation_recall_then_ndcg_then_the_smaller_is_chosen():
+    from tasks.evaluate import choose_weight
+
+    # R@10: w 1 -> 1/4, w 2 -> 2/4 (hits at ranks 1 and 9), w 8 -> 2/4 (ranks 1 and 2: more NDCG)
+    tried = {1.0: np.array([1, 0, 0, 0]), 2.0: np.array([1, 9, 0, 0]), 8.0: np.array([1, 2, 0, 0])}
+    out = choose_weight(tried)
+    assert out["chosen"] == 8.0 and out["weights"] == [1.0, 2.0, 8.0] and out["users"] == 4
+    assert [r["recall@10"] for r in out["valid"]] == [0.25, 0.5, 0.5]
+    # an exact tie on both goes to the smaller weight, wherever it is listed
+    assert choose_weight({4.0: np.array([3, 0]), 2.0: np.array([3, 0])})["chosen"] == 2.0
+    with pytest.raises(ValueError, match="no weight"):
+        choose_weight({})
+
+
+def test_tiger_cf_weight_is_the_one_value_or_evaluates_choice_and_refuses_a_stale_one(tmp_path):
+    from tasks import io
+    from tasks.artifacts import tiger_cf_weight
+
+    assert tiger_cf_weight(tmp_path, (2.0,)) == 2.0  # one value: no leaderboard needed
+    with pytest.raises(FileNotFoundError, match="leaderboard.json does not exist; run the evaluate stage first"):
+        tiger_cf_weight(tmp_path, (1.0, 4.0))
+    path = tmp_path / "eval" / "leaderboard.json"
+    io.write_json(path, {"champion": "sasrec"})
+    with pytest.raises(ValueError, match="no field tiger_cf_weight"):
+        tiger_cf_weight(tmp_path, (1.0, 4.0))
+    io.write_json(path, {"tiger_cf_weight": {"weights": [1.0, 4.0], "chosen": 4.0}})
+    assert tiger_cf_weight(tmp_path, (1.0, 4.0)) == 4.0
+    with pytest.raises(ValueError, match=r"chosen among \[1.0, 4.0\], not among this run's evaluate.cf_weights"):
+        tiger_cf_weight(tmp_path, (1.0, 2.0, 4.0))

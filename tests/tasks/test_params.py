@@ -246,3 +246,9 @@ def test_the_champion_rule_is_checked_where_it_is_read():
     params_error("evaluate.champion_p: need 0 < value <= 1, got 0.0", overrides=["evaluate.champion_p=0"])
     params_error("evaluate.champion_default", "'bm25' is not one of", overrides=["evaluate.champion_default=bm25"])
     assert load_params(overrides=["evaluate.champion_default="]).evaluate.champion_default == ""
+
+
+def test_tiger_cf_weights_must_be_distinct_and_not_negative():
+    for bad in ("[]", "[1, 1]", "[-1, 2]"):
+        params_error("evaluate.cf_weights: need one or more distinct weights >= 0", overrides=[f"evaluate.cf_weights={bad}"])
+    assert load_params(overrides=["evaluate.cf_weights=[2]"]).evaluate.cf_weights == (2.0,)

@@ -48,7 +48,7 @@ def scheduled_run(params, worse: bool = False) -> dict:
     save_ranks(out_dir, "sasrec", users, ranks, "valid")
     io.write_json(out_dir / "eval" / "leaderboard.json", leaderboard({"sasrec": ranks}, 20, 50, 0))
     plan = plan_dump.fn(params)
-    rank = dump_ranker(params, plan.method)
+    rank = dump_ranker(params, plan)
     records = [write_shard.fn(plan.out_dir, s, rank_shard.fn(rank, s, plan.top_n), plan.fingerprint)
                for s in plan.shards]
     manifest = write_manifest.fn(plan, records)
@@ -119,3 +119,12 @@ def test_the_published_model_is_scored_on_items_it_knows(project):
     new_users = ranks.filter(pl.col("user_id") >= 40)
     assert new_users.height == 5 and (new_users["rank"] == 0).all()  # only new items: nothing it can rank
     assert np.mean(ranks.filter(pl.col("user_id") < 40)["rank"].to_numpy() > 0) > 0.5
+
+
+def test_a_published_tiger_cf_dump_is_scored_at_the_weight_its_manifest_records(tmp_path):
+    from tasks.publish import LEGACY_CF_WEIGHT, published_cf_weight
+
+    io.write_json(tmp_path / "manifest.json", {"method": "tiger_cf", "cf_weight": 2.0})
+    assert published_cf_weight(tmp_path) == 2.0
+    io.write_json(tmp_path / "manifest.json", {"method": "tiger_cf"})  # published before evaluate chose it
+    assert published_cf_weight(tmp_path) == LEGACY_CF_WEIGHT == 4.0

@@ -59,3 +59,14 @@ def test_a_kept_default_champion_is_reported_against_the_higher_method():
     # differences are against the champion's 5/8, not the first row's 6/8
     assert rows["tiger_cf"]["valid recall@10 - champion"] == "0.0000"
     assert rows["tiger"]["valid recall@10 - champion"].startswith("0.1250 (paired p ")
+
+
+def test_the_report_says_which_weight_tiger_cf_decodes_with():
+    from tasks.evaluate import choose_weight, leaderboard
+    from tasks.report import leaderboard_lines
+
+    tried = {1.0: np.array([1, 0, 0, 0]), 4.0: np.array([1, 2, 0, 0])}  # R@10 1/4 and 2/4
+    board = leaderboard({"tiger_cf": tried[4.0]}, beam=20, n_boot=50, seed=0)
+    board["tiger_cf_weight"] = choose_weight(tried)
+    text = "\n".join(leaderboard_lines(board))
+    assert "tiger_cf decodes with w = 4, chosen on the same validation users (R@10 per w: 1: 0.2500, 4: 0.5000)" in text
