@@ -84,6 +84,9 @@ def seed_rows(eval_dir: Path, methods: list[str], n_boot: int,
         out[m]["vs_" + base] = {k: M.paired_bootstrap(per_user[base][k], per_user[m][k], n_boot, 0)
                                 for k in ("recall@10", "ndcg@10")}
     entry = {"users": len(order), "methods": out}
+    recorded = eval_dir / "leaderboard.json"
+    if recorded.is_file() and "tiger_cf_weight" in (tuned := json.loads(recorded.read_text())):
+        entry["tiger_cf_weight"] = tuned["tiger_cf_weight"]["chosen"]  # the w its tiger_cf ranks were made with
     if chosen:
         entry["champion"] = chosen[CHAMPION]
         if rule is not None:

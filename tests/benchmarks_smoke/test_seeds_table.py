@@ -48,10 +48,12 @@ def test_seeds_over_different_users_get_no_seed_averaged_test(tmp_path):
 def test_champion_stands_for_each_seeds_validation_winner(tmp_path):
     a = write_ranks(tmp_path, "a", {"base": [1, 0], "other": [2, 1]}, [0, 1])
     b = write_ranks(tmp_path, "b", {"base": [1, 0], "other": [2, 1]}, [0, 1])
-    io.write_json(tmp_path / "a" / "ml-100k" / "eval" / "leaderboard.json", {"champion": "other"})
+    io.write_json(tmp_path / "a" / "ml-100k" / "eval" / "leaderboard.json",
+                  {"champion": "other", "tiger_cf_weight": {"chosen": 2.0}})
     io.write_json(tmp_path / "b" / "ml-100k" / "eval" / "leaderboard.json", {"champion": "base"})
     out = main(["--dataset", "ml-100k", "--dirs", a, b, "--methods", "base", "champion", "--bootstrap", "100"])
     assert [out["seeds"][d]["champion"] for d in (a, b)] == ["other", "base"]
+    assert out["seeds"][a]["tiger_cf_weight"] == 2.0 and "tiger_cf_weight" not in out["seeds"][b]
     assert out["seeds"][a]["methods"]["champion"]["metrics"]["recall@10"] == pytest.approx(1.0)
     assert out["seeds"][a]["methods"]["champion"]["vs_base"]["recall@10"]["diff"] == pytest.approx(0.5)
     assert out["seeds"][b]["methods"]["champion"]["vs_base"]["recall@10"]["diff"] == pytest.approx(0.0)
