@@ -30,13 +30,12 @@ METRIC = "recall@10"
 RUNS = (
     ("ml-100k\ndefaults (cf IDs)", ("pipeline_defaults_ml-100k_test", "cf_fusion_ml-100k_ids_cf")),
     ("ml-100k, defaults\nseeds 2026-2030,\nplain champion,\nseed-averaged", ("seeds_ml-100k_defaults",)),
-    ("ml-100k, seeds\n2026-2030, champion\nby champion_default\ntiger_cf, seed-averaged", ("seeds_ml-100k_champion_default",)),
+    ("ml-100k, seeds\n2026-2030, the\npipeline's champion\n(w chosen),\nseed-averaged", ("seeds_ml-100k_weight_chosen",)),
     ("scientific\nseed 2026", ("grc_all_scientific_s2026_vs_sasrec",)),
     ("scientific\nseed 2027", ("grc_all_scientific_s2027_vs_sasrec",)),
     ("scientific\nseed 2028", ("grc_all_scientific_s2028_vs_sasrec",)),
     ("scientific seed 2026\nrerun 2026-12-04", ("cf_fusion_scientific_ids_text_all_s2026_rerun",)),
-    ("scientific seed 2029\n(pipeline, 2026-12-05)", ("seeds_scientific_s2029_defaults",)),
-    ("scientific seed 2030\n(pipeline, 2026-12-05)", ("seeds_scientific_s2030_defaults",)),
+    ("scientific, seeds\n2026-2030 through\nthe pipeline\n(w chosen),\nseed-averaged", ("seeds_scientific_pipeline_weight_chosen",)),
     ("instruments\nprebuilt IDs", ("grc_all_instruments_prebuilt_vs_sasrec", "cf_fusion_instruments_ids_prebuilt_wlow")),
 )
 METHODS = {"tiger": "TIGER", "late_fusion": "best late fusion", "tiger_cf": "tiger_cf",
