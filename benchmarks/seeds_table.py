@@ -69,9 +69,12 @@ def seed_rows(eval_dir: Path, methods: list[str], n_boot: int,
     The method `champion` is the test ranks of the method the seed's leaderboard chose on
     validation, or, with `rule` = (default, p), the one that rule chooses from `eval/valid/`."""
     chosen, board = {}, None
+    path = eval_dir / "leaderboard.json"
+    recorded = json.loads(path.read_text()) if path.is_file() else None
     if CHAMPION in methods:
-        board = (json.loads((eval_dir / "leaderboard.json").read_text()) if rule is None
-                 else rechosen_champion(eval_dir, *rule, n_boot))
+        if rule is None and recorded is None:
+            raise FileNotFoundError(f"{path}: no leaderboard to read the champion from")
+        board = recorded if rule is None else rechosen_champion(eval_dir, *rule, n_boot)
         chosen[CHAMPION] = board["champion"]
     order, ranks = aligned_ranks({m: pl.read_parquet(eval_dir / f"{chosen.get(m, m)}.parquet") for m in methods},
                                  eval_dir)
@@ -84,9 +87,8 @@ def seed_rows(eval_dir: Path, methods: list[str], n_boot: int,
         out[m]["vs_" + base] = {k: M.paired_bootstrap(per_user[base][k], per_user[m][k], n_boot, 0)
                                 for k in ("recall@10", "ndcg@10")}
     entry = {"users": len(order), "methods": out}
-    recorded = eval_dir / "leaderboard.json"
-    if recorded.is_file() and "tiger_cf_weight" in (tuned := json.loads(recorded.read_text())):
-        entry["tiger_cf_weight"] = tuned["tiger_cf_weight"]["chosen"]  # the w its tiger_cf ranks were made with
+    if recorded is not None and "tiger_cf_weight" in recorded:
+        entry["tiger_cf_weight"] = recorded["tiger_cf_weight"]["chosen"]  # the w its tiger_cf ranks were made with
     if chosen:
         entry["champion"] = chosen[CHAMPION]
         if rule is not None:

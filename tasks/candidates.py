@@ -195,7 +195,8 @@ def plan_dump(params: Params) -> DumpPlan:
         n_items = int(json.loads((out_dir / "sasrec" / "config.json").read_text())["n_items"])
     else:
         n_items = io.parquet_rows(out_dir / "tokenizer" / "semantic_ids.parquet")
-    return DumpPlan(method=method, chosen_by=chosen_by, cf_weight=cf_weight, dataset=params.data.dataset, top_n=cd.top_n, beam=cd.beam,
+    return DumpPlan(method=method, chosen_by=chosen_by, cf_weight=cf_weight, dataset=params.data.dataset,
+                    top_n=cd.top_n, beam=cd.beam,
                     out_dir=out_dir / "candidates", n_items=n_items, model_sha256=model_sha,
                     input_sha256=input_sha, params_hash=params.section_hash("data", "evaluate", "candidates"),
                     fingerprint=dump_fingerprint(params, method, {**model_sha, **input_sha}, cf_weight),
@@ -337,8 +338,7 @@ def remove_stale_shards(out_dir: Path, names: set[str]) -> list[str]:
 def write_manifest(plan: DumpPlan, records: list[dict]) -> dict:
     manifest = {
         "method": plan.method, "chosen_by": plan.chosen_by, "cf_weight": plan.cf_weight, "dataset": plan.dataset,
-        "top_n": plan.top_n,
-        "beam": plan.beam,
+        "top_n": plan.top_n, "beam": plan.beam,
         "users": sum(r["users"] for r in records), "rows": sum(r["rows"] for r in records),
         "columns": {k: str(v) for k, v in SCHEMA.items()},
         "model_sha256": plan.model_sha256, "input_sha256": plan.input_sha256,

@@ -49,7 +49,8 @@ def rank_users(params: Params, method: str, split: str = "test",
                        decode_config(ev, ev.beam, params.vstar.ved_test), ev.batch_size, params.data.exclude_history,
                        cf_weight)
     stats = ReflectionStats() if method in GRC_METHODS else None
-    with tqdm(total=len(test), unit="user", desc=f"{method} {split} beam {ev.beam}" + (f" w {cf_weight:g}" if method == "tiger_cf" else ""), mininterval=5) as bar:
+    desc = f"{method} {split} beam {ev.beam}" + (f" w {cf_weight:g}" if method == "tiger_cf" else "")
+    with tqdm(total=len(test), unit="user", desc=desc, mininterval=5) as bar:
         ranked, _ = rank(test, bar.update, stats)
     extra: dict = {"cf_weight": cf_weight} if method == "tiger_cf" else {}
     if stats is not None:
