@@ -14,6 +14,11 @@ dump would serve. With `--champion-default M` (and `--champion-p`) the champion 
 from the seed's validation rank files (`eval/valid/`, every method evaluate ranked) by the
 leaderboard's own rule with that default (`tasks.evaluate.leaderboard`; "" for the highest
 validation Recall@10 outright): what the seed would have served under that rule.
+
+With `--against D1 D2 ...` (the data dirs of another configuration, one per seed, in the order of
+`--dirs`: the same seeds) each method is also compared with itself under that configuration:
+per user, its metric averaged over the seeds in each configuration, then the paired bootstrap over
+users (`vs_against`: this configuration minus the other). The users must be the same in every run.
 """
 
 from __future__ import annotations
@@ -108,6 +113,21 @@ def seed_averaged(runs: list[tuple[list[int], dict]], base: str, methods: list[s
             for m in methods if m != base}
 
 
+def against(runs: list[tuple[list[int], dict]], other: list[tuple[list[int], dict]], methods: list[str],
+            n_boot: int) -> dict:
+    """Each method of `runs` against the same method of `other` (another configuration, the same
+    seeds in the same order): per user, the metric averaged over the seeds in each, then the
+    paired bootstrap over users, `runs` minus `other`. Refuses runs over different users."""
+    if len(runs) != len(other):
+        raise ValueError(f"--against names {len(other)} data dirs for {len(runs)} seeds: give one per seed, in order")
+    if any(order != runs[0][0] for order, _ in runs + other):
+        raise ValueError("--against: the runs ranked different users; a paired comparison needs the same ones")
+    mean = [{m: {k: np.mean([pu[m][k] for _, pu in rs], axis=0) for k in ("recall@10", "ndcg@10")} for m in methods}
+            for rs in (runs, other)]
+    return {m: {k: M.paired_bootstrap(mean[1][m][k], mean[0][m][k], n_boot, 0) for k in ("recall@10", "ndcg@10")}
+            for m in methods}
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dataset", required=True)
@@ -119,12 +139,18 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--champion-default", default=None,
                     help="choose `champion` again from eval/valid/ with this default ('' = none; unset: leaderboard.json)")
     ap.add_argument("--champion-p", type=float, default=0.05, help="with --champion-default: the challenge p")
+    ap.add_argument("--against", nargs="+", default=None,
+                    help="data dirs of another configuration, one per seed in the order of --dirs (vs_against)")
     ap.add_argument("--out", type=Path, default=None)
     a = ap.parse_args(argv)
     rule = None if a.champion_default is None else (a.champion_default, a.champion_p)
     rows = {d: seed_rows(Path(d) / a.dataset / a.eval_subdir, a.methods, a.bootstrap, rule) for d in a.dirs}
     seeds = {d: r[0] for d, r in rows.items()}
     pooled = seed_averaged([r[1:] for r in rows.values()], a.methods[0], a.methods, a.bootstrap)
+    versus = {}
+    if a.against:
+        other = [seed_rows(Path(d) / a.dataset / a.eval_subdir, a.methods, a.bootstrap, rule)[1:] for d in a.against]
+        versus = against([r[1:] for r in rows.values()], other, a.methods, a.bootstrap)
     summary = {}
     for m in a.methods:
         vals = {k: [seeds[d]["methods"][m]["metrics"][k] for d in a.dirs] for k in KEYS}
@@ -150,12 +176,23 @@ def main(argv: list[str] | None = None) -> dict:
         cmp = f"{vs['diff']:+.4f} [{vs['ci_low']:+.4f}, {vs['ci_high']:+.4f}], {vs['p_value']:.3f}" if vs else ""
         print(f"| {m} | " + " | ".join(f"{summary[m][k]['mean']:.4f} ± {summary[m][k]['std']:.4f}" for k in order)
               + f" | {cmp} |")
+    if versus:
+        print()
+        print("| method | R@10 − the same method under --against, seed-averaged per user [95% CI], p | N@10 − the same, p |")
+        print("|---|---|---|")
+        for m, vs in versus.items():
+            r, n = vs["recall@10"], vs["ndcg@10"]
+            print(f"| {m} | {r['diff']:+.4f} [{r['ci_low']:+.4f}, {r['ci_high']:+.4f}], {r['p_value']:.3f} | "
+                  f"{n['diff']:+.4f}, {n['p_value']:.3f} |")
     payload = {**stamp({"eval_subdir": a.eval_subdir, "bootstrap": a.bootstrap}), "commit": commit(),
                "dataset": a.dataset, "dirs": a.dirs, "methods": a.methods, "seeds": seeds, "mean_std": summary}
     if rule is not None:
         payload["champion_rule"] = {"default": rule[0], "p": rule[1]}
     if pooled:
         payload["seed_averaged_vs_" + base] = pooled
+    if versus:
+        payload["against"] = a.against
+        payload["vs_against"] = versus
     if a.out is not None:
         write_json(a.out, payload)
     return payload

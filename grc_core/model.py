@@ -134,6 +134,10 @@ class Seq2Seq(nn.Module):
     def embed_history(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         codes, attrs, keep = batch.history_codes, batch.history_attrs, batch.history_mask
         b, t, n_levels = codes.shape
+        if t > self.cfg.max_history:
+            raise ValueError(f"histories of {t} items, but this backbone was built for at most {self.cfg.max_history} "
+                             f"(its config.json's max_history): train it again at this data.max_history, or set "
+                             f"data.max_history={self.cfg.max_history}")
         if self.cfg.layout == "item":
             x = sum(emb(codes[..., j]) for j, emb in enumerate(self.enc_codes))  # (B, T, D)
             x = x + sum((emb(attrs[..., j]) for j, emb in enumerate(self.enc_attrs)), torch.zeros_like(x))

@@ -19,7 +19,9 @@ def payload(tmp_path_factory: pytest.TempPathFactory) -> dict:
     out = tmp_path_factory.mktemp("scale") / "scale.json"
     got = main(["--items", str(ITEMS), "--users", str(USERS), "--top-clusters", "16", "--threads", "1",
                 "--beams", "20", "100", "--decode-users", "64", "32", "--train-steps", "2", "--out", str(out),
-                "-S", f"tokenize.rqvae.codebook_size={K}", "-S", "tokenize.rqvae.kmeans_iters=2"])
+                "-S", f"tokenize.rqvae.codebook_size={K}", "-S", "tokenize.rqvae.kmeans_iters=2",
+                # histories of ~20 items (below); the window the first-loss figure was set at
+                "-S", "data.max_history=20"])
     assert json.loads(out.read_text())["settings"]["items"] == ITEMS
     return got
 

@@ -86,3 +86,22 @@ def test_champion_can_be_chosen_again_by_a_default_rule(tmp_path):
     assert beaten["seeds"][b]["champion"] == "strong"
     # the champion's test ranks are the chosen method's: strong misses every test user
     assert beaten["seeds"][b]["methods"]["champion"]["metrics"]["recall@10"] == 0.0
+
+
+def test_against_compares_each_method_with_itself_under_the_other_configuration(tmp_path):
+    users = [0, 1, 2, 3]
+    # Ranks are 1-based, 0 = absent. Hits@10: new config seed A base 1,1,0,0 / B 1,0,0,0; old config seed A base 0,0,0,0 / B 1,0,0,1.
+    new_a = write_ranks(tmp_path, "na", {"base": [1, 2, 0, 20]}, users)
+    new_b = write_ranks(tmp_path, "nb", {"base": [1, 0, 11, 20]}, users)
+    old_a = write_ranks(tmp_path, "oa", {"base": [0, 11, 12, 13]}, users)
+    old_b = write_ranks(tmp_path, "ob", {"base": [1, 11, 12, 3]}, users)
+    out = main(["--dataset", "ml-100k", "--dirs", new_a, new_b, "--against", old_a, old_b, "--methods", "base",
+                "--bootstrap", "200", "--out", str(tmp_path / "t.json")])
+    # per user: new means 1, 0.5, 0, 0; old 0.5, 0, 0, 0.5 -> new minus old 0.5, 0.5, 0, -0.5
+    assert out["vs_against"]["base"]["recall@10"]["diff"] == pytest.approx(0.125)
+    assert io.read_json(tmp_path / "t.json")["against"] == [old_a, old_b]
+    with pytest.raises(ValueError, match="one per seed"):
+        main(["--dataset", "ml-100k", "--dirs", new_a, new_b, "--against", old_a, "--methods", "base"])
+    other_users = write_ranks(tmp_path, "ou", {"base": [0, 1, 2]}, [0, 1, 5])
+    with pytest.raises(ValueError, match="different users"):
+        main(["--dataset", "ml-100k", "--dirs", new_a, "--against", other_users, "--methods", "base"])

@@ -110,6 +110,15 @@ def test_padding_does_not_change_the_scores_of_a_history():
     torch.testing.assert_close(a[0], b[0], atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("layout", ["item", "code"])
+def test_histories_wider_than_the_backbone_was_built_for_are_refused_by_name(layout):
+    model, table = tiny(layout), catalog()
+    wide = to_batch(make_instances([0], [[1, 2]], [3], max_len=8), table)  # padded to 8 > max_history 6
+    with pytest.raises(ValueError, match=r"histories of 8 items.*at most 6.*data.max_history=6"):
+        model.encode(wide)
+    model.encode(batch_for(table, [[1, 2]], [3]))  # 6: accepted
+
+
 def test_loss_is_sum_of_level_cross_entropies():
     # Uniform logits: each level's CE is log(V_l); the sum is log 4 + log 3 + log 5 = log 60.
     logits = [torch.zeros(2, v) for v in LEVELS]

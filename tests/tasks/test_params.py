@@ -218,7 +218,9 @@ def test_section_hash_changes_only_with_its_section():
 
 
 def test_a_key_given_twice_in_params_yaml_is_an_error(tmp_path):
-    text = (PROJECT_ROOT / "params.yaml").read_text().replace("  max_history: 20", "  max_history: 20\n  max_history: 30", 1)
+    text = re.sub(r"^(  max_history: \d+)", r"\1\n  max_history: 30", (PROJECT_ROOT / "params.yaml").read_text(), count=1,
+                  flags=re.M)
+    assert text.count("  max_history: ") == 2
     path = tmp_path / "params.yaml"
     path.write_text(text)
     with pytest.raises(ParamsError, match="key 'max_history' given twice"):
