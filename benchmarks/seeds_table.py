@@ -101,6 +101,11 @@ def seed_rows(eval_dir: Path, methods: list[str], n_boot: int,
     return entry, order, per_user
 
 
+def seed_mean(runs: list[tuple[list[int], dict]], methods: list[str]) -> dict:
+    """Each method's per-user Recall@10 and NDCG@10 averaged over the seeds (runs over the same users)."""
+    return {m: {k: np.mean([pu[m][k] for _, pu in runs], axis=0) for k in ("recall@10", "ndcg@10")} for m in methods}
+
+
 def seed_averaged(runs: list[tuple[list[int], dict]], base: str, methods: list[str], n_boot: int) -> dict:
     """Each method against `base` over seeds that ranked the same users: per user, the metric
     averaged over the seeds; then the paired bootstrap over users. The users are the unit resampled
@@ -108,7 +113,7 @@ def seed_averaged(runs: list[tuple[list[int], dict]], base: str, methods: list[s
     trained. Empty where the seeds' users differ."""
     if len(runs) < 2 or any(order != runs[0][0] for order, _ in runs):
         return {}
-    mean = {m: {k: np.mean([pu[m][k] for _, pu in runs], axis=0) for k in ("recall@10", "ndcg@10")} for m in methods}
+    mean = seed_mean(runs, methods)
     return {m: {k: M.paired_bootstrap(mean[base][k], mean[m][k], n_boot, 0) for k in ("recall@10", "ndcg@10")}
             for m in methods if m != base}
 
@@ -122,9 +127,8 @@ def against(runs: list[tuple[list[int], dict]], other: list[tuple[list[int], dic
         raise ValueError(f"--against names {len(other)} data dirs for {len(runs)} seeds: give one per seed, in order")
     if any(order != runs[0][0] for order, _ in runs + other):
         raise ValueError("--against: the runs ranked different users; a paired comparison needs the same ones")
-    mean = [{m: {k: np.mean([pu[m][k] for _, pu in rs], axis=0) for k in ("recall@10", "ndcg@10")} for m in methods}
-            for rs in (runs, other)]
-    return {m: {k: M.paired_bootstrap(mean[1][m][k], mean[0][m][k], n_boot, 0) for k in ("recall@10", "ndcg@10")}
+    new, old = seed_mean(runs, methods), seed_mean(other, methods)
+    return {m: {k: M.paired_bootstrap(old[m][k], new[m][k], n_boot, 0) for k in ("recall@10", "ndcg@10")}
             for m in methods}
 
 
