@@ -1,7 +1,9 @@
 """Instances as tensors: item-id histories -> model batches of semantic-ID codes and attributes.
 
 Histories are left-padded with -1 so the most recent item always sits at position T-1
-(position embeddings then mean "k items ago").
+(position embeddings then mean "k items ago"). `to_batch` drops the columns that are padding in
+every row of a batch; the encoder aligns its positions to the end of the window, so a batch of
+short histories costs what its longest history needs and means what the full-width batch means.
 """
 
 from __future__ import annotations
@@ -59,9 +61,19 @@ def history_mask(history: torch.Tensor, n_items: int) -> torch.Tensor:
     return out[:, :n_items]
 
 
-def to_batch(inst: Instances, table: ItemTable, with_target: bool = True) -> Batch:
+def by_history_length(inst: Instances) -> torch.Tensor:
+    """(N,) int64: the instances ordered by history length, shortest first (ties in their order).
+    Batches cut from this order are narrow where histories are short (`to_batch` trims them)."""
+    return torch.argsort((inst.history != PAD).sum(1), stable=True)
+
+
+def to_batch(inst: Instances, table: ItemTable, with_target: bool = True, trim: bool = True) -> Batch:
+    """The model batch of `inst`; `trim`: without the columns that are padding in every row."""
     hist = inst.history.to(table.codes.device)  # (B, T)
     keep = hist != PAD  # (B, T)
+    if trim and keep.shape[1] > 1:  # positions are end-aligned, so the dropped columns mean nothing
+        first = min(int(keep.any(0).to(torch.int8).argmax()), keep.shape[1] - 1)
+        hist, keep = hist[:, first:], keep[:, first:]
     safe = hist.clamp(min=0)
     codes = table.codes[safe] * keep[..., None]  # (B, T, L)
     attrs = table.attrs[safe] * keep[..., None]  # (B, T, A)

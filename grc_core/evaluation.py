@@ -12,7 +12,7 @@ import torch
 from grc_core import metrics as M
 from grc_core.beam_search import beam_search
 from grc_core.cf_value import item_prefix_nodes, prefix_values
-from grc_core.data import Instances, ItemTable, history_mask, to_batch
+from grc_core.data import Instances, ItemTable, by_history_length, history_mask, to_batch
 from grc_core.grc import DecodeConfig, GRCModel, GRCResult, grc_decode
 from grc_core.model import BackboneStepper, Seq2Seq
 from grc_core.rewards import first_divergence
@@ -37,8 +37,9 @@ def rank_with_backbone(model: Seq2Seq, inst: Instances, table: ItemTable, trie: 
     items, scores = [], []
     n_items = table.codes.shape[0]
     nodes = item_prefix_nodes(trie) if item_logp is not None else None
+    order = by_history_length(inst)  # batches of alike lengths: to_batch trims each to its longest history
     for start in range(0, len(inst), batch_size):
-        part = inst.select(torch.arange(start, min(start + batch_size, len(inst))))
+        part = inst.select(order[start:start + batch_size])
         exclude = history_mask(part.history.to(table.codes.device), n_items) if exclude_history else None
         values = (prefix_values(item_logp(part).to(table.codes.device), nodes, trie, exclude)
                   if item_logp is not None else None)
@@ -48,7 +49,8 @@ def rank_with_backbone(model: Seq2Seq, inst: Instances, table: ItemTable, trie: 
         scores.append(res.scores.float().cpu().numpy())
         if progress is not None:
             progress(len(part))
-    return np.concatenate(items), np.concatenate(scores)  # (N, W), (N, W)
+    back = torch.argsort(order).numpy()  # rows in the instances' order again
+    return np.concatenate(items)[back], np.concatenate(scores)[back]  # (N, W), (N, W)
 
 
 def ranking_metrics(ranked: np.ndarray, targets: np.ndarray, ks=M.DEFAULT_KS) -> tuple[dict[str, float], dict[str, np.ndarray]]:

@@ -2,7 +2,10 @@
 
 Encoder input, `layout="item"` (default): one position per history item, the sum of its
 code embeddings (one table per level), its attribute-bucket embeddings (the paper feeds
-attribute features to the encoder of every method) and a position embedding. This costs
+attribute features to the encoder of every method) and a position embedding. Positions are
+counted from the end of the window (the most recent item is always max_history - 1), so a batch
+may be narrower than max_history (grc_core/data.py `to_batch` drops all-padding columns) and a
+backbone reads a shorter window than it was built for with the same meaning. This costs
 L times fewer encoder positions than TIGER's one position per code; `layout="code"` gives
 TIGER's layout (each code its own position, with level and item-position embeddings).
 
@@ -141,13 +144,13 @@ class Seq2Seq(nn.Module):
         if self.cfg.layout == "item":
             x = sum(emb(codes[..., j]) for j, emb in enumerate(self.enc_codes))  # (B, T, D)
             x = x + sum((emb(attrs[..., j]) for j, emb in enumerate(self.enc_attrs)), torch.zeros_like(x))
-            x = x + self.enc_pos.weight[:t]
-            return x, keep
+            return x + self.enc_pos.weight[self.cfg.max_history - t:], keep
         per_code = torch.stack([emb(codes[..., j]) for j, emb in enumerate(self.enc_codes)], 2)  # (B, T, L, D)
         item_extra = sum((emb(attrs[..., j]) for j, emb in enumerate(self.enc_attrs)),
                          torch.zeros_like(per_code[:, :, 0]))  # (B, T, D)
         per_code = per_code + item_extra[:, :, None] + self.enc_level.weight  # (B, T, L, D)
-        x = per_code.reshape(b, t * n_levels, -1) + self.enc_pos.weight[: t * n_levels]  # (B, T*L, D)
+        pos = self.enc_pos.weight[(self.cfg.max_history - t) * n_levels:]  # (T*L, D)
+        x = per_code.reshape(b, t * n_levels, -1) + pos  # (B, T*L, D)
         return x, keep.repeat_interleave(n_levels, dim=1)  # (B, T*L)
 
     def encode(self, batch: Batch) -> Memory:

@@ -88,7 +88,8 @@ def train_backbone(params: Params) -> dict:
         write_log(log_path, state.history)
         promote_best(work, {"model": asdict(bb.model), "level_sizes": level_sizes, "attr_sizes": attr_sizes,
                             "attributes": list(params.dataset.attributes), "cf_prior": bb.cf_prior})
-    flops = count_flops_per_sample(bb.model, level_sizes, params.data.max_history) * 3  # forward + backward
+    # Forward + backward at the full window: an upper bound where to_batch trims a batch of short histories.
+    flops = count_flops_per_sample(bb.model, level_sizes, params.data.max_history) * 3
     rates = [r["samples_per_s"] for r in state.history]
     sps = float(np.median(rates)) if rates else 0.0
     return {"best_epoch": state.best_epoch, "best_valid_recall@10": state.best_metric, "epochs_run": state.epoch,

@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from grc_core.beam_search import beam_search, exhaustive_topk
-from grc_core.data import PAD, ItemTable, make_instances, pad_histories, to_batch
+from grc_core.data import PAD, ItemTable, by_history_length, make_instances, pad_histories, to_batch
+from grc_core.evaluation import rank_with_backbone
 from grc_core.model import (BackboneStepper, Memory, ModelConfig, Seq2Seq, causal_mask, count_flops_per_sample,
                             decoder_step, reference_decode, sequence_loss)
 from grc_core.trie import PrefixTrie
@@ -38,11 +39,30 @@ def test_pad_histories_left_pads_and_keeps_the_most_recent():
 
 def test_to_batch_zeroes_padding_and_looks_up_codes():
     table = catalog()
-    b = batch_for(table, [[0, 1], [2]], [3, 4])
-    assert b.history_mask.tolist() == [[False] * 4 + [True] * 2, [False] * 5 + [True]]
-    assert torch.equal(b.history_codes[0, -1], table.codes[1])
-    assert b.history_codes[1, :5].abs().sum() == 0
+    b = batch_for(table, [[0, 1, 5], [2]], [3, 4])
+    # Padded to 6, then the 3 columns that are padding in every row are dropped.
+    assert b.history_mask.tolist() == [[True] * 3, [False] * 2 + [True]]
+    assert torch.equal(b.history_codes[0, -1], table.codes[5])
+    assert b.history_codes[1, :2].abs().sum() == 0
     assert torch.equal(b.target_codes, table.codes[[3, 4]])
+
+
+@pytest.mark.parametrize("layout", ["item", "code"])
+def test_narrow_batches_mean_what_the_full_window_means(layout):
+    # Positions are counted from the end of the window: the batch trimmed to its longest history
+    # (2 items), and the same histories padded to a window of 4 or the model's full 6, score alike.
+    model, table = tiny(layout), catalog()
+    stepper = BackboneStepper(model)
+    histories = [[1, 2], [7]]
+    inst = make_instances([0, 1], histories, [3, 3], max_len=6)
+    trimmed = to_batch(inst, table, with_target=False)
+    assert trimmed.history_mask.shape == (2, 2)
+    assert to_batch(inst, table, trim=False).history_mask.shape == (2, 6)
+    got, _ = stepper.begin(trimmed)
+    for width in (4, 6):
+        full = make_instances([0, 1], histories, [3, 3], max_len=width)
+        want, _ = stepper.begin(to_batch(full, table, with_target=False, trim=False))
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("layout", ["item", "code"])
@@ -113,7 +133,7 @@ def test_padding_does_not_change_the_scores_of_a_history():
 @pytest.mark.parametrize("layout", ["item", "code"])
 def test_histories_wider_than_the_backbone_was_built_for_are_refused_by_name(layout):
     model, table = tiny(layout), catalog()
-    wide = to_batch(make_instances([0], [[1, 2]], [3], max_len=8), table)  # padded to 8 > max_history 6
+    wide = to_batch(make_instances([0], [list(range(8))], [9], max_len=8), table)  # 8 items > max_history 6
     with pytest.raises(ValueError, match=r"histories of 8 items.*at most 6.*data.max_history=6"):
         model.encode(wide)
     model.encode(batch_for(table, [[1, 2]], [3]))  # 6: accepted
@@ -140,3 +160,20 @@ def test_flop_count_by_hand():
     # enc: 3 positions * (4*4 + 2*2*4 + 2*3*2) = 3 * 44 = 132
     # dec: 2 levels * (6*4 + 2*2*4 + 2*2*2 + 2*3*2) + 3*2*4 = 2 * 60 + 24 = 144 ; heads 2*(5+7) = 24
     assert count_flops_per_sample(cfg, [5, 7], history=3) == 2 * (132 + 144 + 24)
+
+
+def test_ranking_in_batches_of_alike_lengths_keeps_each_users_row():
+    # rank_with_backbone batches users shortest history first; rows come back in the input order,
+    # each what that user alone gets.
+    model, table = tiny(), catalog()
+    trie = PrefixTrie.from_ids(table.codes.numpy(), LEVELS)
+    histories = [[1, 2, 3, 4, 5], [6], [7, 8], [9, 10, 11, 12, 13, 14], [15]]
+    inst = make_instances(range(5), histories, [0] * 5, max_len=6)
+    assert by_history_length(inst).tolist() == [1, 4, 2, 0, 3]
+    items, scores = rank_with_backbone(model, inst, table, trie, 8, batch_size=2, exclude_history=True)
+    for u in range(5):
+        alone_items, alone_scores = rank_with_backbone(model, inst.select(torch.tensor([u])), table, trie, 8,
+                                                       batch_size=1, exclude_history=True)
+        assert items[u].tolist() == alone_items[0].tolist()
+        np.testing.assert_allclose(scores[u], alone_scores[0], atol=1e-5, rtol=0)
+        assert not set(items[u].tolist()) & set(histories[u])
