@@ -37,6 +37,8 @@ RUNS = (
     ("scientific\nseed 2028", ("grc_all_scientific_s2028_vs_sasrec",)),
     ("scientific seed 2026\nrerun 2026-12-04", ("cf_fusion_scientific_ids_text_all_s2026_rerun",)),
     ("scientific, seeds\n2026-2030 through\nthe pipeline\n(w chosen),\nseed-averaged", ("seeds_scientific_pipeline_weight_chosen",)),
+    ("scientific, history 50\nseeds 2026-2027\n(code of f2432cb),\nseed-averaged",
+     ("seeds_scientific_history50_vs20",)),
     ("instruments\nprebuilt IDs", ("grc_all_instruments_prebuilt_vs_sasrec", "cf_fusion_instruments_ids_prebuilt_wlow")),
 )
 METHODS = {"tiger": "TIGER", "late_fusion": "best late fusion", "tiger_cf": "tiger_cf",
