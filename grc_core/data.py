@@ -71,8 +71,8 @@ def to_batch(inst: Instances, table: ItemTable, with_target: bool = True, trim: 
     """The model batch of `inst`; `trim`: without the columns that are padding in every row."""
     hist = inst.history.to(table.codes.device)  # (B, T)
     keep = hist != PAD  # (B, T)
-    if trim and keep.shape[1] > 1:  # positions are end-aligned, so the dropped columns mean nothing
-        first = min(int(keep.any(0).to(torch.int8).argmax()), keep.shape[1] - 1)
+    if trim:  # positions are end-aligned, so the dropped columns mean nothing
+        first = int(keep.any(0).to(torch.int8).argmax())  # the first column with an item (0 if none has)
         hist, keep = hist[:, first:], keep[:, first:]
     safe = hist.clamp(min=0)
     codes = table.codes[safe] * keep[..., None]  # (B, T, L)
