@@ -88,7 +88,7 @@ def load_export(name: str, src: Path, dev: torch.device) -> tuple[dict, ItemTabl
              for s in ("train", "valid", "test") if f"{s}_user" in arr}
     cfg = TrainConfig(**meta["train"])
     torch.manual_seed(cfg.seed)
-    model = Seq2Seq(ModelConfig(**meta["model"]), meta["level_sizes"], meta["attr_sizes"]).to(dev)
+    model = Seq2Seq(ModelConfig(**meta["model"]), meta["level_sizes"], meta["attr_sizes"], len(table.codes)).to(dev)
     return meta, table, trie, split, cfg, model
 
 

@@ -21,6 +21,9 @@ class ModelConfig:
     dropout: float
     layout: Literal["item", "code"]
     max_history: int  # T
+    # Each history item's own learned embedding (a table of N_items rows) added to its code
+    # embeddings in the encoder. A default here is only for backbones saved before the field.
+    item_embedding: bool = False
 
 
 @dataclass(frozen=True)

@@ -78,7 +78,7 @@ def to_batch(inst: Instances, table: ItemTable, with_target: bool = True, trim: 
     codes = table.codes[safe] * keep[..., None]  # (B, T, L)
     attrs = table.attrs[safe] * keep[..., None]  # (B, T, A)
     target = table.codes[inst.target.to(table.codes.device)] if with_target else None  # (B, L)
-    return Batch(codes, attrs, keep, target)
+    return Batch(codes, attrs, keep, target, safe * keep)
 
 
 def user_folds(users: np.ndarray, folds: int, seed: int) -> np.ndarray:

@@ -87,7 +87,7 @@ from torch import nn
 from grc_core.beam_search import BeamResult, BeamTrace, beam_search
 from grc_core.cf_value import item_prefix_nodes, prefix_values
 from grc_core.config import SFTLossConfig, VEDConfig
-from grc_core.model import (BackboneStepper, Batch, DecodeState, Memory, ModelConfig, Seq2Seq, causal_mask,
+from grc_core.model import (BackboneStepper, Batch, DecodeState, Memory, Seq2Seq, causal_mask,
                             decoder_step, sequence_loss)
 from grc_core.trie import PrefixTrie
 
@@ -222,7 +222,7 @@ class GRCModel(nn.Module):
 def grc_from_config(cfg: dict) -> GRCModel:
     """An untrained template model of the architecture a saved `config.json` describes (model,
     level_sizes, attr_sizes, num_attrs, variant); the caller loads the weights."""
-    seq = Seq2Seq(ModelConfig(**cfg["model"]), cfg["level_sizes"], cfg["attr_sizes"])
+    seq = Seq2Seq.from_architecture(cfg)
     return GRCModel(seq, cfg["num_attrs"], reflect=cfg["variant"] == "grc")
 
 

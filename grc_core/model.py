@@ -26,6 +26,7 @@ Deviations from the paper / TIGER:
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from typing import NamedTuple, Sequence
 
 import torch
@@ -106,17 +107,22 @@ class Batch(NamedTuple):
     history_attrs: torch.Tensor  # (B, T, A) int64 attribute buckets, 0 for padding/unknown
     history_mask: torch.Tensor  # (B, T) bool, True for real items
     target_codes: torch.Tensor | None = None  # (B, L) int64
+    history_items: torch.Tensor | None = None  # (B, T) int64 item ids, padded positions hold 0
 
 
 class Seq2Seq(nn.Module):
     """Encoder over the user's history; decoder over semantic-ID levels."""
 
-    def __init__(self, cfg: ModelConfig, level_sizes: Sequence[int], attr_sizes: Sequence[int]):
+    def __init__(self, cfg: ModelConfig, level_sizes: Sequence[int], attr_sizes: Sequence[int], n_items: int = 0):
         super().__init__()
+        if cfg.item_embedding and n_items < 1:
+            raise ValueError(f"item_embedding needs the item count, got n_items={n_items}")
         self.cfg, self.level_sizes, self.attr_sizes = cfg, tuple(level_sizes), tuple(attr_sizes)
+        self.n_items = n_items if cfg.item_embedding else 0
         d, n_levels = cfg.d_model, len(level_sizes)
         self.enc_codes = nn.ModuleList(nn.Embedding(v, d) for v in level_sizes)
         self.enc_attrs = nn.ModuleList(nn.Embedding(v, d) for v in attr_sizes)
+        self.enc_items = nn.Embedding(n_items, d) if cfg.item_embedding else None
         self.enc_pos = nn.Embedding(cfg.max_history * (n_levels if cfg.layout == "code" else 1), d)
         self.enc_level = nn.Embedding(n_levels, d) if cfg.layout == "code" else None
         self.encoder = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.encoder_layers))
@@ -134,8 +140,30 @@ class Seq2Seq(nn.Module):
     def num_levels(self) -> int:
         return len(self.level_sizes)
 
+    def architecture(self) -> dict:
+        """What `from_architecture` rebuilds this model from (a saved `config.json`'s fields)."""
+        return {"model": asdict(self.cfg), "level_sizes": list(self.level_sizes),
+                "attr_sizes": list(self.attr_sizes), "n_items": self.n_items}
+
+    @classmethod
+    def from_architecture(cls, arch: dict) -> "Seq2Seq":
+        """An untrained model of the architecture a `config.json` records (`architecture`'s fields;
+        `n_items` is absent from backbones saved before the item embedding, which have none)."""
+        return cls(ModelConfig(**arch["model"]), arch["level_sizes"], arch["attr_sizes"], arch.get("n_items", 0))
+
+    def item_extra(self, batch: Batch, like: torch.Tensor) -> torch.Tensor:
+        """(B, T, D): each history item's attribute-bucket embeddings plus, with `item_embedding`,
+        its own embedding (padding rows hold item 0; the encoder masks them)."""
+        x = sum((emb(batch.history_attrs[..., j]) for j, emb in enumerate(self.enc_attrs)), torch.zeros_like(like))
+        if self.enc_items is not None:
+            if batch.history_items is None:
+                raise ValueError("this backbone embeds history items (item_embedding), but the batch has no "
+                                 "history_items: build it with grc_core.data.to_batch")
+            x = x + self.enc_items(batch.history_items)
+        return x
+
     def embed_history(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        codes, attrs, keep = batch.history_codes, batch.history_attrs, batch.history_mask
+        codes, keep = batch.history_codes, batch.history_mask
         b, t, n_levels = codes.shape
         if t > self.cfg.max_history:
             raise ValueError(f"histories of {t} items, but this backbone was built for at most {self.cfg.max_history} "
@@ -143,11 +171,10 @@ class Seq2Seq(nn.Module):
                              f"data.max_history={self.cfg.max_history}")
         if self.cfg.layout == "item":
             x = sum(emb(codes[..., j]) for j, emb in enumerate(self.enc_codes))  # (B, T, D)
-            x = x + sum((emb(attrs[..., j]) for j, emb in enumerate(self.enc_attrs)), torch.zeros_like(x))
+            x = x + self.item_extra(batch, x)
             return x + self.enc_pos.weight[self.cfg.max_history - t:], keep
         per_code = torch.stack([emb(codes[..., j]) for j, emb in enumerate(self.enc_codes)], 2)  # (B, T, L, D)
-        item_extra = sum((emb(attrs[..., j]) for j, emb in enumerate(self.enc_attrs)),
-                         torch.zeros_like(per_code[:, :, 0]))  # (B, T, D)
+        item_extra = self.item_extra(batch, per_code[:, :, 0])  # (B, T, D)
         per_code = per_code + item_extra[:, :, None] + self.enc_level.weight  # (B, T, L, D)
         pos = self.enc_pos.weight[(self.cfg.max_history - t) * n_levels:]  # (T*L, D)
         x = per_code.reshape(b, t * n_levels, -1) + pos  # (B, T*L, D)

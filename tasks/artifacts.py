@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file
 
 from grc_core.cf_value import item_prefix_nodes, prefix_values
-from grc_core.config import ModelConfig, SASRecConfig, ValueConfig, VEDConfig
+from grc_core.config import SASRecConfig, ValueConfig, VEDConfig
 from grc_core.data import Instances, ItemTable, make_instances
 from grc_core.evaluation import ReflectionStats, rank_with_backbone, rank_with_grc, ranking_metrics
 from grc_core.grc import DecodeConfig, GRCModel, grc_from_config
@@ -104,7 +104,7 @@ def model_files(method: str) -> tuple[str, ...]:
 def load_backbone(out_dir: Path, device: torch.device | str = "cpu", weights: Path | None = None) -> Seq2Seq:
     """The stage backbone, or the same architecture with other `weights` (e.g. a cross-fitted fold's)."""
     cfg = json.loads((out_dir / "backbone" / "config.json").read_text())
-    model = Seq2Seq(ModelConfig(**cfg["model"]), cfg["level_sizes"], cfg["attr_sizes"])
+    model = Seq2Seq.from_architecture(cfg)
     model.load_state_dict(load_file(str(weights or out_dir / "backbone" / "model.safetensors")))
     return model.to(device).eval()
 

@@ -9,7 +9,6 @@ resumable `last/` and `best/` checkpoints). The training log goes to
 from __future__ import annotations
 
 import time
-from dataclasses import asdict
 from typing import Callable
 
 import numpy as np
@@ -86,8 +85,7 @@ def train_backbone(params: Params) -> dict:
     wall = time.perf_counter() - t0
     if distributed.rank_world()[0] == 0:  # under torchrun (tasks/ddp.py) rank 0 alone writes
         write_log(log_path, state.history)
-        promote_best(work, {"model": asdict(bb.model), "level_sizes": level_sizes, "attr_sizes": attr_sizes,
-                            "attributes": list(params.dataset.attributes), "cf_prior": bb.cf_prior})
+        promote_best(work, {**model.architecture(), "attributes": list(params.dataset.attributes), "cf_prior": bb.cf_prior})
     # Forward + backward at the full window: an upper bound where to_batch trims a batch of short histories.
     flops = count_flops_per_sample(bb.model, level_sizes, params.data.max_history) * 3
     rates = [r["samples_per_s"] for r in state.history]

@@ -11,7 +11,6 @@ resumable `ckpt/`; the log goes to `reports/<dataset>/sft_<variant>_log.csv`.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict
 
 import numpy as np
 import polars as pl
@@ -96,8 +95,7 @@ def train_sft(params: Params, variant: str) -> dict:
     ckpt.load_weights("best", model)
     if distributed.rank_world()[0] == 0:  # under torchrun (tasks/ddp.py) rank 0 alone writes
         write_log(params.reports_dir() / f"sft_{variant}_log.csv", state.history)
-        promote_best(work, {"model": asdict(model.seq.cfg), "level_sizes": list(level_sizes),
-                            "attr_sizes": list(model.seq.attr_sizes), "num_attrs": len(attributes), "variant": variant})
+        promote_best(work, {**model.seq.architecture(), "num_attrs": len(attributes), "variant": variant})
     rates = [r["samples_per_s"] for r in state.history]
     return {"variant": variant, "best_epoch": state.best_epoch, "best_valid_recall@10": state.best_metric,
             "epochs_run": state.epoch, "instances": len(mined), "drafts_per_instance": int(mined.drafts.shape[1]),

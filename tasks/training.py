@@ -18,9 +18,9 @@ from tasks.params import Params
 from tasks.progress import epoch_progress
 
 
-def build_model(cfg: ModelConfig, level_sizes: list[int], attr_sizes: list[int], seed: int) -> Seq2Seq:
+def build_model(cfg: ModelConfig, level_sizes: list[int], attr_sizes: list[int], n_items: int, seed: int) -> Seq2Seq:
     torch.manual_seed(seed)
-    return Seq2Seq(cfg, level_sizes, attr_sizes)
+    return Seq2Seq(cfg, level_sizes, attr_sizes, n_items)
 
 
 def fit_backbone(params: Params, train: Instances, valid: Instances, table: ItemTable, trie: PrefixTrie,
@@ -34,7 +34,7 @@ def fit_backbone(params: Params, train: Instances, valid: Instances, table: Item
     (`grc_core.train.fit_seq2seq`); `selection_teacher` (default `teacher`) is the one validation
     decodes with (the stage's SASRec where `teacher` is cross-fitted)."""
     bb = params.backbone
-    model = build_model(bb.model, level_sizes, attr_sizes, cfg.seed).to(table.codes.device)
+    model = build_model(bb.model, level_sizes, attr_sizes, len(table.codes), cfg.seed).to(table.codes.device)
     if teacher is not None and bb.cf_prior > 0:  # the residual starts at 0: the product starts as the prior alone
         with torch.no_grad():
             for head in model.heads:

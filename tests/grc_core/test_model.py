@@ -12,11 +12,11 @@ from grc_core.trie import PrefixTrie
 LEVELS = [4, 3, 5]
 
 
-def tiny(layout="item", seed=0):
+def tiny(layout="item", seed=0, item_embedding=False, n_items=25):
     torch.manual_seed(seed)
     cfg = ModelConfig(d_model=16, d_ff=32, n_heads=2, encoder_layers=1, decoder_layers=2, dropout=0.0,
-                      layout=layout, max_history=6)
-    return Seq2Seq(cfg, LEVELS, attr_sizes=[3]).eval()
+                      layout=layout, max_history=6, item_embedding=item_embedding)
+    return Seq2Seq(cfg, LEVELS, attr_sizes=[3], n_items=n_items).eval()
 
 
 def catalog(n=25, seed=1):
@@ -121,8 +121,9 @@ def test_beam_search_over_the_real_model_equals_exhaustive_scoring():
     assert set(beam.items[0].tolist()) == set(range(25))
 
 
-def test_padding_does_not_change_the_scores_of_a_history():
-    model, table = tiny(), catalog()
+@pytest.mark.parametrize("item_embedding", [False, True])
+def test_padding_does_not_change_the_scores_of_a_history(item_embedding):
+    model, table = tiny(item_embedding=item_embedding), catalog()
     stepper = BackboneStepper(model)
     a, _ = stepper.begin(batch_for(table, [[1, 2]], [3])._replace(target_codes=None))
     # The same history inside a batch with a longer one: its row must not change.
@@ -137,6 +138,45 @@ def test_histories_wider_than_the_backbone_was_built_for_are_refused_by_name(lay
     with pytest.raises(ValueError, match=r"histories of 8 items.*at most 6.*data.max_history=6"):
         model.encode(wide)
     model.encode(batch_for(table, [[1, 2]], [3]))  # 6: accepted
+
+
+@pytest.mark.parametrize("layout", ["item", "code"])
+def test_the_item_embedding_tells_apart_items_with_the_same_codes(layout):
+    # Items 0 and 1 share their codes and attributes: only their own embeddings tell them apart.
+    table = catalog()
+    table = ItemTable(table.codes.clone(), table.attrs.clone())
+    table.codes[1], table.attrs[1] = table.codes[0], table.attrs[0]
+    for item_embedding, differ in [(False, False), (True, True)]:
+        model = tiny(layout, item_embedding=item_embedding)
+        stepper = BackboneStepper(model)
+        a, _ = stepper.begin(batch_for(table, [[0, 2]], [3])._replace(target_codes=None))
+        b, _ = stepper.begin(batch_for(table, [[1, 2]], [3])._replace(target_codes=None))
+        assert bool((a - b).abs().max() > 1e-4) == differ
+
+
+def test_the_architecture_round_trips_and_old_configs_load():
+    model, table = tiny(item_embedding=True), catalog()
+    arch = model.architecture()
+    assert arch["n_items"] == 25 and arch["model"]["item_embedding"] is True
+    again = Seq2Seq.from_architecture(arch).eval()
+    again.load_state_dict(model.state_dict())
+    batch = batch_for(table, [[1, 2], [4]], [3, 3])
+    torch.testing.assert_close(again(batch), model(batch), atol=0, rtol=0)
+    # A backbone saved before the field: no n_items, no item_embedding in its model config.
+    old = tiny()
+    arch = old.architecture()
+    del arch["n_items"], arch["model"]["item_embedding"]
+    loaded = Seq2Seq.from_architecture(arch).eval()
+    loaded.load_state_dict(old.state_dict())  # strict: the same parameters, no item table
+    assert loaded.enc_items is None and loaded.n_items == 0
+
+
+def test_an_item_embedding_needs_the_item_count_and_the_batch_its_items():
+    with pytest.raises(ValueError, match="item_embedding needs the item count"):
+        tiny(item_embedding=True, n_items=0)
+    model, table = tiny(item_embedding=True), catalog()
+    with pytest.raises(ValueError, match="no history_items"):
+        model.encode(batch_for(table, [[1, 2]], [3])._replace(history_items=None))
 
 
 def test_loss_is_sum_of_level_cross_entropies():
