@@ -468,6 +468,36 @@ def test_a_backbone_trained_with_sasrecs_prior_starts_at_zero_and_tiger_cf_decod
             call()
 
 
+def test_a_backbone_with_item_embeddings_publishes_them_and_reproduces_its_validation_recall(
+        project, sasrec, backbone, tmp_path):
+    """backbone.model.item_embedding: the published config records the flag and the item count,
+    the loaded backbone has one embedding row per item, it reproduces the stage's validation
+    recall, and the GRC template built from its config takes its weights."""
+    from grc_core.grc import grc_from_config
+
+    src = project["params"].dataset_dir()
+    params = make_tiny_params(tmp_path, "backbone.model.item_embedding=true", source=project["root"] / "source")
+    dst = params.dataset_dir()
+    for name in ("splits", "tokenizer", "sasrec"):
+        shutil.copytree(src / name, dst / name)
+    shutil.copy(src / "items.parquet", dst / "items.parquet")
+    result = body(train_backbone)(params)
+    config = io.read_json(dst / "backbone" / "config.json")
+    n_items = pl.read_parquet(dst / "items.parquet").height
+    assert config["model"]["item_embedding"] is True and config["n_items"] == n_items
+    model = load_backbone(dst)
+    assert model.enc_items.weight.shape == (n_items, params.backbone.model.d_model)
+    assert result["parameters"] == sum(p.numel() for p in model.parameters())
+    table, trie, _, _ = item_index(dst, params.dataset.attributes, "cpu")
+    valid = valid_instances(params)
+    ranked, _ = rank_with_backbone(model, valid, table, trie, params.backbone.valid_beam,
+                                   params.backbone.eval_batch_size, exclude_history=params.data.exclude_history)
+    assert ranking_metrics(ranked, valid.target.numpy(), ks=(5, 10, 20))[0]["recall@10"] == result["best_valid_recall@10"]
+    grc = grc_from_config({**config, "num_attrs": 2, "variant": "grc"})
+    assert grc.seq.enc_items.weight.shape == (n_items, params.backbone.model.d_model)
+    grc.seq.load_state_dict(model.state_dict())  # strict: the template's backbone is this architecture
+
+
 def test_cross_fitted_teachers_score_each_user_with_a_sasrec_that_never_saw_them(project, sasrec, tmp_path):
     from grc_core.data import user_folds
     from grc_core.sasrec import SASRec
