@@ -54,10 +54,9 @@ def write_tiny_data(root: Path, seed: int = 0) -> Path:
     io.write_json(ds / "tokenizer" / "tokenizer.json", {"level_sizes": LEVELS})
     cfg = ModelConfig(d_model=16, d_ff=32, n_heads=2, encoder_layers=1, decoder_layers=1, dropout=0.0,
                       layout="item", max_history=load_params().data.max_history)  # the stage pads to it
-    model = build_model(cfg, LEVELS, [7], seed)
+    model = build_model(cfg, LEVELS, [7], N_ITEMS, seed)
     io.write_safetensors(ds / "backbone" / "model.safetensors", model.state_dict())
-    io.write_json(ds / "backbone" / "config.json", {"model": asdict(cfg), "level_sizes": LEVELS, "attr_sizes": [7],
-                                                    "attributes": ["category"]})
+    io.write_json(ds / "backbone" / "config.json", {**model.architecture(), "attributes": ["category"]})
     torch.manual_seed(seed)
     scfg = sasrec_cfg(hidden=16, layers=1, dropout=0.0)
     io.write_safetensors(ds / "sasrec" / "model.safetensors", SASRec(N_ITEMS, scfg).state_dict())

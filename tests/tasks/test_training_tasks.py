@@ -58,6 +58,19 @@ def make_tiny_params(root: Path, *extra: str, source: Path | None = None):
         "data.dataset=tiny", f"datasets.tiny={json.dumps(spec)}", *OVERRIDES, *extra])
 
 
+def backbone_inputs_copy(project, root: Path, *extra: str):
+    """Tiny params under `root` with `extra` overrides, and the project's splits, tokenizer, SASRec
+    and items copied there: what a backbone trained under other settings reads. Returns (params,
+    the project's dataset dir, the copy's)."""
+    src = project["params"].dataset_dir()
+    params = make_tiny_params(root, *extra, source=project["root"] / "source")
+    dst = params.dataset_dir()
+    for name in ("splits", "tokenizer", "sasrec"):
+        shutil.copytree(src / name, dst / name)
+    shutil.copy(src / "items.parquet", dst / "items.parquet")
+    return params, src, dst
+
+
 def ingest(params) -> None:
     """The task calls of flows/ingest.py for an in-memory (LC-Rec) source."""
     spec, out_dir, report_dir = params.dataset, params.dataset_dir(), params.reports_dir()
@@ -429,12 +442,7 @@ def test_a_backbone_trained_with_sasrecs_prior_starts_at_zero_and_tiger_cf_decod
     import tasks.training as training
     from tasks.artifacts import backbone_cf_mode, load_ranker, sasrec_log_probs
 
-    src = project["params"].dataset_dir()
-    params = make_tiny_params(tmp_path, "backbone.cf_prior=1.0", source=project["root"] / "source")
-    dst = params.dataset_dir()
-    for name in ("splits", "tokenizer", "sasrec"):
-        shutil.copytree(src / name, dst / name)
-    shutil.copy(src / "items.parquet", dst / "items.parquet")
+    params, src, dst = backbone_inputs_copy(project, tmp_path, "backbone.cf_prior=1.0")
     started = {}
     real_fit = training.fit_seq2seq
 
@@ -475,12 +483,7 @@ def test_a_backbone_with_item_embeddings_publishes_them_and_reproduces_its_valid
     recall, and the GRC template built from its config takes its weights."""
     from grc_core.grc import grc_from_config
 
-    src = project["params"].dataset_dir()
-    params = make_tiny_params(tmp_path, "backbone.model.item_embedding=true", source=project["root"] / "source")
-    dst = params.dataset_dir()
-    for name in ("splits", "tokenizer", "sasrec"):
-        shutil.copytree(src / name, dst / name)
-    shutil.copy(src / "items.parquet", dst / "items.parquet")
+    params, _, dst = backbone_inputs_copy(project, tmp_path, "backbone.model.item_embedding=true")
     result = body(train_backbone)(params)
     config = io.read_json(dst / "backbone" / "config.json")
     n_items = pl.read_parquet(dst / "items.parquet").height
@@ -504,13 +507,7 @@ def test_cross_fitted_teachers_score_each_user_with_a_sasrec_that_never_saw_them
     from tasks.artifacts import sasrec_log_probs
     from tasks.backbone import crossfit_teacher
 
-    src = project["params"].dataset_dir()
-    params = make_tiny_params(tmp_path, "backbone.cf_prior=1.0", "backbone.cf_teacher_folds=2",
-                              source=project["root"] / "source")
-    dst = params.dataset_dir()
-    for name in ("splits", "tokenizer", "sasrec"):
-        shutil.copytree(src / name, dst / name)
-    shutil.copy(src / "items.parquet", dst / "items.parquet")
+    params, _, dst = backbone_inputs_copy(project, tmp_path, "backbone.cf_prior=1.0", "backbone.cf_teacher_folds=2")
     teacher, info = crossfit_teacher(params, torch.device("cpu"))
     train_rows = pl.read_parquet(dst / "splits" / "train.parquet")
     folds = user_folds(train_rows["user_id"].to_numpy(), 2, params.backbone.train.seed)
