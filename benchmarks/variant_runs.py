@@ -15,7 +15,8 @@ base, side by side up to `--jobs`:
    is resumed only under the same settings (the flows resume from their own checkpoints).
 2. `python -m flows.<stage>` runs for each stage, in the pipeline's order, with the seed, the
    copy's places and the `-S` given; each stage's output goes to `<copy>/<stage>.log`.
-3. `benchmarks.seeds_table` compares the copies with the bases (`--against`), on the validation
+3. Where `evaluate` is among the stages, `benchmarks.seeds_table` compares the copies with the
+   bases (`--against`), on the validation
    rank files (`eval/valid`) and on test (`eval`): JSONs
    `benchmarks/results/seeds_<dataset>_<tag>_vs_base_valid.json` and `..._vs_base.json`.
 
@@ -44,10 +45,6 @@ from tasks.stages import STAGES
 # Flows side by side each start a temporary Prefect server on cores that training keeps busy: the
 # 120 s start-up of tasks/env.py and the API's default 30 s request timeout are not always enough.
 FLOW_ENV = {"PREFECT_API_REQUEST_TIMEOUT": "300", "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "3600"}
-
-
-def _under(path: str, out: str) -> bool:
-    return path == out or path.startswith(out.rstrip("/") + "/")
 
 
 def pipeline_order(stages: list[str]) -> list[str]:
@@ -84,14 +81,13 @@ def prepare_copy(base: Path, copy: Path, dataset: str, stages: list[str], settin
     stale = stale_readers(src, stages)
     if stale:
         raise ValueError(f"{base}: run these stages too, or their outputs go stale: {'; '.join(stale)}")
-    skip = [o.path for s in stages for o in STAGES[s].outs]
     tmp = copy.with_name(copy.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     for root, _, files in os.walk(src):
         rel_root = Path(root).relative_to(src)
         for f in files:
             rel = (rel_root / f).as_posix()
-            if any(_under(rel, out) for out in skip):
+            if producer(rel) in stages:  # an output of a stage that runs again
                 continue
             (tmp / "data" / dataset / rel).parent.mkdir(parents=True, exist_ok=True)
             os.link(Path(root) / f, tmp / "data" / dataset / rel)
@@ -140,7 +136,7 @@ def main(argv: list[str] | None = None) -> None:
                                                    "overrides": a.overrides})
     with ThreadPoolExecutor(max(1, a.jobs)) as pool:
         list(pool.map(lambda c: run_copy(*c, stages, a.overrides), zip(copies, a.seeds)))
-    if "evaluate" not in stages and not all((c / "data" / dataset / "eval").is_dir() for c in copies):
+    if "evaluate" not in stages:  # the copies' rank files are the bases': nothing to compare
         return
     name = f"seeds_{dataset}_{a.tag}_vs_base"
     for subdir, suffix in (("eval/valid", "_valid"), ("eval", "")):
