@@ -24,6 +24,9 @@ class ModelConfig:
     # Each history item's own learned embedding (a table of N_items rows) added to its code
     # embeddings in the encoder. A default here is only for backbones saved before the field.
     item_embedding: bool = False
+    # SASRec's user state (its frozen model's last hidden state over the same history) projected to
+    # D and added to the encoder's output as one more memory position (grc_core/model.py).
+    cf_token: bool = False
 
 
 @dataclass(frozen=True)

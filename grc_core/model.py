@@ -22,18 +22,29 @@ Deviations from the paper / TIGER:
 - Pre-LayerNorm blocks with learned absolute positions instead of T5's relative bias.
 - Per-level input tables and output heads instead of one shared token vocabulary.
 - No dropout by default: on the CPU it cost a quarter of a step and the data is small.
+
+Beyond the paper, `cf_token` (off by default): the model holds the frozen SASRec of the sasrec
+stage and appends one memory position to the encoder's output, `W F(x)`, SASRec's last hidden
+state over the same history projected to D (then the encoder's final LayerNorm, like every
+other position). The decoder's cross-attention, and so every level's prediction, can read what
+the collaborative model knows of the user; only `W` and the TIGER weights learn. The SASRec
+weights are stored with the backbone's (`cf.*`) and its architecture in `config.json`
+(`cf_sasrec`), so every later stage rebuilds the same model from the backbone alone.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict
-from typing import NamedTuple, Sequence
+from typing import TYPE_CHECKING, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from grc_core.config import ModelConfig
+
+if TYPE_CHECKING:
+    from grc_core.sasrec import SASRec
 
 
 
@@ -113,10 +124,13 @@ class Batch(NamedTuple):
 class Seq2Seq(nn.Module):
     """Encoder over the user's history; decoder over semantic-ID levels."""
 
-    def __init__(self, cfg: ModelConfig, level_sizes: Sequence[int], attr_sizes: Sequence[int], n_items: int = 0):
+    def __init__(self, cfg: ModelConfig, level_sizes: Sequence[int], attr_sizes: Sequence[int], n_items: int = 0,
+                 cf: "SASRec | None" = None):
         super().__init__()
         if cfg.item_embedding and n_items < 1:
             raise ValueError(f"item_embedding needs the item count, got n_items={n_items}")
+        if cfg.cf_token and cf is None:
+            raise ValueError("cf_token needs the SASRec whose user state it reads (cf=...)")
         self.cfg, self.level_sizes, self.attr_sizes = cfg, tuple(level_sizes), tuple(attr_sizes)
         self.n_items = n_items if cfg.item_embedding else 0
         d, n_levels = cfg.d_model, len(level_sizes)
@@ -135,6 +149,11 @@ class Seq2Seq(nn.Module):
         self.heads = nn.ModuleList(nn.Linear(d, v) for v in level_sizes)
         self.apply(_init)
         nn.init.normal_(self.bos, std=0.02)
+        self.cf = self.cf_proj = None
+        if cfg.cf_token:  # after `_init`, which must not touch the trained SASRec
+            self.cf = cf.requires_grad_(False).eval()
+            self.cf_proj = nn.Linear(cf.cfg.hidden, d)
+            _init(self.cf_proj)
 
     @property
     def num_levels(self) -> int:
@@ -142,14 +161,40 @@ class Seq2Seq(nn.Module):
 
     def architecture(self) -> dict:
         """What `from_architecture` rebuilds this model from (a saved `config.json`'s fields)."""
-        return {"model": asdict(self.cfg), "level_sizes": list(self.level_sizes),
+        arch = {"model": asdict(self.cfg), "level_sizes": list(self.level_sizes),
                 "attr_sizes": list(self.attr_sizes), "n_items": self.n_items}
+        if self.cf is not None:  # the sasrec stage's config.json fields
+            arch["cf_sasrec"] = {"n_items": self.cf.n_items, "config": asdict(self.cf.cfg)}
+        return arch
 
     @classmethod
     def from_architecture(cls, arch: dict) -> "Seq2Seq":
         """An untrained model of the architecture a `config.json` records (`architecture`'s fields;
-        `n_items` is absent from backbones saved before the item embedding, which have none)."""
-        return cls(ModelConfig(**arch["model"]), arch["level_sizes"], arch["attr_sizes"], arch.get("n_items", 0))
+        `n_items` is absent from backbones saved before the item embedding, which have none); with
+        `cf_token`, an untrained SASRec of `cf_sasrec`'s architecture, which the weights fill."""
+        cf = None
+        if arch.get("cf_sasrec"):
+            from grc_core.config import SASRecConfig
+            from grc_core.sasrec import SASRec  # here: grc_core.sasrec imports grc_core.train, which imports this
+
+            cf = SASRec(arch["cf_sasrec"]["n_items"], SASRecConfig(**arch["cf_sasrec"]["config"]))
+        return cls(ModelConfig(**arch["model"]), arch["level_sizes"], arch["attr_sizes"], arch.get("n_items", 0), cf)
+
+    def train(self, mode: bool = True) -> "Seq2Seq":
+        super().train(mode)
+        if self.cf is not None:  # frozen: its dropout stays off while TIGER trains
+            self.cf.eval()
+        return self
+
+    def cf_state(self, batch: Batch) -> torch.Tensor:
+        """(B, H) SASRec's hidden state after each history (end-aligned rows, as `to_batch` makes them)."""
+        if batch.history_items is None:
+            raise ValueError("this backbone reads SASRec's user state (cf_token), but the batch has no "
+                             "history_items: build it with grc_core.data.to_batch")
+        width = self.cf.cfg.max_len
+        seqs = ((batch.history_items + 1) * batch.history_mask)[:, -width:]  # SASRec's shifted ids, 0 = padding
+        with torch.no_grad():
+            return self.cf(seqs)[:, -1]
 
     def item_extra(self, batch: Batch, like: torch.Tensor) -> torch.Tensor:
         """(B, T, D): each history item's attribute-bucket embeddings plus, with `item_embedding`,
@@ -186,6 +231,9 @@ class Seq2Seq(nn.Module):
         mask = mask[:, None, None, :]  # (B, 1, 1, S)
         for layer in self.encoder:
             x = layer(x, mask)
+        if self.cf is not None:
+            x = torch.cat([x, self.cf_proj(self.cf_state(batch))[:, None]], 1)  # (B, S+1, D)
+            mask = F.pad(mask, (0, 1))  # the user-state position is always visible
         x = self.enc_norm(x)
         keys, values = zip(*(layer.cross_attn.keys_values(x) for layer in self.decoder))
         return Memory(list(keys), list(values), mask)

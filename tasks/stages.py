@@ -116,7 +116,7 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
           metrics=("tokenize.json",), pool="cpu"),
     Stage("backbone",
           params=("data.max_history", "data.exclude_history", "datasets", "backbone", "sasrec"),
-          comment=("sasrec: read only when backbone.cf_distill or cf_prior > 0 (the sasrec params too, for "
+          comment=("sasrec: read only when backbone.model.cf_token, cf_distill or cf_prior > 0 (the sasrec params too, for "
                    "the cross-fitted teachers of backbone.cf_teacher_folds); under the default cf IDs a new SASRec "
                    "changes the tokenizer, which re-runs this stage anyway"),
           inputs=("splits", "items.parquet", "tokenizer", "sasrec/model.safetensors"),

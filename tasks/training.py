@@ -13,14 +13,22 @@ from grc_core.data import Instances, ItemTable
 from grc_core.model import Seq2Seq
 from grc_core.train import TrainerState, fit_seq2seq, format_record
 from grc_core.trie import PrefixTrie
+from tasks.artifacts import load_baseline
 from tasks.checkpoints import Checkpointer
 from tasks.params import Params
 from tasks.progress import epoch_progress
 
 
-def build_model(cfg: ModelConfig, level_sizes: list[int], attr_sizes: list[int], n_items: int, seed: int) -> Seq2Seq:
+def build_model(cfg: ModelConfig, level_sizes: list[int], attr_sizes: list[int], n_items: int, seed: int,
+                out_dir: Path | None = None) -> Seq2Seq:
+    """An untrained backbone; with `cfg.cf_token`, holding the SASRec of `out_dir` (the sasrec stage's)."""
+    cf = None
+    if cfg.cf_token:
+        if out_dir is None:
+            raise ValueError("backbone.model.cf_token needs the run's folder, whose sasrec/ it reads")
+        cf = load_baseline(out_dir)
     torch.manual_seed(seed)
-    return Seq2Seq(cfg, level_sizes, attr_sizes, n_items)
+    return Seq2Seq(cfg, level_sizes, attr_sizes, n_items, cf)
 
 
 def fit_backbone(params: Params, train: Instances, valid: Instances, table: ItemTable, trie: PrefixTrie,
@@ -34,7 +42,8 @@ def fit_backbone(params: Params, train: Instances, valid: Instances, table: Item
     (`grc_core.train.fit_seq2seq`); `selection_teacher` (default `teacher`) is the one validation
     decodes with (the stage's SASRec where `teacher` is cross-fitted)."""
     bb = params.backbone
-    model = build_model(bb.model, level_sizes, attr_sizes, len(table.codes), cfg.seed).to(table.codes.device)
+    model = build_model(bb.model, level_sizes, attr_sizes, len(table.codes), cfg.seed,
+                        params.dataset_dir()).to(table.codes.device)
     if teacher is not None and bb.cf_prior > 0:  # the residual starts at 0: the product starts as the prior alone
         with torch.no_grad():
             for head in model.heads:

@@ -217,3 +217,81 @@ def test_ranking_in_batches_of_alike_lengths_keeps_each_users_row():
         assert items[u].tolist() == alone_items[0].tolist()
         np.testing.assert_allclose(scores[u], alone_scores[0], atol=1e-5, rtol=0)
         assert not set(items[u].tolist()) & set(histories[u])
+
+
+def tiny_sasrec(n_items=25, max_len=6, seed=3):
+    from grc_core.config import SASRecConfig
+    from grc_core.sasrec import SASRec
+
+    torch.manual_seed(seed)
+    cfg = SASRecConfig(hidden=8, layers=1, heads=2, dropout=0.5, max_len=max_len, lr=1e-3, weight_decay=0.0,
+                       epochs=1, batch_size=4, seed=seed, device="cpu", patience=1, repeat_bias=True)
+    return SASRec(n_items, cfg)
+
+
+def tiny_cf(layout="item", seed=0, sasrec=None):
+    torch.manual_seed(seed)
+    cfg = ModelConfig(d_model=16, d_ff=32, n_heads=2, encoder_layers=1, decoder_layers=2, dropout=0.0,
+                      layout=layout, max_history=6, cf_token=True)
+    return Seq2Seq(cfg, LEVELS, attr_sizes=[3], n_items=25, cf=sasrec or tiny_sasrec()).eval()
+
+
+def test_the_user_state_token_is_sasrecs_own_state_after_the_history():
+    from grc_core.sasrec import encode_histories
+
+    sasrec = tiny_sasrec()
+    model, table = tiny_cf(sasrec=sasrec), catalog()
+    histories = [[1, 2], [4, 5, 6, 7, 8, 9], [0]]
+    got = model.cf_state(batch_for(table, histories, [3, 3, 3]))
+    want = sasrec.eval()(encode_histories(histories, 6, 25))[:, -1]  # what score_all scores with
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("layout", ["item", "code"])
+def test_the_user_state_token_tells_apart_histories_with_the_same_codes(layout):
+    # Items 0 and 1 share their codes and attributes: only SASRec's state tells the histories apart.
+    table = catalog()
+    table = ItemTable(table.codes.clone(), table.attrs.clone())
+    table.codes[1], table.attrs[1] = table.codes[0], table.attrs[0]
+    for model, differ in [(tiny(layout), False), (tiny_cf(layout), True)]:
+        stepper = BackboneStepper(model)
+        a, _ = stepper.begin(batch_for(table, [[0, 2]], [3])._replace(target_codes=None))
+        b, _ = stepper.begin(batch_for(table, [[1, 2]], [3])._replace(target_codes=None))
+        gap = float((a - b).abs().max())  # small at initialisation (weights of std 0.02), but not 0
+        assert (gap > 1e-6) if differ else gap == 0.0
+    # Padding still changes nothing: the same history alone and beside a longer one.
+    model = tiny_cf(layout)
+    stepper = BackboneStepper(model)
+    a, _ = stepper.begin(batch_for(table, [[1, 2]], [3])._replace(target_codes=None))
+    b, _ = stepper.begin(batch_for(table, [[1, 2], [4, 5, 6, 7, 8, 9]], [3, 3])._replace(target_codes=None))
+    torch.testing.assert_close(a[0], b[0], atol=1e-6, rtol=0)
+
+
+def test_the_sasrec_inside_stays_frozen_and_out_of_training_mode():
+    model, table = tiny_cf(), catalog()
+    before = {k: v.clone() for k, v in model.cf.state_dict().items()}
+    proj = model.cf_proj.weight.clone()
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1, weight_decay=0.1)
+    model.train()
+    assert model.training and not model.cf.training  # its dropout (0.5 here) stays off
+    batch = batch_for(table, [[1, 2], [4, 5, 6]], [3, 7])
+    sequence_loss(model(batch), batch.target_codes).backward()
+    opt.step()
+    assert all(torch.equal(before[k], v) for k, v in model.cf.state_dict().items())
+    assert not torch.equal(proj, model.cf_proj.weight)  # the projection learns
+
+
+def test_a_user_state_backbone_round_trips_through_its_architecture():
+    model, table = tiny_cf(), catalog()
+    arch = model.architecture()
+    assert arch["model"]["cf_token"] is True and arch["cf_sasrec"]["n_items"] == 25
+    assert arch["cf_sasrec"]["config"]["hidden"] == 8
+    again = Seq2Seq.from_architecture(arch).eval()
+    again.load_state_dict(model.state_dict())  # strict: the SASRec's weights travel with the backbone's
+    batch = batch_for(table, [[1, 2], [4]], [3, 3])
+    torch.testing.assert_close(again(batch), model(batch), atol=0, rtol=0)
+    assert "cf_sasrec" not in tiny().architecture()
+    with pytest.raises(ValueError, match="cf_token needs the SASRec"):
+        Seq2Seq(model.cfg, LEVELS, attr_sizes=[3], n_items=25)
+    with pytest.raises(ValueError, match="no history_items"):
+        model.encode(batch._replace(history_items=None))

@@ -476,6 +476,15 @@ def test_a_backbone_trained_with_sasrecs_prior_starts_at_zero_and_tiger_cf_decod
             call()
 
 
+def validation_recall(model, params, dst) -> float:
+    """The loaded `model`'s Recall@10 on the validation users the backbone stage selects on."""
+    table, trie, _, _ = item_index(dst, params.dataset.attributes, "cpu")
+    valid = valid_instances(params)
+    ranked, _ = rank_with_backbone(model, valid, table, trie, params.backbone.valid_beam,
+                                   params.backbone.eval_batch_size, exclude_history=params.data.exclude_history)
+    return ranking_metrics(ranked, valid.target.numpy(), ks=(5, 10, 20))[0]["recall@10"]
+
+
 def test_a_backbone_with_item_embeddings_publishes_them_and_reproduces_its_validation_recall(
         project, sasrec, backbone, tmp_path):
     """backbone.model.item_embedding: the published config records the flag and the item count,
@@ -491,13 +500,30 @@ def test_a_backbone_with_item_embeddings_publishes_them_and_reproduces_its_valid
     model = load_backbone(dst)
     assert model.enc_items.weight.shape == (n_items, params.backbone.model.d_model)
     assert result["parameters"] == sum(p.numel() for p in model.parameters())
-    table, trie, _, _ = item_index(dst, params.dataset.attributes, "cpu")
-    valid = valid_instances(params)
-    ranked, _ = rank_with_backbone(model, valid, table, trie, params.backbone.valid_beam,
-                                   params.backbone.eval_batch_size, exclude_history=params.data.exclude_history)
-    assert ranking_metrics(ranked, valid.target.numpy(), ks=(5, 10, 20))[0]["recall@10"] == result["best_valid_recall@10"]
+    assert validation_recall(model, params, dst) == result["best_valid_recall@10"]
     grc = grc_from_config({**config, "num_attrs": 2, "variant": "grc"})
     assert grc.seq.enc_items.weight.shape == (n_items, params.backbone.model.d_model)
+    grc.seq.load_state_dict(model.state_dict())  # strict: the template's backbone is this architecture
+
+
+def test_a_backbone_with_sasrecs_user_state_carries_that_sasrec_and_reproduces_its_validation_recall(
+        project, sasrec, backbone, tmp_path):
+    """backbone.model.cf_token: the backbone holds the sasrec stage's weights unchanged after
+    training, its config.json rebuilds it (SASRec's architecture included), the loaded model
+    reproduces the stage's validation recall, and the GRC template built from its config takes its weights."""
+    from grc_core.grc import grc_from_config
+    from tasks.artifacts import load_baseline
+
+    params, _, dst = backbone_inputs_copy(project, tmp_path, "backbone.model.cf_token=true")
+    result = body(train_backbone)(params)
+    config = io.read_json(dst / "backbone" / "config.json")
+    assert config["model"]["cf_token"] is True
+    assert config["cf_sasrec"] == io.read_json(dst / "sasrec" / "config.json")  # its fields, as the sasrec stage wrote them
+    model = load_backbone(dst)
+    stage_sasrec = load_baseline(dst).state_dict()
+    assert all(torch.equal(v, stage_sasrec[k]) for k, v in model.cf.state_dict().items())
+    assert validation_recall(model, params, dst) == result["best_valid_recall@10"]
+    grc = grc_from_config({**config, "num_attrs": 2, "variant": "grc"})
     grc.seq.load_state_dict(model.state_dict())  # strict: the template's backbone is this architecture
 
 
