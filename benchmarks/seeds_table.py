@@ -132,6 +132,17 @@ def against(runs: list[tuple[list[int], dict]], other: list[tuple[list[int], dic
             for m in methods}
 
 
+def seed_pairs(dirs: list[str], seeds: dict, other_dirs: list[str], other: list[dict], methods: list[str]) -> dict:
+    """Per method, each seed's Recall@10 and NDCG@10 in both configurations and their difference
+    (`dirs` minus `other_dirs`, paired by position): what `benchmarks.seed_deltas` tests over seeds."""
+    return {m: [{"dir": d, "against": o, **{f"{k}{side}": v for k in ("recall@10", "ndcg@10")
+                                            for side, v in (("", seeds[d]["methods"][m]["metrics"][k]),
+                                                            ("_against", row["methods"][m]["metrics"][k]))},
+                 **{f"{k}_diff": seeds[d]["methods"][m]["metrics"][k] - row["methods"][m]["metrics"][k]
+                    for k in ("recall@10", "ndcg@10")}}
+                for d, o, row in zip(dirs, other_dirs, other)] for m in methods}
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dataset", required=True)
@@ -151,10 +162,11 @@ def main(argv: list[str] | None = None) -> dict:
     rows = {d: seed_rows(Path(d) / a.dataset / a.eval_subdir, a.methods, a.bootstrap, rule) for d in a.dirs}
     seeds = {d: r[0] for d, r in rows.items()}
     pooled = seed_averaged([r[1:] for r in rows.values()], a.methods[0], a.methods, a.bootstrap)
-    versus = {}
+    versus, per_seed = {}, {}
     if a.against:
-        other = [seed_rows(Path(d) / a.dataset / a.eval_subdir, a.methods, a.bootstrap, rule)[1:] for d in a.against]
-        versus = against([r[1:] for r in rows.values()], other, a.methods, a.bootstrap)
+        other_rows = [seed_rows(Path(d) / a.dataset / a.eval_subdir, a.methods, a.bootstrap, rule) for d in a.against]
+        versus = against([r[1:] for r in rows.values()], [r[1:] for r in other_rows], a.methods, a.bootstrap)
+        per_seed = seed_pairs(a.dirs, seeds, a.against, [r[0] for r in other_rows], a.methods)
     summary = {}
     for m in a.methods:
         vals = {k: [seeds[d]["methods"][m]["metrics"][k] for d in a.dirs] for k in KEYS}
@@ -197,6 +209,7 @@ def main(argv: list[str] | None = None) -> dict:
     if versus:
         payload["against"] = a.against
         payload["vs_against"] = versus
+        payload["per_seed_vs_against"] = per_seed
     if a.out is not None:
         write_json(a.out, payload)
     return payload

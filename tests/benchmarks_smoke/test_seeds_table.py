@@ -100,6 +100,11 @@ def test_against_compares_each_method_with_itself_under_the_other_configuration(
     # per user: new means 1, 0.5, 0, 0; old 0.5, 0, 0, 0.5 -> new minus old 0.5, 0.5, 0, -0.5
     assert out["vs_against"]["base"]["recall@10"]["diff"] == pytest.approx(0.125)
     assert io.read_json(tmp_path / "t.json")["against"] == [old_a, old_b]
+    # per seed: A 0.5 against 0, B 0.25 against 0.5
+    pairs = out["per_seed_vs_against"]["base"]
+    assert [(p["dir"], p["against"]) for p in pairs] == [(new_a, old_a), (new_b, old_b)]
+    assert [p["recall@10_diff"] for p in pairs] == pytest.approx([0.5, -0.25])
+    assert [p["recall@10_against"] for p in pairs] == pytest.approx([0.0, 0.5])
     with pytest.raises(ValueError, match="one per seed"):
         main(["--dataset", "ml-100k", "--dirs", new_a, new_b, "--against", old_a, "--methods", "base"])
     other_users = write_ranks(tmp_path, "ou", {"base": [0, 1, 2]}, [0, 1, 5])
