@@ -132,7 +132,6 @@ class Seq2Seq(nn.Module):
         if cfg.cf_token and cf is None:
             raise ValueError("cf_token needs the SASRec whose user state it reads (cf=...)")
         self.cfg, self.level_sizes, self.attr_sizes = cfg, tuple(level_sizes), tuple(attr_sizes)
-        self.n_items = n_items if cfg.item_embedding else 0
         d, n_levels = cfg.d_model, len(level_sizes)
         self.enc_codes = nn.ModuleList(nn.Embedding(v, d) for v in level_sizes)
         self.enc_attrs = nn.ModuleList(nn.Embedding(v, d) for v in attr_sizes)
@@ -158,6 +157,11 @@ class Seq2Seq(nn.Module):
     @property
     def num_levels(self) -> int:
         return len(self.level_sizes)
+
+    @property
+    def n_items(self) -> int:
+        """Rows of the history-item table (0 without `item_embedding`)."""
+        return 0 if self.enc_items is None else self.enc_items.num_embeddings
 
     def architecture(self) -> dict:
         """What `from_architecture` rebuilds this model from (a saved `config.json`'s fields)."""
