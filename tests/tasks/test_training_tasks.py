@@ -510,10 +510,8 @@ def test_a_backbone_with_sasrecs_user_state_carries_that_sasrec_and_reproduces_i
         project, sasrec, backbone, tmp_path):
     """backbone.model.cf_token: the backbone holds the sasrec stage's weights unchanged after
     training, its config.json rebuilds it (SASRec's architecture included), the loaded model
-    reproduces the stage's validation recall, and the GRC template built from its config takes its weights."""
-    from grc_core.grc import grc_from_config
-    from tasks.artifacts import load_baseline
-
+    reproduces the stage's validation recall; mining, SFT and GRPO run on it, and the GRC-RL model
+    still holds that SASRec, unchanged, and reproduces GRPO's validation recall."""
     params, _, dst = backbone_inputs_copy(project, tmp_path, "backbone.model.cf_token=true")
     result = body(train_backbone)(params)
     config = io.read_json(dst / "backbone" / "config.json")
@@ -523,8 +521,14 @@ def test_a_backbone_with_sasrecs_user_state_carries_that_sasrec_and_reproduces_i
     stage_sasrec = load_baseline(dst).state_dict()
     assert all(torch.equal(v, stage_sasrec[k]) for k, v in model.cf.state_dict().items())
     assert validation_recall(model, params, dst) == result["best_valid_recall@10"]
-    grc = grc_from_config({**config, "num_attrs": 2, "variant": "grc"})
-    grc.seq.load_state_dict(model.state_dict())  # strict: the template's backbone is this architecture
+    body(mine_labels)(params)
+    body(train_sft)(params, "grc")
+    rl = body(train_grpo)(params)
+    assert io.read_json(dst / "grpo" / "config.json")["cf_sasrec"] == config["cf_sasrec"]
+    policy = load_grc(dst, "grc_rl")
+    assert all(torch.equal(v, stage_sasrec[k]) for k, v in policy.seq.cf.state_dict().items())
+    assert grc_valid_recall(params, "grc_rl", params.grpo.valid_beam, params.grpo.eval_batch_size) == \
+        rl["best_valid_recall@10"]
 
 
 def test_cross_fitted_teachers_score_each_user_with_a_sasrec_that_never_saw_them(project, sasrec, tmp_path):
