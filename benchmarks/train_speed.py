@@ -1,10 +1,13 @@
 """Backbone training throughput on this machine against its matmul ceiling.
 
-    python -m benchmarks.train_speed [--steps 30] [--batch 256]
+    python -m benchmarks.train_speed [--steps 30] [--batch 256] [--cf-token]
 
 Times forward + backward + AdamW steps of the default-size model on synthetic batches
 shaped like Instruments (history 20, 5 ID levels of sizes 256/256/256/256/3), with
-dropout 0 and 0.1, and the fp32 matmul rate of the same 2 threads.
+dropout 0 and 0.1, and the fp32 matmul rate of the same 2 threads. `--cf-token` times instead
+the item layout without dropout, plain and with `backbone.model.cf_token` (a random frozen SASRec
+of the default size, 64 wide, 2 layers, over 10,000 items, read once per batch), alternating the
+two five times; JSON `train_speed_cf_token.json`.
 """
 
 from __future__ import annotations
@@ -15,7 +18,9 @@ import time
 import torch
 
 from benchmarks.common import save, stamp
+from grc_core.config import SASRecConfig
 from grc_core.model import Batch, ModelConfig, Seq2Seq, count_flops_per_sample, sequence_loss
+from grc_core.sasrec import SASRec
 from grc_core.train import TrainConfig, make_optimizer
 
 LEVELS = [256, 256, 256, 256, 3]
@@ -30,16 +35,25 @@ def matmul_gflops(n: int, reps: int = 20) -> float:
     return 2 * n**3 * reps / (time.perf_counter() - t0) / 1e9
 
 
-def step_rate(dropout: float, batch: int, steps: int, layout: str) -> dict:
+CF_ITEMS = 10_000
+
+
+def step_rate(dropout: float, batch: int, steps: int, layout: str, cf_token: bool = False) -> dict:
     cfg = ModelConfig(d_model=128, d_ff=640, n_heads=4, encoder_layers=1, decoder_layers=2, dropout=dropout,
-                      layout=layout, max_history=20)
+                      layout=layout, max_history=20, cf_token=cf_token)
     torch.manual_seed(0)
-    model = Seq2Seq(cfg, LEVELS, attr_sizes=[]).train()
+    cf = None
+    if cf_token:
+        cf = SASRec(CF_ITEMS, SASRecConfig(hidden=64, layers=2, heads=1, dropout=0.2, max_len=20, lr=1e-3,
+                                           weight_decay=0.1, epochs=1, batch_size=128, seed=0, device="cpu",
+                                           patience=1, repeat_bias=True))
+    model = Seq2Seq(cfg, LEVELS, attr_sizes=[], cf=cf).train()
     opt = make_optimizer(model, TrainConfig(1, batch, 1e-3, 0.01, 1, 0.1, 1.0, 1, 0, 0, "cpu", 2))
     gen = torch.Generator().manual_seed(0)
     codes = torch.stack([torch.randint(0, v, (batch, 20), generator=gen) for v in LEVELS], -1)
     b = Batch(codes, torch.zeros(batch, 20, 0, dtype=torch.long), torch.ones(batch, 20, dtype=torch.bool),
-              torch.stack([torch.randint(0, v, (batch,), generator=gen) for v in LEVELS], -1))
+              torch.stack([torch.randint(0, v, (batch,), generator=gen) for v in LEVELS], -1),
+              torch.randint(0, CF_ITEMS, (batch, 20), generator=gen))
 
     def one():
         loss = sequence_loss(model(b), b.target_codes)
@@ -55,7 +69,7 @@ def step_rate(dropout: float, batch: int, steps: int, layout: str) -> dict:
     dt = time.perf_counter() - t0
     sps = batch * steps / dt
     flops = 3 * count_flops_per_sample(cfg, LEVELS, 20)
-    return {"dropout": dropout, "layout": layout, "samples_per_s": round(sps, 1),
+    return {"dropout": dropout, "layout": layout, "cf_token": cf_token, "samples_per_s": round(sps, 1),
             "gflops_per_s": round(sps * flops / 1e9, 2), "flops_per_sample": flops}
 
 
@@ -63,8 +77,16 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--cf-token", action="store_true", help="plain against cf_token (item layout, no dropout)")
     args = ap.parse_args()
     torch.set_num_threads(2)
+    if args.cf_token:
+        runs = [step_rate(0.0, args.batch, args.steps, "item", cf) for _ in range(5) for cf in (False, True)]
+        rate = {cf: sorted(r["samples_per_s"] for r in runs if r["cf_token"] == cf)[2] for cf in (False, True)}
+        save("train_speed_cf_token", {**stamp(vars(args)), "runs": runs, "median_samples_per_s":
+                                      {"plain": rate[False], "cf_token": rate[True]},
+                                      "cf_token_time_ratio": round(rate[False] / rate[True], 3)})
+        return
     ceiling = {"matmul_256": round(matmul_gflops(256, 200), 1), "matmul_1024": round(matmul_gflops(1024), 1)}
     runs = [step_rate(d, args.batch, args.steps, layout) for layout in ("item", "code") for d in (0.0, 0.1)]
     for r in runs:

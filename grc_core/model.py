@@ -29,7 +29,8 @@ state over the same history projected to D (then the encoder's final LayerNorm, 
 other position). The decoder's cross-attention, and so every level's prediction, can read what
 the collaborative model knows of the user; only `W` and the TIGER weights learn. The SASRec
 weights are stored with the backbone's (`cf.*`) and its architecture in `config.json`
-(`cf_sasrec`), so every later stage rebuilds the same model from the backbone alone.
+(`cf_sasrec`), so every later stage rebuilds the same model from the backbone alone. On ml-100k
+it did not make TIGER or `tiger_cf` better on validation (benchmarks/RESULTS.md), so it is off.
 """
 
 from __future__ import annotations
