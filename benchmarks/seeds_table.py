@@ -135,12 +135,15 @@ def against(runs: list[tuple[list[int], dict]], other: list[tuple[list[int], dic
 def seed_pairs(dirs: list[str], seeds: dict, other_dirs: list[str], other: list[dict], methods: list[str]) -> dict:
     """Per method, each seed's Recall@10 and NDCG@10 in both configurations and their difference
     (`dirs` minus `other_dirs`, paired by position): what `benchmarks.seed_deltas` tests over seeds."""
-    return {m: [{"dir": d, "against": o, **{f"{k}{side}": v for k in ("recall@10", "ndcg@10")
-                                            for side, v in (("", seeds[d]["methods"][m]["metrics"][k]),
-                                                            ("_against", row["methods"][m]["metrics"][k]))},
-                 **{f"{k}_diff": seeds[d]["methods"][m]["metrics"][k] - row["methods"][m]["metrics"][k]
-                    for k in ("recall@10", "ndcg@10")}}
-                for d, o, row in zip(dirs, other_dirs, other)] for m in methods}
+    out = {m: [] for m in methods}
+    for d, o, row in zip(dirs, other_dirs, other):
+        for m in methods:
+            new, old = seeds[d]["methods"][m]["metrics"], row["methods"][m]["metrics"]
+            pair = {"dir": d, "against": o}
+            for k in ("recall@10", "ndcg@10"):
+                pair |= {k: new[k], f"{k}_against": old[k], f"{k}_diff": new[k] - old[k]}
+            out[m].append(pair)
+    return out
 
 
 def main(argv: list[str] | None = None) -> dict:

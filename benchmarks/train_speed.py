@@ -6,22 +6,24 @@ Times forward + backward + AdamW steps of the default-size model on synthetic ba
 shaped like Instruments (history 20, 5 ID levels of sizes 256/256/256/256/3), with
 dropout 0 and 0.1, and the fp32 matmul rate of the same 2 threads. `--cf-token` times instead
 the item layout without dropout, plain and with `backbone.model.cf_token` (a random frozen SASRec
-of the default size, 64 wide, 2 layers, over 10,000 items, read once per batch), alternating the
-two five times; JSON `train_speed_cf_token.json`.
+of params.yaml's `sasrec` size over 10,000 items, read once per batch), alternating the two five
+times; JSON `train_speed_cf_token.json`.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
+from dataclasses import replace
 
 import torch
 
 from benchmarks.common import save, stamp
-from grc_core.config import SASRecConfig
 from grc_core.model import Batch, ModelConfig, Seq2Seq, count_flops_per_sample, sequence_loss
 from grc_core.sasrec import SASRec
 from grc_core.train import TrainConfig, make_optimizer
+from tasks.params import load_params
 
 LEVELS = [256, 256, 256, 256, 3]
 
@@ -44,9 +46,7 @@ def step_rate(dropout: float, batch: int, steps: int, layout: str, cf_token: boo
     torch.manual_seed(0)
     cf = None
     if cf_token:
-        cf = SASRec(CF_ITEMS, SASRecConfig(hidden=64, layers=2, heads=1, dropout=0.2, max_len=20, lr=1e-3,
-                                           weight_decay=0.1, epochs=1, batch_size=128, seed=0, device="cpu",
-                                           patience=1, repeat_bias=True))
+        cf = SASRec(CF_ITEMS, replace(load_params().sasrec, max_len=20))
     model = Seq2Seq(cfg, LEVELS, attr_sizes=[], cf=cf).train()
     opt = make_optimizer(model, TrainConfig(1, batch, 1e-3, 0.01, 1, 0.1, 1.0, 1, 0, 0, "cpu", 2))
     gen = torch.Generator().manual_seed(0)
@@ -82,7 +82,7 @@ def main() -> None:
     torch.set_num_threads(2)
     if args.cf_token:
         runs = [step_rate(0.0, args.batch, args.steps, "item", cf) for _ in range(5) for cf in (False, True)]
-        rate = {cf: sorted(r["samples_per_s"] for r in runs if r["cf_token"] == cf)[2] for cf in (False, True)}
+        rate = {cf: statistics.median(r["samples_per_s"] for r in runs if r["cf_token"] == cf) for cf in (False, True)}
         save("train_speed_cf_token", {**stamp(vars(args)), "runs": runs, "median_samples_per_s":
                                       {"plain": rate[False], "cf_token": rate[True]},
                                       "cf_token_time_ratio": round(rate[False] / rate[True], 3)})

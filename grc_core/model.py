@@ -168,8 +168,8 @@ class Seq2Seq(nn.Module):
         """What `from_architecture` rebuilds this model from (a saved `config.json`'s fields)."""
         arch = {"model": asdict(self.cfg), "level_sizes": list(self.level_sizes),
                 "attr_sizes": list(self.attr_sizes), "n_items": self.n_items}
-        if self.cf is not None:  # the sasrec stage's config.json fields
-            arch["cf_sasrec"] = {"n_items": self.cf.n_items, "config": asdict(self.cf.cfg)}
+        if self.cf is not None:
+            arch["cf_sasrec"] = self.cf.architecture()
         return arch
 
     @classmethod
@@ -179,10 +179,9 @@ class Seq2Seq(nn.Module):
         `cf_token`, an untrained SASRec of `cf_sasrec`'s architecture, which the weights fill."""
         cf = None
         if arch.get("cf_sasrec"):
-            from grc_core.config import SASRecConfig
             from grc_core.sasrec import SASRec  # here: grc_core.sasrec imports grc_core.train, which imports this
 
-            cf = SASRec(arch["cf_sasrec"]["n_items"], SASRecConfig(**arch["cf_sasrec"]["config"]))
+            cf = SASRec.from_architecture(arch["cf_sasrec"])
         return cls(ModelConfig(**arch["model"]), arch["level_sizes"], arch["attr_sizes"], arch.get("n_items", 0), cf)
 
     def train(self, mode: bool = True) -> "Seq2Seq":

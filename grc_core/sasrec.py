@@ -39,6 +39,7 @@ Deviations and choices:
 from __future__ import annotations
 
 import math
+from dataclasses import asdict
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
@@ -207,6 +208,16 @@ class SASRec(nn.Module):
         for block in self.blocks:
             x = block(x, allowed)
         return self.ln_f(x)  # (B, T, D)
+
+    def architecture(self) -> dict:
+        """What `from_architecture` rebuilds this model from: the sasrec stage's `config.json`, and the
+        `cf_sasrec` field of a backbone that holds this model (grc_core/model.py `cf_token`)."""
+        return {"config": asdict(self.cfg), "n_items": self.n_items}
+
+    @classmethod
+    def from_architecture(cls, arch: dict) -> "SASRec":
+        """An untrained model of the architecture `architecture` recorded; the caller loads the weights."""
+        return cls(arch["n_items"], SASRecConfig(**arch["config"]))
 
     def repeat_offset(self) -> float | None:
         """The learned beta, in logits, added to history items (None when repeat_bias is off)."""

@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file
 
 from grc_core.cf_value import item_prefix_nodes, prefix_values
-from grc_core.config import SASRecConfig, ValueConfig, VEDConfig
+from grc_core.config import ValueConfig, VEDConfig
 from grc_core.data import Instances, ItemTable, make_instances
 from grc_core.evaluation import ReflectionStats, rank_with_backbone, rank_with_grc, ranking_metrics
 from grc_core.grc import DecodeConfig, GRCModel, grc_from_config
@@ -145,8 +145,7 @@ def load_grc(out_dir: Path, method: str, device: torch.device | str = "cpu") -> 
 
 
 def load_baseline(out_dir: Path, device: torch.device | str = "cpu") -> SASRec:
-    meta = json.loads((out_dir / "sasrec" / "config.json").read_text())
-    model = SASRec(meta["n_items"], SASRecConfig(**meta["config"]))
+    model = SASRec.from_architecture(json.loads((out_dir / "sasrec" / "config.json").read_text()))
     model.load_state_dict(load_file(str(out_dir / "sasrec" / "model.safetensors")))
     return model.to(device).eval()
 

@@ -6,7 +6,6 @@ log `reports/<dataset>/sasrec_log.csv`.
 
 from __future__ import annotations
 
-from dataclasses import asdict
 
 from prefect import task
 
@@ -31,6 +30,6 @@ def train_baseline(params: Params) -> dict:
     ckpt = Checkpointer(work / "ckpt", fingerprint(params, "sasrec"))
     model, history = train_sasrec(load_rows(out_dir, "train"), load_rows(out_dir, "valid"), n_items, cfg, progress, ckpt)
     io.write_safetensors(work / "model.safetensors", {k: v.detach().cpu() for k, v in model.state_dict().items()})
-    io.write_json(work / "config.json", {"config": asdict(cfg), "n_items": n_items})
+    io.write_json(work / "config.json", model.architecture())
     write_log(params.reports_dir() / "sasrec_log.csv", history)
     return {"epochs_run": len(history), "best": best_record(history)}
