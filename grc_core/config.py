@@ -27,6 +27,10 @@ class ModelConfig:
     # SASRec's user state (its frozen model's last hidden state over the same history) projected to
     # D and added to the encoder's output as one more memory position (grc_core/model.py).
     cf_token: bool = False
+    # A dense retrieval head beside the generative one (LIGER-style): the decoder's BOS state,
+    # projected, scores every item against an N_items x D table plus a bias; trained by full-softmax
+    # cross-entropy on the target item at `backbone.dense_loss_weight` (grc_core/model.py).
+    dense_head: bool = False
 
 
 @dataclass(frozen=True)

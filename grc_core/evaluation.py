@@ -4,7 +4,7 @@ and the reflection-quality statistics of GRC (the paper's Table 2)."""
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -24,33 +24,48 @@ from grc_core.ved import CFValue, ved_decode
 def rank_with_backbone(model: Seq2Seq, inst: Instances, table: ItemTable, trie: PrefixTrie, width: int,
                        batch_size: int = 256, progress: Callable[[int], None] | None = None,
                        exclude_history: bool = False, item_logp: Callable[[Instances], torch.Tensor] | None = None,
-                       cf_weight: float = 0.0, cf_mode: str = "shallow") -> tuple[np.ndarray, np.ndarray]:
+                       cf_weight: float = 0.0, cf_mode: str = "shallow",
+                       experts: Sequence[tuple[Callable[[Instances], torch.Tensor], float]] = ()
+                       ) -> tuple[np.ndarray, np.ndarray]:
     """Top-`width` items (N, W) and their scores for every instance, by beam search.
 
     `exclude_history`: a user's history items are never returned (masked inside the search).
     `item_logp(instances)` (B, N): a collaborative model's item log-probabilities; with it each
     level prunes on log pi + cf_weight * V_cf (grc_core/cf_value.py), the method `tiger_cf`;
     `cf_mode` "levelwise" fuses within each level instead (`beam_search`'s `value_mode`).
+    `experts`: more (item log-probabilities, weight) pairs; the beam then prunes on
+    log pi + sum_k w_k V_k, each V_k the prefix value of expert k (e.g. the backbone's own dense
+    head, `dense_item_logp`, beside SASRec's).
     """
     model.eval()
     stepper = BackboneStepper(model)
     items, scores = [], []
     n_items = table.codes.shape[0]
-    nodes = item_prefix_nodes(trie) if item_logp is not None else None
+    sources = ([(item_logp, cf_weight)] if item_logp is not None else []) + [(f, w) for f, w in experts if w != 0]
+    nodes = item_prefix_nodes(trie) if sources else None
     order = by_history_length(inst)  # batches of alike lengths: to_batch trims each to its longest history
     for start in range(0, len(inst), batch_size):
         part = inst.select(order[start:start + batch_size])
         exclude = history_mask(part.history.to(table.codes.device), n_items) if exclude_history else None
-        values = (prefix_values(item_logp(part).to(table.codes.device), nodes, trie, exclude)
-                  if item_logp is not None else None)
+        per_source = [prefix_values(f(part).to(table.codes.device), nodes, trie, exclude) for f, _ in sources]
+        values, weight = (per_source[0], sources[0][1]) if len(sources) == 1 else (None, 0.0)
+        if len(sources) > 1:  # one value, the weighted sum, at weight 1 (beam_search is linear in w * value)
+            values = [sum(w * v[level] for (_, w), v in zip(sources, per_source)) for level in range(trie.num_levels)]
+            weight = 1.0
         res = beam_search(stepper, to_batch(part, table, with_target=False), trie, width, exclude=exclude,
-                          values=values, value_weight=cf_weight, value_mode=cf_mode)
+                          values=values, value_weight=weight, value_mode=cf_mode)
         items.append(res.items.cpu().numpy())
         scores.append(res.scores.float().cpu().numpy())
         if progress is not None:
             progress(len(part))
     back = torch.argsort(order).numpy()  # rows in the instances' order again
     return np.concatenate(items)[back], np.concatenate(scores)[back]  # (N, W), (N, W)
+
+
+def dense_item_logp(model: Seq2Seq, table: ItemTable) -> Callable[[Instances], torch.Tensor]:
+    """Instances (B,) -> the backbone's own dense head's log-softmax over the catalog, (B, N)
+    (`Seq2Seq.dense_log_probs`; a backbone built with `dense_head`)."""
+    return lambda inst: model.dense_log_probs(to_batch(inst, table, with_target=False))
 
 
 def ranking_metrics(ranked: np.ndarray, targets: np.ndarray, ks=M.DEFAULT_KS) -> tuple[dict[str, float], dict[str, np.ndarray]]:

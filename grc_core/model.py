@@ -31,6 +31,13 @@ the collaborative model knows of the user; only `W` and the TIGER weights learn.
 weights are stored with the backbone's (`cf.*`) and its architecture in `config.json`
 (`cf_sasrec`), so every later stage rebuilds the same model from the backbone alone. On ml-100k
 it did not make TIGER or `tiger_cf` better on validation (benchmarks/RESULTS.md), so it is off.
+
+Beyond the paper, `dense_head` (off by default; after LIGER, Yang et al. 2024, which unifies
+generative and dense retrieval): the decoder's BOS state h, the state the first code is
+predicted from, also scores every item i as (W h) . e_i + b_i over an N_items x D table, and
+full-softmax cross-entropy on the target item is added to the loss at `backbone.dense_loss_weight`.
+The model then carries its own item distribution, which can steer its beam as SASRec's does in
+`tiger_cf` (benchmarks/dense_head.py) at the cost of one (B, D) x (D, N) product per user.
 """
 
 from __future__ import annotations
@@ -128,8 +135,9 @@ class Seq2Seq(nn.Module):
     def __init__(self, cfg: ModelConfig, level_sizes: Sequence[int], attr_sizes: Sequence[int], n_items: int = 0,
                  cf: "SASRec | None" = None):
         super().__init__()
-        if cfg.item_embedding and n_items < 1:
-            raise ValueError(f"item_embedding needs the item count, got n_items={n_items}")
+        for flag in ("item_embedding", "dense_head"):
+            if getattr(cfg, flag) and n_items < 1:
+                raise ValueError(f"{flag} needs the item count, got n_items={n_items}")
         if cfg.cf_token and cf is None:
             raise ValueError("cf_token needs the SASRec whose user state it reads (cf=...)")
         self.cfg, self.level_sizes, self.attr_sizes = cfg, tuple(level_sizes), tuple(attr_sizes)
@@ -147,6 +155,9 @@ class Seq2Seq(nn.Module):
         self.decoder = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.decoder_layers))
         self.dec_norm = nn.LayerNorm(d)
         self.heads = nn.ModuleList(nn.Linear(d, v) for v in level_sizes)
+        self.dense_proj = nn.Linear(d, d) if cfg.dense_head else None
+        self.dense_items = nn.Embedding(n_items, d) if cfg.dense_head else None
+        self.dense_bias = nn.Parameter(torch.zeros(n_items)) if cfg.dense_head else None
         self.apply(_init)
         nn.init.normal_(self.bos, std=0.02)
         self.cf = self.cf_proj = None
@@ -161,8 +172,9 @@ class Seq2Seq(nn.Module):
 
     @property
     def n_items(self) -> int:
-        """Rows of the history-item table (0 without `item_embedding`)."""
-        return 0 if self.enc_items is None else self.enc_items.num_embeddings
+        """Rows of the item tables (0 without `item_embedding` and `dense_head`)."""
+        table = self.enc_items if self.enc_items is not None else self.dense_items
+        return 0 if table is None else table.num_embeddings
 
     def architecture(self) -> dict:
         """What `from_architecture` rebuilds this model from (a saved `config.json`'s fields)."""
@@ -266,10 +278,30 @@ class Seq2Seq(nn.Module):
         """Hidden states (B, >=L, D) at BOS..code L-1 -> logits per level, each (B, V_l)."""
         return [head(hidden[:, j]) for j, head in enumerate(self.heads)]
 
-    def forward(self, batch: Batch) -> list[torch.Tensor]:
+    def dense_logits(self, bos_hidden: torch.Tensor) -> torch.Tensor:
+        """The dense head's item scores from the decoder's BOS state: (..., D) -> (..., N)."""
+        if self.dense_items is None:
+            raise ValueError("this backbone has no dense head (backbone.model.dense_head: false)")
+        return self.dense_proj(bos_hidden) @ self.dense_items.weight.T + self.dense_bias
+
+    def forward(self, batch: Batch, dense: bool = False) -> list[torch.Tensor] | tuple[list[torch.Tensor], torch.Tensor]:
+        """Teacher-forced level logits, each (B, V_l); with `dense`, also the dense head's (B, N) item
+        logits from the same BOS state."""
         memory = self.encode(batch)
         x = self.embed_decoder_codes(batch.target_codes[:, :-1])  # (B, L, D)
-        return self.level_logits(self.decode(x, memory))
+        hidden = self.decode(x, memory)  # (B, L, D)
+        if dense:
+            return self.level_logits(hidden), self.dense_logits(hidden[:, 0])
+        return self.level_logits(hidden)
+
+    @torch.inference_mode()
+    def dense_log_probs(self, batch: Batch) -> torch.Tensor:
+        """(B, N) the dense head's log-softmax over the catalog after each history (its BOS state is
+        the beam search's first step, `BackboneStepper.begin`)."""
+        memory = self.encode(batch)
+        x = self.bos.expand(batch.history_codes.shape[0], 1, -1)  # (B, 1, D)
+        hidden, _, _ = decoder_step(self, memory, [], [], x, 0)  # (B, 1, D)
+        return torch.log_softmax(self.dense_logits(hidden[:, 0]), -1)
 
 
 def decoder_step(seq: Seq2Seq, memory: Memory, keys: list[torch.Tensor], values: list[torch.Tensor],

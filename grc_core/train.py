@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Protocol
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from grc_core import distributed
@@ -207,7 +208,8 @@ def fit_seq2seq(model: nn.Module, train: Instances, valid: Instances, table: Ite
                 on_step: Callable[[int, int, float], None] | None = None,
                 teacher: Callable[[Instances], torch.Tensor] | None = None, distill_weight: float = 0.0,
                 distill_temperature: float = 1.0, prior_weight: float = 0.0,
-                selection_teacher: Callable[[Instances], torch.Tensor] | None = None) -> TrainerState:
+                selection_teacher: Callable[[Instances], torch.Tensor] | None = None,
+                dense_weight: float = 0.0) -> TrainerState:
     """The backbone's training: teacher-forced cross-entropy on every instance of `train`, selection on `valid` Recall@10 by beam search at `valid_beam`;
     `fit` under `cfg`, resuming from `ckpt`. Leaves the best checkpoint's weights in `model`.
 
@@ -218,16 +220,28 @@ def fit_seq2seq(model: nn.Module, train: Instances, valid: Instances, table: Ite
     added, times w, to each level's logits: the backbone learns the residual of a per-level product
     of experts, and selection decodes that product (`rank_with_backbone`'s `cf_mode` "levelwise" at w)
     with `selection_teacher` (default `teacher`: a cross-fitted teacher scores training instances,
-    the model that decodes at test time scores validation)."""
+    the model that decodes at test time scores validation).
+    With `dense_weight` > 0 (a backbone with a dense head, `ModelConfig.dense_head`) the dense head's
+    full-softmax cross-entropy on the target item is added at that weight."""
     if distill_weight != 0.0 and prior_weight != 0.0:
         raise ValueError("fit_seq2seq: distill_weight and prior_weight are two uses of the teacher; set one")
     use_teacher = teacher is not None and (distill_weight != 0.0 or prior_weight != 0.0)  # no teacher: plain
     prefix_nodes = item_prefix_nodes(trie) if use_teacher else []
+    if dense_weight < 0 or (dense_weight > 0) != getattr(unwrap(model).cfg, "dense_head", False):
+        raise ValueError(f"fit_seq2seq: dense_weight {dense_weight:g} needs a model with a dense head, and a dense "
+                         "head needs dense_weight > 0 (backbone.dense_loss_weight with backbone.model.dense_head)")
 
     def loss_fn(m: nn.Module, idx: torch.Tensor) -> torch.Tensor:
         inst = train.select(idx)
         batch = to_batch(inst, table)
-        logits = m(batch)
+        if dense_weight > 0:
+            logits, dense = m(batch, dense=True)
+            dense_loss = dense_weight * F.cross_entropy(dense, inst.target.to(dense.device))
+        else:
+            logits, dense_loss = m(batch), 0.0
+        return code_loss(inst, batch, logits) + dense_loss
+
+    def code_loss(inst: Instances, batch, logits: list[torch.Tensor]) -> torch.Tensor:
         if not use_teacher:
             return sequence_loss(logits, batch.target_codes)
         with torch.no_grad():

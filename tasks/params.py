@@ -121,6 +121,7 @@ class BackboneConfig:
     cf_distill_temperature: float  # its temperature
     cf_prior: float  # weight of SASRec's next-code log-distribution added to each level's logits (0: off)
     cf_teacher_folds: int  # 0: the sasrec stage's model scores the training instances; F >= 2: cross-fitted SASRecs
+    dense_loss_weight: float  # with model.dense_head: weight of the dense head's item cross-entropy in the loss
 
 
 @dataclass(frozen=True)

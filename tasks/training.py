@@ -57,6 +57,7 @@ def fit_backbone(params: Params, train: Instances, valid: Instances, table: Item
     state = fit_seq2seq(model, train, valid, table, trie, cfg, Checkpointer(ckpt_dir, fingerprint), bb.valid_beam,
                         bb.eval_batch_size, params.data.exclude_history, log, on_step, teacher=teacher,
                         distill_weight=bb.cf_distill, distill_temperature=bb.cf_distill_temperature,
-                        prior_weight=bb.cf_prior, selection_teacher=selection_teacher)
+                        prior_weight=bb.cf_prior, selection_teacher=selection_teacher,
+                        dense_weight=bb.dense_loss_weight if bb.model.dense_head else 0.0)
     bar.close()
     return model.eval(), state

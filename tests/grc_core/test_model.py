@@ -4,7 +4,7 @@ import torch
 
 from grc_core.beam_search import beam_search, exhaustive_topk
 from grc_core.data import PAD, ItemTable, by_history_length, make_instances, pad_histories, to_batch
-from grc_core.evaluation import rank_with_backbone
+from grc_core.evaluation import dense_item_logp, rank_with_backbone
 from grc_core.model import (BackboneStepper, Memory, ModelConfig, Seq2Seq, causal_mask, count_flops_per_sample,
                             decoder_step, reference_decode, sequence_loss)
 from grc_core.trie import PrefixTrie
@@ -12,10 +12,10 @@ from grc_core.trie import PrefixTrie
 LEVELS = [4, 3, 5]
 
 
-def tiny(layout="item", seed=0, item_embedding=False, n_items=25):
+def tiny(layout="item", seed=0, item_embedding=False, n_items=25, dense_head=False):
     torch.manual_seed(seed)
     cfg = ModelConfig(d_model=16, d_ff=32, n_heads=2, encoder_layers=1, decoder_layers=2, dropout=0.0,
-                      layout=layout, max_history=6, item_embedding=item_embedding)
+                      layout=layout, max_history=6, item_embedding=item_embedding, dense_head=dense_head)
     return Seq2Seq(cfg, LEVELS, attr_sizes=[3], n_items=n_items).eval()
 
 
@@ -177,6 +177,61 @@ def test_an_item_embedding_needs_the_item_count_and_the_batch_its_items():
     model, table = tiny(item_embedding=True), catalog()
     with pytest.raises(ValueError, match="no history_items"):
         model.encode(batch_for(table, [[1, 2]], [3])._replace(history_items=None))
+
+
+@pytest.mark.parametrize("layout", ["item", "code"])
+def test_the_dense_head_scores_the_catalog_from_the_bos_state(layout):
+    model, table = tiny(layout, dense_head=True), catalog()
+    with torch.no_grad():  # random head weights, so the check is not trivially all zeros
+        model.dense_bias.normal_()
+    batch = batch_for(table, [[1, 2], [4, 5, 6], [7]], [3, 3, 0])
+    logits, dense = model(batch, dense=True)
+    assert dense.shape == (3, 25) and model.n_items == 25
+    for a, b in zip(logits, model(batch)):  # the level logits are the plain forward's
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+    # The beam's first step reads the same BOS state the teacher-forced pass scores the catalog from.
+    torch.testing.assert_close(model.dense_log_probs(batch._replace(target_codes=None)),
+                               torch.log_softmax(dense, -1), atol=1e-5, rtol=0)
+    # Another history, another distribution over the catalog.
+    other = model.dense_log_probs(batch_for(table, [[9, 8], [4, 5, 6], [7]], [3, 3, 0]))
+    assert (other[0] - torch.log_softmax(dense, -1)[0]).abs().max() > 1e-4
+    # The architecture round-trips with the head and its item count.
+    again = Seq2Seq.from_architecture(model.architecture()).eval()
+    again.load_state_dict(model.state_dict())
+    torch.testing.assert_close(again.dense_log_probs(batch), model.dense_log_probs(batch), atol=0, rtol=0)
+
+
+def test_a_dense_head_needs_the_item_count_and_a_plain_backbone_has_none():
+    with pytest.raises(ValueError, match="dense_head needs the item count"):
+        tiny(dense_head=True, n_items=0)
+    model, table = tiny(), catalog()
+    assert model.dense_items is None
+    with pytest.raises(ValueError, match="no dense head"):
+        model.dense_log_probs(batch_for(table, [[1, 2]], [3]))
+
+
+def test_value_experts_add_up_in_the_beam():
+    # Two experts with the same scores at weights a and b prune as one at a + b; an expert at weight
+    # 0 is no expert.
+    model, table = tiny(dense_head=True), catalog()
+    trie = PrefixTrie.from_ids(table.codes.numpy(), LEVELS)
+    inst = make_instances(range(4), [[1, 2], [4, 5, 6], [7], [3, 9]], [3, 3, 0, 1], max_len=6)
+    gen = torch.Generator().manual_seed(5)
+    fixed = torch.log_softmax(torch.randn(4, 25, generator=gen), -1)
+    other = lambda part: fixed[part.user]  # noqa: E731
+    dense = dense_item_logp(model, table)
+
+    def ranked(**kw):
+        return rank_with_backbone(model, inst, table, trie, 8, batch_size=3, exclude_history=True, **kw)
+
+    one = ranked(item_logp=dense, cf_weight=3.0)
+    two = ranked(item_logp=dense, cf_weight=1.0, experts=[(dense, 2.0)])
+    np.testing.assert_array_equal(one[0], two[0])
+    np.testing.assert_allclose(one[1], two[1], atol=1e-5)
+    zero = ranked(item_logp=dense, cf_weight=3.0, experts=[(other, 0.0)])
+    np.testing.assert_array_equal(one[0], zero[0])
+    mixed = ranked(item_logp=dense, cf_weight=3.0, experts=[(other, 4.0)])
+    assert not np.array_equal(one[0], mixed[0])
 
 
 def test_loss_is_sum_of_level_cross_entropies():

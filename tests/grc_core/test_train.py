@@ -180,3 +180,35 @@ def test_fit_seq2seq_with_a_prior_learns_the_residual(tmp_path):
         assert torch.allclose(a, b, atol=1e-6)
     with pytest.raises(ValueError, match="set one"):
         run("both", teacher=teacher, prior_weight=1.0, distill_weight=0.5)
+
+
+def test_fit_seq2seq_trains_a_dense_head_on_the_target_item(tmp_path):
+    """The dense head's cross-entropy on the target item falls with training at dense_weight 1; a
+    dense weight without a head, or a head without a weight, is refused."""
+    import torch.nn.functional as F
+
+    from grc_core.train import fit_seq2seq
+    from tests.grc_core.test_model import batch_for, tiny
+
+    from grc_core.data import make_instances
+
+    table, trie, histories, _, _, cfg = seq2seq_setup(5, 64, 8)
+    targets = [(h[-1] * 7 + 3) % len(table.codes) for h in histories]  # learnable from the last item
+    train = make_instances(range(len(histories)), histories, targets, max_len=6)
+    batch = batch_for(table, histories, targets)
+
+    def dense_nll(model):
+        with torch.no_grad():
+            return F.cross_entropy(model.eval()(batch, dense=True)[1], torch.tensor(targets)).item()
+
+    model = tiny(dense_head=True)
+    before = dense_nll(model)
+    fit_seq2seq(model, train, train, table, trie, cfg, Checkpointer(tmp_path / "dense", "dense"), 20, 16, False,
+                dense_weight=1.0)
+    assert dense_nll(model) < 0.85 * before  # untrained: log 25; a head without the loss would not move
+    with pytest.raises(ValueError, match="needs a model with a dense head"):
+        fit_seq2seq(tiny(), train, train, table, trie, cfg, Checkpointer(tmp_path / "a", "a"), 20, 16, False,
+                    dense_weight=1.0)
+    with pytest.raises(ValueError, match="needs a model with a dense head"):
+        fit_seq2seq(tiny(dense_head=True), train, train, table, trie, cfg, Checkpointer(tmp_path / "b", "b"), 20,
+                    16, False)

@@ -506,6 +506,32 @@ def test_a_backbone_with_item_embeddings_publishes_them_and_reproduces_its_valid
     grc.seq.load_state_dict(model.state_dict())  # strict: the template's backbone is this architecture
 
 
+def test_a_backbone_with_a_dense_head_publishes_it_and_its_beam_takes_the_head_as_a_value(
+        project, sasrec, backbone, tmp_path):
+    """backbone.model.dense_head: the published config records the head and the item count, the
+    loaded backbone reproduces the stage's validation recall, its head gives a distribution over the
+    catalog, and its beam can be steered by it (grc_core tests check that the head learns)."""
+    from grc_core.data import to_batch
+    from grc_core.evaluation import dense_item_logp
+
+    params, _, dst = backbone_inputs_copy(project, tmp_path, "backbone.model.dense_head=true")
+    result = body(train_backbone)(params)
+    config = io.read_json(dst / "backbone" / "config.json")
+    n_items = pl.read_parquet(dst / "items.parquet").height
+    assert config["model"]["dense_head"] is True and config["n_items"] == n_items
+    model = load_backbone(dst)
+    assert validation_recall(model, params, dst) == result["best_valid_recall@10"]
+    table, trie, _, _ = item_index(dst, params.dataset.attributes, "cpu")
+    valid = valid_instances(params)
+    logp = model.dense_log_probs(to_batch(valid, table, with_target=False))  # (U, N)
+    assert logp.shape == (len(valid), n_items)
+    torch.testing.assert_close(logp.logsumexp(1), torch.zeros(len(valid)), atol=1e-5, rtol=0)
+    plain, _ = rank_with_backbone(model, valid, table, trie, 10, 16, exclude_history=True)
+    steered, _ = rank_with_backbone(model, valid, table, trie, 10, 16, exclude_history=True,
+                                    experts=[(dense_item_logp(model, table), 4.0)])
+    assert not np.array_equal(plain, steered)
+
+
 def test_a_backbone_with_sasrecs_user_state_carries_that_sasrec_and_reproduces_its_validation_recall(
         project, sasrec, backbone, tmp_path):
     """backbone.model.cf_token: the backbone holds the sasrec stage's weights unchanged after

@@ -1,0 +1,40 @@
+import numpy as np
+import pytest
+
+from benchmarks.dense_head import best, cross_fitted, same_run
+from grc_core import metrics as M
+
+
+def per_user(ranks: dict) -> dict:
+    return {p: M.per_user_metrics(r, (10,), (10,)) for p, r in ranks.items()}
+
+
+def test_best_takes_recall_then_ndcg_then_the_smaller_weights():
+    ranks = {(0, 1): np.array([1, 50]), (0, 2): np.array([5, 50]), (1, 1): np.array([1, 50]), (0, 4): np.array([50, 50])}
+    assert best(list(ranks), per_user(ranks)) == (0, 1)  # (0, 1) and (1, 1) tie: the smaller a + b
+    assert best([(0, 2), (0, 4)], per_user(ranks)) == (0, 2)  # same recall, better N@10
+
+
+def test_cross_fitting_reads_each_half_at_the_other_halfs_choice():
+    # (0, 1) hits on one half of the users only and (0, 2) on the other: each half's choice is the
+    # point that misses it, so the cross-fitted figure is 0, where choosing on all users reads 0.5.
+    n = 40
+    halves = np.array_split(np.random.default_rng(0).permutation(n), 2)
+    one, two = np.full(n, 99), np.full(n, 99)
+    one[halves[0]], two[halves[1]] = 1, 1
+    ranks = {(0, 1): one, (0, 2): two}
+    out, chosen = cross_fitted(list(ranks), ranks)
+    assert chosen == [[0, 1], [0, 2]]
+    assert (out <= 10).mean() == 0.0
+    assert (ranks[best(list(ranks), per_user(ranks))] <= 10).mean() == 0.5
+
+
+def test_a_base_of_another_run_is_refused(tmp_path):
+    for run in ("dense", "base"):
+        for rel in ("sasrec/model.safetensors", "tokenizer/semantic_ids.parquet", "splits/MANIFEST.json"):
+            (tmp_path / run / rel).parent.mkdir(parents=True, exist_ok=True)
+            (tmp_path / run / rel).write_text("same")
+    same_run(tmp_path / "dense", tmp_path / "base")
+    (tmp_path / "base" / "sasrec" / "model.safetensors").write_text("other")
+    with pytest.raises(ValueError, match=r"sasrec/model\.safetensors differs"):
+        same_run(tmp_path / "dense", tmp_path / "base")
