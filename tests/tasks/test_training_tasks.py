@@ -50,12 +50,16 @@ def body(fn):
     return getattr(fn, "fn", fn)
 
 
+def tiny_overrides(root: Path, *extra: str, source: Path | None = None) -> list[str]:
+    """The `-S` overrides of `make_tiny_params`."""
+    spec = {"format": "lcrec", "path": str(source or root / "source"), "prefix": "Tiny", "attributes": ["category", "brand"]}
+    return [f"data.data_dir={json.dumps(str(root / 'data'))}", f"data.reports_dir={json.dumps(str(root / 'reports'))}",
+            "data.dataset=tiny", f"datasets.tiny={json.dumps(spec)}", *OVERRIDES, *extra]
+
+
 def make_tiny_params(root: Path, *extra: str, source: Path | None = None):
     """Params with outputs under `root` and dataset `tiny` read from `source` (default root/source)."""
-    spec = {"format": "lcrec", "path": str(source or root / "source"), "prefix": "Tiny", "attributes": ["category", "brand"]}
-    return load_params(overrides=[
-        f"data.data_dir={json.dumps(str(root / 'data'))}", f"data.reports_dir={json.dumps(str(root / 'reports'))}",
-        "data.dataset=tiny", f"datasets.tiny={json.dumps(spec)}", *OVERRIDES, *extra])
+    return load_params(overrides=tiny_overrides(root, *extra, source=source))
 
 
 def backbone_inputs_copy(project, root: Path, *extra: str):
@@ -485,6 +489,17 @@ def validation_recall(model, params, dst) -> float:
     return ranking_metrics(ranked, valid.target.numpy(), ks=(5, 10, 20))[0]["recall@10"]
 
 
+def trained_with_item_table(project, root: Path, flag: str):
+    """A backbone trained with `backbone.model.<flag>=true` on a copy of the project's inputs; its
+    published config must record the flag and the item count. Returns (params, its dataset dir, the
+    stage's result, the config, the loaded backbone)."""
+    params, _, dst = backbone_inputs_copy(project, root, f"backbone.model.{flag}=true")
+    result = body(train_backbone)(params)
+    config = io.read_json(dst / "backbone" / "config.json")
+    assert config["model"][flag] is True and config["n_items"] == pl.read_parquet(dst / "items.parquet").height
+    return params, dst, result, config, load_backbone(dst)
+
+
 def test_a_backbone_with_item_embeddings_publishes_them_and_reproduces_its_validation_recall(
         project, sasrec, backbone, tmp_path):
     """backbone.model.item_embedding: the published config records the flag and the item count,
@@ -492,12 +507,8 @@ def test_a_backbone_with_item_embeddings_publishes_them_and_reproduces_its_valid
     recall, and the GRC template built from its config takes its weights."""
     from grc_core.grc import grc_from_config
 
-    params, _, dst = backbone_inputs_copy(project, tmp_path, "backbone.model.item_embedding=true")
-    result = body(train_backbone)(params)
-    config = io.read_json(dst / "backbone" / "config.json")
-    n_items = pl.read_parquet(dst / "items.parquet").height
-    assert config["model"]["item_embedding"] is True and config["n_items"] == n_items
-    model = load_backbone(dst)
+    params, dst, result, config, model = trained_with_item_table(project, tmp_path, "item_embedding")
+    n_items = config["n_items"]
     assert model.enc_items.weight.shape == (n_items, params.backbone.model.d_model)
     assert result["parameters"] == sum(p.numel() for p in model.parameters())
     assert validation_recall(model, params, dst) == result["best_valid_recall@10"]
@@ -514,12 +525,8 @@ def test_a_backbone_with_a_dense_head_publishes_it_and_its_beam_takes_the_head_a
     from grc_core.data import to_batch
     from grc_core.evaluation import dense_item_logp
 
-    params, _, dst = backbone_inputs_copy(project, tmp_path, "backbone.model.dense_head=true")
-    result = body(train_backbone)(params)
-    config = io.read_json(dst / "backbone" / "config.json")
-    n_items = pl.read_parquet(dst / "items.parquet").height
-    assert config["model"]["dense_head"] is True and config["n_items"] == n_items
-    model = load_backbone(dst)
+    params, dst, result, config, model = trained_with_item_table(project, tmp_path, "dense_head")
+    n_items = config["n_items"]
     assert validation_recall(model, params, dst) == result["best_valid_recall@10"]
     table, trie, _, _ = item_index(dst, params.dataset.attributes, "cpu")
     valid = valid_instances(params)
@@ -530,6 +537,36 @@ def test_a_backbone_with_a_dense_head_publishes_it_and_its_beam_takes_the_head_a
     steered, _ = rank_with_backbone(model, valid, table, trie, 10, 16, exclude_history=True,
                                     experts=[(dense_item_logp(model, table), 4.0)])
     assert not np.array_equal(plain, steered)
+
+
+def test_the_dense_head_benchmark_ranks_every_family_against_the_plain_run(project, sasrec, backbone, tmp_path,
+                                                                          monkeypatch):
+    """benchmarks.dense_head on a dense copy of the tiny run, its base the project's run: every
+    family's validation (cross-fitted) and test rank files, TIGER's (0, 0) test ranks the plain
+    beam's, and the base's tiger_cf at its chosen weight SASRec's value in the base backbone's beam."""
+    from benchmarks import dense_head
+    from grc_core import metrics as M
+    from tasks.artifacts import sasrec_log_probs
+
+    monkeypatch.setattr("benchmarks.common.RESULTS", tmp_path / "results")
+    overrides = tiny_overrides(tmp_path, "backbone.model.dense_head=true", source=project["root"] / "source")
+    params, src, dst = backbone_inputs_copy(project, tmp_path, "backbone.model.dense_head=true")
+    body(train_backbone)(params)
+    report = dense_head.main([*(x for o in overrides for x in ("-S", o)), "--base", str(src.parent),
+                              "--dense-weights", "0", "2", "--cf-weights", "0", "2", "--beam", "10", "--bootstrap", "20"])
+    names = {"tiger", "tiger_cf", "tiger_dense", "tiger_dense_cf", "base_tiger", "base_tiger_cf", "sasrec", "dense"}
+    for where in ("eval_dense", "eval_dense/valid"):
+        assert {p.stem for p in (dst / where).glob("*.parquet")} == names
+    assert report["valid"]["chosen"]["tiger_dense_cf"] == [2.0, 2.0] and report["valid"]["chosen"]["tiger"] == [0.0, 0.0]
+    table, trie, _, _ = item_index(dst, params.dataset.attributes, "cpu")
+    test = load_split(dst, "test", params.data.max_history)
+    saved = pl.read_parquet(dst / "eval_dense" / "tiger.parquet")
+    ranked, _ = rank_with_backbone(load_backbone(dst), test, table, trie, 10, 64, exclude_history=True)
+    np.testing.assert_array_equal(saved["rank"].to_numpy(), M.target_ranks(ranked, test.target.numpy()))
+    ranked, _ = rank_with_backbone(load_backbone(src), test, table, trie, 10, 64, exclude_history=True,
+                                   item_logp=sasrec_log_probs(load_baseline(src)), cf_weight=2.0)
+    saved = pl.read_parquet(dst / "eval_dense" / "base_tiger_cf.parquet")
+    np.testing.assert_array_equal(saved["rank"].to_numpy(), M.target_ranks(ranked, test.target.numpy()))
 
 
 def test_a_backbone_with_sasrecs_user_state_carries_that_sasrec_and_reproduces_its_validation_recall(
