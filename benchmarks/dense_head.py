@@ -64,8 +64,8 @@ def grid_ranks(backbone, inst, table, trie, beam: int, batch: int, excl: bool, s
                                       experts=[(dense, a), (sas, b)])
         seconds[(a, b)] = time.perf_counter() - t0
         ranks[(a, b)] = M.target_ranks(items, inst.target.numpy())
-        print(f"  a {a:g} b {b:g}: R@10 {float((ranks[(a, b)] <= 10).mean()):.4f} ({seconds[(a, b)]:.0f} s)",
-              flush=True)
+        recall = float(M.per_user_metrics(ranks[(a, b)], (10,), ())["recall@10"].mean())
+        print(f"  a {a:g} b {b:g}: R@10 {recall:.4f} ({seconds[(a, b)]:.0f} s)", flush=True)
     return ranks, seconds
 
 
