@@ -21,11 +21,17 @@ the weights chosen on one seeded half of the users are read on the other half, a
 round; those per-user ranks are what `eval_dense/valid/<family>.parquet` holds (the test ranks are
 `eval_dense/<family>.parquet`), for `benchmarks.seeds_table --eval-subdir eval_dense[/valid]`.
 Writes benchmarks/results/dense_head_<dataset><tag>.json.
+
+    python -m benchmarks.dense_head --plot dense_head_ml-100k_s2028.json ... --name ml-100k
+
+draws those runs' validation Recall@10 over the (a, b) grid, averaged over the runs, beside the
+plain backbone's (a = 0) row: benchmarks/results/dense_head_grid_<name>.png.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from pathlib import Path
 
@@ -33,7 +39,7 @@ import numpy as np
 import polars as pl
 
 from benchmarks.cf_fusion import masked_log_probs
-from benchmarks.common import commit, save, stamp
+from benchmarks.common import RESULTS, commit, save, stamp
 from grc_core import metrics as M
 from grc_core.evaluation import dense_item_logp, rank_with_backbone
 from tasks import io
@@ -101,10 +107,43 @@ def paired(per_user: dict, against: str, n_boot: int) -> dict:
             for name, m in per_user.items() if name != against}
 
 
+def plot_grid(reports: list[dict], path: Path) -> np.ndarray:
+    """Validation R@10 over the (a, b) grid, averaged over `reports`, under the plain backbone's
+    row (a = 0): the (1 + A, B) table drawn."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = list(reports[0]["valid"]["grid_recall@10"])
+    points = sorted({tuple(float(x) for x in k.split(",")) for k in keys})
+    a_s, b_s = sorted({p[0] for p in points}), sorted({p[1] for p in points})
+    grid = np.array([[np.mean([r["valid"]["grid_recall@10"][f"{a:g},{b:g}"] for r in reports]) for b in b_s]
+                     for a in a_s])  # (A, B)
+    base = np.array([[np.mean([r["valid"]["base_grid_recall@10"][f"0,{b:g}"] for r in reports]) for b in b_s]])
+    table = np.vstack([base, grid])  # (1 + A, B)
+    fig, ax = plt.subplots(figsize=(1.2 * len(b_s) + 2, 0.8 * len(table) + 1.5))
+    im = ax.imshow(table, cmap="viridis")
+    for i, row in enumerate(table):
+        for j, v in enumerate(row):
+            ax.text(j, i, f"{v:.4f}", ha="center", va="center", color="white" if v < table.mean() else "black")
+    ax.set_xticks(range(len(b_s)), [f"{b:g}" for b in b_s])
+    ax.set_yticks(range(len(table)), ["plain backbone, a = 0"] + [f"dense backbone, a = {a:g}" for a in a_s])
+    ax.set_xlabel("b, weight of SASRec's prefix value")
+    ax.set_title(f"Validation R@10 (all users), mean of {len(reports)} runs")
+    fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return table
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("-S", "--set", action="append", default=[], metavar="KEY=VALUE")
-    ap.add_argument("--base", type=Path, required=True, help="the plain run's data dir (data.data_dir)")
+    ap.add_argument("--base", type=Path, help="the plain run's data dir (data.data_dir)")
+    ap.add_argument("--plot", type=Path, nargs="+", help="draw the grids of these JSONs instead of ranking")
+    ap.add_argument("--name", default="", help="with --plot: the PNG's name")
     ap.add_argument("--dense-weights", type=float, nargs="+", default=[0.0, 1.0, 2.0, 4.0])
     ap.add_argument("--cf-weights", type=float, nargs="+", default=[0.0, 1.0, 2.0, 4.0, 8.0])
     ap.add_argument("--beam", type=int, default=200)
@@ -114,6 +153,13 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--bootstrap", type=int, default=1000)
     ap.add_argument("--tag", default="")
     args = ap.parse_args(argv)
+    if args.plot:
+        path = RESULTS / f"dense_head_grid_{args.name}.png"
+        table = plot_grid([json.loads(p.read_text()) for p in args.plot], path)
+        print(path)
+        return {"plot": str(path), "table": table.tolist()}
+    if args.base is None:
+        ap.error("--base is required to rank")
     params = load_params(overrides=args.set)
     out_dir, base_dir = params.dataset_dir(), args.base / params.data.dataset
     same_run(out_dir, base_dir)

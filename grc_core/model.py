@@ -37,7 +37,9 @@ generative and dense retrieval): the decoder's BOS state h, the state the first 
 predicted from, also scores every item i as (W h) . e_i + b_i over an N_items x D table, and
 full-softmax cross-entropy on the target item is added to the loss at `backbone.dense_loss_weight`.
 The model then carries its own item distribution, which can steer its beam as SASRec's does in
-`tiger_cf` (benchmarks/dense_head.py) at the cost of one (B, D) x (D, N) product per user.
+`tiger_cf` (benchmarks/dense_head.py) at the cost of one (B, D) x (D, N) product per user. On
+ml-100k that was not better than the plain backbone's `tiger_cf` on validation (benchmarks/RESULTS.md),
+so it is off.
 """
 
 from __future__ import annotations

@@ -38,3 +38,23 @@ def test_a_base_of_another_run_is_refused(tmp_path):
     (tmp_path / "base" / "sasrec" / "model.safetensors").write_text("other")
     with pytest.raises(ValueError, match=r"sasrec/model\.safetensors differs"):
         same_run(tmp_path / "dense", tmp_path / "base")
+
+
+def test_the_grid_plot_averages_the_runs(tmp_path, monkeypatch):
+    import json
+
+    from benchmarks import dense_head
+
+    monkeypatch.setattr(dense_head, "RESULTS", tmp_path)
+    paths = []
+    for i, v in enumerate((0.1, 0.3)):
+        grid = {f"{a:g},{b:g}": v + a / 100 for a in (0, 1) for b in (0, 2)}
+        path = tmp_path / f"r{i}.json"
+        path.write_text(json.dumps({"valid": {"grid_recall@10": grid, "base_grid_recall@10": {"0,0": v, "0,2": v}}}))
+        paths.append(path)
+    out = dense_head.main(["--plot", *map(str, paths), "--name", "t"])
+    assert (tmp_path / "dense_head_grid_t.png").stat().st_size > 0
+    # rows: the plain backbone, then a = 0 and a = 1; the mean of 0.1 and 0.3, plus a / 100
+    np.testing.assert_allclose(out["table"], [[0.2, 0.2], [0.2, 0.2], [0.21, 0.21]])
+    with pytest.raises(SystemExit):
+        dense_head.main([])  # ranking needs --base
