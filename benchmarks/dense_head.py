@@ -5,9 +5,10 @@ same run's plain backbone, SASRec and `tiger_cf`; every weight chosen on the val
         --base <plain run>/data [--dense-weights 0 1 2 4] [--cf-weights 0 1 2 4 8] [--tag _s2028]
 
 The dense run is a copy of the plain run with only the backbone trained again under
-`-S backbone.model.dense_head=true` (`benchmarks.variant_runs`), so both hold the same splits,
-semantic IDs and SASRec (checked by their files' hashes). Each beam of `--beam` prunes every level
-on log pi + a V_dense + b V_SASRec, each V the log of the model's item mass under the prefix
+`-S backbone.model.dense_head=true` (`benchmarks.variant_runs`), so both hold the same inputs of
+the backbone stage: splits, items, semantic IDs, SASRec (checked by their hashes). Each beam of
+`--beam` prunes every level on log pi + a V_dense + b V_SASRec, each V the log of the model's
+item mass under the prefix
 (grc_core/cf_value.py; `rank_with_backbone`'s `experts`). Families of (a, b):
 - `tiger` (0, 0); `tiger_cf` (0, b > 0): the pipeline's method, on the dense run's backbone;
 - `tiger_dense` (a > 0, 0): the backbone steered by its own dense head alone;
@@ -45,18 +46,19 @@ from grc_core.evaluation import dense_item_logp, rank_with_backbone
 from tasks import io
 from tasks.artifacts import (histories_of, item_index, load_backbone, load_baseline, load_split, sasrec_log_probs,
                              sasrec_top, subset)
-from tasks.io import sha256_file
+from tasks.io import tree_sha256
 from tasks.params import load_params
+from tasks.stages import STAGES
 
-SHARED = ("sasrec/model.safetensors", "tokenizer/semantic_ids.parquet", "splits/MANIFEST.json")
 FAMILIES = {"tiger": lambda a, b: a == 0 and b == 0, "tiger_cf": lambda a, b: a == 0 and b > 0,
             "tiger_dense": lambda a, b: a > 0 and b == 0, "tiger_dense_cf": lambda a, b: a > 0 and b > 0}
 
 
 def same_run(dense_dir: Path, base_dir: Path) -> None:
-    """Refuse a base whose splits, semantic IDs or SASRec are not the dense run's."""
-    for rel in SHARED:
-        if sha256_file(dense_dir / rel) != sha256_file(base_dir / rel):
+    """Refuse a base whose backbone was trained from other inputs (the backbone stage's: splits,
+    items, semantic IDs, SASRec) than the dense run's."""
+    for rel in STAGES["backbone"].inputs:
+        if tree_sha256(dense_dir / rel) != tree_sha256(base_dir / rel):
             raise ValueError(f"{base_dir / rel} differs from {dense_dir / rel}: --base must be the plain run the "
                              "dense run was copied from (benchmarks.variant_runs)")
 

@@ -30,13 +30,15 @@ def test_cross_fitting_reads_each_half_at_the_other_halfs_choice():
 
 
 def test_a_base_of_another_run_is_refused(tmp_path):
+    # The backbone stage's inputs (splits/ and tokenizer/ are folders) must be the same bytes.
     for run in ("dense", "base"):
-        for rel in ("sasrec/model.safetensors", "tokenizer/semantic_ids.parquet", "splits/MANIFEST.json"):
+        for rel in ("splits/train.parquet", "items.parquet", "tokenizer/semantic_ids.parquet",
+                    "sasrec/model.safetensors"):
             (tmp_path / run / rel).parent.mkdir(parents=True, exist_ok=True)
             (tmp_path / run / rel).write_text("same")
     same_run(tmp_path / "dense", tmp_path / "base")
-    (tmp_path / "base" / "sasrec" / "model.safetensors").write_text("other")
-    with pytest.raises(ValueError, match=r"sasrec/model\.safetensors differs"):
+    (tmp_path / "base" / "tokenizer" / "semantic_ids.parquet").write_text("other")
+    with pytest.raises(ValueError, match=r"tokenizer differs"):
         same_run(tmp_path / "dense", tmp_path / "base")
 
 
