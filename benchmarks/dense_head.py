@@ -8,8 +8,8 @@ The dense run is a copy of the plain run with only the backbone trained again un
 `-S backbone.model.dense_head=true` (`benchmarks.variant_runs`), so both hold the same inputs of
 the backbone stage: splits, items, semantic IDs, SASRec (checked by their hashes). Each beam of
 `--beam` prunes every level on log pi + a V_dense + b V_SASRec, each V the log of the model's
-item mass under the prefix
-(grc_core/cf_value.py; `rank_with_backbone`'s `experts`). Families of (a, b):
+item mass under the prefix (grc_core/cf_value.py; `rank_with_backbone`'s `experts`). Families
+of (a, b):
 - `tiger` (0, 0); `tiger_cf` (0, b > 0): the pipeline's method, on the dense run's backbone;
 - `tiger_dense` (a > 0, 0): the backbone steered by its own dense head alone;
 - `tiger_dense_cf` (a > 0, b > 0): both;
