@@ -1,13 +1,15 @@
 """Backbone training throughput on this machine against its matmul ceiling.
 
-    python -m benchmarks.train_speed [--steps 30] [--batch 256] [--cf-token]
+    python -m benchmarks.train_speed [--steps 30] [--batch 256] [--cf-token | --dense-head]
 
 Times forward + backward + AdamW steps of the default-size model on synthetic batches
 shaped like Instruments (history 20, 5 ID levels of sizes 256/256/256/256/3), with
 dropout 0 and 0.1, and the fp32 matmul rate of the same 2 threads. `--cf-token` times instead
 the item layout without dropout, plain and with `backbone.model.cf_token` (a random frozen SASRec
 of params.yaml's `sasrec` size over 10,000 items, read once per batch), alternating the two five
-times; JSON `train_speed_cf_token.json`.
+times; JSON `train_speed_cf_token.json`. `--dense-head` does the same with
+`backbone.model.dense_head` over 10,000 items (its item cross-entropy added to the loss at weight
+1); JSON `train_speed_dense_head.json`.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import time
 from dataclasses import replace
 
 import torch
+import torch.nn.functional as F
 
 from benchmarks.common import save, stamp
 from grc_core.model import Batch, ModelConfig, Seq2Seq, count_flops_per_sample, sequence_loss
@@ -40,23 +43,32 @@ def matmul_gflops(n: int, reps: int = 20) -> float:
 CF_ITEMS = 10_000
 
 
-def step_rate(dropout: float, batch: int, steps: int, layout: str, cf_token: bool = False) -> dict:
+VARIANTS = ("cf_token", "dense_head")  # ModelConfig flags timed against the plain model
+
+
+def step_rate(dropout: float, batch: int, steps: int, layout: str, variant: str = "") -> dict:
     cfg = ModelConfig(d_model=128, d_ff=640, n_heads=4, encoder_layers=1, decoder_layers=2, dropout=dropout,
-                      layout=layout, max_history=20, cf_token=cf_token)
+                      layout=layout, max_history=20, cf_token=variant == "cf_token",
+                      dense_head=variant == "dense_head")
     torch.manual_seed(0)
     cf = None
-    if cf_token:
+    if cfg.cf_token:
         cf = SASRec(CF_ITEMS, replace(load_params().sasrec, max_len=20))
-    model = Seq2Seq(cfg, LEVELS, attr_sizes=[], cf=cf).train()
+    model = Seq2Seq(cfg, LEVELS, attr_sizes=[], n_items=CF_ITEMS if cfg.dense_head else 0, cf=cf).train()
     opt = make_optimizer(model, TrainConfig(1, batch, 1e-3, 0.01, 1, 0.1, 1.0, 1, 0, 0, "cpu", 2))
     gen = torch.Generator().manual_seed(0)
     codes = torch.stack([torch.randint(0, v, (batch, 20), generator=gen) for v in LEVELS], -1)
     b = Batch(codes, torch.zeros(batch, 20, 0, dtype=torch.long), torch.ones(batch, 20, dtype=torch.bool),
               torch.stack([torch.randint(0, v, (batch,), generator=gen) for v in LEVELS], -1),
               torch.randint(0, CF_ITEMS, (batch, 20), generator=gen))
+    target_items = torch.randint(0, CF_ITEMS, (batch,), generator=gen)
 
     def one():
-        loss = sequence_loss(model(b), b.target_codes)
+        if cfg.dense_head:
+            logits, dense = model(b, dense=True)
+            loss = sequence_loss(logits, b.target_codes) + F.cross_entropy(dense, target_items)
+        else:
+            loss = sequence_loss(model(b), b.target_codes)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -69,7 +81,7 @@ def step_rate(dropout: float, batch: int, steps: int, layout: str, cf_token: boo
     dt = time.perf_counter() - t0
     sps = batch * steps / dt
     flops = 3 * count_flops_per_sample(cfg, LEVELS, 20)
-    return {"dropout": dropout, "layout": layout, "cf_token": cf_token, "samples_per_s": round(sps, 1),
+    return {"dropout": dropout, "layout": layout, "variant": variant or "plain", "samples_per_s": round(sps, 1),
             "gflops_per_s": round(sps * flops / 1e9, 2), "flops_per_sample": flops}
 
 
@@ -77,15 +89,20 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--batch", type=int, default=256)
-    ap.add_argument("--cf-token", action="store_true", help="plain against cf_token (item layout, no dropout)")
+    for variant in VARIANTS:
+        ap.add_argument(f"--{variant.replace('_', '-')}", action="store_true",
+                        help=f"plain against {variant} (item layout, no dropout)")
     args = ap.parse_args()
     torch.set_num_threads(2)
-    if args.cf_token:
-        runs = [step_rate(0.0, args.batch, args.steps, "item", cf) for _ in range(5) for cf in (False, True)]
-        rate = {cf: statistics.median(r["samples_per_s"] for r in runs if r["cf_token"] == cf) for cf in (False, True)}
-        save("train_speed_cf_token", {**stamp(vars(args)), "runs": runs, "median_samples_per_s":
-                                      {"plain": rate[False], "cf_token": rate[True]},
-                                      "cf_token_time_ratio": round(rate[False] / rate[True], 3)})
+    chosen = [v for v in VARIANTS if getattr(args, v)]
+    if len(chosen) > 1:
+        ap.error(f"one of {['--' + v.replace('_', '-') for v in VARIANTS]} at a time")
+    if chosen:
+        variant = chosen[0]
+        runs = [step_rate(0.0, args.batch, args.steps, "item", v) for _ in range(5) for v in ("", variant)]
+        rate = {v: statistics.median(r["samples_per_s"] for r in runs if r["variant"] == v) for v in ("plain", variant)}
+        save(f"train_speed_{variant}", {**stamp(vars(args)), "runs": runs, "median_samples_per_s": rate,
+                                        f"{variant}_time_ratio": round(rate["plain"] / rate[variant], 3)})
         return
     ceiling = {"matmul_256": round(matmul_gflops(256, 200), 1), "matmul_1024": round(matmul_gflops(1024), 1)}
     runs = [step_rate(d, args.batch, args.steps, layout) for layout in ("item", "code") for d in (0.0, 0.1)]
