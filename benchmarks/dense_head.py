@@ -37,15 +37,14 @@ import time
 from pathlib import Path
 
 import numpy as np
-import polars as pl
 
 from benchmarks.cf_fusion import masked_log_probs
 from benchmarks.common import RESULTS, commit, save, stamp
 from grc_core import metrics as M
 from grc_core.evaluation import dense_item_logp, rank_with_backbone
-from tasks import io
 from tasks.artifacts import (histories_of, item_index, load_backbone, load_baseline, load_split, sasrec_log_probs,
                              sasrec_top, subset)
+from tasks.evaluate import save_ranks
 from tasks.io import tree_sha256
 from tasks.params import load_params
 from tasks.stages import STAGES
@@ -85,23 +84,17 @@ def best(points, per_user: dict, rows: np.ndarray | None = None):
     return max(points, key=key)
 
 
-def cross_fitted(points, ranks: dict, seed: int = 0) -> tuple[np.ndarray, list]:
-    """Per-user ranks under 2-fold cross-fitting: the point chosen on one half read on the other."""
+def cross_fitted(points, ranks: dict, per_user: dict, seed: int = 0) -> tuple[np.ndarray, list]:
+    """Per-user ranks under 2-fold cross-fitting: the point chosen on one half read on the other
+    (`per_user`: each point's per-user R@10 and N@10, as `best` reads them)."""
     n = len(next(iter(ranks.values())))
     halves = np.array_split(np.random.default_rng(seed).permutation(n), 2)
-    per_user = {p: M.per_user_metrics(r, (10,), (10,)) for p, r in ranks.items() if p in points}
     out, chosen = np.zeros(n, dtype=np.int64), []
     for fit, check in (halves, halves[::-1]):
         p = best(points, per_user, fit)
         out[check] = ranks[p][check]
         chosen.append(list(p))
     return out, chosen
-
-
-def write_ranks(where: Path, user_ids: np.ndarray, ranks: dict) -> None:
-    for name, r in ranks.items():
-        io.write_parquet(where / f"{name}.parquet", pl.DataFrame({"user_id": user_ids.astype(np.int64),
-                                                                  "rank": np.asarray(r).astype(np.int64)}))
 
 
 def paired(per_user: dict, against: str, n_boot: int) -> dict:
@@ -202,13 +195,14 @@ def main(argv: list[str] | None = None) -> dict:
     for fam, rule in FAMILIES.items():
         points = [p for p in grid if rule(*p)]
         chosen[fam] = best(points, per_point)
-        crossed[fam], crossed_points[fam] = cross_fitted(points, valid["dense"])
+        crossed[fam], crossed_points[fam] = cross_fitted(points, valid["dense"], per_point)
     for fam, rule in (("base_tiger", FAMILIES["tiger"]), ("base_tiger_cf", FAMILIES["tiger_cf"])):
         points = [p for p in base_grid if rule(*p)]
         chosen[fam] = best(points, per_base)
-        crossed[fam], crossed_points[fam] = cross_fitted(points, valid["base"])
+        crossed[fam], crossed_points[fam] = cross_fitted(points, valid["base"], per_base)
     crossed.update(valid["fixed"])
-    write_ranks(out_dir / "eval_dense" / "valid", valid_users, crossed)
+    for name, r in crossed.items():
+        save_ranks(out_dir, name, valid_users, r, "valid", root="eval_dense")
     v_user = {name: M.per_user_metrics(r, (10, 20), (10,)) for name, r in crossed.items()}
     report["valid"] = {
         "users": len(valid_users),
@@ -229,7 +223,8 @@ def main(argv: list[str] | None = None) -> dict:
     test, test_users = split_ranks("test", chosen)
     ranks = {f: (test["base"] if f.startswith("base_") else test["dense"])[p] for f, p in chosen.items()}
     ranks.update(test["fixed"])
-    write_ranks(out_dir / "eval_dense", test_users, ranks)
+    for name, r in ranks.items():
+        save_ranks(out_dir, name, test_users, r, root="eval_dense")
     t_user = {name: M.per_user_metrics(r, (5, 10, 20, 50, 100, 200), (5, 10)) for name, r in ranks.items()}
     report["test"] = {"users": len(test_users),
                       "metrics": {n: {k: float(v.mean()) for k, v in m.items()} for n, m in t_user.items()},

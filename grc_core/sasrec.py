@@ -39,9 +39,9 @@ Deviations and choices:
 from __future__ import annotations
 
 import math
-from dataclasses import asdict
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import asdict
 from typing import Any, NamedTuple
 
 import numpy as np

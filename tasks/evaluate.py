@@ -82,9 +82,11 @@ def choose_weight(ranks: dict[float, np.ndarray]) -> dict:
             "rule": "highest validation recall@10, then ndcg@10, then the smaller weight", "valid": rows}
 
 
-def save_ranks(out_dir: Path, method: str, users: np.ndarray, ranks: np.ndarray, split: str = "test") -> None:
-    """Per-user target ranks: `eval/<method>.parquet` (test), `eval/valid/<method>.parquet` (validation)."""
-    where = out_dir / "eval" if split == "test" else out_dir / "eval" / split
+def save_ranks(out_dir: Path, method: str, users: np.ndarray, ranks: np.ndarray, split: str = "test",
+               root: str = "eval") -> None:
+    """Per-user target ranks: `eval/<method>.parquet` (test), `eval/valid/<method>.parquet` (validation);
+    `root` another folder than `eval/` (a benchmark's ranks, read by `benchmarks.seeds_table --eval-subdir`)."""
+    where = out_dir / root if split == "test" else out_dir / root / split
     io.write_parquet(where / f"{method}.parquet",
                      pl.DataFrame({"user_id": users.astype(np.int64), "rank": ranks.astype(np.int64)}))
 

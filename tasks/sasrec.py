@@ -6,7 +6,6 @@ log `reports/<dataset>/sasrec_log.csv`.
 
 from __future__ import annotations
 
-
 from prefect import task
 
 from grc_core.sasrec import best_record, train_sasrec

@@ -23,7 +23,7 @@ def test_cross_fitting_reads_each_half_at_the_other_halfs_choice():
     one, two = np.full(n, 99), np.full(n, 99)
     one[halves[0]], two[halves[1]] = 1, 1
     ranks = {(0, 1): one, (0, 2): two}
-    out, chosen = cross_fitted(list(ranks), ranks)
+    out, chosen = cross_fitted(list(ranks), ranks, per_user(ranks))
     assert chosen == [[0, 1], [0, 2]]
     assert (out <= 10).mean() == 0.0
     assert (ranks[best(list(ranks), per_user(ranks))] <= 10).mean() == 0.5
