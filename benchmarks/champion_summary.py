@@ -32,6 +32,8 @@ RUNS = (
     ("ml-100k, defaults\nseeds 2026-2030,\nplain champion,\nseed-averaged", ("seeds_ml-100k_defaults",)),
     ("ml-100k, seeds\n2026-2030, the\npipeline's champion\n(w chosen),\nseed-averaged", ("seeds_ml-100k_weight_chosen",)),
     ("ml-100k, history 50\n(the default since\n2026-12-05), seeds\n2026-2030, champion,\nseed-averaged", ("seeds_ml-100k_history50",)),
+    ("ml-100k, history 50,\nseeds 2026-2030 of\n'A dense head', GRC\n+ V_cf, champion,\nseed-averaged",
+     ("seeds_ml-100k_grc_vcf",)),
     ("scientific\nseed 2026", ("grc_all_scientific_s2026_vs_sasrec",)),
     ("scientific\nseed 2027", ("grc_all_scientific_s2027_vs_sasrec",)),
     ("scientific\nseed 2028", ("grc_all_scientific_s2028_vs_sasrec",)),
