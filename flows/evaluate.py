@@ -6,6 +6,9 @@ the catalog.
 
 `tiger_cf` is ranked on validation at each weight of `evaluate.cf_weights`; the best one
 (`tiger_cf_weight` in the leaderboard) is its leaderboard row and ranks the test split and the dump.
+A method whose weights and decoding are another's (an RL stage that kept its iteration 0) takes
+that method's ranks instead of decoding again (`tasks.evaluate.rank_or_reuse`; `same_ranks_as`
+in metrics.json and quality.jsonl).
 
 Writes `data/<dataset>/eval/leaderboard.json` (validation: the champion, every method's metrics,
 the champion's paired margin over the runner-up, tiger_cf's weight), `reports/<dataset>/metrics.json` (DVC
@@ -23,8 +26,8 @@ from prefect import flow, get_run_logger
 
 from tasks import io
 from tasks.cli import parse_cli
-from tasks.evaluate import (append_quality_record, choose_weight, leaderboard, paired_against, rank_users,
-                            save_ranks, summarize_method)
+from tasks.evaluate import (append_quality_record, choose_weight, leaderboard, paired_against, rank_or_reuse,
+                            rank_users, save_ranks, summarize_method)
 from tasks.params import Params
 from tasks.report import write_report
 from tasks.ui import champion_entry, publish_leaderboard, publish_report
@@ -35,7 +38,7 @@ def evaluate_flow(params: Params) -> dict:
     log = get_run_logger()
     out_dir, ev = params.dataset_dir(), params.evaluate
     seed = params.backbone.train.seed
-    valid_ranks, tuned = {}, None
+    valid_ranks, tuned, decoded = {}, None, {}
     for method in ev.methods:
         if method == "tiger_cf":  # each weight of evaluate.cf_weights; the best on validation ranks test
             tried = {}
@@ -46,7 +49,10 @@ def evaluate_flow(params: Params) -> dict:
             log.info("tiger_cf: w %g chosen on validation (recall@10 %s)", tuned["chosen"],
                      ", ".join(f"{r['weight']:g}: {r['recall@10']:.4f}" for r in tuned["valid"]))
         else:
-            users, ranks, _, _ = rank_users(params, method, "valid")
+            users, ranks, _, extra = rank_or_reuse(params, method, "valid", decoded)
+            if "same_ranks_as" in extra:
+                log.info("%s: the weights and decoding of %s, whose validation ranks it takes", method,
+                         extra["same_ranks_as"])
         save_ranks(out_dir, method, users, ranks, "valid")
         valid_ranks[method] = ranks
     board = leaderboard(valid_ranks, ev.beam, ev.bootstrap, seed, ev.champion_default, ev.champion_p)
@@ -57,9 +63,9 @@ def evaluate_flow(params: Params) -> dict:
              champion_entry(board)["metrics"]["recall@10"],
              f", {board['margin']['recall@10']['diff']:+.4f} over {board['runner_up']}" if "margin" in board else "",
              board["rule"])
-    results = {}
+    results, decoded = {}, {}
     for method in ev.methods:
-        users, ranks, wall, extra = rank_users(params, method, "test")
+        users, ranks, wall, extra = rank_or_reuse(params, method, "test", decoded)
         save_ranks(out_dir, method, users, ranks)
         results[method] = {**summarize_method(ranks, ev.beam, ev.bootstrap, seed), "wall_s": round(wall, 1), **extra}
         append_quality_record(params, method, results[method], wall, seed)

@@ -439,6 +439,41 @@ def test_a_deliberately_weak_method_never_becomes_champion(project, sasrec, grpo
         ranking_metrics(ranked, valid.target.numpy(), ks=(10,))[0]["recall@10"], abs=1e-12)
 
 
+def test_a_method_with_anothers_weights_takes_its_ranks_and_a_changed_one_is_decoded(project, grpo, tmp_path):
+    """An RL stage that kept iteration 0 publishes its start weights: evaluate then reuses that
+    method's ranks (`rank_or_reuse`), which equal a real decode; a changed weight decodes anew."""
+    from safetensors.torch import save_file
+
+    from tasks.evaluate import decode_identity, rank_or_reuse, rank_users
+
+    src = project["params"].dataset_dir()
+    params = make_tiny_params(tmp_path, source=project["root"] / "source")
+    out_dir = params.dataset_dir()
+    shutil.copytree(src, out_dir)
+    for name in ("model.safetensors", "config.json"):  # GRPO kept iteration 0; vstar's plain-GRPO control too
+        shutil.copy(out_dir / "sft" / "grc" / name, out_dir / "grpo" / name)
+    (out_dir / "vstar" / "tiger_rl").mkdir(parents=True)
+    shutil.copy(out_dir / "backbone" / "model.safetensors", out_dir / "vstar" / "tiger_rl" / "model.safetensors")
+    rank = body(rank_users)
+    assert decode_identity(out_dir, "grc_rl") == decode_identity(out_dir, "grc_sft") != decode_identity(out_dir, "gc_sft")
+    assert decode_identity(out_dir, "tiger_rl") == decode_identity(out_dir, "tiger") != decode_identity(out_dir, "grc_sft")
+    assert decode_identity(out_dir, "vstar") is None and decode_identity(out_dir, "tiger_cf") is None  # no weights; no twin
+    done = {}
+    for first, twin in (("grc_sft", "grc_rl"), ("tiger", "tiger_rl")):
+        users, ranks, _, extra = rank_or_reuse(params, first, "valid", done, rank)
+        assert "same_ranks_as" not in extra
+        users2, ranks2, wall, extra2 = rank_or_reuse(params, twin, "valid", done, rank)
+        assert extra2["same_ranks_as"] == first and wall == 0.0
+        assert (users2 == users).all() and (ranks2 == ranks).all()
+        real_users, real_ranks, _, _ = rank(params, twin, "valid")  # what decoding the twin gives
+        assert (real_users == users).all() and (real_ranks == ranks).all()
+    weights = load_file(str(out_dir / "grpo" / "model.safetensors"))
+    name = next(k for k, v in weights.items() if v.is_floating_point())
+    weights[name] = weights[name] + 1e-3  # one update: another model
+    save_file(weights, str(out_dir / "grpo" / "model.safetensors"))
+    assert "same_ranks_as" not in rank_or_reuse(params, "grc_rl", "valid", done, rank)[3]
+
+
 def test_a_backbone_trained_with_sasrecs_prior_starts_at_zero_and_tiger_cf_decodes_it_levelwise(
         project, sasrec, backbone, tmp_path, monkeypatch):
     """backbone.cf_prior: the heads start at zero (the product starts as SASRec alone), the published
