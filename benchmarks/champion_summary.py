@@ -42,6 +42,7 @@ RUNS = (
     ("scientific, history 50\nseeds 2026-2027\n(code of f2432cb),\nseed-averaged",
      ("seeds_scientific_history50_vs20",)),
     ("instruments\nprebuilt IDs", ("grc_all_instruments_prebuilt_vs_sasrec", "cf_fusion_instruments_ids_prebuilt_wlow")),
+    ("instruments seed 2027\nthrough the pipeline\n(window 50)", ("seeds_instruments_s2027_pipeline",)),
 )
 METHODS = {"tiger": "TIGER", "late_fusion": "best late fusion", "tiger_cf": "tiger_cf",
            "grc_sft": "GRC-SFT (+ V_cf)", "grc_rl": "GRC-RL (+ V_cf)",
