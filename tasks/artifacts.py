@@ -36,6 +36,10 @@ from tasks.store import published_paths  # the files of the version the store na
 
 METHODS = tuple(METHOD_MODELS)
 GRC_METHODS = ("gc_sft", "grc_sft", "grc_rl")
+POLICY_METHODS = ("tiger_rl", "vstar")  # RL-tuned backbones, decoded by TIGER's plain beam
+# The methods `load_ranker` decodes alike, so that the same weights give the same ranks: the plain
+# beam (the backbone's config with a policy's weights) and two-pass GRC (a template model).
+DECODINGS = {"tiger": "beam", **{m: "beam" for m in POLICY_METHODS}, **{m: "grc" for m in GRC_METHODS}}
 
 
 # --- splits and items --------------------------------------------------------------------------
@@ -237,6 +241,20 @@ def tiger_cf_weight(out_dir: Path, weights: tuple[float, ...]) -> float:
     return float(chosen["chosen"])
 
 
+def decode_identity(out_dir: Path, method: str) -> tuple[str, str, str] | None:
+    """What fixes `method`'s ranking of a split, besides the stage's decode settings, where another
+    method can share it: (its decoding, the sha256 of the weights it decodes, of their config).
+    An RL stage that keeps its iteration 0 publishes its start weights unchanged (`tiger_rl` and
+    `vstar` the backbone's, `grc_rl` `grc_sft`'s), and then ranks exactly as that method. None
+    where no other method decodes alike, or the weights are missing (ranking then says why)."""
+    decoding = DECODINGS.get(method)
+    weights = model_dir(out_dir, method) / "model.safetensors"
+    if decoding is None or not weights.exists():
+        return None
+    config = out_dir / "backbone" / "config.json" if decoding == "beam" else weights.with_name("config.json")
+    return decoding, io.sha256_file(weights), io.sha256_file(config)
+
+
 def load_ranker(method: str, out_dir: Path, attributes: tuple[str, ...], device: torch.device | str,
                 decode: DecodeConfig, batch_size: int, exclude_history: bool, cf_weight: float) -> Ranker:
     """One method's ranking of the catalog for any instances: the beam of `decode.width` (tiger;
@@ -259,7 +277,7 @@ def load_ranker(method: str, out_dir: Path, attributes: tuple[str, ...], device:
     if method != "tiger_cf" and "backbone" in METHOD_MODELS[method]:  # GRC's bundles hold no backbone: sft refused it
         require_plain_backbone(out_dir, f"method {method}")
     table, trie, _, _ = item_index(out_dir, attributes, device)
-    if method in ("tiger_rl", "vstar"):  # RL-tuned backbones, decoded by the plain beam
+    if method in POLICY_METHODS:
         policy = load_backbone(out_dir, device, model_dir(out_dir, method) / "model.safetensors")
         return lambda inst, progress=None, stats=None: rank_with_backbone(
             policy, inst, table, trie, decode.width, batch_size, progress, exclude_history)

@@ -26,14 +26,12 @@ from grc_core import metrics as M
 from grc_core.device import resolve_device
 from grc_core.evaluation import ReflectionStats
 from tasks import io
-from tasks.artifacts import GRC_METHODS, decode_config, load_ranker, load_split, model_dir, subset, tiger_cf_weight
+from tasks.artifacts import (GRC_METHODS, decode_config, decode_identity, load_ranker, load_split, subset,
+                             tiger_cf_weight)
 from tasks.env import PROJECT_ROOT
 from tasks.params import Params
 
 QUALITY_LOG = PROJECT_ROOT / "benchmarks" / "results" / "quality.jsonl"
-# The methods `load_ranker` decodes alike, so that the same weights give the same ranks: the plain
-# beam (the backbone's config with a policy's weights) and two-pass GRC (a template model).
-DECODINGS = {"tiger": "beam", "tiger_rl": "beam", "vstar": "beam", "gc_sft": "grc", "grc_sft": "grc", "grc_rl": "grc"}
 
 
 @task
@@ -61,20 +59,6 @@ def rank_users(params: Params, method: str, split: str = "test",
                  "reflect_width": ev.reflect_width or ev.beam, "correct_width": ev.correct_width or ev.beam}
     ranks = M.target_ranks(ranked, test.target.numpy())
     return test.user.numpy(), ranks, time.perf_counter() - t0, extra
-
-
-def decode_identity(out_dir: Path, method: str) -> tuple[str, str, str] | None:
-    """What fixes `method`'s ranking of a split, besides the stage's decode settings, where another
-    method can share it: (its decoding, the sha256 of the weights it decodes, of their config).
-    An RL stage that keeps its iteration 0 publishes its start weights unchanged (`tiger_rl` and
-    `vstar` the backbone's, `grc_rl` `grc_sft`'s), and then ranks exactly as that method. None
-    where no other method decodes alike, or the weights are missing (ranking then says why)."""
-    decoding = DECODINGS.get(method)
-    weights = model_dir(out_dir, method) / "model.safetensors"
-    if decoding is None or not weights.exists():
-        return None
-    config = out_dir / "backbone" / "config.json" if decoding == "beam" else weights.with_name("config.json")
-    return decoding, io.sha256_file(weights), io.sha256_file(config)
 
 
 def rank_or_reuse(params: Params, method: str, split: str, done: dict, rank=rank_users) -> tuple:

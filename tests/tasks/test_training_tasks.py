@@ -444,7 +444,8 @@ def test_a_method_with_anothers_weights_takes_its_ranks_and_a_changed_one_is_dec
     method's ranks (`rank_or_reuse`), which equal a real decode; a changed weight decodes anew."""
     from safetensors.torch import save_file
 
-    from tasks.evaluate import decode_identity, rank_or_reuse, rank_users
+    from tasks.artifacts import decode_identity
+    from tasks.evaluate import rank_or_reuse, rank_users
 
     src = project["params"].dataset_dir()
     params = make_tiny_params(tmp_path, source=project["root"] / "source")
