@@ -19,9 +19,10 @@ re-ranking its result may part. This reads, at every width B:
 Each (run, width) is cached as `<run>/<dataset>/beam_width/beam<B>.json` (per-user target ranks;
 written whole, then renamed), so an interrupted sweep resumes and several processes can share the
 runs (`--no-report` fills the cache only). The report pairs each method's per-user metric averaged
-over the seeds (the same users in every run): `tiger_cf` against the late fusion of the same width,
-against SASRec, and against itself at the widest beam. Writes benchmarks/results/beam_width_<dataset><tag>.json
-and a plot (.png) of test R@10 and users/s against the width.
+over the seeds (the same users in every run): `tiger_cf` against the late fusion of the same width
+chosen on validation, against each of the two (`linear`, `rrf`), against SASRec, and against itself
+at the widest beam. Writes benchmarks/results/beam_width_<dataset><tag>.json and a plot (.png) of
+test R@10 and users/s against the width.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from tasks.params import load_params
 
 METHODS = ("sasrec", "tiger", "tiger_cf", "linear", "rrf", "late_fusion")
 KEYS = ("recall@10", "ndcg@10")
+DEEP = (50, 100, 200)  # further recall cut-offs the report gives where the beam reaches them
 
 
 def sweep_one(params, beam: int, weights, valid_users: int, test_users: int, batch: int) -> dict:
@@ -90,7 +92,7 @@ def seed_averaged(runs: list[dict], label: str, key: str) -> np.ndarray:
             raise ValueError(f"beam {run['beam']}: the runs rank different users; pass runs of the same splits")
         by_user = dict(zip(run["user_ids"], run["ranks"][label]))
         ranks = np.asarray([by_user[u] for u in order])
-        out.append(M.per_user_metrics(ranks, (10,), (10,))[key])
+        out.append(M.per_user_metrics(ranks, (10, *DEEP), (10,))[key])
     return np.mean(out, axis=0)
 
 
@@ -101,10 +103,15 @@ def report_of(by_beam: dict[int, list[dict]], n_boot: int) -> dict:
         per = {(m, k): seed_averaged(runs, m, k) for m in METHODS for k in KEYS}
         wide = {k: seed_averaged(by_beam[widest], "tiger_cf", k) for k in KEYS}
         rows[beam] = {
-            "test": {m: {k: float(per[m, k].mean()) for k in KEYS} for m in METHODS},
+            "test": {m: {**{k: float(per[m, k].mean()) for k in KEYS},
+                         **{f"recall@{k}": float(seed_averaged(runs, m, f"recall@{k}").mean())
+                            for k in DEEP if k <= beam}} for m in METHODS},
             "paired_recall@10": {
                 "tiger_cf_vs_late_fusion": M.paired_bootstrap(per["late_fusion", "recall@10"],
                                                               per["tiger_cf", "recall@10"], n_boot, 0),
+                "tiger_cf_vs_linear": M.paired_bootstrap(per["linear", "recall@10"], per["tiger_cf", "recall@10"],
+                                                         n_boot, 0),
+                "tiger_cf_vs_rrf": M.paired_bootstrap(per["rrf", "recall@10"], per["tiger_cf", "recall@10"], n_boot, 0),
                 "tiger_cf_vs_sasrec": M.paired_bootstrap(per["sasrec", "recall@10"], per["tiger_cf", "recall@10"],
                                                          n_boot, 0),
                 "late_fusion_vs_sasrec": M.paired_bootstrap(per["sasrec", "recall@10"],

@@ -5,11 +5,12 @@ is the issue's target.
     python -m benchmarks.champion_summary [--out benchmarks/results/champion_summary.png]
 
 Reads JSONs under benchmarks/results/ that `benchmarks.seeds_table` (the pipeline's per-user rank
-files) and `benchmarks.cf_fusion` wrote; computes nothing new. A run may combine several JSONs
+files), `benchmarks.cf_fusion` and `benchmarks.beam_width` (its widest beam) wrote; computes
+nothing new. A run may combine several JSONs
 only where they scored the same users with the same models (the user count, SASRec's Recall@10
 and every shared method's difference to it are checked), so a figure of one run is never set
-beside another run's SASRec. The late fusion shown is the one `benchmarks.cf_fusion` chose on
-validation (linear or reciprocal-rank).
+beside another run's SASRec. The late fusion shown is the one `benchmarks.cf_fusion` or
+`benchmarks.beam_width` chose on validation (linear or reciprocal-rank; per seed in the latter).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ RUNS = (
     ("ml-100k, seeds\n2026-2030, the\npipeline's champion\n(w chosen),\nseed-averaged", ("seeds_ml-100k_weight_chosen",)),
     ("ml-100k, history 50\n(the default since\n2026-12-05), seeds\n2026-2030, champion,\nseed-averaged", ("seeds_ml-100k_history50",)),
     ("ml-100k, history 50,\nseeds 2026-2030 of\n'A dense head', GRC\n+ V_cf, champion,\nseed-averaged",
-     ("seeds_ml-100k_grc_vcf",)),
+     ("seeds_ml-100k_grc_vcf", "beam_width_ml-100k_ml100k_s2026-2030")),
     ("scientific\nseed 2026", ("grc_all_scientific_s2026_vs_sasrec",)),
     ("scientific\nseed 2027", ("grc_all_scientific_s2027_vs_sasrec",)),
     ("scientific\nseed 2028", ("grc_all_scientific_s2028_vs_sasrec",)),
@@ -53,7 +54,7 @@ TARGET = 5.0  # percent of SASRec's Recall@10
 def read_run(doc: dict, name: str) -> tuple[int, float, dict[str, dict]]:
     """(users, SASRec's Recall@10, {method: paired test against SASRec}) of one JSON: a
     `benchmarks.seeds_table` JSON of one run, or of several seeds (their seed-averaged tests and
-    SASRec's mean), or a `benchmarks.cf_fusion` JSON."""
+    SASRec's mean), a `benchmarks.cf_fusion` JSON, or a `benchmarks.beam_width` JSON (its widest beam)."""
     if "seeds" in doc and len(doc["dirs"]) > 1:  # several seeds: their seed-averaged tests, against their mean
         if "seed_averaged_vs_sasrec" not in doc:
             raise ValueError(f"{name}: {len(doc['dirs'])} seeds with no seed_averaged_vs_sasrec (the seeds ranked "
@@ -73,7 +74,12 @@ def read_run(doc: dict, name: str) -> tuple[int, float, dict[str, dict]]:
         paired = {("late_fusion" if m == late else m): v for m, v in paired.items() if m not in ("rrf", "linear")
                   or m == late}
         return int(test["users"]), float(test["metrics"]["sasrec"][METRIC]), paired
-    raise ValueError(f"{name}: neither a benchmarks.seeds_table nor a benchmarks.cf_fusion JSON")
+    if "by_beam" in doc:  # the widest beam: the evaluate stage's; the late fusion chosen per seed on validation
+        row = doc["by_beam"][str(max(int(b) for b in doc["by_beam"]))]
+        paired = {"tiger_cf": row["paired_recall@10"]["tiger_cf_vs_sasrec"],
+                  "late_fusion": row["paired_recall@10"]["late_fusion_vs_sasrec"]}
+        return int(row["test_users"]), float(row["test"]["sasrec"][METRIC]), paired
+    raise ValueError(f"{name}: not a benchmarks.seeds_table, benchmarks.cf_fusion or benchmarks.beam_width JSON")
 
 
 def combine(label: str, docs: dict[str, dict]) -> dict:

@@ -70,8 +70,24 @@ def test_several_seeds_are_read_by_their_seed_averaged_tests():
         read_run(doc, "x")
 
 
+def test_a_beam_width_json_gives_its_widest_beam():
+    def row(cf: float, late: float) -> dict:
+        return {"test_users": 100, "test": {"sasrec": {"recall@10": 0.2}},
+                "paired_recall@10": {"tiger_cf_vs_sasrec": paired(cf)["recall@10"],
+                                     "late_fusion_vs_sasrec": paired(late)["recall@10"]}}
+    doc = {"by_beam": {"20": row(0.05, 0.03), "200": row(0.012, 0.001)}}
+    users, sasrec, p = read_run(doc, "x")
+    assert (users, sasrec, set(p)) == (100, 0.2, {"tiger_cf", "late_fusion"})
+    assert p["tiger_cf"]["diff"] == pytest.approx(0.012)  # 200, not 20 (the keys compare as numbers)
+    assert p["late_fusion"]["diff"] == pytest.approx(0.001)
+    combine("run", {"a": cf_fusion(), "b": doc})  # the same SASRec, users, tiger_cf and late fusion: one run
+    doc["by_beam"]["200"] = row(0.012, 0.002)
+    with pytest.raises(ValueError, match="not the same run"):
+        combine("run", {"a": cf_fusion(), "b": doc})
+
+
 def test_an_unknown_json_is_refused():
-    with pytest.raises(ValueError, match="neither"):
+    with pytest.raises(ValueError, match="not a benchmarks"):
         read_run({"x": 1}, "odd.json")
 
 
