@@ -17,7 +17,8 @@ re-ranking its result may part. This reads, at every width B:
 - test users/s of `tiger` and `tiger_cf` (the test decode, one process).
 
 Each (run, width) is cached as `<run>/<dataset>/beam_width/beam<B>.json` (per-user target ranks;
-written whole, then renamed), so an interrupted sweep resumes and several processes can share the
+written whole, then renamed; reused only under the same weights, users and params hash), so an
+interrupted sweep resumes and several processes can share the
 runs (`--no-report` fills the cache only). The report pairs each method's per-user metric averaged
 over the seeds (the same users in every run): `tiger_cf` against the late fusion of the same width
 chosen on validation, against each of the two (`linear`, `rrf`), against SASRec, and against itself
@@ -34,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.cf_fusion import choose, metrics_of, rank_all
+from benchmarks.cf_fusion import PARAM_SECTIONS, chosen_on_valid, method_keys, metrics_of, rank_all
 from benchmarks.common import RESULTS, commit, save, stamp
 from grc_core import metrics as M
 from tasks import io
@@ -50,26 +51,23 @@ def sweep_one(params, beam: int, weights, valid_users: int, test_users: int, bat
     the test decode's users/s."""
     valid = rank_all(params, "valid", valid_users, weights, beam, batch)
     vm = {name: metrics_of(valid[name][0], valid["targets"])[0] for name in valid if isinstance(valid[name], tuple)}
-    w_cf, w_lin = choose(vm, "tiger_cf", weights), choose(vm, "linear", weights)
-    lin = vm[f"linear@{w_lin}"]
-    late = "rrf" if (vm["rrf"]["recall@10"], vm["rrf"]["ndcg@10"]) >= (lin["recall@10"], lin["ndcg@10"]) else "linear"
+    chosen = chosen_on_valid(vm, weights)
+    keys = method_keys(chosen)
     t0 = time.perf_counter()
-    test = rank_all(params, "test", test_users, [w_cf], beam, batch, linear_weights=[w_lin])
-    names = {"sasrec": "sasrec", "tiger": "tiger", "tiger_cf": f"tiger_cf@{w_cf}", "rrf": "rrf",
-             "linear": f"linear@{w_lin}"}
-    names["late_fusion"] = names[late]
-    ranks = {label: M.target_ranks(test[name][0], test["targets"]).astype(int).tolist() for label, name in names.items()}
-    return {"beam": beam, "chosen": {"tiger_cf": w_cf, "linear": w_lin, "late_fusion": late},
+    test = rank_all(params, "test", test_users, [chosen["tiger_cf"]], beam, batch, linear_weights=[chosen["linear"]])
+    ranks = {label: M.target_ranks(test[key][0], test["targets"]).astype(int).tolist() for label, key in keys.items()}
+    return {"beam": beam, "chosen": chosen,
             "valid": {"users": valid["users"], "recall@10": {k: v["recall@10"] for k, v in vm.items()}},
             "test_users": test["users"], "user_ids": test["user_ids"].astype(int).tolist(), "ranks": ranks,
             "users_per_s": {"tiger": test["users"] / test["tiger_s"],
-                            "tiger_cf": test["users"] / test[f"tiger_cf@{w_cf}_s"]},
+                            "tiger_cf": test["users"] / test[f"{keys['tiger_cf']}_s"]},
             "wall_s": time.perf_counter() - t0, "commit": commit()}
 
 
 def cached_sweep(params, beam: int, weights, valid_users: int, test_users: int, batch: int) -> dict:
     path = params.dataset_dir() / "beam_width" / f"beam{beam}.json"
-    settings = {"weights": list(weights), "valid_users": valid_users, "test_users": test_users}
+    settings = {"weights": list(weights), "valid_users": valid_users, "test_users": test_users,
+                "params_hash": params.section_hash(*PARAM_SECTIONS)}
     if path.exists():
         found = json.loads(path.read_text())
         if found.get("settings") == settings:
@@ -83,54 +81,44 @@ def cached_sweep(params, beam: int, weights, valid_users: int, test_users: int, 
     return result
 
 
-def seed_averaged(runs: list[dict], label: str, key: str) -> np.ndarray:
-    """Per user (in user order), `key` of `label` averaged over the runs; the runs must rank the same users."""
+def seed_averaged(runs: list[dict], label: str) -> dict[str, np.ndarray]:
+    """Per user (in user order), each metric of `label` averaged over the runs; the runs must rank
+    the same users."""
     order = sorted(runs[0]["user_ids"])
     out = []
     for run in runs:
         if sorted(run["user_ids"]) != order:
             raise ValueError(f"beam {run['beam']}: the runs rank different users; pass runs of the same splits")
         by_user = dict(zip(run["user_ids"], run["ranks"][label]))
-        ranks = np.asarray([by_user[u] for u in order])
-        out.append(M.per_user_metrics(ranks, (10, *DEEP), (10,))[key])
-    return np.mean(out, axis=0)
+        out.append(M.per_user_metrics(np.asarray([by_user[u] for u in order]), (10, *DEEP), (10,)))
+    return {k: np.mean([metrics[k] for metrics in out], axis=0) for k in out[0]}
+
+
+# The paired tests of the report, on per-user Recall@10: name -> (baseline, method).
+PAIRS = {"tiger_cf_vs_late_fusion": ("late_fusion", "tiger_cf"), "tiger_cf_vs_linear": ("linear", "tiger_cf"),
+         "tiger_cf_vs_rrf": ("rrf", "tiger_cf"), "tiger_cf_vs_sasrec": ("sasrec", "tiger_cf"),
+         "late_fusion_vs_sasrec": ("sasrec", "late_fusion")}
 
 
 def report_of(by_beam: dict[int, list[dict]], n_boot: int) -> dict:
-    widest = max(by_beam)
+    widest = seed_averaged(by_beam[max(by_beam)], "tiger_cf")["recall@10"]
     rows = {}
     for beam, runs in sorted(by_beam.items()):
-        per = {(m, k): seed_averaged(runs, m, k) for m in METHODS for k in KEYS}
-        wide = {k: seed_averaged(by_beam[widest], "tiger_cf", k) for k in KEYS}
+        per = {m: seed_averaged(runs, m) for m in METHODS}
+        keys = (*KEYS, *(f"recall@{k}" for k in DEEP if k <= beam))
+        paired = {name: M.paired_bootstrap(per[a]["recall@10"], per[b]["recall@10"], n_boot, 0)
+                  for name, (a, b) in PAIRS.items()}
+        paired["tiger_cf_vs_tiger_cf_widest"] = M.paired_bootstrap(widest, per["tiger_cf"]["recall@10"], n_boot, 0)
         rows[beam] = {
-            "test": {m: {**{k: float(per[m, k].mean()) for k in KEYS},
-                         **{f"recall@{k}": float(seed_averaged(runs, m, f"recall@{k}").mean())
-                            for k in DEEP if k <= beam}} for m in METHODS},
-            "paired_recall@10": {
-                "tiger_cf_vs_late_fusion": M.paired_bootstrap(per["late_fusion", "recall@10"],
-                                                              per["tiger_cf", "recall@10"], n_boot, 0),
-                "tiger_cf_vs_linear": M.paired_bootstrap(per["linear", "recall@10"], per["tiger_cf", "recall@10"],
-                                                         n_boot, 0),
-                "tiger_cf_vs_rrf": M.paired_bootstrap(per["rrf", "recall@10"], per["tiger_cf", "recall@10"], n_boot, 0),
-                "tiger_cf_vs_sasrec": M.paired_bootstrap(per["sasrec", "recall@10"], per["tiger_cf", "recall@10"],
-                                                         n_boot, 0),
-                "late_fusion_vs_sasrec": M.paired_bootstrap(per["sasrec", "recall@10"],
-                                                            per["late_fusion", "recall@10"], n_boot, 0),
-                "tiger_cf_vs_tiger_cf_widest": M.paired_bootstrap(wide["recall@10"], per["tiger_cf", "recall@10"],
-                                                                  n_boot, 0)},
-            "valid_recall@10_mean": {m: float(np.mean([r["valid"]["recall@10"][r_name(r, m)] for r in runs]))
+            "test": {m: {k: float(per[m][k].mean()) for k in keys} for m in METHODS},
+            "paired_recall@10": paired,
+            "valid_recall@10_mean": {m: float(np.mean([r["valid"]["recall@10"][method_keys(r["chosen"])[m]]
+                                                       for r in runs]))
                                      for m in ("tiger", "tiger_cf", "linear", "rrf")},
             "chosen": [r["chosen"] for r in runs],
             "users_per_s": {m: float(np.mean([r["users_per_s"][m] for r in runs])) for m in ("tiger", "tiger_cf")},
             "test_users": runs[0]["test_users"], "runs": len(runs)}
     return rows
-
-
-def r_name(run: dict, method: str) -> str:
-    """The validation metric's key of `method` at the run's chosen weight."""
-    if method in ("tiger_cf", "linear"):
-        return f"{method}@{run['chosen'][method]}"
-    return method
 
 
 def plot(rows: dict, path: Path, title: str) -> None:
@@ -184,7 +172,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     hashes = []
     for d in args.dirs:
         params = load_params(overrides=[f"data.dataset={args.dataset}", f"data.data_dir={d}", *args.set])
-        hashes.append(params.section_hash("data", "backbone", "sasrec", "evaluate"))
+        hashes.append(params.section_hash(*PARAM_SECTIONS))
         for beam in sorted(args.beams, reverse=True):
             by_beam[beam].append(cached_sweep(params, beam, args.weights, args.valid_users, args.test_users,
                                               args.batch))

@@ -38,6 +38,7 @@ from tasks.artifacts import (histories_of, item_index, load_backbone, load_basel
 from tasks.params import load_params
 
 RRF_K = 60
+PARAM_SECTIONS = ("data", "backbone", "sasrec", "evaluate")  # the params sections a run's ranks depend on
 
 
 def metrics_of(ranked: np.ndarray, targets: np.ndarray) -> tuple[dict, dict]:
@@ -117,6 +118,24 @@ def choose(valid: dict, prefix: str, weights) -> float:
     return max(scored)[3]
 
 
+def chosen_on_valid(valid: dict, weights) -> dict:
+    """The validation choices: `tiger_cf`'s and the linear fusion's weights, and the late fusion
+    reported (`rrf` where its (Recall@10, NDCG@10) is at least the linear fusion's at its weight)."""
+    w_cf, w_lin = choose(valid, "tiger_cf", weights), choose(valid, "linear", weights)
+    lin = valid[f"linear@{w_lin}"]
+    late = "rrf" if (valid["rrf"]["recall@10"], valid["rrf"]["ndcg@10"]) >= (lin["recall@10"], lin["ndcg@10"]) \
+        else "linear"
+    return {"tiger_cf": w_cf, "linear": w_lin, "late_fusion": late}
+
+
+def method_keys(chosen: dict) -> dict[str, str]:
+    """Each reported method's key in `rank_all`'s result at the chosen weights (`late_fusion`: the
+    chosen one's)."""
+    keys = {"sasrec": "sasrec", "tiger": "tiger", "tiger_cf": f"tiger_cf@{chosen['tiger_cf']}", "rrf": "rrf",
+            "linear": f"linear@{chosen['linear']}"}
+    return {**keys, "late_fusion": keys[chosen["late_fusion"]]}
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("-S", "--set", action="append", default=[], metavar="KEY=VALUE")
@@ -136,31 +155,28 @@ def main(argv: list[str] | None = None) -> dict:
     report = stamp({"weights": weights, "beam": args.beam, "rrf_k": RRF_K, "overrides": args.set,
                     "valid_users": args.valid_users, "test_users": args.test_users})
     report["commit"] = commit()
-    report["params_hash"] = params.section_hash("data", "backbone", "sasrec", "evaluate")
+    report["params_hash"] = params.section_hash(*PARAM_SECTIONS)
     report["dataset"] = params.data.dataset
 
     valid = rank_all(params, "valid", args.valid_users, weights, args.beam, args.batch)
     vm = {name: metrics_of(valid[name][0], valid["targets"])[0] for name in valid
           if isinstance(valid[name], tuple)}
-    w_cf, w_lin = choose(vm, "tiger_cf", weights), choose(vm, "linear", weights)
-    late = "rrf" if (vm["rrf"]["recall@10"], vm["rrf"]["ndcg@10"]) >= (vm[f"linear@{w_lin}"]["recall@10"],
-                                                                       vm[f"linear@{w_lin}"]["ndcg@10"]) else "linear"
-    report["valid"] = {"users": valid["users"], "metrics": vm, "chosen": {"tiger_cf": w_cf, "linear": w_lin,
-                                                                         "late_fusion": late},
+    chosen = chosen_on_valid(vm, weights)
+    w_cf, w_lin, late = chosen["tiger_cf"], chosen["linear"], chosen["late_fusion"]
+    report["valid"] = {"users": valid["users"], "metrics": vm, "chosen": chosen,
                        "first_code_hit": {name: first_code_hits(valid[name][0], valid["targets"], valid["codes"])
                                           for name in ("tiger", f"tiger_cf@{w_cf}", "sasrec")}}
     print("validation:", {k: round(v["recall@10"], 4) for k, v in vm.items()}, "chosen", report["valid"]["chosen"],
           flush=True)
 
     test = rank_all(params, "test", args.test_users, [w_cf], args.beam, args.batch, linear_weights=[w_lin])
-    names = {"sasrec": "sasrec", "tiger": "tiger", "tiger_cf": f"tiger_cf@{w_cf}", "rrf": "rrf",
-             "linear": f"linear@{w_lin}"}
+    keys = method_keys(chosen)
+    names = {label: key for label, key in keys.items() if label != "late_fusion"}
     per_user, tm = {}, {}
     for label, name in names.items():
         tm[label], per_user[label] = metrics_of(test[name][0], test["targets"])
-    best_late = "rrf" if late == "rrf" else "linear"
     if args.save_ranks:
-        for label, name in {**names, "late_fusion": names[best_late]}.items():
+        for label, name in keys.items():
             io.write_parquet(params.dataset_dir() / "eval_fusion" / f"{label}.parquet", pl.DataFrame(
                 {"user_id": test["user_ids"].astype(np.int64),
                  "rank": M.target_ranks(test[name][0], test["targets"]).astype(np.int64)}))
@@ -168,7 +184,7 @@ def main(argv: list[str] | None = None) -> dict:
     for label in names:
         paired[label] = {f"vs_{base}": {k: M.paired_bootstrap(per_user[base][k], per_user[label][k], args.bootstrap, 0)
                                         for k in ("recall@10", "ndcg@10")}
-                         for base in ("sasrec", best_late) if base != label}
+                         for base in ("sasrec", late) if base != label}
     report["test"] = {"users": test["users"], "metrics": tm, "paired": paired,
                       "ci95": {label: {k: M.bootstrap_interval(per_user[label][k], args.bootstrap, 0)
                                        for k in ("recall@10", "ndcg@10")} for label in names},
