@@ -1,6 +1,6 @@
 """Backbone training throughput on this machine against its matmul ceiling.
 
-    python -m benchmarks.train_speed [--steps 30] [--batch 256] [--cf-token | --dense-head]
+    python -m benchmarks.train_speed [--steps 30] [--batch 256] [--cf-token | --dense-head | --dropout]
 
 Times forward + backward + AdamW steps of the default-size model on synthetic batches
 shaped like Instruments (history 20, 5 ID levels of sizes 256/256/256/256/3), with
@@ -9,7 +9,9 @@ the item layout without dropout, plain and with `backbone.model.cf_token` (a ran
 of params.yaml's `sasrec` size over 10,000 items, read once per batch), alternating the two five
 times; JSON `train_speed_cf_token.json`. `--dense-head` does the same with
 `backbone.model.dense_head` over 10,000 items (its item cross-entropy added to the loss at weight
-1); JSON `train_speed_dense_head.json`.
+1); JSON `train_speed_dense_head.json`. `--dropout` times the item layout at dropout 0, 0.1 and 0.2
+(`backbone.model.dropout`: residual branches, feed-forward and attention weights), alternating the
+three five times; JSON `train_speed_dropout.json`.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ CF_ITEMS = 10_000
 
 
 VARIANTS = ("cf_token", "dense_head")  # ModelConfig flags timed against the plain model
+DROPOUTS = (0.0, 0.1, 0.2)  # --dropout's settings
 
 
 def step_rate(dropout: float, batch: int, steps: int, layout: str, variant: str = "") -> dict:
@@ -92,11 +95,19 @@ def main() -> None:
     for variant in VARIANTS:
         ap.add_argument(f"--{variant.replace('_', '-')}", action="store_true",
                         help=f"plain against {variant} (item layout, no dropout)")
+    ap.add_argument("--dropout", action="store_true",
+                    help="dropout 0 against 0.1 and 0.2 (item layout)")
     args = ap.parse_args()
     torch.set_num_threads(2)
     chosen = [v for v in VARIANTS if getattr(args, v)]
-    if len(chosen) > 1:
-        ap.error(f"one of {['--' + v.replace('_', '-') for v in VARIANTS]} at a time")
+    if len(chosen) + args.dropout > 1:
+        ap.error(f"one of {['--' + v.replace('_', '-') for v in (*VARIANTS, 'dropout')]} at a time")
+    if args.dropout:
+        runs = [step_rate(d, args.batch, args.steps, "item") for _ in range(5) for d in DROPOUTS]
+        rate = {str(d): statistics.median(r["samples_per_s"] for r in runs if r["dropout"] == d) for d in DROPOUTS}
+        save("train_speed_dropout", {**stamp(vars(args)), "runs": runs, "median_samples_per_s": rate,
+                                     "time_ratio_to_0": {d: round(rate["0.0"] / r, 3) for d, r in rate.items()}})
+        return
     if chosen:
         variant = chosen[0]
         runs = [step_rate(0.0, args.batch, args.steps, "item", v) for _ in range(5) for v in ("", variant)]
