@@ -101,10 +101,11 @@ PAIRS = {"tiger_cf_vs_late_fusion": ("late_fusion", "tiger_cf"), "tiger_cf_vs_li
 
 
 def report_of(by_beam: dict[int, list[dict]], n_boot: int) -> dict:
-    widest = seed_averaged(by_beam[max(by_beam)], "tiger_cf")["recall@10"]
+    per_beam = {beam: {m: seed_averaged(runs, m) for m in METHODS} for beam, runs in by_beam.items()}
+    widest = per_beam[max(by_beam)]["tiger_cf"]["recall@10"]
     rows = {}
     for beam, runs in sorted(by_beam.items()):
-        per = {m: seed_averaged(runs, m) for m in METHODS}
+        per = per_beam[beam]
         keys = (*KEYS, *(f"recall@{k}" for k in DEEP if k <= beam))
         paired = {name: M.paired_bootstrap(per[a]["recall@10"], per[b]["recall@10"], n_boot, 0)
                   for name, (a, b) in PAIRS.items()}

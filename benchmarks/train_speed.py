@@ -88,6 +88,17 @@ def step_rate(dropout: float, batch: int, steps: int, layout: str, variant: str 
             "gflops_per_s": round(sps * flops / 1e9, 2), "flops_per_sample": flops}
 
 
+def alternated(settings: dict[str, tuple[float, str]], batch: int, steps: int, rounds: int = 5
+               ) -> tuple[list[dict], dict[str, float]]:
+    """Each setting (name -> (dropout, variant)) timed on the item layout once per round, in the
+    given order, `rounds` times: the runs (each with its `setting`) and each setting's median
+    samples/s, so that load drifting during the benchmark falls on every setting alike."""
+    runs = [{**step_rate(d, batch, steps, "item", v), "setting": name}
+            for _ in range(rounds) for name, (d, v) in settings.items()]
+    return runs, {name: statistics.median(r["samples_per_s"] for r in runs if r["setting"] == name)
+                  for name in settings}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--steps", type=int, default=30)
@@ -103,15 +114,13 @@ def main() -> None:
     if len(chosen) + args.dropout > 1:
         ap.error(f"one of {['--' + v.replace('_', '-') for v in (*VARIANTS, 'dropout')]} at a time")
     if args.dropout:
-        runs = [step_rate(d, args.batch, args.steps, "item") for _ in range(5) for d in DROPOUTS]
-        rate = {str(d): statistics.median(r["samples_per_s"] for r in runs if r["dropout"] == d) for d in DROPOUTS}
+        runs, rate = alternated({str(d): (d, "") for d in DROPOUTS}, args.batch, args.steps)
         save("train_speed_dropout", {**stamp(vars(args)), "runs": runs, "median_samples_per_s": rate,
                                      "time_ratio_to_0": {d: round(rate["0.0"] / r, 3) for d, r in rate.items()}})
         return
     if chosen:
         variant = chosen[0]
-        runs = [step_rate(0.0, args.batch, args.steps, "item", v) for _ in range(5) for v in ("", variant)]
-        rate = {v: statistics.median(r["samples_per_s"] for r in runs if r["variant"] == v) for v in ("plain", variant)}
+        runs, rate = alternated({"plain": (0.0, ""), variant: (0.0, variant)}, args.batch, args.steps)
         save(f"train_speed_{variant}", {**stamp(vars(args)), "runs": runs, "median_samples_per_s": rate,
                                         f"{variant}_time_ratio": round(rate["plain"] / rate[variant], 3)})
         return
