@@ -47,6 +47,14 @@ class TrainConfig:
     seed: int
     device: str
     threads: int  # torch intra-op threads on CPU (0: leave torch's default)
+    # Decay of an exponential moving average of the weights, which validation, selection and the
+    # kept `best` use (0: off, the raw weights; grc_core/train.py `ema_update`). A default so that
+    # the loops and saved models without the field read as before.
+    ema_decay: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"TrainConfig: ema_decay must be in [0, 1), got {self.ema_decay}")
 
 
 @dataclass(frozen=True)

@@ -13,14 +13,22 @@
 - Checkpoints go through a `Checkpoints` object (tasks.artifacts.Checkpointer writes them as
   safetensors plus a JSON trainer state, atomically; nothing is pickled): `last` every epoch,
   `best` whenever the selection metric improves. The core itself writes no files.
+- With `ema_decay` d > 0 the loop keeps an exponential moving average of the trained weights,
+  updated after every step (`ema_update`) and bias-corrected as Adam corrects its moments, so it
+  is the d-weighted average of the weights after steps 1..t from the first step on. Validation,
+  selection and the `best` checkpoint use the average (`averaged_weights`); training and `last`
+  carry on from the raw weights. The average lives in the optimizer's state (key `ema`), so `last`
+  saves it and a resumed run reproduces an uninterrupted one. At the backbone's 380 steps an epoch
+  on ml-100k, d = 0.999 averages over about 1,000 steps (2.6 epochs).
 """
 
 from __future__ import annotations
 
 import math
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Iterator, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -97,6 +105,38 @@ def load_optimizer_tensors(opt: torch.optim.Optimizer, tensors: dict[str, torch.
     opt.load_state_dict(sd)
 
 
+def ema_update(opt: torch.optim.Optimizer, decay: float) -> None:
+    """After an optimizer step: each trained parameter's running sum `opt.state[p]["ema"]` (from 0)
+    becomes decay * ema + (1 - decay) * p; `averaged_weights` divides it by 1 - decay^t."""
+    params = [p for g in opt.param_groups for p in g["params"]]
+    for p in params:
+        if "ema" not in opt.state[p]:
+            opt.state[p]["ema"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+    with torch.no_grad():
+        torch._foreach_lerp_([opt.state[p]["ema"] for p in params], [p.detach() for p in params], 1.0 - decay)
+
+
+@contextmanager
+def averaged_weights(opt: torch.optim.Optimizer, decay: float, step: int) -> Iterator[None]:
+    """Inside the block the trained parameters hold their bias-corrected moving average after `step`
+    steps (`ema_update`); on leaving, their raw values again. No-op at decay 0 or before a step."""
+    params = [p for g in opt.param_groups for p in g["params"] if "ema" in opt.state[p]]
+    if decay == 0.0 or step == 0 or not params:
+        yield
+        return
+    correction = 1.0 - decay ** step
+    raw = [p.detach().clone() for p in params]
+    with torch.no_grad():
+        for p in params:
+            p.copy_(opt.state[p]["ema"] / correction)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for p, r in zip(params, raw):
+                p.copy_(r)
+
+
 def unwrap(model: nn.Module) -> nn.Module:
     return model.module if hasattr(model, "module") else model
 
@@ -169,6 +209,8 @@ def fit(
             if cfg.grad_clip > 0:
                 nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             opt.step()
+            if cfg.ema_decay:
+                ema_update(opt, cfg.ema_decay)
             state.step += 1
             loss_sum += loss.detach().item() * len(idx)
             seen += len(idx)
@@ -181,18 +223,19 @@ def fit(
         state.epoch = epoch + 1
         if state.epoch % cfg.eval_every == 0 or state.epoch == cfg.epochs:
             model.eval()
-            value = -math.inf
-            if rank == 0:
-                metrics = evaluate(model)
-                record.update({f"valid_{k}": v for k, v in metrics.items()})
-                value = metrics[select]
-            value = distributed.broadcast_float(value)
-            if value > state.best_metric:
-                state.best_metric, state.best_epoch, state.bad_evals = value, state.epoch, 0
+            with averaged_weights(opt, cfg.ema_decay, state.step):  # validation and `best` see the average
+                value = -math.inf
                 if rank == 0:
-                    ckpt.save("best", model, None, {"state": asdict(state)})
-            else:
-                state.bad_evals += 1
+                    metrics = evaluate(model)
+                    record.update({f"valid_{k}": v for k, v in metrics.items()})
+                    value = metrics[select]
+                value = distributed.broadcast_float(value)
+                if value > state.best_metric:
+                    state.best_metric, state.best_epoch, state.bad_evals = value, state.epoch, 0
+                    if rank == 0:
+                        ckpt.save("best", model, None, {"state": asdict(state)})
+                else:
+                    state.bad_evals += 1
         state.history.append(record)
         if rank == 0:
             ckpt.save("last", model, opt, {"state": asdict(state)})

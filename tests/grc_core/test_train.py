@@ -83,6 +83,63 @@ def test_interrupted_run_resumes_to_identical_weights(tmp_path):
     assert torch.equal(resumed.weight, ref.weight) and torch.equal(resumed.bias, ref.bias)
 
 
+def test_ema_is_the_bias_corrected_average_that_validation_and_best_see(tmp_path):
+    """At ema_decay d, validation and `best` hold sum_s d^(t-s) (1-d) w_s / (1 - d^t) over the weights
+    w_1..w_t after each step, computed here by hand; training and `last` keep the raw weights."""
+    d = 0.6
+    cfg = TrainConfig(**{**CFG.__dict__, "ema_decay": d})
+    model, after_step, seen = fresh(), [], []
+
+    def record_loss(m, idx):
+        after_step.append(torch.cat([model.weight.detach().flatten(), model.bias.detach()]).clone())
+        return loss_fn(m, idx)
+
+    def score(m):  # improves every epoch, so `best` is the last validation's weights
+        seen.append(torch.cat([m.weight.detach().flatten(), m.bias.detach()]).clone())
+        return {"recall@10": float(len(seen))}
+
+    fit(model, 10, record_loss, score, cfg, Checkpointer(tmp_path / "e", ""))
+    raw = torch.cat([model.weight.detach().flatten(), model.bias.detach()])
+    steps = after_step[1:] + [raw]  # the weights after steps 1..t (each loss call sees the previous step's)
+    t = len(steps)
+    expected = sum(d ** (t - s) * (1 - d) * w for s, w in enumerate(steps, start=1)) / (1 - d ** t)
+    assert torch.allclose(seen[-1], expected, atol=1e-6)
+    assert not torch.allclose(seen[-1], raw, atol=1e-3)  # the average is not the raw weights
+    best, last = Checkpointer(tmp_path / "e", ""), fresh()
+    best.load_weights("best", last)
+    assert torch.allclose(torch.cat([last.weight.flatten(), last.bias]), expected, atol=1e-6)
+    best.load_weights("last", last)
+    assert torch.equal(torch.cat([last.weight.flatten(), last.bias]), raw)
+
+
+def test_ema_run_resumed_after_an_interruption_keeps_the_same_average(tmp_path):
+    cfg = TrainConfig(**{**CFG.__dict__, "ema_decay": 0.6})
+    ref = fresh()
+    fit(ref, 10, loss_fn, evaluate, cfg, Checkpointer(tmp_path / "ref", ""))
+    calls = {"n": 0}
+
+    def flaky(model, idx):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise Interrupt
+        return loss_fn(model, idx)
+
+    with pytest.raises(Interrupt):
+        fit(fresh(), 10, flaky, evaluate, cfg, Checkpointer(tmp_path / "run", ""))
+    resumed = nn.Linear(1, 1)
+    fit(resumed, 10, loss_fn, evaluate, cfg, Checkpointer(tmp_path / "run", ""))
+    a, b = fresh(), fresh()
+    Checkpointer(tmp_path / "ref", "").load_weights("best", a)
+    Checkpointer(tmp_path / "run", "").load_weights("best", b)
+    assert torch.equal(a.weight, b.weight) and torch.equal(a.bias, b.bias)
+    assert torch.equal(resumed.weight, ref.weight)
+
+
+def test_ema_decay_out_of_range_is_refused():
+    with pytest.raises(ValueError, match="ema_decay"):
+        TrainConfig(**{**CFG.__dict__, "ema_decay": 1.0})
+
+
 def test_checkpoint_of_another_config_is_not_resumed(tmp_path):
     fit(fresh(), 10, loss_fn, evaluate, CFG, Checkpointer(tmp_path / "c", "one"))
     out = fit(fresh(), 10, loss_fn, evaluate, CFG, Checkpointer(tmp_path / "c", "two"))
