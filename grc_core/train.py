@@ -30,6 +30,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterator, Protocol
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -40,6 +41,7 @@ from grc_core.config import TrainConfig
 from grc_core.data import Instances, ItemTable, to_batch
 from grc_core.device import set_threads
 from grc_core.evaluation import rank_with_backbone, ranking_metrics
+from grc_core.metrics import target_ranks
 from grc_core.model import sequence_loss
 from grc_core.trie import PrefixTrie
 
@@ -252,7 +254,8 @@ def fit_seq2seq(model: nn.Module, train: Instances, valid: Instances, table: Ite
                 teacher: Callable[[Instances], torch.Tensor] | None = None, distill_weight: float = 0.0,
                 distill_temperature: float = 1.0, prior_weight: float = 0.0,
                 selection_teacher: Callable[[Instances], torch.Tensor] | None = None,
-                dense_weight: float = 0.0) -> TrainerState:
+                dense_weight: float = 0.0,
+                on_valid: Callable[[np.ndarray], None] | None = None) -> TrainerState:
     """The backbone's training: teacher-forced cross-entropy on every instance of `train`, selection on `valid` Recall@10 by beam search at `valid_beam`;
     `fit` under `cfg`, resuming from `ckpt`. Leaves the best checkpoint's weights in `model`.
 
@@ -265,7 +268,9 @@ def fit_seq2seq(model: nn.Module, train: Instances, valid: Instances, table: Ite
     with `selection_teacher` (default `teacher`: a cross-fitted teacher scores training instances,
     the model that decodes at test time scores validation).
     With `dense_weight` > 0 (a backbone with a dense head, `ModelConfig.dense_head`) the dense head's
-    full-softmax cross-entropy on the target item is added at that weight."""
+    full-softmax cross-entropy on the target item is added at that weight.
+    `on_valid(ranks)` receives each validation's per-user target ranks (1-based, 0 beyond the
+    beam; `valid`'s order), e.g. to score the selection on users it did not choose on."""
     if distill_weight != 0.0 and prior_weight != 0.0:
         raise ValueError("fit_seq2seq: distill_weight and prior_weight are two uses of the teacher; set one")
     use_teacher = teacher is not None and (distill_weight != 0.0 or prior_weight != 0.0)  # no teacher: plain
@@ -301,6 +306,8 @@ def fit_seq2seq(model: nn.Module, train: Instances, valid: Instances, table: Ite
     def evaluate(m: nn.Module) -> dict[str, float]:
         ranked, _ = rank_with_backbone(m, valid, table, trie, valid_beam, eval_batch_size,
                                        exclude_history=exclude_history, **fused)
+        if on_valid is not None:
+            on_valid(target_ranks(ranked, valid.target.numpy()))
         return ranking_metrics(ranked, valid.target.numpy(), ks=(5, 10, 20))[0]
 
     state = fit(model, len(train), loss_fn, evaluate, cfg, ckpt, select="recall@10", log=log, on_step=on_step)

@@ -227,6 +227,21 @@ def test_published_backbone_reproduces_the_best_validation_recall(project, backb
     assert not any(item in h for item, h in zip(ranked[:, 0].tolist(), history))  # data.exclude_history=true
 
 
+def test_backbone_keeps_every_validations_per_user_ranks_and_they_give_its_logged_recall(project, backbone):
+    from tasks.training import VALID_RANKS
+
+    params = project["params"]
+    ranks = pl.read_parquet(params.dataset_dir() / "backbone" / "ckpt" / VALID_RANKS)
+    users = valid_instances(params).user.numpy()
+    rows = read_log(params.reports_dir() / "backbone_log.csv")
+    assert ranks["epoch"].unique().sort().to_list() == [int(r["epoch"]) for r in rows]
+    for r in rows:
+        epoch = ranks.filter(pl.col("epoch") == int(r["epoch"]))
+        assert sorted(epoch["user_id"].to_list()) == sorted(users.tolist())
+        rank = epoch["rank"].to_numpy()
+        assert float(((rank >= 1) & (rank <= 10)).mean()) == pytest.approx(float(r["valid_recall@10"]), abs=1e-12)
+
+
 def test_backbone_rerun_with_the_same_params_resumes_and_trains_nothing(project, backbone):
     params = project["params"]
     work = params.dataset_dir() / "backbone"

@@ -1,0 +1,134 @@
+"""A second SASRec in place of TIGER: is `tiger_cf` more than an ensemble of two models?
+
+    python -m benchmarks.sasrec_pair --dataset ml-100k --dirs <run>/data ... --second <run'>/data ... \
+        [--weights 0.25 0.5 1 2 4] --tag _ml100k_s2026-2030
+
+`tiger_cf` fuses TIGER with the run's SASRec. Any second model fused with SASRec may lift it by
+averaging out one model's errors, so the control is a second SASRec: the same architecture and
+splits, another seed (`python -m flows.sasrec -S data.data_dir=<run'>/data -S sasrec.seed=<other>`
+on a copy of the run's splits). Each `--dirs` run is paired with the `--second` run in the same
+position. Over the whole catalog the pair scores log p_A(i) + w log p_B(i) (history items excluded
+where `data.exclude_history`, as the evaluate stage does); each run's w is chosen on its validation
+split from `--weights` by `tiger_cf`'s rule (the best Recall@10, then NDCG@10, then the smaller w).
+
+For every run it writes per-user target ranks (top `--depth`, 0 beyond, as the evaluate stage
+writes them) under `data/<dataset>/eval_pair/` and `eval_pair/valid/`: `sasrec_b` (the second
+model alone), `sasrec_pair` at the chosen w, and the run's own `sasrec` and `tiger_cf` copied from
+`eval/`. Its SASRec's ranks recomputed here must equal the evaluate stage's, or it stops (the pair
+would be scored differently from the methods it is compared with). Then
+`python -m benchmarks.seeds_table --dataset <d> --dirs <runs> --eval-subdir eval_pair --methods
+sasrec sasrec_b sasrec_pair tiger_cf` (and `--methods sasrec_pair tiger_cf`) pairs them over seeds.
+Writes benchmarks/results/sasrec_pair_<dataset><tag>.json (each run's weight and validation scores).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import torch
+
+from benchmarks.cf_fusion import masked_log_probs
+from benchmarks.common import commit, save, stamp
+from grc_core import metrics as M
+from tasks import io
+from tasks.artifacts import load_baseline, load_split, sasrec_log_probs
+from tasks.params import load_params
+
+SUBDIR = "eval_pair"
+
+
+def fused_ranks(logp_a: torch.Tensor, logp_b: torch.Tensor, targets: np.ndarray, weight: float,
+                depth: int) -> np.ndarray:
+    """1-based rank of each target under log p_A + w log p_B (U, N), ties to the smaller item id;
+    0 where it is beyond `depth` or excluded (-inf)."""
+    fused = logp_a + weight * logp_b if weight else logp_a
+    order = torch.sort(-fused, dim=1, stable=True).indices[:, :depth]  # (U, depth)
+    top = torch.gather(fused, 1, order)
+    ranked = torch.where(torch.isneginf(top), -1, order).numpy()
+    return M.target_ranks(ranked, targets)
+
+
+def choose_weight(valid: dict[float, np.ndarray]) -> float:
+    """The weight whose validation ranks give the best Recall@10, then NDCG@10, then the smaller w."""
+    def key(w: float) -> tuple[float, float, float]:
+        per_user = M.per_user_metrics(valid[w], (10,), (10,))
+        return float(per_user["recall@10"].mean()), float(per_user["ndcg@10"].mean()), -w
+    return max(valid, key=key)
+
+
+def ranks_frame(users: np.ndarray, ranks: np.ndarray) -> pl.DataFrame:
+    return pl.DataFrame({"user_id": users.astype(np.int64), "rank": ranks.astype(np.int64)})
+
+
+def pair_run(data_dir: Path, second_dir: Path, dataset: str, weights: list[float], depth: int, batch: int,
+             overrides: list[str]) -> dict:
+    """Rank one run's validation and test users with the pair; write its eval_pair/ folder."""
+    params = load_params(overrides=[*overrides, f"data.dataset={dataset}", f"data.data_dir={data_dir}"])
+    out_dir, second = params.dataset_dir(), Path(second_dir) / dataset
+    excl = params.data.exclude_history
+    a, b = sasrec_log_probs(load_baseline(out_dir)), sasrec_log_probs(load_baseline(second))
+    row: dict = {"dir": str(data_dir), "second": str(second_dir)}
+    ranks: dict[str, dict[str, np.ndarray]] = {}
+    for split, sub in (("valid", Path(SUBDIR) / "valid"), ("test", Path(SUBDIR))):
+        inst = load_split(out_dir, split, params.data.max_history)
+        users, targets = inst.user.numpy(), inst.target.numpy()
+        grid = [0.0, *weights] if split == "valid" else [0.0, row["weight"]]
+        by_w: dict[float, list[np.ndarray]] = {w: [] for w in grid}
+        alone_b = []
+        for start in range(0, len(inst), batch):  # users in batches: (U, N) matrices stay small
+            part = inst.select(torch.arange(start, min(start + batch, len(inst))))
+            logp_a, logp_b = masked_log_probs(a, part, batch, excl), masked_log_probs(b, part, batch, excl)
+            t = targets[start:start + batch]
+            for w in grid:
+                by_w[w].append(fused_ranks(logp_a, logp_b, t, w, depth))
+            alone_b.append(fused_ranks(logp_b, logp_a, t, 0.0, depth))
+        ranked = {w: np.concatenate(r) for w, r in by_w.items()}
+        stage = Path("eval") / ("valid" if split == "valid" else "")
+        recorded = io.read_parquet(out_dir / stage / "sasrec.parquet")
+        mine = dict(zip(users.tolist(), ranked.pop(0.0).tolist()))
+        if any(mine[u] != r for u, r in zip(recorded["user_id"].to_list(), recorded["rank"].to_list())):
+            raise ValueError(f"{out_dir / stage / 'sasrec.parquet'}: SASRec's ranks recomputed here differ from the "
+                             "evaluate stage's; the pair would not be scored like the methods it is compared with")
+        ranks[split] = {"sasrec_b": np.concatenate(alone_b)}
+        if split == "valid":
+            row["weight"] = choose_weight(ranked)
+            row["valid_recall@10"] = {str(w): float(M.per_user_metrics(r, (10,), (10,))["recall@10"].mean())
+                                      for w, r in ranked.items()}
+        ranks[split]["sasrec_pair"] = ranked[row["weight"]]
+        target_dir = out_dir / sub
+        for name, r in ranks[split].items():
+            io.write_parquet(target_dir / f"{name}.parquet", ranks_frame(users, r))
+        for name in ("sasrec", "tiger_cf"):
+            shutil.copyfile(out_dir / stage / f"{name}.parquet", target_dir / f"{name}.parquet")
+    print(f"{data_dir}: w {row['weight']}, validation R@10 {row['valid_recall@10']}", flush=True)
+    return row
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dataset", required=True)
+    ap.add_argument("--dirs", nargs="+", required=True, help="data dirs of the runs (each with sasrec/ and eval/)")
+    ap.add_argument("--second", nargs="+", required=True, help="data dirs of the second SASRecs, one per run, in order")
+    ap.add_argument("--weights", type=float, nargs="+", default=[0.25, 0.5, 1.0, 2.0, 4.0])
+    ap.add_argument("--depth", type=int, default=200, help="ranks kept (the evaluate stage's beam)")
+    ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("-S", "--set", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--tag", default="")
+    a = ap.parse_args(argv)
+    if len(a.second) != len(a.dirs):
+        raise SystemExit(f"--second names {len(a.second)} data dirs for {len(a.dirs)} runs: give one per run, in order")
+    if any(w <= 0 for w in a.weights):
+        raise SystemExit("--weights must be > 0 (w 0 is SASRec alone, reported as `sasrec`)")
+    runs = [pair_run(Path(d), Path(s), a.dataset, a.weights, a.depth, a.batch, a.set) for d, s in zip(a.dirs, a.second)]
+    report = {**stamp({"weights": a.weights, "depth": a.depth, "overrides": a.set}), "commit": commit(),
+              "dataset": a.dataset, "runs": runs}
+    save(f"sasrec_pair_{a.dataset}{a.tag}", report)
+    return report
+
+
+if __name__ == "__main__":
+    main()
