@@ -11,7 +11,8 @@ position. Over the whole catalog the pair scores log p_A(i) + w log p_B(i) (hist
 where `data.exclude_history`, as the evaluate stage does); each run's w is chosen on its validation
 split from `--weights` by `tiger_cf`'s rule (the best Recall@10, then NDCG@10, then the smaller w).
 
-For every run it writes per-user target ranks (top `--depth`, 0 beyond, as the evaluate stage
+It ranks the users the evaluate stage ranked (its `eval/sasrec.parquet` of each split). For every
+run it writes per-user target ranks (top `--depth`, 0 beyond, as the evaluate stage
 writes them) under `data/<dataset>/eval_pair/` and `eval_pair/valid/`: `sasrec_b` (the second
 model alone), `sasrec_pair` at the chosen w, and the run's own `sasrec` and `tiger_cf` copied from
 `eval/`. Its SASRec's ranks recomputed here must equal the evaluate stage's, or it stops (the pair
@@ -74,7 +75,10 @@ def pair_run(data_dir: Path, second_dir: Path, dataset: str, weights: list[float
     row: dict = {"dir": str(data_dir), "second": str(second_dir)}
     ranks: dict[str, dict[str, np.ndarray]] = {}
     for split, sub in (("valid", Path(SUBDIR) / "valid"), ("test", Path(SUBDIR))):
-        inst = load_split(out_dir, split, params.data.max_history)
+        stage = Path("eval") / ("valid" if split == "valid" else "")
+        recorded = io.read_parquet(out_dir / stage / "sasrec.parquet")
+        inst = load_split(out_dir, split, params.data.max_history)  # the users the evaluate stage ranked
+        inst = inst.select(torch.as_tensor(np.flatnonzero(np.isin(inst.user.numpy(), recorded["user_id"].to_numpy()))))
         users, targets = inst.user.numpy(), inst.target.numpy()
         grid = [0.0, *weights] if split == "valid" else [0.0, row["weight"]]
         by_w: dict[float, list[np.ndarray]] = {w: [] for w in grid}
@@ -87,10 +91,9 @@ def pair_run(data_dir: Path, second_dir: Path, dataset: str, weights: list[float
                 by_w[w].append(fused_ranks(logp_a, logp_b, t, w, depth))
             alone_b.append(fused_ranks(logp_b, logp_a, t, 0.0, depth))
         ranked = {w: np.concatenate(r) for w, r in by_w.items()}
-        stage = Path("eval") / ("valid" if split == "valid" else "")
-        recorded = io.read_parquet(out_dir / stage / "sasrec.parquet")
         mine = dict(zip(users.tolist(), ranked.pop(0.0).tolist()))
-        if any(mine[u] != r for u, r in zip(recorded["user_id"].to_list(), recorded["rank"].to_list())):
+        if len(mine) != recorded.height or any(mine[u] != r for u, r in zip(recorded["user_id"].to_list(),
+                                                                          recorded["rank"].to_list())):
             raise ValueError(f"{out_dir / stage / 'sasrec.parquet'}: SASRec's ranks recomputed here differ from the "
                              "evaluate stage's; the pair would not be scored like the methods it is compared with")
         ranks[split] = {"sasrec_b": np.concatenate(alone_b)}

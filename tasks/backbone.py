@@ -2,7 +2,8 @@
 
 Outputs under `data/<dataset>/backbone/`: `model.safetensors` (the best epoch on validation
 Recall@10), `config.json` (model config, level and attribute sizes), and `ckpt/` (the
-resumable `last/` and `best/` checkpoints). The training log goes to
+resumable `last/` and `best/` checkpoints, and `valid_ranks.parquet`: every validation's
+per-user target ranks, tasks/training.py). The training log goes to
 `reports/<dataset>/backbone_log.csv` for `dvc plots`.
 """
 
