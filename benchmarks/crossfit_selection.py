@@ -52,7 +52,7 @@ def hits_by_epoch(path: Path) -> tuple[list[int], np.ndarray, np.ndarray]:
 def crossfit(hits: np.ndarray, halvings: int, seed: int) -> np.ndarray:
     """Per user (U,): the mean over `halvings` random halvings of the user's hit at the epoch with the
     best mean on the other half (first best: the trainer keeps an epoch only on a strict gain)."""
-    n_epochs, n = hits.shape
+    n = hits.shape[1]
     rng = np.random.default_rng(seed)
     out = np.zeros(n)
     for _ in range(halvings):

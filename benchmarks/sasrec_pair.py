@@ -9,7 +9,7 @@ splits, another seed (`python -m flows.sasrec -S data.data_dir=<run'>/data -S sa
 on a copy of the run's splits). Each `--dirs` run is paired with the `--second` run in the same
 position. Over the whole catalog the pair scores log p_A(i) + w log p_B(i) (history items excluded
 where `data.exclude_history`, as the evaluate stage does); each run's w is chosen on its validation
-split from `--weights` by `tiger_cf`'s rule (the best Recall@10, then NDCG@10, then the smaller w).
+split from `--weights` by `tiger_cf`'s rule (`tasks.evaluate.choose_weight`).
 
 It ranks the users the evaluate stage ranked (its `eval/sasrec.parquet` of each split). For every
 run it writes per-user target ranks (top `--depth`, 0 beyond, as the evaluate stage
@@ -29,7 +29,6 @@ import shutil
 from pathlib import Path
 
 import numpy as np
-import polars as pl
 import torch
 
 from benchmarks.cf_fusion import masked_log_probs
@@ -37,6 +36,7 @@ from benchmarks.common import commit, save, stamp
 from grc_core import metrics as M
 from tasks import io
 from tasks.artifacts import load_baseline, load_split, sasrec_log_probs
+from tasks.evaluate import choose_weight, save_ranks
 from tasks.params import load_params
 
 SUBDIR = "eval_pair"
@@ -53,18 +53,6 @@ def fused_ranks(logp_a: torch.Tensor, logp_b: torch.Tensor, targets: np.ndarray,
     return M.target_ranks(ranked, targets)
 
 
-def choose_weight(valid: dict[float, np.ndarray]) -> float:
-    """The weight whose validation ranks give the best Recall@10, then NDCG@10, then the smaller w."""
-    def key(w: float) -> tuple[float, float, float]:
-        per_user = M.per_user_metrics(valid[w], (10,), (10,))
-        return float(per_user["recall@10"].mean()), float(per_user["ndcg@10"].mean()), -w
-    return max(valid, key=key)
-
-
-def ranks_frame(users: np.ndarray, ranks: np.ndarray) -> pl.DataFrame:
-    return pl.DataFrame({"user_id": users.astype(np.int64), "rank": ranks.astype(np.int64)})
-
-
 def pair_run(data_dir: Path, second_dir: Path, dataset: str, weights: list[float], depth: int, batch: int,
              overrides: list[str]) -> dict:
     """Rank one run's validation and test users with the pair; write its eval_pair/ folder."""
@@ -73,7 +61,6 @@ def pair_run(data_dir: Path, second_dir: Path, dataset: str, weights: list[float
     excl = params.data.exclude_history
     a, b = sasrec_log_probs(load_baseline(out_dir)), sasrec_log_probs(load_baseline(second))
     row: dict = {"dir": str(data_dir), "second": str(second_dir)}
-    ranks: dict[str, dict[str, np.ndarray]] = {}
     for split, sub in (("valid", Path(SUBDIR) / "valid"), ("test", Path(SUBDIR))):
         stage = Path("eval") / ("valid" if split == "valid" else "")
         recorded = io.read_parquet(out_dir / stage / "sasrec.parquet")
@@ -96,17 +83,14 @@ def pair_run(data_dir: Path, second_dir: Path, dataset: str, weights: list[float
                                                                           recorded["rank"].to_list())):
             raise ValueError(f"{out_dir / stage / 'sasrec.parquet'}: SASRec's ranks recomputed here differ from the "
                              "evaluate stage's; the pair would not be scored like the methods it is compared with")
-        ranks[split] = {"sasrec_b": np.concatenate(alone_b)}
-        if split == "valid":
-            row["weight"] = choose_weight(ranked)
-            row["valid_recall@10"] = {str(w): float(M.per_user_metrics(r, (10,), (10,))["recall@10"].mean())
-                                      for w, r in ranked.items()}
-        ranks[split]["sasrec_pair"] = ranked[row["weight"]]
-        target_dir = out_dir / sub
-        for name, r in ranks[split].items():
-            io.write_parquet(target_dir / f"{name}.parquet", ranks_frame(users, r))
+        if split == "valid":  # the evaluate stage's rule for tiger_cf's weight
+            choice = choose_weight(ranked)
+            row["weight"] = choice["chosen"]
+            row["valid_recall@10"] = {str(r["weight"]): r["recall@10"] for r in choice["valid"]}
+        for name, r in (("sasrec_b", np.concatenate(alone_b)), ("sasrec_pair", ranked[row["weight"]])):
+            save_ranks(out_dir, name, users, r, split, root=SUBDIR)
         for name in ("sasrec", "tiger_cf"):
-            shutil.copyfile(out_dir / stage / f"{name}.parquet", target_dir / f"{name}.parquet")
+            shutil.copyfile(out_dir / stage / f"{name}.parquet", out_dir / sub / f"{name}.parquet")
     print(f"{data_dir}: w {row['weight']}, validation R@10 {row['valid_recall@10']}", flush=True)
     return row
 

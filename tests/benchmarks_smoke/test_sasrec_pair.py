@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from benchmarks.sasrec_pair import choose_weight, fused_ranks
+from benchmarks.sasrec_pair import fused_ranks
+from tasks.evaluate import choose_weight
 
 
 def test_fused_ranks_by_hand():
@@ -34,7 +35,7 @@ def test_excluded_items_are_never_ranked():
 def test_weight_chosen_by_recall_then_ndcg_then_the_smaller():
     # three users; w 1 hits two in the top 10, w 2 also two but higher up, w 4 one
     valid = {1.0: np.array([9, 10, 0]), 2.0: np.array([1, 2, 0]), 4.0: np.array([1, 0, 0])}
-    assert choose_weight(valid) == 2.0
-    assert choose_weight({1.0: np.array([3, 0]), 0.5: np.array([3, 0])}) == 0.5
+    assert choose_weight(valid)["chosen"] == 2.0
+    assert choose_weight({1.0: np.array([3, 0]), 0.5: np.array([3, 0])})["chosen"] == 0.5
     with pytest.raises(ValueError):
         choose_weight({})
