@@ -19,7 +19,17 @@ model alone), `sasrec_pair` at the chosen w, and the run's own `sasrec` and `tig
 would be scored differently from the methods it is compared with). Then
 `python -m benchmarks.seeds_table --dataset <d> --dirs <runs> --eval-subdir eval_pair --methods
 sasrec sasrec_b sasrec_pair tiger_cf` (and `--methods sasrec_pair tiger_cf`) pairs them over seeds.
-Writes benchmarks/results/sasrec_pair_<dataset><tag>.json (each run's weight and validation scores).
+
+With `--tiger-cf` it also asks whether TIGER adds anything to the pair: `tiger_cf_pair` is
+`tiger_cf` (the backbone's constrained beam of `evaluate.beam`, pruned on log pi + w V) whose
+prefix value V is the pair's own distribution, softmax(log p_A + w_pair log p_B) at the pair's
+chosen w_pair, in place of SASRec's; its w is chosen on validation from `evaluate.cf_weights` by
+the same rule. Before that it decodes the run's plain `tiger_cf` on validation at the stage's
+chosen weight and stops unless the ranks equal `eval/valid/tiger_cf.parquet`. The pipeline's own
+form of it is the `sasrec` stage's ensemble (`sasrec_ensemble.seeds`, tasks/sasrec.py): with the
+second SASRec as its member, the evaluate stage's `tiger_cf` and `sasrec_ens` rank every user as
+`tiger_cf_pair` and `sasrec_pair` do here (RESULTS.md "TIGER on top of the pair").
+Writes benchmarks/results/sasrec_pair_<dataset><tag>.json (each run's weights and validation scores).
 """
 
 from __future__ import annotations
@@ -34,8 +44,12 @@ import torch
 from benchmarks.cf_fusion import masked_log_probs
 from benchmarks.common import commit, save, stamp
 from grc_core import metrics as M
+from grc_core.data import Instances
+from grc_core.evaluation import rank_with_backbone
+from grc_core.sasrec import fuse_log_probs
 from tasks import io
-from tasks.artifacts import load_baseline, load_split, sasrec_log_probs
+from tasks.artifacts import (backbone_cf_mode, item_index, load_backbone, load_baseline, load_split, sasrec_log_probs,
+                             tiger_cf_weight)
 from tasks.evaluate import choose_weight, save_ranks
 from tasks.params import load_params
 
@@ -53,9 +67,40 @@ def fused_ranks(logp_a: torch.Tensor, logp_b: torch.Tensor, targets: np.ndarray,
     return M.target_ranks(ranked, targets)
 
 
+def tiger_cf_ranks(params, inst: Instances, item_logp, weight: float) -> np.ndarray:
+    """Target ranks of the backbone's constrained beam (`evaluate.beam`) steered by `item_logp`'s
+    prefix value at `weight`, decoded as the evaluate stage decodes `tiger_cf`."""
+    out_dir, ev = params.dataset_dir(), params.evaluate
+    table, trie, _, _ = item_index(out_dir, params.dataset.attributes, "cpu")
+    items, _ = rank_with_backbone(load_backbone(out_dir), inst, table, trie, ev.beam, ev.batch_size, None,
+                                  params.data.exclude_history, item_logp, weight, backbone_cf_mode(out_dir))
+    return M.target_ranks(items, inst.target.numpy())
+
+
+def tiger_cf_pair(params, inst: Instances, split: str, a, b, row: dict) -> np.ndarray:
+    """`tiger_cf_pair`'s ranks on `split`: on validation at every `evaluate.cf_weights` (the choice
+    recorded in `row`), after checking the plain `tiger_cf` recomputes the stage's ranks; on test
+    at the chosen weight."""
+    out_dir, ev = params.dataset_dir(), params.evaluate
+    prior = lambda part: fuse_log_probs(a(part), [b(part)], row["weight"])  # noqa: E731 (the pair's distribution)
+    if split == "test":
+        return tiger_cf_ranks(params, inst, prior, row["tiger_cf_pair_weight"])
+    recorded = io.read_parquet(out_dir / "eval" / "valid" / "tiger_cf.parquet")
+    mine = dict(zip(inst.user.tolist(), tiger_cf_ranks(params, inst, a, tiger_cf_weight(out_dir, ev.cf_weights)).tolist()))
+    if any(mine.get(u) != r for u, r in zip(recorded["user_id"].to_list(), recorded["rank"].to_list())):
+        raise ValueError(f"{out_dir / 'eval' / 'valid' / 'tiger_cf.parquet'}: tiger_cf's ranks recomputed here "
+                         "differ from the evaluate stage's; tiger_cf_pair would not be decoded like tiger_cf")
+    ranked = {float(w): tiger_cf_ranks(params, inst, prior, float(w)) for w in ev.cf_weights}
+    choice = choose_weight(ranked)
+    row["tiger_cf_pair_weight"] = choice["chosen"]
+    row["tiger_cf_pair_valid_recall@10"] = {str(r["weight"]): r["recall@10"] for r in choice["valid"]}
+    return ranked[choice["chosen"]]
+
+
 def pair_run(data_dir: Path, second_dir: Path, dataset: str, weights: list[float], depth: int, batch: int,
-             overrides: list[str]) -> dict:
-    """Rank one run's validation and test users with the pair; write its eval_pair/ folder."""
+             overrides: list[str], with_tiger: bool = False) -> dict:
+    """Rank one run's validation and test users with the pair (and `tiger_cf_pair` where
+    `with_tiger`); write its eval_pair/ folder."""
     params = load_params(overrides=[*overrides, f"data.dataset={dataset}", f"data.data_dir={data_dir}"])
     out_dir, second = params.dataset_dir(), Path(second_dir) / dataset
     excl = params.data.exclude_history
@@ -89,9 +134,14 @@ def pair_run(data_dir: Path, second_dir: Path, dataset: str, weights: list[float
             row["valid_recall@10"] = {str(r["weight"]): r["recall@10"] for r in choice["valid"]}
         for name, r in (("sasrec_b", np.concatenate(alone_b)), ("sasrec_pair", ranked[row["weight"]])):
             save_ranks(out_dir, name, users, r, split, root=SUBDIR)
+        if with_tiger:
+            save_ranks(out_dir, "tiger_cf_pair", users, tiger_cf_pair(params, inst, split, a, b, row), split,
+                       root=SUBDIR)
         for name in ("sasrec", "tiger_cf"):
             shutil.copyfile(out_dir / stage / f"{name}.parquet", out_dir / sub / f"{name}.parquet")
-    print(f"{data_dir}: w {row['weight']}, validation R@10 {row['valid_recall@10']}", flush=True)
+    print(f"{data_dir}: w {row['weight']}, validation R@10 {row['valid_recall@10']}"
+          + (f"; tiger_cf_pair w {row['tiger_cf_pair_weight']}, validation R@10 {row['tiger_cf_pair_valid_recall@10']}"
+             if with_tiger else ""), flush=True)
     return row
 
 
@@ -104,14 +154,18 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--depth", type=int, default=200, help="ranks kept (the evaluate stage's beam)")
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("-S", "--set", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--tiger-cf", action="store_true",
+                    help="also rank tiger_cf_pair: tiger_cf steered by the pair's distribution")
     ap.add_argument("--tag", default="")
     a = ap.parse_args(argv)
     if len(a.second) != len(a.dirs):
         raise SystemExit(f"--second names {len(a.second)} data dirs for {len(a.dirs)} runs: give one per run, in order")
     if any(w <= 0 for w in a.weights):
         raise SystemExit("--weights must be > 0 (w 0 is SASRec alone, reported as `sasrec`)")
-    runs = [pair_run(Path(d), Path(s), a.dataset, a.weights, a.depth, a.batch, a.set) for d, s in zip(a.dirs, a.second)]
-    report = {**stamp({"weights": a.weights, "depth": a.depth, "overrides": a.set}), "commit": commit(),
+    runs = [pair_run(Path(d), Path(s), a.dataset, a.weights, a.depth, a.batch, a.set, a.tiger_cf)
+            for d, s in zip(a.dirs, a.second)]
+    report = {**stamp({"weights": a.weights, "depth": a.depth, "overrides": a.set,
+                                                            "tiger_cf": a.tiger_cf}), "commit": commit(),
               "dataset": a.dataset, "runs": runs}
     save(f"sasrec_pair_{a.dataset}{a.tag}", report)
     return report

@@ -6,6 +6,9 @@ the catalog.
 
 `tiger_cf` is ranked on validation at each weight of `evaluate.cf_weights`; the best one
 (`tiger_cf_weight` in the leaderboard) is its leaderboard row and ranks the test split and the dump.
+Its collaborative prior is SASRec's distribution, or, where the sasrec stage trained an ensemble
+(`sasrec_ensemble.seeds`), the ensemble's at the weight that stage chose (`sasrec_ensemble` in the
+leaderboard); `sasrec_ens` ranks the catalog by that distribution alone (left out without an ensemble).
 A method whose weights and decoding are another's (an RL stage that kept its iteration 0) takes
 that method's ranks instead of decoding again (`tasks.evaluate.rank_or_reuse`; `same_ranks_as`
 in metrics.json and quality.jsonl).
@@ -25,6 +28,7 @@ from typing import Sequence
 from prefect import flow, get_run_logger
 
 from tasks import io
+from tasks.artifacts import ENSEMBLE
 from tasks.cli import parse_cli
 from tasks.evaluate import (append_quality_record, choose_weight, leaderboard, paired_against, rank_or_reuse,
                             rank_users, save_ranks, summarize_method)
@@ -39,7 +43,7 @@ def evaluate_flow(params: Params) -> dict:
     out_dir, ev = params.dataset_dir(), params.evaluate
     seed = params.backbone.train.seed
     valid_ranks, tuned, decoded = {}, None, {}
-    for method in ev.methods:
+    for method in params.ranked_methods():
         if method == "tiger_cf":  # each weight of evaluate.cf_weights; the best on validation ranks test
             tried = {}
             for w in ev.cf_weights:
@@ -58,13 +62,17 @@ def evaluate_flow(params: Params) -> dict:
     board = leaderboard(valid_ranks, ev.beam, ev.bootstrap, seed, ev.champion_default, ev.champion_p)
     if tuned is not None:
         board["tiger_cf_weight"] = tuned
+    ensemble = out_dir / ENSEMBLE / "config.json"
+    if params.sasrec_ensemble.seeds and ensemble.is_file():  # what steers tiger_cf and ranks sasrec_ens
+        record = io.read_json(ensemble)
+        board["sasrec_ensemble"] = {k: record[k] for k in ("seeds", "weight", "choice")}
     io.write_json(out_dir / "eval" / "leaderboard.json", board)
     log.info("champion on %d validation users: %s (recall@10 %.4f)%s; rule: %s", board["users"], board["champion"],
              champion_entry(board)["metrics"]["recall@10"],
              f", {board['margin']['recall@10']['diff']:+.4f} over {board['runner_up']}" if "margin" in board else "",
              board["rule"])
     results, decoded = {}, {}
-    for method in ev.methods:
+    for method in params.ranked_methods():
         users, ranks, wall, extra = rank_or_reuse(params, method, "test", decoded)
         save_ranks(out_dir, method, users, ranks)
         results[method] = {**summarize_method(ranks, ev.beam, ev.bootstrap, seed), "wall_s": round(wall, 1), **extra}

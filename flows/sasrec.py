@@ -1,4 +1,5 @@
-"""Stage `sasrec`: the SASRec baseline (full-softmax cross-entropy) on the same splits.
+"""Stage `sasrec`: the SASRec baseline (full-softmax cross-entropy) on the same splits, and the
+SASRec ensemble of `sasrec_ensemble.seeds` with its weight chosen on validation (tasks/sasrec.py).
 
     python -m flows.sasrec [-S data.dataset=scientific]
 """
@@ -20,7 +21,16 @@ from tasks.sasrec import train_baseline
 def sasrec_flow(params: Params) -> dict:
     result = {"dataset": params.data.dataset, **train_baseline(params)}
     io.write_json(params.reports_dir() / "sasrec.json", result)
-    get_run_logger().info("SASRec: %d epochs, best validation %s", result["epochs_run"], result["best"])
+    log = get_run_logger()
+    log.info("SASRec: %d epochs, best validation %s", result["epochs_run"], result["best"])
+    ensemble = result["ensemble"]
+    for member in ensemble["members"]:
+        log.info("ensemble member, seed %d: %d epochs, best validation %s", member["seed"], member["epochs_run"],
+                 member["best"])
+    if ensemble["choice"]:
+        log.info("ensemble weight w %g chosen on %d validation users (recall@10 %s)", ensemble["weight"],
+                 ensemble["choice"]["users"],
+                 ", ".join(f"{r['weight']:g}: {r['recall@10']:.4f}" for r in ensemble["choice"]["valid"]))
     return result
 
 

@@ -70,3 +70,16 @@ def bootstrap_interval(values: np.ndarray, n_boot: int = 1000, seed: int = 0) ->
     rng = np.random.default_rng(seed)
     means = values[rng.integers(0, len(values), size=(n_boot, len(values)))].mean(axis=1)
     return float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))
+
+
+def choose_weight(ranks: dict[float, np.ndarray]) -> dict:
+    """The weight whose validation ranks (`ranks[w]`, 1-based, the same users in the same order)
+    have the best Recall@10, then NDCG@10, then the smaller weight; with every weight's metrics
+    (the evaluate leaderboard's `tiger_cf_weight`; the SASRec ensemble's weight, tasks/sasrec.py)."""
+    if not ranks:
+        raise ValueError("choose_weight: no weight was tried")
+    rows = [{"weight": float(w), **{k: float(v.mean()) for k, v in per_user_metrics(r, (10,), (10,)).items()}}
+            for w, r in ranks.items()]
+    best = min(rows, key=lambda r: (-r["recall@10"], -r["ndcg@10"], r["weight"]))
+    return {"weights": [float(w) for w in ranks], "chosen": best["weight"], "users": int(len(next(iter(ranks.values())))),
+            "rule": "highest validation recall@10, then ndcg@10, then the smaller weight", "valid": rows}

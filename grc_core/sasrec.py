@@ -436,3 +436,20 @@ def train_sasrec(
         model.load_state_dict(best_state)
     model.eval()
     return model, history
+
+
+def fuse_log_probs(first: torch.Tensor, others: Sequence[torch.Tensor], weight: float) -> torch.Tensor:
+    """An ensemble's item log-distribution (B, N): log softmax(log p_0 + w * mean_k log p_k), the
+    product p_0 * (prod_k p_k)^(w/K) renormalised per row. `first` unchanged with no others or w 0.
+    -inf entries (excluded items) stay -inf."""
+    if not others or weight == 0:
+        return first
+    return torch.log_softmax(first + weight * torch.stack(list(others)).mean(0), -1)
+
+
+def top_by_log_probs(logp: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The k best items (B, k) and their scores, best first, ties to the smaller item id; -inf
+    (excluded) items come back as padding (-1, -inf), like the beam's."""
+    order = torch.sort(-logp, dim=1, stable=True).indices[:, :k]  # (B, k)
+    top = torch.gather(logp, 1, order)
+    return torch.where(torch.isneginf(top), -1, order).numpy(), top.numpy()

@@ -2,8 +2,9 @@
 trained model is published. Stage modules share these instead of importing each other.
 
 - splits and items: `load_split`, `load_rows` (SASRec's view), `load_item_table`, `load_semantic_ids`
-- models: `load_backbone`, `load_grc`, `load_baseline`, and `load_ranker(method)`, the one place
-  that turns a method name into a ranking over test users (evaluate and candidates both use it)
+- models: `load_backbone`, `load_grc`, `load_baseline`, `load_ensemble` (the SASRec ensemble) and
+  `cf_log_probs` (the collaborative distribution tiger_cf is steered by), and `load_ranker(method)`,
+  the one place that turns a method name into a ranking over test users (evaluate and candidates both use it)
 - training outputs (checkpoints are tasks/checkpoints.py's): `promote_best` (the best checkpoint becomes `model.safetensors` beside its `config.json`),
   `write_log` (the per-epoch CSV that `dvc plots` draws)
 """
@@ -22,11 +23,11 @@ from safetensors.torch import load_file
 
 from grc_core.cf_value import item_prefix_nodes, prefix_values
 from grc_core.config import ValueConfig, VEDConfig
-from grc_core.data import Instances, ItemTable, make_instances
+from grc_core.data import Instances, ItemTable, history_mask, make_instances
 from grc_core.evaluation import ReflectionStats, rank_with_backbone, rank_with_grc, ranking_metrics
 from grc_core.grc import DecodeConfig, GRCModel, grc_from_config
 from grc_core.model import Seq2Seq
-from grc_core.sasrec import SASRec, SeqRows, score_all
+from grc_core.sasrec import SASRec, SeqRows, fuse_log_probs, score_all, top_by_log_probs
 from grc_core.trie import PrefixTrie
 from grc_core.value import ValueHead
 from grc_core.ved import CFValue, LearnedValue, WeightedValue, rank_with_ved
@@ -154,6 +155,55 @@ def load_baseline(out_dir: Path, device: torch.device | str = "cpu") -> SASRec:
     return model.to(device).eval()
 
 
+ENSEMBLE = "sasrec_ensemble"  # the sasrec stage's further SASRecs and their chosen weight (tasks/sasrec.py)
+
+
+def load_ensemble(out_dir: Path, device: torch.device | str = "cpu") -> tuple[list[SASRec], float]:
+    """The sasrec stage's further SASRecs (`sasrec_ensemble.seeds`, in that order) and the weight w
+    of their mean log-probability it chose on validation. No members (and w 0) where the stage
+    trained none, or where the folder is absent: a run or a published bundle made before it."""
+    where = out_dir / ENSEMBLE
+    if not (where / "config.json").is_file():
+        return [], 0.0
+    config = json.loads((where / "config.json").read_text())
+    state = load_file(str(where / "model.safetensors")) if config["seeds"] else {}
+    members = []
+    for seed in config["seeds"]:
+        model = SASRec.from_architecture(config["architecture"])
+        prefix = f"{seed}."
+        model.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+        members.append(model.to(device).eval())
+    return members, float(config["weight"]) if members else 0.0
+
+
+def check_ensemble(out_dir: Path, seeds: tuple[int, ...], method: str) -> None:
+    """Refuse to rank `method` (tiger_cf, sasrec_ens) with an ensemble other than the params' own:
+    `sasrec_ensemble/config.json` must hold `seeds` (no folder counts as none)."""
+    if method not in ("tiger_cf", "sasrec_ens"):
+        return
+    path = out_dir / ENSEMBLE / "config.json"
+    have = json.loads(path.read_text())["seeds"] if path.is_file() else []
+    if list(have) != list(seeds):
+        raise ValueError(f"{path}: field seeds is {list(have)}, but sasrec_ensemble.seeds is {list(seeds)}; "
+                         f"run the sasrec stage again before ranking {method}")
+
+
+def cf_log_probs(out_dir: Path, device: torch.device | str = "cpu",
+                 reader: str = "") -> Callable[[Instances], torch.Tensor]:
+    """Instances (B,) -> the collaborative item log-distribution (B, N) that steers tiger_cf and ranks
+    sasrec_ens: SASRec's, fused with the sasrec stage's ensemble where it has members
+    (`fuse_log_probs` at the chosen w). `reader`: a method that needs the ensemble (refused without)."""
+    first = sasrec_log_probs(load_baseline(out_dir, device))
+    members, weight = load_ensemble(out_dir, device)
+    if reader and not members:
+        raise FileNotFoundError(f"method {reader}: {out_dir / ENSEMBLE} holds no SASRec ensemble; train one with "
+                                "sasrec_ensemble.seeds (the sasrec stage)")
+    if not members or weight == 0:
+        return first
+    others = [sasrec_log_probs(m) for m in members]
+    return lambda inst: fuse_log_probs(first(inst), [o(inst) for o in others], weight)
+
+
 def histories_of(inst: Instances) -> list[list[int]]:
     """Each instance's history items, oldest first, without the padding: what SASRec reads."""
     return [h[h >= 0].tolist() for h in inst.history.numpy()]
@@ -258,11 +308,11 @@ def decode_identity(out_dir: Path, method: str) -> tuple[str, str, str] | None:
 def load_ranker(method: str, out_dir: Path, attributes: tuple[str, ...], device: torch.device | str,
                 decode: DecodeConfig, batch_size: int, exclude_history: bool, cf_weight: float) -> Ranker:
     """One method's ranking of the catalog for any instances: the beam of `decode.width` (tiger;
-    tiger_cf with SASRec's prefix value at `cf_weight`, grc_core/cf_value.py, fused as
-    `backbone_cf_mode` says), two-pass GRC
+    tiger_cf with the prefix value of `cf_log_probs` at `cf_weight`, grc_core/cf_value.py, fused as
+    `backbone_cf_mode` says; SASRec's alone for a backbone trained on SASRec's prior), two-pass GRC
     decoding under `decode` (gc_sft, grc_sft, grc_rl; with SASRec's prefix value in both passes
-    where `decode.cf_weight` > 0), SASRec's top `decode.width` logits (sasrec). `stats` collects
-    GRC's reflection statistics where given."""
+    where `decode.cf_weight` > 0), SASRec's top `decode.width` logits (sasrec), the SASRec
+    ensemble's top `decode.width` (sasrec_ens). `stats` collects GRC's reflection statistics where given."""
     model_dir(out_dir, method)  # unknown method: a clear error before anything loads
     if method == "sasrec":
         model = load_baseline(out_dir, device)
@@ -274,6 +324,26 @@ def load_ranker(method: str, out_dir: Path, attributes: tuple[str, ...], device:
             return out
 
         return rank_sasrec
+    if method == "sasrec_ens":
+        fused = cf_log_probs(out_dir, device, reader=method)
+
+        def rank_ensemble(inst, progress=None, stats=None):
+            items, scores = [], []
+            for start in range(0, len(inst), batch_size):
+                part = inst.select(torch.arange(start, min(start + batch_size, len(inst))))
+                logp = fused(part)
+                if exclude_history:
+                    logp = logp.masked_fill(history_mask(part.history, logp.shape[1]), float("-inf"))
+                top, score = top_by_log_probs(logp, decode.width)
+                items.append(top)
+                scores.append(score)
+                if progress is not None:
+                    progress(len(part))
+            if not items:
+                return np.zeros((0, decode.width), np.int64), np.zeros((0, decode.width), np.float32)
+            return np.concatenate(items), np.concatenate(scores)  # (B, W), (B, W)
+
+        return rank_ensemble
     if method != "tiger_cf" and "backbone" in METHOD_MODELS[method]:  # GRC's bundles hold no backbone: sft refused it
         require_plain_backbone(out_dir, f"method {method}")
     table, trie, _, _ = item_index(out_dir, attributes, device)
@@ -285,8 +355,11 @@ def load_ranker(method: str, out_dir: Path, attributes: tuple[str, ...], device:
         return vstar_ved_ranker(out_dir, table, trie, device, batch_size, exclude_history)
     if method in ("tiger", "tiger_cf"):
         backbone = load_backbone(out_dir, device)
-        item_logp = sasrec_log_probs(load_baseline(out_dir, device)) if method == "tiger_cf" else None
         mode = backbone_cf_mode(out_dir)
+        item_logp = None
+        if method == "tiger_cf":  # a backbone trained as the residual of SASRec's prior decodes with that SASRec
+            item_logp = (cf_log_probs(out_dir, device) if mode == "shallow"
+                         else sasrec_log_probs(load_baseline(out_dir, device)))
         return lambda inst, progress=None, stats=None: rank_with_backbone(
             backbone, inst, table, trie, decode.width, batch_size, progress, exclude_history, item_logp, cf_weight,
             mode)

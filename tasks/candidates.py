@@ -56,11 +56,12 @@ from prefect.cache_policies import NO_CACHE
 
 from grc_core.device import resolve_device, set_threads
 from tasks import io
-from tasks.artifacts import Ranker, decode_config, load_ranker, load_split, model_files, tiger_cf_weight
+from tasks.artifacts import (Ranker, check_ensemble, decode_config, load_ranker, load_split, model_files,
+                             tiger_cf_weight)
 from tasks.io import sha256_file
 from tasks.params import Params, resolve_path
 from tasks.quality import gx_expectations, run_gate
-from tasks.stages import fingerprint
+from tasks.stages import ITEM_ID_METHODS, fingerprint
 from tasks.ui import champion_entry
 
 MANIFEST = "manifest.json"
@@ -176,9 +177,10 @@ def plan_dump(params: Params) -> DumpPlan:
     cd, out_dir = params.candidates, params.dataset_dir()
     method, chosen_by = resolve_method(params)
     cf_weight = tiger_cf_weight(out_dir, params.evaluate.cf_weights) if method == "tiger_cf" else None
+    check_ensemble(out_dir, params.sasrec_ensemble.seeds, method)
     model_paths = list(model_files(method))
     input_paths = ["splits/test.parquet"]
-    if method != "sasrec":
+    if method not in ITEM_ID_METHODS:
         input_paths += ["items.parquet", "tokenizer/semantic_ids.parquet", "tokenizer/tokenizer.json"]
     for rel in model_paths + input_paths:
         if not (out_dir / rel).is_file():
@@ -191,7 +193,7 @@ def plan_dump(params: Params) -> DumpPlan:
              else np.unique(test_users))
     row_of = {int(u): i for i, u in enumerate(test_users)}
     rows = np.array([row_of[int(u)] for u in users], dtype=np.int64)
-    if method == "sasrec":
+    if method in ITEM_ID_METHODS:
         n_items = int(json.loads((out_dir / "sasrec" / "config.json").read_text())["n_items"])
     else:
         n_items = io.parquet_rows(out_dir / "tokenizer" / "semantic_ids.parquet")

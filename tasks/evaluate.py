@@ -25,9 +25,10 @@ from tqdm.auto import tqdm
 from grc_core import metrics as M
 from grc_core.device import resolve_device
 from grc_core.evaluation import ReflectionStats
+from grc_core.metrics import choose_weight  # noqa: F401 (the flow and benchmarks import it from here)
 from tasks import io
-from tasks.artifacts import (GRC_METHODS, decode_config, decode_identity, load_ranker, load_split, subset,
-                             tiger_cf_weight)
+from tasks.artifacts import (GRC_METHODS, check_ensemble, decode_config, decode_identity, load_ranker, load_split,
+                             subset, tiger_cf_weight)
 from tasks.env import PROJECT_ROOT
 from tasks.params import Params
 
@@ -41,6 +42,7 @@ def rank_users(params: Params, method: str, split: str = "test",
     test split (`evaluate.users` of them) or the validation split (`evaluate.valid_users`).
     `cf_weight`: tiger_cf's w; None takes the one chosen on validation (`tiger_cf_weight`)."""
     out_dir, ev = params.dataset_dir(), params.evaluate
+    check_ensemble(out_dir, params.sasrec_ensemble.seeds, method)
     if cf_weight is None:
         cf_weight = tiger_cf_weight(out_dir, ev.cf_weights) if method == "tiger_cf" else 0.0
     n_users = {"test": ev.users, "valid": ev.valid_users}[split]
@@ -82,19 +84,6 @@ def summarize_method(ranks: np.ndarray, beam: int, n_boot: int, seed: int) -> di
     summary = M.summarize(per_user)
     intervals = {k: M.bootstrap_interval(v, n_boot, seed) for k, v in per_user.items()}
     return {"metrics": summary, "ci95": intervals, "users": int(len(ranks))}
-
-
-def choose_weight(ranks: dict[float, np.ndarray]) -> dict:
-    """The weight whose validation ranks (`ranks[w]`, 1-based, the same users in the same order)
-    have the best Recall@10, then NDCG@10, then the smaller weight; with every weight's metrics
-    (the leaderboard's `tiger_cf_weight`, read back by `tiger_cf_weight`)."""
-    if not ranks:
-        raise ValueError("choose_weight: no weight was tried")
-    rows = [{"weight": float(w), **{k: float(v.mean()) for k, v in M.per_user_metrics(r, (10,), (10,)).items()}}
-            for w, r in ranks.items()]
-    best = min(rows, key=lambda r: (-r["recall@10"], -r["ndcg@10"], r["weight"]))
-    return {"weights": [float(w) for w in ranks], "chosen": best["weight"], "users": int(len(next(iter(ranks.values())))),
-            "rule": "highest validation recall@10, then ndcg@10, then the smaller weight", "valid": rows}
 
 
 def save_ranks(out_dir: Path, method: str, users: np.ndarray, ranks: np.ndarray, split: str = "test",

@@ -199,7 +199,7 @@ class VStarParams:
 
 
 # Every method evaluate can rank and candidates can dump (tasks/artifacts.py `load_ranker`).
-Method = Literal["tiger", "tiger_cf", "sasrec", "gc_sft", "grc_sft", "grc_rl", "tiger_rl", "vstar", "vstar_ved"]
+Method = Literal["tiger", "tiger_cf", "sasrec", "sasrec_ens", "gc_sft", "grc_sft", "grc_rl", "tiger_rl", "vstar", "vstar_ved"]
 
 
 @dataclass(frozen=True)
@@ -257,6 +257,18 @@ class CandidatesConfig:
 
 
 @dataclass(frozen=True)
+class SASRecEnsembleConfig:
+    seeds: tuple[int, ...]  # further SASRecs beside the sasrec stage's first ([]: none)
+    weights: tuple[float, ...]  # w of their mean log-probability, tried on validation (tasks/sasrec.py)
+
+    def __post_init__(self) -> None:
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ParamsError(f"sasrec_ensemble.seeds: need distinct seeds, got {list(self.seeds)}")
+        if not self.weights or min(self.weights) < 0 or len(set(self.weights)) != len(self.weights):
+            raise ParamsError(f"sasrec_ensemble.weights: need one or more distinct weights >= 0, got {list(self.weights)}")
+
+
+@dataclass(frozen=True)
 class PipelineConfig:
     executor: Literal["inprocess", "deployments"]  # flows/pipeline.py: each stage in this process, or on its work pool
 
@@ -269,6 +281,7 @@ class Params:
     tokenize: TokenizeConfig
     backbone: BackboneConfig
     sasrec: SASRecConfig
+    sasrec_ensemble: SASRecEnsembleConfig
     mine: MineConfig
     sft: SFTConfig
     grpo: GRPOParams
@@ -284,6 +297,16 @@ class Params:
                 f"data.dataset: {self.data.dataset!r} is not a key of `datasets` "
                 f"(known: {sorted(self.datasets)})"
             )
+        if self.sasrec.seed in self.sasrec_ensemble.seeds:
+            raise ParamsError(f"sasrec_ensemble.seeds: {list(self.sasrec_ensemble.seeds)} holds sasrec.seed "
+                              f"{self.sasrec.seed}, the first model's: a member would be a copy of it")
+        if self.candidates.method == "sasrec_ens" and not self.sasrec_ensemble.seeds:
+            raise ParamsError("candidates.method is sasrec_ens, but sasrec_ensemble.seeds is empty: give the ensemble "
+                              "a seed, or dump another method")
+
+    def ranked_methods(self) -> tuple[str, ...]:
+        """`evaluate.methods`, less sasrec_ens where there is no ensemble (sasrec_ensemble.seeds empty)."""
+        return tuple(m for m in self.evaluate.methods if m != "sasrec_ens" or self.sasrec_ensemble.seeds)
 
     @property
     def dataset(self) -> DatasetSpec:

@@ -37,6 +37,7 @@ from grc_core.device import resolve_device
 from tasks import io
 from tasks.artifacts import decode_config, load_ranker, model_files, subset
 from tasks.params import Params
+from tasks.stages import ITEM_ID_METHODS
 from tasks.store import published_paths
 
 CURRENT = "current"
@@ -61,14 +62,14 @@ def current_dump(root: Path) -> Path | None:
 def bundle_files(method: str) -> tuple[str, ...]:
     """What `method` decodes with, relative to data/<dataset>/ (and to a bundle's `model/`)."""
     files = model_files(method)
-    if method != "sasrec":
+    if method not in ITEM_ID_METHODS:
         files += ("tokenizer/semantic_ids.parquet", "tokenizer/tokenizer.json", "items.parquet")
     return files
 
 
 def known_items(bundle: Path, method: str) -> int:
     """How many items (ids 0 .. n-1) the bundled model knows."""
-    if method == "sasrec":
+    if method in ITEM_ID_METHODS:
         return int(io.read_json(bundle / "sasrec" / "config.json")["n_items"])
     return io.parquet_rows(bundle / "tokenizer" / "semantic_ids.parquet")
 

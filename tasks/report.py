@@ -103,6 +103,12 @@ def leaderboard_lines(board: dict | None) -> list[str]:
         tried = ", ".join(f"{r['weight']:g}: {r['recall@10']:.4f}" for r in tuned["valid"])
         lines += ["", f"tiger_cf decodes with w = {tuned['chosen']:g}, chosen on the same validation users "
                       f"(R@10 per w: {tried}); the test split and the dump use it."]
+    ensemble = board.get("sasrec_ensemble")
+    if ensemble:
+        tried = ", ".join(f"{r['weight']:g}: {r['recall@10']:.4f}" for r in ensemble["choice"]["valid"])
+        lines += ["", f"The SASRec ensemble (further seeds {', '.join(map(str, ensemble['seeds']))}) enters with "
+                      f"w = {ensemble['weight']:g}, chosen by the sasrec stage on every validation user (R@10 per w: "
+                      f"{tried}); its distribution is tiger_cf's prior and sasrec_ens's ranking."]
     return lines + [""]
 
 

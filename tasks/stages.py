@@ -83,13 +83,17 @@ class Stage:
 # Every model folder under data/<dataset>/ a method's ranking reads (its own model first; the
 # stage that makes it is the first part): what a candidate dump is fingerprinted with and what a
 # published version bundles. tiger_cf decodes the backbone with SASRec's prefix value
-# (grc_core/cf_value.py), the GRC methods too where evaluate.grc_cf_weight > 0; the RL-tuned
+# (grc_core/cf_value.py) fused with the sasrec stage's ensemble where it has one (sasrec_ensemble/,
+# empty without; tasks/sasrec.py), the GRC methods SASRec's alone where evaluate.grc_cf_weight > 0; the RL-tuned
 # policies (tiger_rl, vstar) take their architecture from backbone/config.json.
-METHOD_MODELS = {"tiger": ("backbone",), "tiger_cf": ("backbone", "sasrec"), "sasrec": ("sasrec",),
+METHOD_MODELS = {"tiger": ("backbone",), "tiger_cf": ("backbone", "sasrec", "sasrec_ensemble"), "sasrec": ("sasrec",),
+                 "sasrec_ens": ("sasrec_ensemble", "sasrec"),
                  "gc_sft": ("sft/gc", "sasrec"), "grc_sft": ("sft/grc", "sasrec"), "grc_rl": ("grpo", "sasrec"),
                  "tiger_rl": ("vstar/tiger_rl", "backbone"), "vstar": ("vstar/policy", "backbone"),
                  "vstar_ved": ("vstar/policy", "vstar/value", "sasrec", "backbone")}
-_MODEL_INPUTS = ("backbone/model.safetensors", "sasrec/model.safetensors", "sft", "grpo/model.safetensors",
+ITEM_ID_METHODS = ("sasrec", "sasrec_ens")  # rank the catalog by item id: no semantic IDs, their item count SASRec's
+_MODEL_INPUTS = ("backbone/model.safetensors", "sasrec/model.safetensors", "sasrec_ensemble/model.safetensors",
+                 "sasrec_ensemble/config.json", "sft", "grpo/model.safetensors",
                  "vstar/policy/model.safetensors", "vstar/value/model.safetensors", "vstar/tiger_rl/model.safetensors")
 
 STAGES: dict[str, Stage] = {s.name: s for s in (
@@ -124,9 +128,12 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
           metrics=("backbone.json",),
           plots=(Plot("backbone_log.csv", "epoch", "valid_recall@10"),)),
     Stage("sasrec",
-          params=("data.max_history", "sasrec"),
+          params=("data.max_history", "data.exclude_history", "sasrec", "sasrec_ensemble"),
+          comment="data.exclude_history and sasrec_ensemble.weights: the validation choice of the ensemble's weight",
           inputs=("splits", "items.parquet"),
-          outs=(Out("sasrec", persist=True, why="keeps ckpt/last so an interrupted run resumes"),),
+          outs=(Out("sasrec", persist=True, why="keeps ckpt/last so an interrupted run resumes"),
+                Out("sasrec_ensemble", persist=True, why="keeps each member's ckpt_<seed>/last so an interrupted run "
+                    "resumes")),
           metrics=("sasrec.json",),
           plots=(Plot("sasrec_log.csv", "epoch", "valid_recall@10"),)),
     Stage("mine",
@@ -162,12 +169,13 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
                  Plot("tiger_rl_log.csv", "iteration", "reward_mean"))),
     Stage("evaluate",
           params=("data.max_history", "data.exclude_history", "datasets", "evaluate", "vstar.ved_test",
-                  "backbone.train.seed"),
+                  "backbone.train.seed", "sasrec_ensemble.seeds"),
           inputs=("splits", "items.parquet", "tokenizer", *_MODEL_INPUTS),
           outs=(Out("eval"),),
           metrics=("metrics.json",)),
     Stage("candidates",
-          params=("data.max_history", "data.exclude_history", "datasets", "evaluate", "vstar.ved_test", "candidates.method",
+          params=("data.max_history", "data.exclude_history", "datasets", "evaluate", "vstar.ved_test",
+                  "sasrec_ensemble.seeds", "candidates.method",
                   "candidates.top_n", "candidates.beam", "candidates.batch_size", "candidates.device"),
           per_item=("candidates.users_per_shard", "candidates.users_file", "candidates.promotion_tolerance"),
           runtime=("candidates.workers", "candidates.dask_address", "candidates.threads"),

@@ -39,3 +39,4 @@ def test_weight_chosen_by_recall_then_ndcg_then_the_smaller():
     assert choose_weight({1.0: np.array([3, 0]), 0.5: np.array([3, 0])})["chosen"] == 0.5
     with pytest.raises(ValueError):
         choose_weight({})
+

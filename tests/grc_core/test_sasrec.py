@@ -1,4 +1,5 @@
 import json
+import math
 from dataclasses import replace
 
 import numpy as np
@@ -238,3 +239,37 @@ def test_an_interrupted_run_resumes_to_the_same_weights(tmp_path):
     assert again == []  # finished: a rerun trains nothing
     train_sasrec(train, valid, 20, cfg, lambda e, r: again.append(e), Checkpointer(tmp_path, "another fingerprint"))
     assert again == [0, 1, 2, 3]  # another fingerprint: every epoch again
+
+
+def test_an_ensembles_distribution_by_hand():
+    from grc_core.sasrec import fuse_log_probs
+
+    a = torch.log(torch.tensor([[0.4, 0.3, 0.2, 0.1], [0.25, 0.25, 0.25, 0.25]]))
+    b = torch.log(torch.tensor([[0.1, 0.2, 0.3, 0.4], [0.7, 0.1, 0.1, 0.1]]))
+    # w 2, first row: 0.4*0.01, 0.3*0.04, 0.2*0.09, 0.1*0.16 = 0.004, 0.012, 0.018, 0.016 (sum 0.05)
+    got = fuse_log_probs(a, [b], 2.0).exp()
+    assert torch.allclose(got[0], torch.tensor([0.08, 0.24, 0.36, 0.32]), atol=1e-6)
+    assert torch.allclose(got[1], torch.tensor([0.49, 0.01, 0.01, 0.01]) / 0.52, atol=1e-6)
+    # two members enter by their mean log-probability: (p_b p_c)^(w/2); with c = b that is p_b^w again
+    assert torch.allclose(fuse_log_probs(a, [b, b], 2.0), fuse_log_probs(a, [b], 2.0), atol=1e-6)
+    c = torch.log(torch.tensor([[0.25, 0.25, 0.25, 0.25], [0.1, 0.1, 0.1, 0.7]]))
+    by_hand = torch.log_softmax(a + 2.0 * (b + c) / 2, -1)
+    assert torch.allclose(fuse_log_probs(a, [b, c], 2.0), by_hand, atol=1e-6)
+    # a uniform member leaves the first's distribution as it is; no members or w 0: the first, untouched
+    flat = torch.full((2, 4), math.log(0.25))
+    assert torch.allclose(fuse_log_probs(a, [flat], 3.0), a, atol=1e-6)
+    assert fuse_log_probs(a, [], 2.0) is a and fuse_log_probs(a, [b], 0.0) is a
+    # excluded items (-inf in every model) stay -inf and take no mass
+    ex = a.clone()
+    ex[0, 1] = float("-inf")
+    got = fuse_log_probs(ex, [b.masked_fill(torch.isneginf(ex), float("-inf"))], 1.0)
+    assert torch.isneginf(got[0, 1]) and torch.allclose(got[0].exp().sum(), torch.tensor(1.0))
+
+
+def test_top_by_log_probs_ties_go_to_the_smaller_id_and_excluded_items_are_padding():
+    from grc_core.sasrec import top_by_log_probs
+
+    logp = torch.tensor([[-1.0, -0.5, -1.0, float("-inf")], [float("-inf")] * 2 + [-2.0, -3.0]])
+    items, scores = top_by_log_probs(logp, 4)
+    assert items.tolist() == [[1, 0, 2, -1], [2, 3, -1, -1]]
+    assert scores[0, :3].tolist() == [-0.5, -1.0, -1.0] and np.isneginf(scores[0, 3])

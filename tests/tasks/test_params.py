@@ -254,3 +254,20 @@ def test_tiger_cf_weights_must_be_distinct_and_not_negative():
     for bad in ("[]", "[1, 1]", "[-1, 2]"):
         params_error("evaluate.cf_weights: need one or more distinct weights >= 0", overrides=[f"evaluate.cf_weights={bad}"])
     assert load_params(overrides=["evaluate.cf_weights=[2]"]).evaluate.cf_weights == (2.0,)
+
+
+def test_the_sasrec_ensemble_is_checked_against_the_first_model_and_the_methods():
+    p = load_params(overrides=["sasrec.seed=7", "sasrec_ensemble.seeds=[8, 9]"])
+    assert p.sasrec_ensemble.seeds == (8, 9) and "sasrec_ens" in p.ranked_methods()
+    # no ensemble: evaluate leaves sasrec_ens out, keeping every other method in order
+    bare = load_params(overrides=["sasrec_ensemble.seeds=[]"])
+    assert "sasrec_ens" in bare.evaluate.methods
+    assert bare.ranked_methods() == tuple(m for m in bare.evaluate.methods if m != "sasrec_ens")
+    for overrides, message in (
+            (["sasrec.seed=7", "sasrec_ensemble.seeds=[7]"], "holds sasrec.seed 7"),
+            (["sasrec_ensemble.seeds=[8, 8]"], "need distinct seeds"),
+            (["sasrec_ensemble.weights=[]"], "one or more distinct weights"),
+            (["sasrec_ensemble.weights=[-1.0]"], "one or more distinct weights"),
+            (["sasrec_ensemble.seeds=[]", "candidates.method=sasrec_ens"], "candidates.method is sasrec_ens")):
+        with pytest.raises(ParamsError, match=re.escape(message)):
+            load_params(overrides=overrides)

@@ -70,3 +70,16 @@ def test_the_report_says_which_weight_tiger_cf_decodes_with():
     board["tiger_cf_weight"] = choose_weight(tried)
     text = "\n".join(leaderboard_lines(board))
     assert "tiger_cf decodes with w = 4, chosen on the same validation users (R@10 per w: 1: 0.2500, 4: 0.5000)" in text
+
+
+def test_the_report_says_which_ensemble_steers_tiger_cf():
+    from tasks.evaluate import choose_weight, leaderboard
+    from tasks.report import leaderboard_lines
+
+    tried = {0.5: np.array([1, 2, 0, 0]), 2.0: np.array([1, 0, 0, 0])}  # R@10 2/4 and 1/4
+    board = leaderboard({"tiger_cf": tried[0.5]}, beam=20, n_boot=50, seed=0)
+    assert not any("ensemble" in line for line in leaderboard_lines(board))  # none without one
+    board["sasrec_ensemble"] = {"seeds": [2126, 2226], "weight": 0.5, "choice": choose_weight(tried)}
+    text = "\n".join(leaderboard_lines(board))
+    assert ("The SASRec ensemble (further seeds 2126, 2226) enters with w = 0.5, chosen by the sasrec stage on every "
+            "validation user (R@10 per w: 0.5: 0.5000, 2: 0.2500)") in text

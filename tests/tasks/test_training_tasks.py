@@ -69,7 +69,7 @@ def backbone_inputs_copy(project, root: Path, *extra: str):
     src = project["params"].dataset_dir()
     params = make_tiny_params(root, *extra, source=project["root"] / "source")
     dst = params.dataset_dir()
-    for name in ("splits", "tokenizer", "sasrec"):
+    for name in ("splits", "tokenizer", "sasrec", "sasrec_ensemble"):
         shutil.copytree(src / name, dst / name)
     shutil.copy(src / "items.parquet", dst / "items.parquet")
     return params, src, dst
@@ -323,8 +323,71 @@ def test_sasrec_report_names_the_epoch_whose_weights_it_saves_on_a_recall_tie(pr
     dst = tmp_path / "data" / "tiny"
     shutil.copytree(src / "splits", dst / "splits")
     shutil.copy(src / "items.parquet", dst / "items.parquet")
-    result = body(train_baseline)(make_tiny_params(tmp_path))
+    result = body(train_baseline)(make_tiny_params(tmp_path, "sasrec_ensemble.seeds=[]"))  # the first model only
     assert result["best"]["epoch"] == 1  # train_sasrec keeps epoch 1's weights
+
+
+def test_the_ensembles_members_are_the_sasrecs_of_their_seeds_and_its_weight_is_chosen_on_validation(
+        project, sasrec, backbone, tmp_path):
+    from grc_core.data import history_mask
+    from grc_core.sasrec import score_all
+    from tasks.artifacts import histories_of, load_ranker
+    from tasks.evaluate import rank_users
+
+    params = project["params"]
+    out_dir, (seed,) = params.dataset_dir(), params.sasrec_ensemble.seeds
+    config = io.read_json(out_dir / "sasrec_ensemble" / "config.json")
+    assert config["seeds"] == [seed] == sasrec["ensemble"]["seeds"] and config["weight"] == sasrec["ensemble"]["weight"]
+    # the member is the model the first's training makes with its seed
+    src, dst = out_dir, tmp_path / "data" / "tiny"
+    shutil.copytree(src / "splits", dst / "splits")
+    shutil.copy(src / "items.parquet", dst / "items.parquet")
+    body(train_baseline)(make_tiny_params(tmp_path, f"sasrec.seed={seed}", "sasrec_ensemble.seeds=[]"))
+    alone = load_file(str(dst / "sasrec" / "model.safetensors"))
+    member = load_file(str(out_dir / "sasrec_ensemble" / "model.safetensors"))
+    assert member.keys() == {f"{seed}.{k}" for k in alone}
+    assert all(torch.equal(member[f"{seed}.{k}"], v) for k, v in alone.items())
+    assert io.read_json(dst / "sasrec_ensemble" / "config.json")["seeds"] == []  # no seeds: the folder, empty
+    # the weight, by hand: log softmax(log p_0 + w log p_1), history excluded, the best R@10, then N@10, then the smaller w
+    valid = valid_instances(params)
+    first, second = load_baseline(out_dir), load_baseline(dst)
+    logp = [torch.log_softmax(torch.as_tensor(score_all(m, histories_of(valid))), -1) for m in (first, second)]
+    mask = history_mask(valid.history, logp[0].shape[1])
+    targets = valid.target.numpy()
+
+    def ranks_at(w):
+        fused = torch.log_softmax(logp[0] + w * logp[1], -1).masked_fill(mask, float("-inf"))
+        higher = (fused > fused[torch.arange(len(targets)), targets][:, None]).sum(1)
+        tied_before = ((fused == fused[torch.arange(len(targets)), targets][:, None])
+                       & (torch.arange(fused.shape[1]) < torch.as_tensor(targets)[:, None])).sum(1)
+        at = fused[torch.arange(len(targets)), targets]
+        return torch.where(torch.isneginf(at), 0, higher + tied_before + 1).numpy()  # an excluded target: never ranked
+
+    by_w = {}
+    for w in params.sasrec_ensemble.weights:
+        r = ranks_at(w)
+        hit = (r >= 1) & (r <= 10)
+        by_w[w] = (hit.mean(), np.where(hit, 1 / np.log2(np.maximum(r, 1) + 1), 0).mean())
+    best = min(by_w, key=lambda w: (-by_w[w][0], -by_w[w][1], w))
+    assert config["weight"] == best
+    assert [row["recall@10"] for row in config["choice"]["valid"]] == pytest.approx([by_w[w][0] for w in by_w], abs=1e-12)
+    # sasrec_ens ranks by that distribution (to the evaluate beam)
+    users, ranks, _, _ = body(rank_users)(params, "sasrec_ens", "valid")
+    expect = ranks_at(best)
+    assert np.array_equal(ranks, np.where(expect <= params.evaluate.beam, expect, 0))
+    # tiger_cf is steered by it: the beam with that distribution as its prior, decoded by hand
+    table, trie, _, _ = item_index(out_dir, params.dataset.attributes, "cpu")
+    fused_prior = lambda inst: torch.log_softmax(  # noqa: E731
+        torch.log_softmax(torch.as_tensor(score_all(first, histories_of(inst))), -1)
+        + best * torch.log_softmax(torch.as_tensor(score_all(second, histories_of(inst))), -1), -1)
+    ranked, _ = rank_with_backbone(load_backbone(out_dir), valid, table, trie, 20, 16, exclude_history=True,
+                                   item_logp=fused_prior, cf_weight=2.0)
+    mine, _ = load_ranker("tiger_cf", out_dir, params.dataset.attributes, "cpu", selection_decode(20, "union", 1.0), 16,
+                          True, 2.0)(valid)
+    assert np.array_equal(mine, ranked)
+    # an ensemble other than the params' own is refused
+    with pytest.raises(ValueError, match="sasrec_ensemble.seeds"):
+        body(rank_users)(make_tiny_params(project["root"], f"sasrec_ensemble.seeds=[{seed + 1}]"), "tiger_cf", "valid")
 
 
 # --- mining -------------------------------------------------------------------------------------
