@@ -34,7 +34,7 @@ RUNS = (
     ("ml-100k, seeds\n2026-2030, the\npipeline's champion\n(w chosen),\nseed-averaged", ("seeds_ml-100k_weight_chosen",)),
     ("ml-100k, history 50\n(the default since\n2026-12-05), seeds\n2026-2030, champion,\nseed-averaged", ("seeds_ml-100k_history50",)),
     ("ml-100k, history 50,\nseeds 2026-2030 of\n'A dense head', GRC\n+ V_cf, champion,\nseed-averaged",
-     ("seeds_ml-100k_grc_vcf", "beam_width_ml-100k_ml100k_s2026-2030")),
+     ("seeds_ml-100k_grc_vcf", "beam_width_ml-100k_ml100k_s2026-2030", "seeds_ml-100k_tiger_cf_pair_vs_sasrec_s2026-2030")),
     ("scientific\nseed 2026", ("grc_all_scientific_s2026_vs_sasrec",)),
     ("scientific\nseed 2027", ("grc_all_scientific_s2027_vs_sasrec",)),
     ("scientific\nseed 2028", ("grc_all_scientific_s2028_vs_sasrec",)),
@@ -42,10 +42,13 @@ RUNS = (
     ("scientific, seeds\n2026-2030 through\nthe pipeline\n(w chosen),\nseed-averaged", ("seeds_scientific_pipeline_weight_chosen",)),
     ("scientific, history 50\nseeds 2026-2027\n(code of f2432cb),\nseed-averaged",
      ("seeds_scientific_history50_vs20",)),
+    ("scientific seeds\n2026-2027 of\n2026-12-06,\nseed-averaged", ("seeds_scientific_tiger_cf_pair_runs_s2026-2027",)),
     ("instruments\nprebuilt IDs", ("grc_all_instruments_prebuilt_vs_sasrec", "cf_fusion_instruments_ids_prebuilt_wlow")),
-    ("instruments seed 2027\nthrough the pipeline\n(window 50)", ("seeds_instruments_s2027_pipeline",)),
+    ("instruments seed 2027\nthrough the pipeline\n(window 50)",
+     ("seeds_instruments_s2027_pipeline", "seeds_instruments_tiger_cf_pair_vs_sasrec_s2027")),
 )
 METHODS = {"tiger": "TIGER", "late_fusion": "best late fusion", "tiger_cf": "tiger_cf",
+           "tiger_cf_pair": "tiger_cf on the SASRec ensemble (the default since 2026-12-06)",
            "grc_sft": "GRC-SFT (+ V_cf)", "grc_rl": "GRC-RL (+ V_cf)",
            "champion": "each seed's validation champion (the dump)"}
 TARGET = 5.0  # percent of SASRec's Recall@10
