@@ -46,7 +46,7 @@ from benchmarks.common import commit, save, stamp
 from grc_core import metrics as M
 from grc_core.data import Instances
 from grc_core.evaluation import rank_with_backbone
-from grc_core.sasrec import fuse_log_probs
+from grc_core.sasrec import fuse_log_probs, top_by_log_probs
 from tasks import io
 from tasks.artifacts import (backbone_cf_mode, item_index, load_backbone, load_baseline, load_split, sasrec_log_probs,
                              tiger_cf_weight)
@@ -60,10 +60,7 @@ def fused_ranks(logp_a: torch.Tensor, logp_b: torch.Tensor, targets: np.ndarray,
                 depth: int) -> np.ndarray:
     """1-based rank of each target under log p_A + w log p_B (U, N), ties to the smaller item id;
     0 where it is beyond `depth` or excluded (-inf)."""
-    fused = logp_a + weight * logp_b if weight else logp_a
-    order = torch.sort(-fused, dim=1, stable=True).indices[:, :depth]  # (U, depth)
-    top = torch.gather(fused, 1, order)
-    ranked = torch.where(torch.isneginf(top), -1, order).numpy()
+    ranked, _ = top_by_log_probs(logp_a + weight * logp_b if weight else logp_a, depth)  # (U, depth)
     return M.target_ranks(ranked, targets)
 
 
