@@ -9,7 +9,7 @@ splits, another seed (`python -m flows.sasrec -S data.data_dir=<run'>/data -S sa
 on a copy of the run's splits). Each `--dirs` run is paired with the `--second` run in the same
 position. Over the whole catalog the pair scores log p_A(i) + w log p_B(i) (history items excluded
 where `data.exclude_history`, as the evaluate stage does); each run's w is chosen on its validation
-split from `--weights` by `tiger_cf`'s rule (`tasks.evaluate.choose_weight`).
+split from `--weights` by `tiger_cf`'s rule (`grc_core.metrics.choose_weight`).
 
 It ranks the users the evaluate stage ranked (its `eval/sasrec.parquet` of each split). For every
 run it writes per-user target ranks (top `--depth`, 0 beyond, as the evaluate stage
@@ -50,7 +50,7 @@ from grc_core.sasrec import fuse_log_probs, top_by_log_probs
 from tasks import io
 from tasks.artifacts import (backbone_cf_mode, item_index, load_backbone, load_baseline, load_split, sasrec_log_probs,
                              tiger_cf_weight)
-from tasks.evaluate import choose_weight, save_ranks
+from tasks.evaluate import save_ranks
 from tasks.params import load_params
 
 SUBDIR = "eval_pair"
@@ -88,7 +88,7 @@ def tiger_cf_pair(params, inst: Instances, split: str, a, b, row: dict) -> np.nd
         raise ValueError(f"{out_dir / 'eval' / 'valid' / 'tiger_cf.parquet'}: tiger_cf's ranks recomputed here "
                          "differ from the evaluate stage's; tiger_cf_pair would not be decoded like tiger_cf")
     ranked = {float(w): tiger_cf_ranks(params, inst, prior, float(w)) for w in ev.cf_weights}
-    choice = choose_weight(ranked)
+    choice = M.choose_weight(ranked)
     row["tiger_cf_pair_weight"] = choice["chosen"]
     row["tiger_cf_pair_valid_recall@10"] = {str(r["weight"]): r["recall@10"] for r in choice["valid"]}
     return ranked[choice["chosen"]]
@@ -126,7 +126,7 @@ def pair_run(data_dir: Path, second_dir: Path, dataset: str, weights: list[float
             raise ValueError(f"{out_dir / stage / 'sasrec.parquet'}: SASRec's ranks recomputed here differ from the "
                              "evaluate stage's; the pair would not be scored like the methods it is compared with")
         if split == "valid":  # the evaluate stage's rule for tiger_cf's weight
-            choice = choose_weight(ranked)
+            choice = M.choose_weight(ranked)
             row["weight"] = choice["chosen"]
             row["valid_recall@10"] = {str(r["weight"]): r["recall@10"] for r in choice["valid"]}
         for name, r in (("sasrec_b", np.concatenate(alone_b)), ("sasrec_pair", ranked[row["weight"]])):

@@ -27,11 +27,12 @@ from typing import Sequence
 
 from prefect import flow, get_run_logger
 
+from grc_core.metrics import choose_weight
 from tasks import io
 from tasks.artifacts import ENSEMBLE
 from tasks.cli import parse_cli
-from tasks.evaluate import (append_quality_record, choose_weight, leaderboard, paired_against, rank_or_reuse,
-                            rank_users, save_ranks, summarize_method)
+from tasks.evaluate import (append_quality_record, leaderboard, paired_against, rank_or_reuse, rank_users, save_ranks,
+                            summarize_method)
 from tasks.params import Params
 from tasks.report import write_report
 from tasks.ui import champion_entry, publish_leaderboard, publish_report

@@ -448,8 +448,9 @@ def fuse_log_probs(first: torch.Tensor, others: Sequence[torch.Tensor], weight: 
 
 
 def top_by_log_probs(logp: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """The k best items (B, k) and their scores, best first, ties to the smaller item id; -inf
-    (excluded) items come back as padding (-1, -inf), like the beam's."""
+    """The k best items (B, k) by `logp` (log-probabilities, or any scores such as logits) and their
+    scores, best first, ties to the smaller item id; -inf (excluded) items come back as padding
+    (-1, -inf), like the beam's."""
     order = torch.sort(-logp, dim=1, stable=True).indices[:, :k]  # (B, k)
     top = torch.gather(logp, 1, order)
     return torch.where(torch.isneginf(top), -1, order).numpy(), top.numpy()

@@ -216,14 +216,13 @@ def sasrec_top(model: SASRec, histories: list[list[int]], k: int, batch_size: in
     items, scores = [], []
     for start in range(0, len(histories), batch_size):
         chunk = histories[start:start + batch_size]
-        logits = score_all(model, chunk)  # (b, N)
+        logits = torch.as_tensor(score_all(model, chunk))  # (b, N)
         if exclude_history:
             for row, h in enumerate(chunk):
-                logits[row, h] = -np.inf
-        order = np.argsort(-logits, axis=1, kind="stable")[:, :k]  # (b, k)
-        top = np.take_along_axis(logits, order, 1)
-        items.append(np.where(np.isneginf(top), -1, order).astype(np.int64))
-        scores.append(top)
+                logits[row, h] = float("-inf")
+        top, score = top_by_log_probs(logits, k)
+        items.append(top)
+        scores.append(score)
     if not items:
         return np.zeros((0, k), np.int64), np.zeros((0, k), np.float32)
     return np.concatenate(items), np.concatenate(scores)  # (B, k), (B, k)

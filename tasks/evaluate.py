@@ -25,7 +25,6 @@ from tqdm.auto import tqdm
 from grc_core import metrics as M
 from grc_core.device import resolve_device
 from grc_core.evaluation import ReflectionStats
-from grc_core.metrics import choose_weight  # noqa: F401 (the flow and benchmarks import it from here)
 from tasks import io
 from tasks.artifacts import (GRC_METHODS, check_ensemble, decode_config, decode_identity, load_ranker, load_split,
                              subset, tiger_cf_weight)

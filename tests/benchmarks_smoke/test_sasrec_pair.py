@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from benchmarks.sasrec_pair import fused_ranks
-from tasks.evaluate import choose_weight
+from grc_core.metrics import choose_weight
 
 
 def test_fused_ranks_by_hand():

@@ -77,7 +77,7 @@ def test_a_significant_challenger_replaces_the_default_and_a_missing_default_lea
 
 
 def test_the_weight_with_the_best_validation_recall_then_ndcg_then_the_smaller_is_chosen():
-    from tasks.evaluate import choose_weight
+    from grc_core.metrics import choose_weight
 
     # R@10: w 1 -> 1/4, w 2 -> 2/4 (hits at ranks 1 and 9), w 8 -> 2/4 (ranks 1 and 2: more NDCG)
     tried = {1.0: np.array([1, 0, 0, 0]), 2.0: np.array([1, 9, 0, 0]), 8.0: np.array([1, 2, 0, 0])}

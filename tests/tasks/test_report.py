@@ -62,7 +62,8 @@ def test_a_kept_default_champion_is_reported_against_the_higher_method():
 
 
 def test_the_report_says_which_weight_tiger_cf_decodes_with():
-    from tasks.evaluate import choose_weight, leaderboard
+    from grc_core.metrics import choose_weight
+    from tasks.evaluate import leaderboard
     from tasks.report import leaderboard_lines
 
     tried = {1.0: np.array([1, 0, 0, 0]), 4.0: np.array([1, 2, 0, 0])}  # R@10 1/4 and 2/4
@@ -73,7 +74,8 @@ def test_the_report_says_which_weight_tiger_cf_decodes_with():
 
 
 def test_the_report_says_which_ensemble_steers_tiger_cf():
-    from tasks.evaluate import choose_weight, leaderboard
+    from grc_core.metrics import choose_weight
+    from tasks.evaluate import leaderboard
     from tasks.report import leaderboard_lines
 
     tried = {0.5: np.array([1, 2, 0, 0]), 2.0: np.array([1, 0, 0, 0])}  # R@10 2/4 and 1/4
