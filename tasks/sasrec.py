@@ -42,13 +42,22 @@ def progress_printer(prefix: str = ""):
     return progress
 
 
+def model_fingerprint(params: Params, member_seed: int | None = None) -> str:
+    """The checkpoints' fingerprint of one SASRec of the stage: the first (`member_seed` None) or the
+    ensemble member of that seed. It leaves out `sasrec_ensemble`, which no one model's training
+    reads, so a change of the ensemble's seeds or weights resumes every model already trained
+    instead of training it again (only the weight is chosen again)."""
+    return fingerprint(params, "sasrec", ignore=("sasrec_ensemble",),
+                       extra=None if member_seed is None else {"member_seed": member_seed})
+
+
 @task
 def train_baseline(params: Params) -> dict:
     out_dir, cfg = params.dataset_dir(), params.sasrec
     n_items = io.read_parquet(out_dir / "items.parquet").height
     train, valid = load_rows(out_dir, "train"), load_rows(out_dir, "valid")
     work = out_dir / "sasrec"
-    ckpt = Checkpointer(work / "ckpt", fingerprint(params, "sasrec"))
+    ckpt = Checkpointer(work / "ckpt", model_fingerprint(params))
     model, history = train_sasrec(train, valid, n_items, cfg, progress_printer(), ckpt)
     io.write_safetensors(work / "model.safetensors", {k: v.detach().cpu() for k, v in model.state_dict().items()})
     io.write_json(work / "config.json", model.architecture())
@@ -68,7 +77,7 @@ def train_ensemble(params: Params, first: SASRec, train, valid, n_items: int) ->
             shutil.rmtree(stale)
     members, runs = [], []
     for seed in seeds:
-        ckpt = Checkpointer(where / f"ckpt_{seed}", fingerprint(params, "sasrec"))
+        ckpt = Checkpointer(where / f"ckpt_{seed}", model_fingerprint(params, seed))
         model, history = train_sasrec(train, valid, n_items, dataclasses.replace(params.sasrec, seed=seed),
                                       progress_printer(f"member {seed}: "), ckpt)
         members.append(model)

@@ -288,9 +288,12 @@ def param_value(raw: dict[str, Any], key: str) -> Any:
     return node
 
 
-def param_values(params, stage: str) -> dict[str, Any]:
+def param_values(params, stage: str, ignore: Iterable[str] = ()) -> dict[str, Any]:
     raw = params.raw
-    return {key: param_value(raw, key) for key in ("data.dataset", *STAGES[stage].params)}
+    unknown = set(ignore) - set(STAGES[stage].params)
+    if unknown:
+        raise ValueError(f"param_values: {sorted(unknown)} are not params of stage {stage!r}")
+    return {key: param_value(raw, key) for key in ("data.dataset", *STAGES[stage].params) if key not in ignore}
 
 
 def input_digests(params, stage: str, inputs: Iterable[str] | None = None) -> dict[str, str]:
@@ -300,13 +303,14 @@ def input_digests(params, stage: str, inputs: Iterable[str] | None = None) -> di
 
 
 def fingerprint(params, stage: str, inputs: Iterable[str] | dict[str, str] | None = None,
-                extra: dict | None = None) -> str:
+                extra: dict | None = None, ignore: Iterable[str] = ()) -> str:
     """What a stage's outputs depend on: its params' values, its input artifacts' bytes (`inputs`
     narrows them, e.g. to the one method a dump reads; a dict gives digests already computed by
     `input_digests` or `sha256_file`) and its code. `extra` adds what only the caller knows (a
-    variant, a fold)."""
+    variant, a fold). `ignore` leaves out params of the stage that one of its outputs does not
+    read (the sasrec stage's first model and its ensemble's seeds)."""
     digests = inputs if isinstance(inputs, dict) else input_digests(params, stage, inputs)
-    spec = {"stage": stage, "params": param_values(params, stage), "code": code_digest(stage),
+    spec = {"stage": stage, "params": param_values(params, stage, ignore), "code": code_digest(stage),
             "inputs": digests, "extra": extra or {}}
     return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()
 

@@ -285,3 +285,13 @@ def test_parse_source_retries_cpythons_spurious_recursion_depth_error(monkeypatc
     monkeypatch.setattr(stages.ast, "parse", lambda text: (_ for _ in ()).throw(SystemError("another")))
     with pytest.raises(SystemError, match="another"):
         stages.parse_source("import os")
+
+
+def test_an_ignored_param_leaves_the_fingerprint_and_only_a_declared_one_can_be_ignored(project):
+    base = stages.fingerprint(project, "sasrec", ignore=("sasrec_ensemble",))
+    for leaf in _leaves(project.raw, "sasrec_ensemble"):
+        assert stages.fingerprint(_with(project, leaf), "sasrec", ignore=("sasrec_ensemble",)) == base, leaf
+    for leaf in _leaves(project.raw, "sasrec"):
+        assert stages.fingerprint(_with(project, leaf), "sasrec", ignore=("sasrec_ensemble",)) != base, leaf
+    with pytest.raises(ValueError, match=r"\['backbone'\] are not params of stage 'sasrec'"):
+        stages.fingerprint(project, "sasrec", ignore=("backbone",))

@@ -390,6 +390,39 @@ def test_the_ensembles_members_are_the_sasrecs_of_their_seeds_and_its_weight_is_
         body(rank_users)(make_tiny_params(project["root"], f"sasrec_ensemble.seeds=[{seed + 1}]"), "tiger_cf", "valid")
 
 
+def test_a_new_ensemble_resumes_the_sasrecs_already_trained_and_a_sasrec_param_retrains_them(
+        project, tmp_path, monkeypatch):
+    import grc_core.sasrec
+
+    src, dst = project["params"].dataset_dir(), tmp_path / "data" / "tiny"
+    shutil.copytree(src / "splits", dst / "splits")
+    shutil.copy(src / "items.parquet", dst / "items.parquet")
+    epochs = []  # the seed of the model each epoch trained
+    real = grc_core.sasrec.train_epoch
+    monkeypatch.setattr(grc_core.sasrec, "train_epoch",
+                        lambda model, *a: epochs.append(model.cfg.seed) or real(model, *a))
+
+    def run(*extra):
+        epochs.clear()
+        params = make_tiny_params(tmp_path, *extra)
+        result = body(train_baseline)(params)
+        return params, result, load_file(str(dst / "sasrec" / "model.safetensors")), \
+            load_file(str(dst / "sasrec_ensemble" / "model.safetensors"))
+
+    params, _, first, ens = run("sasrec_ensemble.seeds=[11]")
+    n, seed = params.sasrec.epochs, params.sasrec.seed
+    assert epochs == [seed] * n + [11] * n
+    # another member and other weights: only the new member trains; the others resume as they were
+    _, result, first2, ens2 = run("sasrec_ensemble.seeds=[11, 12]", "sasrec_ensemble.weights=[0.5]")
+    assert epochs == [12] * n
+    assert first2.keys() == first.keys() and all(torch.equal(first2[k], first[k]) for k in first)
+    assert all(torch.equal(ens2[k], ens[k]) for k in ens) and {k.split(".")[0] for k in ens2} == {"11", "12"}
+    assert result["ensemble"]["weight"] == 0.5 and result["ensemble"]["seeds"] == [11, 12]
+    # a param a model's training reads starts every model afresh
+    run("sasrec_ensemble.seeds=[11, 12]", "sasrec_ensemble.weights=[0.5]", f"sasrec.lr={params.sasrec.lr / 2}")
+    assert epochs == [seed] * n + [11] * n + [12] * n
+
+
 # --- mining -------------------------------------------------------------------------------------
 
 
