@@ -46,6 +46,8 @@ RUNS = (
     ("instruments\nprebuilt IDs", ("grc_all_instruments_prebuilt_vs_sasrec", "cf_fusion_instruments_ids_prebuilt_wlow")),
     ("instruments seed 2027\nthrough the pipeline\n(window 50)",
      ("seeds_instruments_s2027_pipeline", "seeds_instruments_tiger_cf_pair_vs_sasrec_s2027")),
+    ("instruments seed 2028\nthrough the pipeline\nwith the ensemble", ("seeds_instruments_tiger_cf_pair_s2028",)),
+    ("instruments seeds\n2027-2028, the\nensemble,\nseed-averaged", ("seeds_instruments_ensemble_s2027-2028",)),
 )
 METHODS = {"tiger": "TIGER", "late_fusion": "best late fusion", "tiger_cf": "tiger_cf",
            "tiger_cf_pair": "tiger_cf on the SASRec ensemble (the default since 2026-12-06)",
