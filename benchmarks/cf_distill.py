@@ -38,7 +38,7 @@ from benchmarks.cf_fusion import first_code_hits, metrics_of
 from benchmarks.common import RESULTS, commit, save, stamp
 from grc_core import metrics as M
 from grc_core.evaluation import rank_with_backbone
-from tasks.artifacts import (backbone_cf_mode, backbone_prior, histories_of, item_index, load_backbone, load_baseline,
+from tasks.artifacts import (backbone_cf_mode, backbone_prior, item_index, load_backbone, load_baseline,
                              load_split, sasrec_log_probs, sasrec_top, subset)
 from tasks.io import sha256_file
 from tasks.params import load_params
@@ -90,7 +90,7 @@ def decode(params, data_dir: Path, split: str, n_users: int, weights, beam: int,
 
 def sasrec_ranked(params, data_dir: Path, inst, beam: int, batch: int):
     """SASRec's top `beam` items for `inst` (the runs share one SASRec): (U, beam)."""
-    return sasrec_top(load_baseline(data_dir / params.data.dataset), histories_of(inst), beam, batch,
+    return sasrec_top(load_baseline(data_dir / params.data.dataset), inst, beam, batch,
                       params.data.exclude_history)[0]
 
 

@@ -33,7 +33,7 @@ from benchmarks.common import commit, save, stamp
 from grc_core import metrics as M
 from grc_core.evaluation import history_mask, rank_with_backbone
 from tasks import io
-from tasks.artifacts import (histories_of, item_index, load_backbone, load_baseline, load_split, sasrec_log_probs,
+from tasks.artifacts import (item_index, load_backbone, load_baseline, load_split, sasrec_log_probs,
                              sasrec_top, subset)
 from tasks.params import load_params
 
@@ -104,7 +104,7 @@ def rank_all(params, split: str, n_users: int, weights, beam: int, batch: int, l
         out[f"tiger_cf@{w}"] = rank_with_backbone(backbone, inst, table, trie, beam, batch, exclude_history=excl,
                                                   item_logp=item_logp, cf_weight=w)
         out[f"tiger_cf@{w}_s"] = time.perf_counter() - t0
-    out["sasrec"] = sasrec_top(sasrec, histories_of(inst), beam, batch, excl)
+    out["sasrec"] = sasrec_top(sasrec, inst, beam, batch, excl)
     logp = masked_log_probs(item_logp, inst, batch, excl)  # (U, N)
     rrf, linear = late_fusions(out["tiger"][0], out["tiger"][1], logp, out["sasrec"][0], beam,
                                weights if linear_weights is None else linear_weights)

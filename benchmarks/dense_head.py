@@ -42,7 +42,7 @@ from benchmarks.cf_fusion import masked_log_probs
 from benchmarks.common import RESULTS, commit, save, stamp
 from grc_core import metrics as M
 from grc_core.evaluation import dense_item_logp, rank_with_backbone
-from tasks.artifacts import (histories_of, item_index, load_backbone, load_baseline, load_split, sasrec_log_probs,
+from tasks.artifacts import (item_index, load_backbone, load_baseline, load_split, sasrec_log_probs,
                              sasrec_top, subset)
 from tasks.evaluate import save_ranks
 from tasks.io import tree_sha256
@@ -180,7 +180,7 @@ def main(argv: list[str] | None = None) -> dict:
         ranks, seconds = grid_ranks(model, inst, table, trie, args.beam, args.batch, excl, sas, dense, mine)
         print("  base backbone:", flush=True)
         base_ranks, base_seconds = grid_ranks(base, inst, table, trie, args.beam, args.batch, excl, sas, None, theirs)
-        fixed = {"sasrec": sasrec_top(sasrec, histories_of(inst), args.beam, args.batch, excl)[0]}
+        fixed = {"sasrec": sasrec_top(sasrec, inst, args.beam, args.batch, excl)[0]}
         scores = masked_log_probs(dense, inst, args.batch, excl).numpy()  # (U, N), the history -inf
         fixed["dense"] = np.argsort(-scores, axis=1, kind="stable")[:, :args.beam]
         fixed = {k: M.target_ranks(v, inst.target.numpy()) for k, v in fixed.items()}

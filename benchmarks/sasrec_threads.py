@@ -26,7 +26,7 @@ from benchmarks.common import commit, save, stamp
 from grc_core import metrics as M
 from grc_core.sasrec import best_record, train_sasrec
 from tasks import io
-from tasks.artifacts import histories_of, load_rows, load_split, sasrec_top
+from tasks.artifacts import load_rows, load_split, sasrec_top
 from tasks.params import load_params
 
 
@@ -40,7 +40,7 @@ def weights_sha256(model: torch.nn.Module) -> str:
 
 def ranked_metrics(model, inst, exclude_history: bool) -> dict:
     """Recall@10 and NDCG@10 as the evaluate stage's `sasrec` ranker gives them (tasks/artifacts.py)."""
-    items, _ = sasrec_top(model, histories_of(inst), 200, 256, exclude_history)
+    items, _ = sasrec_top(model, inst, 200, 256, exclude_history)
     per_user = M.per_user_metrics(M.target_ranks(items, inst.target.numpy()), (10,), (10,))
     return {k: float(v.mean()) for k, v in per_user.items()}
 

@@ -39,7 +39,7 @@ from grc_core.evaluation import history_mask, rank_with_backbone
 from grc_core.grc import expand_memory
 from grc_core.value import candidate_values, discounted_returns, sample_candidates, semantic_step_rewards
 from grc_core.ved import CFValue, ValueQuery, forward_tokens_of_beam, rank_with_ved, ved_decode
-from tasks.artifacts import (histories_of, item_index, load_backbone, load_baseline, load_split, load_value_head,
+from tasks.artifacts import (item_index, load_backbone, load_baseline, load_split, load_value_head,
                              model_dir, sasrec_log_probs, sasrec_top, subset, ved_value)
 from tasks.params import load_params
 from tasks.vstar import item_embeddings
@@ -111,7 +111,7 @@ def main() -> None:
             return ranked[alias[method], id(inst)], None
         t0 = time.perf_counter()
         if method == "sasrec":
-            items, _ = sasrec_top(sasrec, histories_of(inst), args.beam, 256, excl_on)
+            items, _ = sasrec_top(sasrec, inst, args.beam, 256, excl_on)
         elif method == "vstar_ved":
             items, _ = rank_with_ved(models["vstar"], inst, table, trie, ved_cfg, value_for(source), args.batch,
                                      exclude_history=excl_on)

@@ -209,23 +209,32 @@ def histories_of(inst: Instances) -> list[list[int]]:
     return [h[h >= 0].tolist() for h in inst.history.numpy()]
 
 
-def sasrec_top(model: SASRec, histories: list[list[int]], k: int, batch_size: int,
-               exclude_history: bool) -> tuple[np.ndarray, np.ndarray]:
-    """The k best items (B, k) and their logits, best first; ties go to the smaller item id.
-    Excluded history items come back as padding (-1, -inf), like the beam's."""
+def top_items(scores_of: Callable[[Instances], torch.Tensor], inst: Instances, k: int, batch_size: int,
+              exclude_history: bool, progress: Callable[[int], None] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The k best items (B, k) of each instance by `scores_of(batch)` (B, N), and their scores, best
+    first; ties go to the smaller item id. Excluded history items come back as padding (-1, -inf),
+    like the beam's."""
     items, scores = [], []
-    for start in range(0, len(histories), batch_size):
-        chunk = histories[start:start + batch_size]
-        logits = torch.as_tensor(score_all(model, chunk))  # (b, N)
+    for start in range(0, len(inst), batch_size):
+        part = inst.select(torch.arange(start, min(start + batch_size, len(inst))))
+        score = scores_of(part)
         if exclude_history:
-            for row, h in enumerate(chunk):
-                logits[row, h] = float("-inf")
-        top, score = top_by_log_probs(logits, k)
+            score = score.masked_fill(history_mask(part.history.to(score.device), score.shape[1]), float("-inf"))
+        top, best = top_by_log_probs(score, k)
         items.append(top)
-        scores.append(score)
+        scores.append(best)
+        if progress is not None:
+            progress(len(part))
     if not items:
         return np.zeros((0, k), np.int64), np.zeros((0, k), np.float32)
     return np.concatenate(items), np.concatenate(scores)  # (B, k), (B, k)
+
+
+def sasrec_top(model: SASRec, inst: Instances, k: int, batch_size: int, exclude_history: bool,
+               progress: Callable[[int], None] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """SASRec's k best items (B, k) and their logits (`top_items`)."""
+    return top_items(lambda part: torch.as_tensor(score_all(model, histories_of(part))), inst, k, batch_size,
+                     exclude_history, progress)
 
 
 def decode_config(ev, width: int, ved_test: VEDConfig) -> DecodeConfig:
@@ -315,34 +324,12 @@ def load_ranker(method: str, out_dir: Path, attributes: tuple[str, ...], device:
     model_dir(out_dir, method)  # unknown method: a clear error before anything loads
     if method == "sasrec":
         model = load_baseline(out_dir, device)
-
-        def rank_sasrec(inst, progress=None, stats=None):
-            out = sasrec_top(model, histories_of(inst), decode.width, batch_size, exclude_history)
-            if progress is not None:
-                progress(len(inst))
-            return out
-
-        return rank_sasrec
+        return lambda inst, progress=None, stats=None: sasrec_top(model, inst, decode.width, batch_size,
+                                                                  exclude_history, progress)
     if method == "sasrec_ens":
         fused = cf_log_probs(out_dir, device, reader=method)
-
-        def rank_ensemble(inst, progress=None, stats=None):
-            items, scores = [], []
-            for start in range(0, len(inst), batch_size):
-                part = inst.select(torch.arange(start, min(start + batch_size, len(inst))))
-                logp = fused(part)
-                if exclude_history:
-                    logp = logp.masked_fill(history_mask(part.history, logp.shape[1]), float("-inf"))
-                top, score = top_by_log_probs(logp, decode.width)
-                items.append(top)
-                scores.append(score)
-                if progress is not None:
-                    progress(len(part))
-            if not items:
-                return np.zeros((0, decode.width), np.int64), np.zeros((0, decode.width), np.float32)
-            return np.concatenate(items), np.concatenate(scores)  # (B, W), (B, W)
-
-        return rank_ensemble
+        return lambda inst, progress=None, stats=None: top_items(fused, inst, decode.width, batch_size,
+                                                                 exclude_history, progress)
     if method != "tiger_cf" and "backbone" in METHOD_MODELS[method]:  # GRC's bundles hold no backbone: sft refused it
         require_plain_backbone(out_dir, f"method {method}")
     table, trie, _, _ = item_index(out_dir, attributes, device)

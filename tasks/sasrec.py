@@ -42,12 +42,17 @@ def progress_printer(prefix: str = ""):
     return progress
 
 
+# The stage's params that only the choice of the ensemble's weight reads (tasks/stages.py's comment
+# on the stage): no one SASRec's training or epoch selection reads them.
+WEIGHT_CHOICE_PARAMS = ("data.exclude_history", "sasrec_ensemble")
+
+
 def model_fingerprint(params: Params, member_seed: int | None = None) -> str:
     """The checkpoints' fingerprint of one SASRec of the stage: the first (`member_seed` None) or the
-    ensemble member of that seed. It leaves out `sasrec_ensemble`, which no one model's training
-    reads, so a change of the ensemble's seeds or weights resumes every model already trained
+    ensemble member of that seed. It leaves out `WEIGHT_CHOICE_PARAMS`, so a change of the
+    ensemble's seeds or weights, or of `data.exclude_history`, resumes every model already trained
     instead of training it again (only the weight is chosen again)."""
-    return fingerprint(params, "sasrec", ignore=("sasrec_ensemble",),
+    return fingerprint(params, "sasrec", ignore=WEIGHT_CHOICE_PARAMS,
                        extra=None if member_seed is None else {"member_seed": member_seed})
 
 

@@ -21,6 +21,7 @@ import polars as pl
 import pytest
 import torch
 
+from grc_core.data import make_instances
 from grc_core.model import ModelConfig
 from grc_core.sasrec import SASRec, topk_items
 from tasks import io
@@ -216,12 +217,13 @@ def test_sasrec_scores_are_sorted_and_agree_with_topk_items():
     torch.manual_seed(0)
     model = SASRec(30, sasrec_cfg(hidden=8, layers=1, dropout=0.0)).eval()
     histories = [[1, 2, 3], [4], [5, 6, 7, 8, 9, 10], [0, 29]]
-    items, scores = sasrec_top(model, histories, 6, batch_size=3, exclude_history=True)
+    inst = make_instances(range(4), histories, [0] * 4, 10)
+    items, scores = sasrec_top(model, inst, 6, batch_size=3, exclude_history=True)
     assert np.array_equal(items, topk_items(model, histories, 6, histories))
     assert (np.diff(scores, axis=1) <= 0).all()
     assert not any(set(row) & set(h) for row, h in zip(items.tolist(), histories))
     # 30 items, 6 in the history of row 2: its ranks 25..30 are padding, not history items
-    items, scores = sasrec_top(model, histories, 30, batch_size=3, exclude_history=True)
+    items, scores = sasrec_top(model, inst, 30, batch_size=3, exclude_history=True)
     assert (items[2, 24:] == -1).all() and np.isneginf(scores[2, 24:]).all() and (items[2, :24] >= 0).all()
 
 

@@ -418,6 +418,10 @@ def test_a_new_ensemble_resumes_the_sasrecs_already_trained_and_a_sasrec_param_r
     assert first2.keys() == first.keys() and all(torch.equal(first2[k], first[k]) for k in first)
     assert all(torch.equal(ens2[k], ens[k]) for k in ens) and {k.split(".")[0] for k in ens2} == {"11", "12"}
     assert result["ensemble"]["weight"] == 0.5 and result["ensemble"]["seeds"] == [11, 12]
+    # history exclusion is read by the weight's choice only: no model trains again
+    run("sasrec_ensemble.seeds=[11, 12]", "sasrec_ensemble.weights=[0.5]",
+        f"data.exclude_history={str(not params.data.exclude_history).lower()}")
+    assert epochs == []
     # a param a model's training reads starts every model afresh
     run("sasrec_ensemble.seeds=[11, 12]", "sasrec_ensemble.weights=[0.5]", f"sasrec.lr={params.sasrec.lr / 2}")
     assert epochs == [seed] * n + [11] * n + [12] * n
