@@ -36,3 +36,35 @@ def test_teacher_forced_scores_are_the_beams_own():
     exact = exhaustive_scores(BackboneStepper(model), to_batch(inst, table, with_target=False), trie).numpy()
     assert np.allclose(teacher_forced(model, inst, table, every, batch=3), exact, atol=1e-5)
     assert torch.is_grad_enabled()  # the inference mode ends with the call
+
+
+def test_cache_files_are_one_per_pair_when_several():
+    from pathlib import Path
+    from benchmarks.id_ensemble import cache_path
+    assert cache_path(Path("/c/x.npz"), 0, 1) == Path("/c/x.npz")
+    assert cache_path(Path("/c/x.npz"), 1, 3) == Path("/c/x_1.npz")
+    assert cache_path(None, 1, 3) is None
+
+
+def test_one_pair_chooses_b_on_the_fit_half_and_reads_the_check_half():
+    """Run B's log pi puts every target first; run A's beam and SASRec put it 12th. Only the
+    scorings that give B a weight find it, and the fit half's choice must say b > 0."""
+    from benchmarks.id_ensemble import one_pair
+    rng = np.random.default_rng(0)
+    users, width = 40, 30
+    cand = np.stack([rng.permutation(100)[:width] for _ in range(users)])
+    targets = cand[:, 11].copy()
+    lp_a = -np.arange(width, dtype=float)[None].repeat(users, 0)  # A (and SASRec) rank in list order
+    lp_b = np.full((users, width), -50.0)
+    lp_b[:, 11] = 0.0  # B: the target far ahead
+    cand[:5, -3:] = -1  # padding never ranks
+    got = {"beam_a": cand, "beam_b": cand[:, ::-1].copy(), "cand": cand, "lp_a": lp_a, "lp_b": lp_b,
+           "sas": lp_a.copy()}
+    fit = np.arange(users) < users // 2
+    part, per = one_pair(got, targets, fit, cf_weight_a=1.0)
+    assert part["chosen"]["tiger_cf_a_plus_b"]["b"] > 0 and part["chosen"]["union_a_b_sasrec"]["b"] > 0
+    assert part["chosen"]["union_a_sasrec"]["b"] == 0.0
+    assert per["tiger_cf_a_plus_b"]["recall@10"].tolist() == [1.0] * (users // 2)
+    assert per["tiger_cf_a"]["recall@10"].sum() == 0 and per["union_a_sasrec"]["recall@10"].sum() == 0
+    assert part["candidates"]["target_among"] == 1.0
+    assert got["lp_b"][0, -1] == -50.0  # the caller's arrays are left as they were
