@@ -83,11 +83,15 @@ def in_order(ranked: np.ndarray, targets: np.ndarray) -> dict[str, np.ndarray]:
     return {"recall@10": per_user["recall@10"], "ndcg@10": per_user["ndcg@10"]}
 
 
+def ordered(items: np.ndarray, score: np.ndarray) -> np.ndarray:
+    """Each row's candidates best `score` first (a tie keeps the row's order), padding (-1) last."""
+    order = np.argsort(-np.where(items >= 0, score, -np.inf), 1, kind="stable")
+    return np.where(np.take_along_axis(items >= 0, order, 1), np.take_along_axis(items, order, 1), -1)
+
+
 def hits_and_gains(items: np.ndarray, score: np.ndarray, targets: np.ndarray) -> dict[str, np.ndarray]:
     """Per-user recall@10 and ndcg@10 of the candidates ordered by `score` (padding last)."""
-    order = np.argsort(-np.where(items >= 0, score, -np.inf), 1, kind="stable")
-    return in_order(np.where(np.take_along_axis(items >= 0, order, 1), np.take_along_axis(items, order, 1), -1),
-                    targets)
+    return in_order(ordered(items, score), targets)
 
 
 def best_on(fit: np.ndarray, c: dict, scores: dict) -> str:

@@ -28,11 +28,19 @@ ID) but have their own tokenizer and backbone.
   each pair chooses its own weights on the fit half, and each method's check-half metric is
   averaged per user over the pairs before the same paired tests (`seed_averaged`).
 Writes benchmarks/results/id_ensemble_<dataset><tag>.json.
+
+`--test` is the one test read that a screen may earn: per pair, b of `tiger_cf_a_plus_b` is chosen
+on every validation user the evaluate stage ranked (tiger_cf's rule, `grc_core.metrics.choose_weight`),
+then the test users are decoded once. The ranks go to run A's `data/<dataset>/eval_ide/` (and
+`eval_ide/valid/`) as `tiger_cf_ide`, beside copies of the stage's rank files, for
+`benchmarks.seeds_table --eval-subdir eval_ide`; the JSON (`..._test.json`) records each b. Run A's
+`tiger_cf` beam, decoded here, must rank every user as the stage did, or the read stops.
 """
 
 from __future__ import annotations
 
 import argparse
+import shutil
 import time
 from pathlib import Path
 
@@ -42,12 +50,14 @@ import torch.nn.functional as F
 
 from benchmarks.cf_fusion import masked_log_probs
 from benchmarks.common import commit, save, stamp
-from benchmarks.fusion_ceiling import best_on, hits_and_gains, in_order
+from benchmarks.fusion_ceiling import best_on, hits_and_gains, in_order, ordered
 from grc_core import metrics as M
 from grc_core.data import to_batch
 from grc_core.evaluation import rank_with_backbone
 from grc_core.grc import expand_memory
 from tasks.artifacts import cf_log_probs, item_index, load_backbone, load_ensemble, load_split, subset
+from tasks import io
+from tasks.evaluate import save_ranks
 from tasks.params import load_params
 
 A_WEIGHTS = (0.5, 1.0)
@@ -168,6 +178,51 @@ def show(part: dict) -> None:
         print(f"{k:40s} {r['diff']:+.4f} [{r['ci_low']:+.4f}, {r['ci_high']:+.4f}] p {r['p_value']:.3f}")
 
 
+TEST_DIR = "eval_ide"  # run A's folder of the test read's rank files (benchmarks.seeds_table --eval-subdir)
+COPIED = ("sasrec", "sasrec_ens", "tiger", "tiger_cf")  # the evaluate stage's ranks set beside them
+
+
+def plus_b_score(got: dict, b: float, cf_weight_a: float) -> np.ndarray:
+    """`tiger_cf_a_plus_b`'s score of every candidate: log pi_A + w_A log p_collab + b log pi_B."""
+    return got["lp_a"] + cf_weight_a * got["sas"] + b * np.where(got["cand"] >= 0, got["lp_b"], 0.0)
+
+
+def test_read(runs: list[Path], weights: list[float], params, args, cache: Path | None) -> dict:
+    """The one-weight scoring read once on test: b chosen on every validation user of the evaluate
+    stage (tiger_cf's rule, `M.choose_weight`), then the test users decoded and ranked by it. The
+    ranks go to run A's `eval_ide/` (and `eval_ide/valid/`) as `tiger_cf_ide`, beside copies of the
+    stage's own rank files; run A's `tiger_cf` beam must rank as the stage's did."""
+    out_dir = runs[0]
+    row: dict = {"runs": [str(r) for r in runs], "cf_weights": weights}
+    for split in ("valid", "test"):
+        stage = out_dir / "eval" / ("valid" if split == "valid" else "")
+        recorded = io.read_parquet(stage / "tiger_cf.parquet")
+        inst = load_split(out_dir, split, params.data.max_history)  # the users the evaluate stage ranked
+        inst = inst.select(torch.as_tensor(np.flatnonzero(np.isin(inst.user.numpy(), recorded["user_id"].to_numpy()))))
+        got = decode_and_score(runs, weights, inst, params, args,
+                               None if cache is None else cache.with_name(f"{cache.stem}_{split}{cache.suffix}"))
+        users, targets = inst.user.numpy(), inst.target.numpy()
+        stage_ranks = dict(zip(recorded["user_id"].to_list(), recorded["rank"].to_list()))
+        if len(users) != len(stage_ranks) or any(
+                stage_ranks[u] != r for u, r in zip(users.tolist(), M.target_ranks(got["beam_a"], targets).tolist())):
+            raise ValueError(f"{stage / 'tiger_cf.parquet'}: run A's tiger_cf decoded here ranks otherwise than the "
+                             "evaluate stage's; the comparison would not be with the stage's method")
+        if split == "valid":
+            choice = M.choose_weight({b: M.target_ranks(ordered(got["cand"], plus_b_score(got, b, weights[0])), targets)
+                                      for b in B_WEIGHTS})
+            row["b"], row["valid"] = choice["chosen"], choice["valid"]
+        ranks = M.target_ranks(ordered(got["cand"], plus_b_score(got, row["b"], weights[0])), targets)
+        save_ranks(out_dir, "tiger_cf_ide", users, ranks, split, root=TEST_DIR)
+        where = out_dir / TEST_DIR / ("valid" if split == "valid" else "")
+        for name in COPIED:
+            if (stage / f"{name}.parquet").exists():
+                shutil.copyfile(stage / f"{name}.parquet", where / f"{name}.parquet")
+        row[f"{split}_users"] = int(len(users))
+    print(f"{out_dir}: b {row['b']} chosen on {row['valid_users']} validation users: "
+          + ", ".join(f"{r['weight']}: {r['recall@10']:.4f}" for r in row["valid"]), flush=True)
+    return row
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("-S", "--set", action="append", default=[], metavar="KEY=VALUE")
@@ -185,6 +240,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--cache", type=Path, default=None,
                     help="an .npz of the decoded beams and candidate scores: written if absent, read if present "
                          "(with several pairs, one file per pair: <stem>_<i>.npz)")
+    ap.add_argument("--test", action="store_true",
+                    help="the test read instead of the screen: b chosen on every validation user, then the test "
+                         "users ranked once; rank files under each run A's data/<dataset>/eval_ide/")
     args = ap.parse_args(argv)
     if len(args.dirs) % 2 or len(args.cf_weights) != len(args.dirs):
         raise SystemExit(f"--dirs must come in pairs (A B per seed) with one --cf-weights each; got "
@@ -197,6 +255,12 @@ def main(argv: list[str] | None = None) -> dict:
                     "grid": {"a": A_WEIGHTS, "b": B_WEIGHTS, "w": CF_WEIGHTS}})
     report["commit"] = commit()
     report["dataset"] = dataset
+    if args.test:
+        report["test_read"] = [test_read([d.resolve() / dataset for d in args.dirs[2 * i:2 * i + 2]],
+                                         args.cf_weights[2 * i:2 * i + 2], params, args,
+                                         cache_path(args.cache, i, n_pairs)) for i in range(n_pairs)]
+        save(f"id_ensemble_{dataset}{args.tag}_test", report)
+        return report
     pairs, check_users = [], None
     for i in range(n_pairs):
         runs = [d.resolve() / dataset for d in args.dirs[2 * i:2 * i + 2]]

@@ -68,3 +68,17 @@ def test_one_pair_chooses_b_on_the_fit_half_and_reads_the_check_half():
     assert per["tiger_cf_a"]["recall@10"].sum() == 0 and per["union_a_sasrec"]["recall@10"].sum() == 0
     assert part["candidates"]["target_among"] == 1.0
     assert got["lp_b"][0, -1] == -50.0  # the caller's arrays are left as they were
+
+
+def test_the_test_reads_score_is_tiger_cfs_plus_b_and_padding_ranks_last():
+    from benchmarks.fusion_ceiling import ordered
+    from benchmarks.id_ensemble import plus_b_score
+    cand = np.array([[5, 7, 9, -1], [2, 3, -1, -1]])
+    lp_a = np.array([[-1.0, -2.0, -3.0, -np.inf], [-2.0, -1.0, -np.inf, -np.inf]])
+    lp_b = np.array([[-5.0, -0.1, -0.2, -np.inf], [-0.5, -3.0, -np.inf, -np.inf]])
+    sas = np.array([[-1.0, -1.0, -1.0, -np.inf], [-1.0, -1.0, -np.inf, -np.inf]])
+    got = {"cand": cand, "lp_a": lp_a, "lp_b": lp_b, "sas": sas}
+    assert np.allclose(plus_b_score(got, 0.0, 2.0)[:, :2], lp_a[:, :2] + 2.0 * sas[:, :2])  # b 0: tiger_cf's rule
+    assert not np.isnan(plus_b_score(got, 0.0, 2.0)).any()
+    assert ordered(cand, plus_b_score(got, 0.0, 1.0)).tolist() == [[5, 7, 9, -1], [3, 2, -1, -1]]
+    assert ordered(cand, plus_b_score(got, 1.0, 1.0)).tolist() == [[7, 9, 5, -1], [2, 3, -1, -1]]
