@@ -35,6 +35,8 @@ RUNS = (
     ("ml-100k, history 50\n(the default since\n2026-12-05), seeds\n2026-2030, champion,\nseed-averaged", ("seeds_ml-100k_history50",)),
     ("ml-100k, history 50,\nseeds 2026-2030 of\n'A dense head', GRC\n+ V_cf, champion,\nseed-averaged",
      ("seeds_ml-100k_grc_vcf", "beam_width_ml-100k_ml100k_s2026-2030", "seeds_ml-100k_tiger_cf_pair_vs_sasrec_s2026-2030")),
+    ("ml-100k, seeds\n2028-2030 through\nthe pipeline at\nd34cd30 (the\nensemble),\nseed-averaged",
+     ("seeds_ml-100k_pipeline_ensemble_s2028-2030",)),
     ("scientific\nseed 2026", ("grc_all_scientific_s2026_vs_sasrec",)),
     ("scientific\nseed 2027", ("grc_all_scientific_s2027_vs_sasrec",)),
     ("scientific\nseed 2028", ("grc_all_scientific_s2028_vs_sasrec",)),
