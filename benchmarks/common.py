@@ -17,9 +17,14 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterable, Iterator
 
+import numpy as np
 import torch
 
+from grc_core.data import Instances
+from tasks import io
+from tasks.artifacts import load_split
 from tasks.env import PROJECT_ROOT
+from tasks.evaluate import ranks_dir
 from tasks.io import write_json
 
 RESULTS = PROJECT_ROOT / "benchmarks" / "results"
@@ -151,3 +156,32 @@ def pool_workers(url: str, checkouts: dict[str, Path], env: dict, logs: Path, qu
                 proc.kill()
         for f in files:
             f.close()
+
+
+def stage_users(out_dir: Path, split: str, max_history: int, method: str = "sasrec") -> Instances:
+    """The split's instances that the evaluate stage ranked (the users of its rank file of `method`),
+    for a benchmark whose ranks are paired with the stage's."""
+    recorded = io.read_parquet(ranks_dir(out_dir, split) / f"{method}.parquet")
+    inst = load_split(out_dir, split, max_history)
+    return inst.select(torch.as_tensor(np.flatnonzero(np.isin(inst.user.numpy(), recorded["user_id"].to_numpy()))))
+
+
+def check_stage_ranks(out_dir: Path, split: str, method: str, users: np.ndarray, ranks: np.ndarray,
+                      consequence: str) -> None:
+    """Refuse a benchmark's recomputation of `method` whose per-user ranks differ from the evaluate
+    stage's rank file (other users, or another rank for any user); `consequence` says what that breaks."""
+    path = ranks_dir(out_dir, split) / f"{method}.parquet"
+    recorded = io.read_parquet(path)
+    mine = dict(zip(users.tolist(), ranks.tolist()))
+    if len(mine) != recorded.height or any(mine.get(u) != r for u, r in zip(recorded["user_id"].to_list(),
+                                                                           recorded["rank"].to_list())):
+        raise ValueError(f"{path}: {method}'s ranks recomputed here differ from the evaluate stage's; {consequence}")
+
+
+def copy_stage_ranks(out_dir: Path, split: str, root: str, methods: Iterable[str]) -> None:
+    """The evaluate stage's rank files of `methods` (those it wrote) copied beside a benchmark's own
+    under `root`, so that `benchmarks.seeds_table --eval-subdir <root>` pairs them."""
+    for name in methods:
+        src = ranks_dir(out_dir, split) / f"{name}.parquet"
+        if src.exists():
+            shutil.copyfile(src, ranks_dir(out_dir, split, root) / f"{name}.parquet")

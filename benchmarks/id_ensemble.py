@@ -40,7 +40,6 @@ then the test users are decoded once. The ranks go to run A's `data/<dataset>/ev
 from __future__ import annotations
 
 import argparse
-import shutil
 import time
 from pathlib import Path
 
@@ -49,14 +48,13 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.cf_fusion import masked_log_probs
-from benchmarks.common import commit, save, stamp
+from benchmarks.common import check_stage_ranks, commit, copy_stage_ranks, save, stage_users, stamp
 from benchmarks.fusion_ceiling import best_on, hits_and_gains, in_order, ordered
 from grc_core import metrics as M
 from grc_core.data import to_batch
 from grc_core.evaluation import rank_with_backbone
 from grc_core.grc import expand_memory
 from tasks.artifacts import cf_log_probs, item_index, load_backbone, load_ensemble, load_split, subset
-from tasks import io
 from tasks.evaluate import save_ranks
 from tasks.params import load_params
 
@@ -195,28 +193,19 @@ def test_read(runs: list[Path], weights: list[float], params, args, cache: Path 
     out_dir = runs[0]
     row: dict = {"runs": [str(r) for r in runs], "cf_weights": weights}
     for split in ("valid", "test"):
-        stage = out_dir / "eval" / ("valid" if split == "valid" else "")
-        recorded = io.read_parquet(stage / "tiger_cf.parquet")
-        inst = load_split(out_dir, split, params.data.max_history)  # the users the evaluate stage ranked
-        inst = inst.select(torch.as_tensor(np.flatnonzero(np.isin(inst.user.numpy(), recorded["user_id"].to_numpy()))))
+        inst = stage_users(out_dir, split, params.data.max_history, "tiger_cf")
         got = decode_and_score(runs, weights, inst, params, args,
                                None if cache is None else cache.with_name(f"{cache.stem}_{split}{cache.suffix}"))
         users, targets = inst.user.numpy(), inst.target.numpy()
-        stage_ranks = dict(zip(recorded["user_id"].to_list(), recorded["rank"].to_list()))
-        if len(users) != len(stage_ranks) or any(
-                stage_ranks[u] != r for u, r in zip(users.tolist(), M.target_ranks(got["beam_a"], targets).tolist())):
-            raise ValueError(f"{stage / 'tiger_cf.parquet'}: run A's tiger_cf decoded here ranks otherwise than the "
-                             "evaluate stage's; the comparison would not be with the stage's method")
+        check_stage_ranks(out_dir, split, "tiger_cf", users, M.target_ranks(got["beam_a"], targets),
+                          "run A's beam is not the stage's tiger_cf, which tiger_cf_ide is compared with")
         if split == "valid":
             choice = M.choose_weight({b: M.target_ranks(ordered(got["cand"], plus_b_score(got, b, weights[0])), targets)
                                       for b in B_WEIGHTS})
             row["b"], row["valid"] = choice["chosen"], choice["valid"]
         ranks = M.target_ranks(ordered(got["cand"], plus_b_score(got, row["b"], weights[0])), targets)
         save_ranks(out_dir, "tiger_cf_ide", users, ranks, split, root=TEST_DIR)
-        where = out_dir / TEST_DIR / ("valid" if split == "valid" else "")
-        for name in COPIED:
-            if (stage / f"{name}.parquet").exists():
-                shutil.copyfile(stage / f"{name}.parquet", where / f"{name}.parquet")
+        copy_stage_ranks(out_dir, split, TEST_DIR, COPIED)
         row[f"{split}_users"] = int(len(users))
     print(f"{out_dir}: b {row['b']} chosen on {row['valid_users']} validation users: "
           + ", ".join(f"{r['weight']}: {r['recall@10']:.4f}" for r in row["valid"]), flush=True)

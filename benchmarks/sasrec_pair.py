@@ -35,20 +35,18 @@ Writes benchmarks/results/sasrec_pair_<dataset><tag>.json (each run's weights an
 from __future__ import annotations
 
 import argparse
-import shutil
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from benchmarks.cf_fusion import masked_log_probs
-from benchmarks.common import commit, save, stamp
+from benchmarks.common import check_stage_ranks, commit, copy_stage_ranks, save, stage_users, stamp
 from grc_core import metrics as M
 from grc_core.data import Instances
 from grc_core.evaluation import rank_with_backbone
 from grc_core.sasrec import fuse_log_probs, top_by_log_probs
-from tasks import io
-from tasks.artifacts import (backbone_cf_mode, item_index, load_backbone, load_baseline, load_split, sasrec_log_probs,
+from tasks.artifacts import (backbone_cf_mode, item_index, load_backbone, load_baseline, sasrec_log_probs,
                              tiger_cf_weight)
 from tasks.evaluate import save_ranks
 from tasks.params import load_params
@@ -82,11 +80,9 @@ def tiger_cf_pair(params, inst: Instances, split: str, a, b, row: dict) -> np.nd
     prior = lambda part: fuse_log_probs(a(part), [b(part)], row["weight"])  # noqa: E731 (the pair's distribution)
     if split == "test":
         return tiger_cf_ranks(params, inst, prior, row["tiger_cf_pair_weight"])
-    recorded = io.read_parquet(out_dir / "eval" / "valid" / "tiger_cf.parquet")
-    mine = dict(zip(inst.user.tolist(), tiger_cf_ranks(params, inst, a, tiger_cf_weight(out_dir, ev.cf_weights)).tolist()))
-    if any(mine.get(u) != r for u, r in zip(recorded["user_id"].to_list(), recorded["rank"].to_list())):
-        raise ValueError(f"{out_dir / 'eval' / 'valid' / 'tiger_cf.parquet'}: tiger_cf's ranks recomputed here "
-                         "differ from the evaluate stage's; tiger_cf_pair would not be decoded like tiger_cf")
+    check_stage_ranks(out_dir, split, "tiger_cf", inst.user.numpy(),
+                      tiger_cf_ranks(params, inst, a, tiger_cf_weight(out_dir, ev.cf_weights)),
+                      "tiger_cf_pair would not be decoded like tiger_cf")
     ranked = {float(w): tiger_cf_ranks(params, inst, prior, float(w)) for w in ev.cf_weights}
     choice = M.choose_weight(ranked)
     row["tiger_cf_pair_weight"] = choice["chosen"]
@@ -103,11 +99,8 @@ def pair_run(data_dir: Path, second_dir: Path, dataset: str, weights: list[float
     excl = params.data.exclude_history
     a, b = sasrec_log_probs(load_baseline(out_dir)), sasrec_log_probs(load_baseline(second))
     row: dict = {"dir": str(data_dir), "second": str(second_dir)}
-    for split, sub in (("valid", Path(SUBDIR) / "valid"), ("test", Path(SUBDIR))):
-        stage = Path("eval") / ("valid" if split == "valid" else "")
-        recorded = io.read_parquet(out_dir / stage / "sasrec.parquet")
-        inst = load_split(out_dir, split, params.data.max_history)  # the users the evaluate stage ranked
-        inst = inst.select(torch.as_tensor(np.flatnonzero(np.isin(inst.user.numpy(), recorded["user_id"].to_numpy()))))
+    for split in ("valid", "test"):
+        inst = stage_users(out_dir, split, params.data.max_history)
         users, targets = inst.user.numpy(), inst.target.numpy()
         grid = [0.0, *weights] if split == "valid" else [0.0, row["weight"]]
         by_w: dict[float, list[np.ndarray]] = {w: [] for w in grid}
@@ -120,11 +113,8 @@ def pair_run(data_dir: Path, second_dir: Path, dataset: str, weights: list[float
                 by_w[w].append(fused_ranks(logp_a, logp_b, t, w, depth))
             alone_b.append(fused_ranks(logp_b, logp_a, t, 0.0, depth))
         ranked = {w: np.concatenate(r) for w, r in by_w.items()}
-        mine = dict(zip(users.tolist(), ranked.pop(0.0).tolist()))
-        if len(mine) != recorded.height or any(mine[u] != r for u, r in zip(recorded["user_id"].to_list(),
-                                                                          recorded["rank"].to_list())):
-            raise ValueError(f"{out_dir / stage / 'sasrec.parquet'}: SASRec's ranks recomputed here differ from the "
-                             "evaluate stage's; the pair would not be scored like the methods it is compared with")
+        check_stage_ranks(out_dir, split, "sasrec", users, ranked.pop(0.0),
+                          "the pair would not be scored like the methods it is compared with")
         if split == "valid":  # the evaluate stage's rule for tiger_cf's weight
             choice = M.choose_weight(ranked)
             row["weight"] = choice["chosen"]
@@ -134,8 +124,7 @@ def pair_run(data_dir: Path, second_dir: Path, dataset: str, weights: list[float
         if with_tiger:
             save_ranks(out_dir, "tiger_cf_pair", users, tiger_cf_pair(params, inst, split, a, b, row), split,
                        root=SUBDIR)
-        for name in ("sasrec", "tiger_cf"):
-            shutil.copyfile(out_dir / stage / f"{name}.parquet", out_dir / sub / f"{name}.parquet")
+        copy_stage_ranks(out_dir, split, SUBDIR, ("sasrec", "tiger_cf"))
     print(f"{data_dir}: w {row['weight']}, validation R@10 {row['valid_recall@10']}"
           + (f"; tiger_cf_pair w {row['tiger_cf_pair_weight']}, validation R@10 {row['tiger_cf_pair_valid_recall@10']}"
              if with_tiger else ""), flush=True)

@@ -85,12 +85,17 @@ def summarize_method(ranks: np.ndarray, beam: int, n_boot: int, seed: int) -> di
     return {"metrics": summary, "ci95": intervals, "users": int(len(ranks))}
 
 
+def ranks_dir(out_dir: Path, split: str = "test", root: str = "eval") -> Path:
+    """The folder of a split's per-user rank files: `<root>/` for test, `<root>/<split>/` otherwise;
+    `root` another folder than `eval/` for a benchmark's ranks (`benchmarks.seeds_table --eval-subdir`)."""
+    return out_dir / root if split == "test" else out_dir / root / split
+
+
 def save_ranks(out_dir: Path, method: str, users: np.ndarray, ranks: np.ndarray, split: str = "test",
                root: str = "eval") -> None:
-    """Per-user target ranks: `eval/<method>.parquet` (test), `eval/valid/<method>.parquet` (validation);
-    `root` another folder than `eval/` (a benchmark's ranks, read by `benchmarks.seeds_table --eval-subdir`)."""
-    where = out_dir / root if split == "test" else out_dir / root / split
-    io.write_parquet(where / f"{method}.parquet",
+    """Per-user target ranks: `eval/<method>.parquet` (test), `eval/valid/<method>.parquet` (validation),
+    or under another `root` (`ranks_dir`)."""
+    io.write_parquet(ranks_dir(out_dir, split, root) / f"{method}.parquet",
                      pl.DataFrame({"user_id": users.astype(np.int64), "rank": ranks.astype(np.int64)}))
 
 
